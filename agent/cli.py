@@ -1,0 +1,191 @@
+"""The ``headlesskey-agent`` command: init, serve, users, db."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import typing as t
+from pathlib import Path
+
+import click
+
+from .errors import AgentError
+from .errors import ConfigError
+
+INSTANCE = click.option(
+    "--instance",
+    "instance",
+    envvar="HEADLESSKEY_INSTANCE",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The site's instance folder (site.toml, keys, SQLite database).",
+)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 (never briefly world-readable)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _app(instance: Path) -> t.Any:
+    from .standalone import create_app
+
+    return create_app(instance)
+
+
+class _Group(click.Group):
+    """Turns a configuration error into one clear line and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> t.Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="headlesskey")
+def main() -> None:
+    """HeadlessKey agent: a site's JWT auth API."""
+
+
+@main.command()
+@INSTANCE
+@click.option("--algorithm", type=click.Choice(["HS256", "RS256", "ES256"]), default="ES256",
+              show_default=True, help="Signing algorithm of access tokens.")
+@click.option("--site-url", default="http://127.0.0.1:8000", show_default=True,
+              help="Public base URL of the site (the token issuer).")
+@click.option("--site-name", default="HeadlessKey site", show_default=True)
+def init(instance: Path, algorithm: str, site_url: str, site_name: str) -> None:
+    """Create an instance folder: site.toml, the secret, the signing key, the database."""
+    from .db import make_engine
+    from .db import upgrade
+    from .services.keys import generate_private_key_pem
+    from .standalone import SITE_FILE
+
+    instance.mkdir(parents=True, exist_ok=True)
+    os.chmod(instance, 0o700)
+    site_file = instance / SITE_FILE
+    if site_file.exists():
+        raise click.ClickException(f"{site_file} exists; refusing to overwrite it")
+    _write_private(instance / "secret.key", secrets.token_urlsafe(48).encode() + b"\n")
+    lines = [
+        "# HeadlessKey agent settings; every key is documented in docs/config.md.",
+        f"site_url = {_toml(site_url.rstrip('/'))}",
+        f"site_name = {_toml(site_name)}",
+        f"algorithm = {_toml(algorithm)}",
+        'secret_key_file = "secret.key"',
+    ]
+    if algorithm != "HS256":
+        _write_private(instance / "signing-key.pem", generate_private_key_pem(algorithm))
+        lines.append('private_key_file = "signing-key.pem"')
+    lines += ["", "[mail]", 'backend = "console"', ""]
+    _write_private(site_file, "\n".join(lines).encode())
+    app = _app(instance)  # checks the new settings
+    upgrade(make_engine(app.extensions["headlesskey"].settings.database_url))
+    click.echo(f"Initialised {instance} ({algorithm}); start it with:")
+    click.echo(f"  headlesskey-agent serve --instance {instance}")
+
+
+def _toml(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@main.command()
+@INSTANCE
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
+def serve(instance: Path, host: str, port: int, workers: int) -> None:
+    """Serve the API with gunicorn (migrations run first)."""
+    from gunicorn.app.base import BaseApplication
+
+    from .db import upgrade
+
+    app = _app(instance)
+    state = app.extensions["headlesskey"]
+    upgrade(state.engine)
+    state.engine.dispose()  # no connection may cross the fork into the workers
+
+    class _Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{host}:{port}")
+            self.cfg.set("workers", workers)
+            self.cfg.set("worker_class", "sync")
+            self.cfg.set("accesslog", "-")
+            # Query strings can carry secrets (reset links): log the path only.
+            self.cfg.set("access_log_format", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss')
+            self.cfg.set("timeout", 30)
+            self.cfg.set("graceful_timeout", 5)
+
+        def load(self) -> t.Any:
+            return app
+
+    click.echo(f"Serving {state.settings.site_name} at http://{host}:{port}{state.settings.prefix}")
+    _Server().run()
+
+
+@main.group()
+def users() -> None:
+    """Manage the site's accounts."""
+
+
+@users.command("create")
+@INSTANCE
+@click.option("--username", required=True)
+@click.option("--email", required=True)
+@click.option("--role", "roles", multiple=True, help="Role (repeat for several); default role if none.")
+@click.option("--display-name", default=None)
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin (required).")
+def users_create(
+    instance: Path,
+    username: str,
+    email: str,
+    roles: tuple[str, ...],
+    display_name: str | None,
+    password_stdin: bool,
+) -> None:
+    """Create an account; the password is read from standard input, never from arguments."""
+    from .services import accounts
+
+    if not password_stdin:
+        raise click.UsageError("give --password-stdin and pipe the password in")
+    password = sys.stdin.readline().rstrip("\r\n")
+    app = _app(instance)
+    state = app.extensions["headlesskey"]
+    with app.app_context(), state.session_factory() as db:
+        try:
+            user = accounts.create_user(
+                db,
+                state,
+                username=username,
+                email=email,
+                password=password,
+                display_name=display_name,
+                roles=list(roles) or None,
+            )
+            db.commit()
+        except AgentError as exc:
+            details = "; ".join(f"{k}: {' '.join(v)}" for k, v in (exc.fields or {}).items())
+            raise click.ClickException(f"{exc.message} {details}".strip()) from None
+    click.echo(f"Created user {user.user_login} (ID {user.id}, roles {', '.join(user.roles)})")
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@INSTANCE
+def db_upgrade(instance: Path) -> None:
+    """Bring the database schema to the newest version."""
+    from .db import upgrade
+
+    app = _app(instance)
+    upgrade(app.extensions["headlesskey"].engine)
+    click.echo("Database is up to date.")

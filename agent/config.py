@@ -1,0 +1,355 @@
+"""Settings of the agent: every ``HEADLESSKEY_*`` key, its default, coercion and meaning.
+
+Load order for the standalone server (``headlesskey-agent serve``):
+
+1. the defaults below;
+2. ``site.toml`` in the instance folder (keys without the prefix, lower case; a table
+   ``[mail]`` with ``host = ...`` sets ``HEADLESSKEY_MAIL_HOST``);
+3. environment variables ``HEADLESSKEY_*`` (and ``DATABASE_URL``);
+4. for a site mounting the extension, whatever the host put in ``app.config``.
+
+Every value is checked once at start-up; a bad one raises :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+import typing as t
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+PREFIX = "HEADLESSKEY_"
+ALGORITHMS = ("HS256", "RS256", "ES256")
+
+
+def _bool(key: str, value: t.Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _int(key: str, value: t.Any, minimum: int = 0, maximum: int | None = None) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if number < minimum or (maximum is not None and number > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise ConfigError(f"{key}: must be {bound}, got {number}")
+    return number
+
+
+def _str(key: str, value: t.Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _choice(key: str, value: t.Any, choices: t.Sequence[str]) -> str:
+    text = _str(key, value)
+    if text not in choices:
+        raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {text!r}")
+    return text
+
+
+def _url(key: str, value: t.Any) -> str:
+    text = _str(key, value).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ConfigError(f"{key}: expected an http(s) URL, got {text!r}")
+    return text
+
+
+def _path_segment(key: str, value: t.Any, allow_empty: bool = False) -> str:
+    text = _str(key, value).strip("/")
+    if not text and allow_empty:
+        return ""
+    if not text or any(not (c.isalnum() or c in "-_./") for c in text) or ".." in text:
+        raise ConfigError(f"{key}: expected a URL path segment like 'headlesskey', got {value!r}")
+    return text
+
+
+def _cors(key: str, value: t.Any) -> bool | tuple[str, ...]:
+    """``true`` (any origin, no credentials), ``false``, or a list of exact origins."""
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.startswith("["):
+            try:
+                value = json.loads(stripped)
+            except json.JSONDecodeError:
+                raise ConfigError(f"{key}: not a valid JSON list: {value!r}") from None
+        elif stripped.lower() in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+            return _bool(key, stripped)
+        else:
+            value = [o for o in stripped.replace(",", " ").split() if o]
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected true, false or a list of origins, got {value!r}")
+    origins = []
+    for origin in value:
+        text = _str(key, origin)
+        parts = urlsplit(text)
+        if (
+            parts.scheme not in {"http", "https"}
+            or not parts.netloc
+            or parts.path
+            or parts.query
+            or parts.fragment
+        ):
+            raise ConfigError(f"{key}: {text!r} is not an origin like https://app.example.com")
+        origins.append(f"{parts.scheme}://{parts.netloc.lower()}")
+    return tuple(origins)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Checked settings, read on every request (attribute access, no dict lookups)."""
+
+    site_url: str  # public base URL of the site; the default issuer
+    site_name: str  # name used in mails
+    issuer: str  # `iss` of every token this site mints; matched exactly
+    audience: str | None  # `aud` of access tokens; when set, tokens without it are refused
+    algorithm: str  # HS256, RS256 or ES256 for access tokens
+    secret_key: bytes  # master secret; every purpose derives its own key from it (HKDF)
+    private_key_pem: bytes | None  # PEM private key for RS256/ES256
+    database_url: str
+    api_root: str  # "wp-json"
+    namespace: str  # "headlesskey"
+    version: str  # "v1"
+    access_token_ttl: int
+    refresh_token_ttl: int  # a refresh token unused this long expires (inactivity)
+    session_max_age: int  # absolute lifetime of a session, whatever the refreshes
+    refresh_grace: int  # parallel refreshes within this window get the same pair
+    leeway: int  # clock skew allowed on exp/nbf/iat
+    cors: bool | tuple[str, ...]
+    registration: str  # "open" or "closed"
+    default_role: str
+    password_min_length: int
+    password_max_length: int
+    argon2_time_cost: int
+    argon2_memory_cost: int  # KiB
+    argon2_parallelism: int
+    reset_link_ttl: int
+    reset_otp_ttl: int
+    reset_otp_length: int
+    reset_otp_max_attempts: int
+    reset_url: str  # the frontend page that receives ?login=...&token=...
+    mail_backend: str  # console, smtp or null
+    mail_host: str
+    mail_port: int
+    mail_security: str  # none, starttls or ssl
+    mail_username: str
+    mail_password: str = field(repr=False)
+    mail_from: str = ""
+    mail_timeout: int = 10
+    max_body: int = 65536
+    trusted_proxies: int = 0  # number of proxies in front whose X-Forwarded-For is trusted
+
+    @property
+    def prefix(self) -> str:
+        """The URL prefix of the REST API, e.g. ``/wp-json/headlesskey/v1``."""
+        root = f"/{self.api_root}" if self.api_root else ""
+        return f"{root}/{self.namespace}/{self.version}"
+
+
+# key (without prefix) -> (default, documentation). The documentation is rendered into
+# docs/config.md by hand; keep both in step.
+DEFAULTS: dict[str, tuple[t.Any, str]] = {
+    "SITE_URL": ("http://127.0.0.1:8000", "Public base URL of the site; default issuer."),
+    "SITE_NAME": ("HeadlessKey site", "Name shown in mails."),
+    "ISSUER": (None, "`iss` of tokens; defaults to SITE_URL."),
+    "AUDIENCE": (None, "`aud` of access tokens; unset means no audience."),
+    "ALGORITHM": ("HS256", "HS256, RS256 or ES256."),
+    "SECRET_KEY": (None, "Master secret, at least 32 bytes."),
+    "SECRET_KEY_FILE": (None, "File holding the master secret."),
+    "PRIVATE_KEY_FILE": (None, "PEM private key for RS256/ES256."),
+    "DATABASE_URL": (None, "SQLAlchemy URL; default SQLite in the instance folder."),
+    "API_ROOT": ("wp-json", "First path segment of the API."),
+    "REST_NAMESPACE": ("headlesskey", "Namespace segment, as the plugin's constant."),
+    "REST_VERSION": ("v1", "Version segment, as the plugin's constant."),
+    "ACCESS_TOKEN_TTL": (900, "Access token lifetime, seconds."),
+    "REFRESH_TOKEN_TTL": (14 * 86400, "Refresh token inactivity lifetime, seconds."),
+    "SESSION_MAX_AGE": (30 * 86400, "Absolute session lifetime, seconds."),
+    "REFRESH_GRACE": (10, "Seconds in which a reused refresh token returns the same pair."),
+    "LEEWAY": (30, "Clock skew allowed on exp/nbf/iat, seconds (at most 60)."),
+    "CORS": (True, "true, false, or a list of allowed origins."),
+    "REGISTRATION": ("open", "open or closed."),
+    "DEFAULT_ROLE": ("subscriber", "Role given to new accounts."),
+    "PASSWORD_MIN_LENGTH": (8, "Minimum password length (characters)."),
+    "PASSWORD_MAX_LENGTH": (256, "Maximum password length (characters)."),
+    "ARGON2_TIME_COST": (2, "argon2id iterations."),
+    "ARGON2_MEMORY_COST": (19456, "argon2id memory, KiB (OWASP minimum 19 MiB)."),
+    "ARGON2_PARALLELISM": (1, "argon2id lanes."),
+    "RESET_LINK_TTL": (3600, "Reset link lifetime, seconds."),
+    "RESET_OTP_TTL": (600, "Reset code lifetime, seconds."),
+    "RESET_OTP_LENGTH": (6, "Digits in a reset code."),
+    "RESET_OTP_MAX_ATTEMPTS": (5, "Wrong codes before a code is burned."),
+    "RESET_URL": (None, "Frontend reset page; default SITE_URL + /reset-password."),
+    "MAIL_BACKEND": ("console", "console (development), smtp or null."),
+    "MAIL_HOST": ("127.0.0.1", "SMTP host."),
+    "MAIL_PORT": (25, "SMTP port."),
+    "MAIL_SECURITY": ("none", "none, starttls or ssl."),
+    "MAIL_USERNAME": ("", "SMTP user (empty: no login)."),
+    "MAIL_PASSWORD": ("", "SMTP password."),
+    "MAIL_FROM": ("", "From address; default no-reply@<site host>."),
+    "MAIL_TIMEOUT": (10, "SMTP timeout, seconds."),
+    "MAX_BODY": (65536, "Largest request body accepted, bytes."),
+    "TRUSTED_PROXIES": (0, "Proxies in front of the site whose X-Forwarded-For is trusted."),
+}
+
+# Environment variables read without the prefix (conventional names).
+ENV_ALIASES = {"DATABASE_URL": "DATABASE_URL"}
+
+
+def load_toml(path: Path) -> dict[str, t.Any]:
+    """Read a ``site.toml`` and flatten it into ``HEADLESSKEY_*`` keys."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    flat: dict[str, t.Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for sub, subvalue in value.items():
+                flat[f"{key}_{sub}".upper()] = subvalue
+        else:
+            flat[key.upper()] = value
+    unknown = sorted(k for k in flat if k not in DEFAULTS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting {unknown[0].lower()!r}")
+    base = path.parent
+    for key in ("SECRET_KEY_FILE", "PRIVATE_KEY_FILE"):
+        if isinstance(flat.get(key), str):
+            flat[key] = str((base / flat[key]).resolve())
+    return {PREFIX + k: v for k, v in flat.items()}
+
+
+def from_environ(environ: t.Mapping[str, str]) -> dict[str, t.Any]:
+    """Collect ``HEADLESSKEY_*`` variables (and ``DATABASE_URL``) from the environment."""
+    found: dict[str, t.Any] = {}
+    for key in DEFAULTS:
+        if PREFIX + key in environ:
+            found[PREFIX + key] = environ[PREFIX + key]
+    for key, env in ENV_ALIASES.items():
+        if env in environ and PREFIX + key not in environ:
+            found[PREFIX + key] = environ[env]
+    return found
+
+
+def _read_file(key: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path} ({exc.strerror})") from None
+
+
+def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Settings:
+    """Check every ``HEADLESSKEY_*`` value in ``config`` and return :class:`Settings`."""
+
+    def get(key: str) -> t.Any:
+        value = config.get(PREFIX + key)
+        return DEFAULTS[key][0] if value is None else value
+
+    algorithm = _choice(PREFIX + "ALGORITHM", get("ALGORITHM"), ALGORITHMS)
+    secret: bytes | None = None
+    if get("SECRET_KEY") is not None:
+        secret = _str(PREFIX + "SECRET_KEY", get("SECRET_KEY")).encode()
+    elif get("SECRET_KEY_FILE") is not None:
+        secret = _read_file(
+            PREFIX + "SECRET_KEY_FILE", _str(PREFIX + "SECRET_KEY_FILE", get("SECRET_KEY_FILE"))
+        ).strip()
+    if secret is None:
+        raise ConfigError(
+            f"{PREFIX}SECRET_KEY: not set (run `headlesskey-agent init` or set the variable)"
+        )
+    if len(secret) < 32:
+        raise ConfigError(f"{PREFIX}SECRET_KEY: must be at least 32 bytes (RFC 7518 §3.2)")
+
+    private_key_pem = None
+    if algorithm != "HS256":
+        path = get("PRIVATE_KEY_FILE")
+        if path is None:
+            raise ConfigError(f"{PREFIX}PRIVATE_KEY_FILE: required for {algorithm}")
+        private_key_pem = _read_file(PREFIX + "PRIVATE_KEY_FILE", _str(PREFIX + "PRIVATE_KEY_FILE", path))
+
+    site_url = _url(PREFIX + "SITE_URL", get("SITE_URL"))
+    issuer = _str(PREFIX + "ISSUER", get("ISSUER") or site_url)
+    audience = get("AUDIENCE")
+    if audience is not None:
+        audience = _str(PREFIX + "AUDIENCE", audience) or None
+    database_url = get("DATABASE_URL") or f"sqlite:///{Path(instance_path) / 'headlesskey.db'}"
+    mail_from = _str(PREFIX + "MAIL_FROM", get("MAIL_FROM")) or (
+        f"no-reply@{urlsplit(site_url).hostname}"
+    )
+    leeway = _int(PREFIX + "LEEWAY", get("LEEWAY"), 0, 60)
+    access_ttl = _int(PREFIX + "ACCESS_TOKEN_TTL", get("ACCESS_TOKEN_TTL"), 30, 86400)
+    min_len = _int(PREFIX + "PASSWORD_MIN_LENGTH", get("PASSWORD_MIN_LENGTH"), 6, 128)
+    max_len = _int(PREFIX + "PASSWORD_MAX_LENGTH", get("PASSWORD_MAX_LENGTH"), 64, 4096)
+    return Settings(
+        site_url=site_url,
+        site_name=_str(PREFIX + "SITE_NAME", get("SITE_NAME")),
+        issuer=issuer,
+        audience=audience,
+        algorithm=algorithm,
+        secret_key=secret,
+        private_key_pem=private_key_pem,
+        database_url=_str(PREFIX + "DATABASE_URL", database_url),
+        api_root=_path_segment(PREFIX + "API_ROOT", get("API_ROOT"), allow_empty=True),
+        namespace=_path_segment(PREFIX + "REST_NAMESPACE", get("REST_NAMESPACE")),
+        version=_path_segment(PREFIX + "REST_VERSION", get("REST_VERSION")),
+        access_token_ttl=access_ttl,
+        refresh_token_ttl=_int(PREFIX + "REFRESH_TOKEN_TTL", get("REFRESH_TOKEN_TTL"), 60),
+        session_max_age=_int(PREFIX + "SESSION_MAX_AGE", get("SESSION_MAX_AGE"), 60),
+        refresh_grace=_int(PREFIX + "REFRESH_GRACE", get("REFRESH_GRACE"), 0, 120),
+        leeway=leeway,
+        cors=_cors(PREFIX + "CORS", get("CORS")),
+        registration=_choice(PREFIX + "REGISTRATION", get("REGISTRATION"), ("open", "closed")),
+        default_role=_str(PREFIX + "DEFAULT_ROLE", get("DEFAULT_ROLE")),
+        password_min_length=min_len,
+        password_max_length=max(max_len, min_len),
+        argon2_time_cost=_int(PREFIX + "ARGON2_TIME_COST", get("ARGON2_TIME_COST"), 1),
+        argon2_memory_cost=_int(PREFIX + "ARGON2_MEMORY_COST", get("ARGON2_MEMORY_COST"), 8),
+        argon2_parallelism=_int(PREFIX + "ARGON2_PARALLELISM", get("ARGON2_PARALLELISM"), 1, 16),
+        reset_link_ttl=_int(PREFIX + "RESET_LINK_TTL", get("RESET_LINK_TTL"), 60),
+        reset_otp_ttl=_int(PREFIX + "RESET_OTP_TTL", get("RESET_OTP_TTL"), 60),
+        reset_otp_length=_int(PREFIX + "RESET_OTP_LENGTH", get("RESET_OTP_LENGTH"), 6, 10),
+        reset_otp_max_attempts=_int(
+            PREFIX + "RESET_OTP_MAX_ATTEMPTS", get("RESET_OTP_MAX_ATTEMPTS"), 1, 20
+        ),
+        reset_url=_url(PREFIX + "RESET_URL", get("RESET_URL") or f"{site_url}/reset-password"),
+        mail_backend=_choice(
+            PREFIX + "MAIL_BACKEND", get("MAIL_BACKEND"), ("console", "smtp", "null")
+        ),
+        mail_host=_str(PREFIX + "MAIL_HOST", get("MAIL_HOST")),
+        mail_port=_int(PREFIX + "MAIL_PORT", get("MAIL_PORT"), 1, 65535),
+        mail_security=_choice(
+            PREFIX + "MAIL_SECURITY", get("MAIL_SECURITY"), ("none", "starttls", "ssl")
+        ),
+        mail_username=_str(PREFIX + "MAIL_USERNAME", get("MAIL_USERNAME")),
+        mail_password=_str(PREFIX + "MAIL_PASSWORD", get("MAIL_PASSWORD")),
+        mail_from=mail_from,
+        mail_timeout=_int(PREFIX + "MAIL_TIMEOUT", get("MAIL_TIMEOUT"), 1, 300),
+        max_body=_int(PREFIX + "MAX_BODY", get("MAX_BODY"), 1024, 10 * 1024 * 1024),
+        trusted_proxies=_int(PREFIX + "TRUSTED_PROXIES", get("TRUSTED_PROXIES"), 0, 10),
+    )
+
+
+def environ_instance() -> str | None:
+    """The instance folder named by ``HEADLESSKEY_INSTANCE``, if any."""
+    return os.environ.get(PREFIX + "INSTANCE")

@@ -1,0 +1,65 @@
+"""Engine creation and schema migrations (Alembic) for the agent's own tables."""
+
+from __future__ import annotations
+
+import typing as t
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Engine
+from sqlalchemy import create_engine
+from sqlalchemy import event
+from sqlalchemy.pool import NullPool
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+# A version table of our own, so a host app's Alembic history is never touched.
+VERSION_TABLE = "hk_alembic_version"
+
+
+def make_engine(url: str) -> Engine:
+    """Create the engine; SQLite gets WAL, foreign keys and a busy timeout."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if url.startswith("sqlite"):
+        if url in {"sqlite://", "sqlite:///:memory:"}:
+            raise ValueError("in-memory SQLite cannot be shared between threads; use a file")
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # NullPool: a SQLite connection is cheap to open and must not cross threads.
+        engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 15})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: t.Any, _record: t.Any) -> None:
+            # Let SQLAlchemy, not pysqlite, begin transactions, so BEGIN IMMEDIATE works.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=15000")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: t.Any) -> None:
+            # Take the write lock up front: read-then-write transactions (refresh rotation,
+            # reset-code attempts) then serialise instead of failing with "database is locked".
+            # Read-only work (the token check on every request) opts out and never waits.
+            if conn.get_execution_options().get("hk_readonly"):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def alembic_config(engine: Engine) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Bring the agent's schema to ``revision`` (idempotent)."""
+    command.upgrade(alembic_config(engine), revision)

@@ -1,0 +1,306 @@
+"""The Flask extension: ``HeadlessKey(app)`` or ``hk = HeadlessKey(); hk.init_app(app)``.
+
+Per-app state lives in ``app.extensions["headlesskey"]`` (a :class:`State`); the extension
+object keeps no reference to any app, so one instance can serve several apps.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import typing as t
+from dataclasses import dataclass
+from dataclasses import field
+
+from flask import Flask
+from flask import Response
+from flask import current_app
+from flask import g
+from flask import jsonify
+from flask import request
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session as DBSession
+from sqlalchemy.orm import sessionmaker
+from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.local import LocalProxy
+
+from . import config as config_module
+from .db import make_engine
+from .db import upgrade
+from .errors import AgentError
+from .errors import Forbidden
+from .errors import InvalidJSON
+from .errors import PayloadTooLarge
+from .errors import Unauthorized
+from .errors import UnsupportedMediaType
+from .services.keys import KeyRing
+from .services.keys import build_keyring
+from .services.keys import derive_key
+from .services.mail import Mailer
+from .services.passwords import Hasher
+from .services.sessions import check_session
+from .services.tokens import verify_access_token
+
+EXTENSION_KEY = "headlesskey"
+FALLBACK_HEADER = "X-HeadlessKey-Authorization"
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_HEADERS = f"Authorization, Content-Type, {FALLBACK_HEADER}"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class State:
+    """Everything the agent needs for one app, built once in :meth:`HeadlessKey.init_app`."""
+
+    settings: config_module.Settings
+    engine: Engine
+    session_factory: sessionmaker[DBSession]
+    ring: KeyRing
+    hasher: Hasher
+    mailer: Mailer
+    clock: t.Callable[[], dt.datetime] = utcnow
+    refresh_key: bytes = field(default=b"", repr=False)
+    reset_key: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The caller of the current request, from a valid access token of this site."""
+
+    user_id: int
+    user_login: str
+    session_id: str
+    roles: tuple[str, ...]
+    claims: dict[str, t.Any]
+
+
+def get_state(app: Flask | None = None) -> State:
+    return t.cast(State, (app or current_app).extensions[EXTENSION_KEY])
+
+
+def get_db() -> DBSession:
+    """The agent's database session for this request (closed at teardown)."""
+    db = g.get("_headlesskey_db")
+    if db is None:
+        db = g._headlesskey_db = get_state().session_factory()
+    return t.cast(DBSession, db)
+
+
+def _close_db(_exc: BaseException | None) -> None:
+    db = g.pop("_headlesskey_db", None)
+    if db is not None:
+        db.close()
+
+
+def bearer_token() -> str | None:
+    """The bearer token of the request: ``Authorization``, else the fallback header."""
+    for name in ("Authorization", FALLBACK_HEADER):
+        value = request.headers.get(name)
+        if not value:
+            continue
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        if name == FALLBACK_HEADER and not token:
+            return scheme  # the fallback header may carry the bare token
+    return None
+
+
+def client_ip() -> str:
+    """The client address: the socket's, or X-Forwarded-For as seen by the trusted proxies."""
+    hops = get_state().settings.trusted_proxies
+    if hops:
+        forwarded = [p.strip() for p in request.headers.get("X-Forwarded-For", "").split(",")]
+        forwarded = [p for p in forwarded if p]
+        if len(forwarded) >= hops:
+            return forwarded[-hops][:64]
+    return (request.remote_addr or "")[:64]
+
+
+def authenticate_request() -> Identity:
+    """Verify the request's bearer token and its session, or raise 401."""
+    identity = g.get("_headlesskey_identity")
+    if identity is not None:
+        return t.cast(Identity, identity)
+    token = bearer_token()
+    if token is None:
+        raise Unauthorized()
+    state = get_state()
+    s = state.settings
+    claims = verify_access_token(
+        token, state.ring, issuer=s.issuer, audience=s.audience, leeway=s.leeway
+    )
+    check_session(state, claims)
+    data = claims.get("data") if isinstance(claims.get("data"), dict) else {}
+    identity = Identity(
+        user_id=int(claims["sub"]),
+        user_login=str(data.get("user_login", "")),
+        session_id=claims["sid"],
+        roles=tuple(r for r in claims.get("roles", []) if isinstance(r, str)),
+        claims=claims,
+    )
+    g._headlesskey_identity = identity
+    return identity
+
+
+def _current_identity() -> Identity | None:
+    return t.cast("Identity | None", g.get("_headlesskey_identity"))
+
+
+current_identity: Identity | None = t.cast("Identity | None", LocalProxy(_current_identity))
+
+
+def read_json() -> dict[str, t.Any]:
+    """The request body as a JSON object; ``{}`` for an empty body."""
+    state = get_state()
+    if request.content_length is not None and request.content_length > state.settings.max_body:
+        raise PayloadTooLarge()
+    try:
+        raw = request.get_data(cache=True)
+    except RequestEntityTooLarge:
+        raise PayloadTooLarge() from None
+    if not raw.strip():
+        return {}
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType()
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidJSON() from None
+    if not isinstance(data, dict):
+        raise InvalidJSON()
+    return data
+
+
+def error_response(error: AgentError) -> Response:
+    response = jsonify(error.to_dict())
+    response.status_code = error.status
+    for name, value in error.headers.items():
+        response.headers[name] = value
+    return response
+
+
+class HeadlessKey:
+    """Mounts the HeadlessKey auth API on a Flask app."""
+
+    def __init__(
+        self,
+        app: Flask | None = None,
+        *,
+        clock: t.Callable[[], dt.datetime] | None = None,
+    ) -> None:
+        self._clock = clock
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Check the settings, open the database, and register the API on ``app``."""
+        settings = config_module.build_settings(app.config, app.instance_path)
+        engine = make_engine(settings.database_url)
+        if app.config.get("HEADLESSKEY_AUTO_MIGRATE", True):
+            upgrade(engine)
+        state = State(
+            settings=settings,
+            engine=engine,
+            session_factory=sessionmaker(engine, expire_on_commit=False),
+            ring=build_keyring(settings.algorithm, settings.secret_key, settings.private_key_pem),
+            hasher=Hasher(
+                settings.argon2_time_cost, settings.argon2_memory_cost, settings.argon2_parallelism
+            ),
+            mailer=Mailer(settings),
+            clock=self._clock or utcnow,
+            refresh_key=derive_key(settings.secret_key, "refresh-token"),
+            reset_key=derive_key(settings.secret_key, "password-reset"),
+        )
+        app.extensions[EXTENSION_KEY] = state
+
+        from . import views
+
+        app.register_blueprint(views.make_blueprint(settings))
+        # The JWKS sits at the host's well-known path, outside the API prefix (RFC 8615).
+        app.add_url_rule("/.well-known/jwks.json", "headlesskey_jwks", views.jwks)
+        app.teardown_appcontext(_close_db)
+        app.register_error_handler(AgentError, error_response)
+        app.register_error_handler(HTTPException, _http_error)
+        app.after_request(_decorate_response)
+
+    def require(
+        self, roles: t.Iterable[str] | None = None
+    ) -> t.Callable[[t.Callable[..., t.Any]], t.Callable[..., t.Any]]:
+        """Protect a route: a valid access token of this site, and one of ``roles`` if given.
+
+        401 for a missing or bad token, 403 for a missing role. Inside the route,
+        :data:`current_identity` is the caller.
+        """
+        wanted = frozenset(roles or ())
+
+        def decorator(view: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+            @functools.wraps(view)
+            def wrapped(*args: t.Any, **kwargs: t.Any) -> t.Any:
+                identity = authenticate_request()
+                if wanted and wanted.isdisjoint(identity.roles):
+                    raise Forbidden()
+                return view(*args, **kwargs)
+
+            return wrapped
+
+        return decorator
+
+
+def _in_api(path: str) -> bool:
+    settings = get_state().settings
+    return path.startswith(settings.prefix + "/") or path == "/.well-known/jwks.json"
+
+
+def _http_error(exc: HTTPException) -> Response | HTTPException:
+    """Routing errors under the API prefix (404, 405, 413) become JSON; the host's stay theirs."""
+    if not _in_api(request.path):
+        return exc
+    status = exc.code or 500
+    code = {404: "rest_no_route", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+        status, "internal_error" if status >= 500 else "http_error"
+    )
+    # Never echo internals: a 5xx says only that something failed (the log has the trace).
+    message = "An internal error occurred." if status >= 500 else (exc.description or exc.name)
+    error = AgentError(message, code=code)
+    error.status = status
+    response = error_response(error)
+    if exc.code == 405 and exc.response is None:
+        allowed = getattr(exc, "valid_methods", None)
+        if allowed:
+            response.headers["Allow"] = ", ".join(allowed)
+    return response
+
+
+def _decorate_response(response: Response) -> Response:
+    """CORS and security headers on every API response, errors included."""
+    if not _in_api(request.path):
+        return response
+    settings = get_state().settings
+    headers = response.headers
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+    # Token responses must not be cached (RFC 6749 §5.1); no API response needs caching.
+    if request.path != "/.well-known/jwks.json":
+        headers["Cache-Control"] = "no-store"
+        headers["Pragma"] = "no-cache"
+    if request.is_secure:
+        headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
+    origin = request.headers.get("Origin")
+    if settings.cors is True:
+        # Any origin, never with credentials: tokens travel in headers, not cookies.
+        headers["Access-Control-Allow-Origin"] = "*"
+    elif settings.cors and origin:
+        headers.add("Vary", "Origin")
+        if origin in settings.cors:  # exact match: scheme, host and port
+            headers["Access-Control-Allow-Origin"] = origin
+    if "Access-Control-Allow-Origin" in headers and request.method == "OPTIONS":
+        headers["Access-Control-Allow-Methods"] = CORS_METHODS
+        headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+        headers["Access-Control-Max-Age"] = "600"
+    return response

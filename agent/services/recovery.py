@@ -1,0 +1,139 @@
+"""Password recovery by a mailed link or a one-time code.
+
+- Link tokens carry 256 bits from a CSPRNG; codes are ``RESET_OTP_LENGTH`` random digits.
+- Both are stored as ``HMAC-SHA256(k_reset, user id | kind | secret)``: a copy of the database
+  alone cannot test a guess of a 6-digit code offline, and a code is bound to its user.
+- Single use, an expiry (link 1 h, code 10 min by default), the newest request voids older
+  ones, and a code is burned after ``RESET_OTP_MAX_ATTEMPTS`` wrong tries.
+- The answer to ``/forgot-password`` never depends on whether the account exists.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+import typing as t
+from urllib.parse import urlencode
+
+from sqlalchemy import select
+from sqlalchemy import update
+from sqlalchemy.orm import Session as DBSession
+
+from ..errors import InvalidResetToken
+from ..models import PasswordReset
+from ..models import User
+from . import accounts
+from . import sessions
+
+if t.TYPE_CHECKING:
+    from ..extension import State
+
+
+def _digest(state: State, user_id: int, kind: str, secret: str) -> str:
+    message = f"{user_id}|{kind}|{secret}".encode()
+    return hmac.new(state.reset_key, message, hashlib.sha256).hexdigest()
+
+
+def request_reset(db: DBSession, state: State, login: str, delivery: str) -> None:
+    """Record a reset for the account named ``login`` (if any) and queue its mail."""
+    user = accounts.find_user(db, login)
+    if user is None or user.status != "active":
+        return
+    s = state.settings
+    now = state.clock()
+    # The newest request wins: every older, unused link or code of this user stops working.
+    db.execute(
+        update(PasswordReset)
+        .where(PasswordReset.user_id == user.id, PasswordReset.used_at.is_(None))
+        .values(used_at=now)
+    )
+    if delivery == "otp":
+        secret = "".join(secrets.choice("0123456789") for _ in range(s.reset_otp_length))
+        ttl = s.reset_otp_ttl
+    else:
+        secret = secrets.token_urlsafe(32)
+        ttl = s.reset_link_ttl
+    db.add(
+        PasswordReset(
+            user_id=user.id,
+            kind=delivery,
+            secret_hash=_digest(state, user.id, delivery, secret),
+            created_at=now,
+            expires_at=now + dt.timedelta(seconds=ttl),
+            attempts=0,
+        )
+    )
+    db.commit()
+    minutes = ttl // 60
+    if delivery == "otp":
+        body = (
+            f"Hello {user.display_name},\n\nYour password reset code for {s.site_name} is:\n\n"
+            f"    {secret}\n\nIt expires in {minutes} minutes and works once. If you did not ask "
+            "for it, ignore this mail: your password is unchanged.\n"
+        )
+    else:
+        link = f"{s.reset_url}?{urlencode({'login': user.user_login, 'token': secret})}"
+        body = (
+            f"Hello {user.display_name},\n\nTo choose a new password for {s.site_name}, open:\n\n"
+            f"{link}\n\nThe link expires in {minutes} minutes and works once. If you did not "
+            "ask for it, ignore this mail: your password is unchanged.\n"
+        )
+    state.mailer.send_later(user.email, f"Reset your {s.site_name} password", body)
+
+
+def reset_password(
+    db: DBSession,
+    state: State,
+    *,
+    login: str,
+    new_password: str,
+    token: str | None,
+    otp: str | None,
+) -> User:
+    """Check the link token or code and set the new password; ends every session of the user.
+
+    A wrong code counts an attempt (committed even though the call fails); every failure raises
+    the same :class:`InvalidResetToken`.
+    """
+    kind, secret = ("otp", otp) if otp is not None else ("link", token)
+    if not secret or len(secret) > 128:
+        raise InvalidResetToken()
+    user = accounts.find_user(db, login)
+    now = state.clock()
+    record = None
+    if user is not None:
+        record = db.scalar(
+            select(PasswordReset)
+            .where(
+                PasswordReset.user_id == user.id,
+                PasswordReset.kind == kind,
+                PasswordReset.used_at.is_(None),
+            )
+            .order_by(PasswordReset.id.desc())
+            .limit(1)
+        )
+    if user is None or record is None or now >= record.expires_at:
+        raise InvalidResetToken()
+    if not hmac.compare_digest(record.secret_hash, _digest(state, user.id, kind, secret)):
+        if kind == "otp":
+            # A code has few digits, so guesses are counted; a link token has 256 bits and is
+            # not, so nobody can void a user's link by posting wrong ones.
+            record.attempts += 1
+            if record.attempts >= state.settings.reset_otp_max_attempts:
+                record.used_at = now  # burned: a new code must be requested
+            db.commit()
+        raise InvalidResetToken()
+    # Check the policy before spending the token, so a weak choice can be corrected.
+    accounts.set_password(db, state, user, new_password)
+    claimed = db.execute(
+        update(PasswordReset)
+        .where(PasswordReset.id == record.id, PasswordReset.used_at.is_(None))
+        .values(used_at=now)
+    ).rowcount
+    if claimed != 1:  # a concurrent request used it first
+        db.rollback()
+        raise InvalidResetToken()
+    sessions.revoke_user_sessions(db, user.id, now, "password_reset")
+    return user

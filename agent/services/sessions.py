@@ -1,0 +1,283 @@
+"""Sessions, refresh-token rotation and revocation.
+
+A session is one login on one device. Its refresh tokens form a family: each refresh marks the
+presented token used (an atomic conditional update, so two workers can never both rotate it) and
+issues the next generation. Presenting a used token again is reuse: the session is revoked,
+which ends every refresh and access token of the family (RFC 9700 §4.14.2). Within the grace
+window after a rotation the same used token returns the same new pair instead, so several tabs
+refreshing at once are not logged out.
+
+The next refresh token is derived, not stored: ``HMAC(k_refresh, previous token)``. Only SHA-256
+digests of refresh tokens are in the database, yet a retry within the grace window can be given
+the very same token again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+import typing as t
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy import update
+from sqlalchemy.orm import Session as DBSession
+
+from ..errors import InvalidGrant
+from ..errors import InvalidToken
+from ..models import RefreshToken
+from ..models import Session
+from ..models import User
+from . import devices
+from .keys import b64url
+from .tokens import mint_access_token
+from .tokens import new_jti
+
+if t.TYPE_CHECKING:
+    from ..extension import State
+
+REFRESH_PREFIX = "hkr_"
+MAX_REFRESH_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class Issued:
+    """What a login or refresh hands to the client."""
+
+    session: Session
+    user: User
+    access_token: str
+    access_exp: int
+    refresh_token: str
+    refresh_expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    ip: str
+    user_agent: str
+
+
+def digest(refresh_token: str) -> str:
+    return hashlib.sha256(refresh_token.encode()).hexdigest()
+
+
+def _next_refresh_token(state: State, previous: str) -> str:
+    mac = hmac.new(state.refresh_key, previous.encode(), hashlib.sha256).digest()
+    return REFRESH_PREFIX + b64url(mac)
+
+
+def _access_token(state: State, user: User, sess: Session) -> str:
+    s = state.settings
+    return mint_access_token(
+        state.ring,
+        issuer=s.issuer,
+        audience=s.audience,
+        user_id=user.id,
+        user_login=user.user_login,
+        roles=user.roles,
+        sid=sess.id,
+        jti=sess.access_jti,
+        iat=sess.access_iat,
+        exp=sess.access_exp,
+    )
+
+
+def _access_window(state: State, now: dt.datetime, sess_expires: dt.datetime) -> tuple[int, int]:
+    iat = int(now.timestamp())
+    exp = min(iat + state.settings.access_token_ttl, int(sess_expires.timestamp()))
+    return iat, exp
+
+
+def start_session(db: DBSession, state: State, user: User, client: ClientInfo) -> Issued:
+    """Open a new session for ``user`` (a login) and issue its first token pair."""
+    now = state.clock()
+    s = state.settings
+    expires = now + dt.timedelta(seconds=s.session_max_age)
+    iat, exp = _access_window(state, now, expires)
+    sess = Session(
+        id=secrets.token_urlsafe(16),
+        user_id=user.id,
+        created_at=now,
+        last_seen_at=now,
+        expires_at=expires,
+        ip=client.ip[:64],
+        user_agent=client.user_agent[:512],
+        device=devices.describe(client.user_agent),
+        access_jti=new_jti(),
+        access_iat=iat,
+        access_exp=exp,
+    )
+    db.add(sess)
+    db.flush()  # the session row first: the refresh token references it
+    refresh = REFRESH_PREFIX + secrets.token_urlsafe(32)
+    refresh_expires = min(now + dt.timedelta(seconds=s.refresh_token_ttl), expires)
+    db.add(
+        RefreshToken(
+            session_id=sess.id,
+            token_hash=digest(refresh),
+            generation=0,
+            created_at=now,
+            expires_at=refresh_expires,
+        )
+    )
+    db.flush()
+    return Issued(sess, user, _access_token(state, user, sess), exp, refresh, refresh_expires)
+
+
+def refresh(db: DBSession, state: State, presented: t.Any) -> Issued:
+    """Rotate ``presented`` into a new pair, or raise :class:`InvalidGrant`.
+
+    The caller commits; on reuse the session is revoked and committed before raising.
+    """
+    if (
+        not isinstance(presented, str)
+        or not presented.startswith(REFRESH_PREFIX)
+        or len(presented) > MAX_REFRESH_LENGTH
+    ):
+        raise InvalidGrant()
+    now = state.clock()
+    row = db.scalar(select(RefreshToken).where(RefreshToken.token_hash == digest(presented)))
+    if row is None:
+        raise InvalidGrant()
+    sess = db.get(Session, row.session_id)
+    user = db.get(User, sess.user_id) if sess is not None else None
+    if sess is None or user is None or sess.revoked_at is not None or user.status != "active":
+        raise InvalidGrant()
+    if now >= sess.expires_at or now >= row.expires_at:
+        raise InvalidGrant("The session has expired; log in again.", code="session_expired")
+
+    claimed = db.execute(
+        update(RefreshToken)
+        .where(RefreshToken.id == row.id, RefreshToken.used_at.is_(None))
+        .values(used_at=now)
+    ).rowcount
+    if claimed != 1:
+        # Another request rotated this token first (or it is an old one): grace or reuse.
+        db.refresh(row)
+        db.refresh(sess)
+        return _reuse(db, state, sess, user, row, presented, now)
+
+    child = _next_refresh_token(state, presented)
+    child_expires = min(now + dt.timedelta(seconds=state.settings.refresh_token_ttl), sess.expires_at)
+    db.add(
+        RefreshToken(
+            session_id=sess.id,
+            token_hash=digest(child),
+            generation=row.generation + 1,
+            created_at=now,
+            expires_at=child_expires,
+        )
+    )
+    iat, exp = _access_window(state, now, sess.expires_at)
+    sess.prev_access_jti = sess.access_jti
+    sess.access_jti = new_jti()
+    sess.access_iat, sess.access_exp = iat, exp
+    sess.rotated_at = now
+    sess.last_seen_at = now
+    db.flush()
+    return Issued(sess, user, _access_token(state, user, sess), exp, child, child_expires)
+
+
+def _reuse(
+    db: DBSession,
+    state: State,
+    sess: Session,
+    user: User,
+    row: RefreshToken,
+    presented: str,
+    now: dt.datetime,
+) -> Issued:
+    child = _next_refresh_token(state, presented)
+    child_row = db.scalar(select(RefreshToken).where(RefreshToken.token_hash == digest(child)))
+    in_grace = (
+        row.used_at is not None
+        and now - row.used_at <= dt.timedelta(seconds=state.settings.refresh_grace)
+        and child_row is not None
+        and child_row.used_at is None  # the pair handed out is still the session's newest
+        and sess.revoked_at is None
+    )
+    if in_grace:
+        assert child_row is not None
+        # The same pair again: the same refresh token, and the access token of this generation.
+        return Issued(
+            sess, user, _access_token(state, user, sess), sess.access_exp, child, child_row.expires_at
+        )
+    revoke_session(db, sess, now, "refresh_reuse")
+    db.commit()
+    raise InvalidGrant("The refresh token was already used; the session has been ended.",
+                       code="refresh_token_reused")
+
+
+def revoke_session(db: DBSession, sess: Session, now: dt.datetime, reason: str) -> None:
+    if sess.revoked_at is None:
+        sess.revoked_at = now
+        sess.revoke_reason = reason
+
+
+def revoke_user_sessions(
+    db: DBSession, user_id: int, now: dt.datetime, reason: str, keep: str | None = None
+) -> int:
+    """End every live session of a user, except ``keep``; returns how many."""
+    stmt = (
+        update(Session)
+        .where(Session.user_id == user_id, Session.revoked_at.is_(None))
+        .values(revoked_at=now, revoke_reason=reason)
+    )
+    if keep is not None:
+        stmt = stmt.where(Session.id != keep)
+    return db.execute(stmt).rowcount
+
+
+def revoke_by_refresh_token(db: DBSession, state: State, presented: str) -> bool:
+    row = db.scalar(select(RefreshToken).where(RefreshToken.token_hash == digest(presented)))
+    sess = db.get(Session, row.session_id) if row is not None else None
+    if sess is None:
+        return False
+    revoke_session(db, sess, state.clock(), "revoked")
+    return True
+
+
+def check_session(state: State, claims: dict[str, t.Any]) -> None:
+    """The revocation check on every authenticated request: one primary-key read.
+
+    The token must name a live session of its own user, and be that session's current access
+    token (or the previous one, within the grace window after a refresh).
+    """
+    table = Session.__table__
+    users = User.__table__
+    stmt = (
+        select(
+            table.c.user_id,
+            table.c.revoked_at,
+            table.c.expires_at,
+            table.c.access_jti,
+            table.c.prev_access_jti,
+            table.c.rotated_at,
+            users.c.status,
+        )
+        .join(users, users.c.id == table.c.user_id)
+        .where(table.c.id == claims["sid"])
+    )
+    with state.engine.connect().execution_options(hk_readonly=True) as conn:
+        row = conn.execute(stmt).first()
+    if row is None or row.revoked_at is not None or row.status != "active":
+        raise InvalidToken()
+    if str(row.user_id) != claims["sub"]:
+        raise InvalidToken()
+    now = state.clock()
+    if now >= row.expires_at:
+        raise InvalidToken()
+    jti = claims["jti"]
+    if hmac.compare_digest(jti, row.access_jti):
+        return
+    if (
+        row.prev_access_jti is not None
+        and row.rotated_at is not None
+        and hmac.compare_digest(jti, row.prev_access_jti)
+        and now - row.rotated_at <= dt.timedelta(seconds=state.settings.refresh_grace)
+    ):
+        return
+    raise InvalidToken()

@@ -1,0 +1,391 @@
+"""The REST API, compatible with the HeadlessKey WordPress plugin: thin views over services."""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing as t
+
+from flask import Blueprint
+from flask import Response
+from flask import jsonify
+from flask import request
+from sqlalchemy import select
+
+from .config import Settings
+from .errors import InvalidCredentials
+from .errors import InvalidToken
+from .errors import NotFound
+from .errors import RegistrationClosed
+from .errors import ValidationFailed
+from .extension import authenticate_request
+from .extension import bearer_token
+from .extension import client_ip
+from .extension import get_db
+from .extension import get_state
+from .extension import read_json
+from .models import Session
+from .models import User
+from .services import accounts
+from .services import recovery
+from .services import sessions
+from .services.sessions import ClientInfo
+from .services.sessions import Issued
+from .services.tokens import verify_access_token
+
+MAX_PASSWORD_INPUT = 4096
+
+
+class Form:
+    """Reads typed fields from a JSON body, collecting every problem before failing."""
+
+    def __init__(self, data: dict[str, t.Any]) -> None:
+        self.data = data
+        self.errors: dict[str, list[str]] = {}
+
+    def text(self, name: str, *, required: bool = True, max_length: int = 254) -> str | None:
+        value = self.data.get(name)
+        if value is None or value == "":
+            if required:
+                self.errors.setdefault(name, []).append("This field is required.")
+            return None
+        if not isinstance(value, str):
+            self.errors.setdefault(name, []).append("Must be a string.")
+            return None
+        if len(value) > max_length:
+            self.errors.setdefault(name, []).append(f"At most {max_length} characters.")
+            return None
+        if any(ord(c) < 32 for c in value):
+            self.errors.setdefault(name, []).append("Control characters are not allowed.")
+            return None
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.data.get(name, default)
+        if value not in choices:
+            self.errors.setdefault(name, []).append(f"One of: {', '.join(choices)}.")
+            return default
+        return t.cast(str, value)
+
+    def done(self) -> None:
+        if self.errors:
+            raise ValidationFailed(fields=self.errors)
+
+
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(int(timestamp), dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _token_response(issued: Issued, *, full_profile: bool = False) -> Response:
+    now = get_state().clock().timestamp()
+    user = issued.user
+    body = {
+        "token": issued.access_token,
+        "token_type": "Bearer",
+        "expires_in": max(0, int(issued.access_exp - now)),
+        "expiration": _iso(issued.access_exp),
+        "refreshable": True,
+        "jti": issued.session.access_jti,
+        "sid": issued.session.id,
+        "refresh_token": issued.refresh_token,
+        "refresh_token_expires_in": max(0, int(issued.refresh_expires_at.timestamp() - now)),
+        "refresh_expiration": _iso(issued.refresh_expires_at.timestamp()),
+        "user": accounts.profile_payload(user) if full_profile else accounts.user_payload(user),
+    }
+    return jsonify(body)
+
+
+def _client() -> ClientInfo:
+    return ClientInfo(ip=client_ip(), user_agent=request.headers.get("User-Agent", ""))
+
+
+def _login(full_profile: bool) -> Response:
+    form = Form(read_json())
+    login = form.text("username", required=False, max_length=254) or form.text(
+        "email", required=False, max_length=254
+    )
+    password = form.text("password", max_length=MAX_PASSWORD_INPUT)
+    if login is None and "username" not in form.errors and "email" not in form.errors:
+        form.errors["username"] = ["Give a username or an email."]
+    form.done()
+    assert login is not None and password is not None
+    db = get_db()
+    user = accounts.authenticate(db, get_state(), login, password)
+    issued = sessions.start_session(db, get_state(), user, _client())
+    db.commit()
+    return _token_response(issued, full_profile=full_profile)
+
+
+def token() -> Response:
+    """POST /token: log in with a username or email and a password."""
+    return _login(full_profile=False)
+
+
+def login() -> Response:
+    """POST /login: log in and receive the full profile."""
+    return _login(full_profile=True)
+
+
+def token_validate() -> Response:
+    """POST /token/validate: is this access token valid right now?"""
+    data = read_json()
+    token_value = data.get("token") if "token" in data else bearer_token()
+    if token_value is None:
+        raise InvalidToken()
+    state = get_state()
+    s = state.settings
+    claims = verify_access_token(
+        token_value, state.ring, issuer=s.issuer, audience=s.audience, leeway=s.leeway
+    )
+    sessions.check_session(state, claims)
+    return jsonify({"valid": True, "code": "jwt_auth_valid_token", "data": claims})
+
+
+def token_refresh() -> Response:
+    """POST /token/refresh: rotate a refresh token (``refresh_token`` or the plugin's ``token``)."""
+    data = read_json()
+    presented = data.get("refresh_token", data.get("token"))
+    db = get_db()
+    issued = sessions.refresh(db, get_state(), presented)
+    db.commit()
+    return _token_response(issued)
+
+
+def token_revoke() -> Response:
+    """POST /token/revoke: end the session of an access or refresh token (RFC 7009: always 200)."""
+    data = read_json()
+    presented = data.get("refresh_token", data.get("token"))
+    if presented is None:
+        presented = bearer_token()
+    db = get_db()
+    state = get_state()
+    if isinstance(presented, str):
+        if presented.startswith(sessions.REFRESH_PREFIX):
+            sessions.revoke_by_refresh_token(db, state, presented)
+        else:
+            s = state.settings
+            try:
+                claims = verify_access_token(
+                    presented, state.ring, issuer=s.issuer, audience=s.audience, leeway=s.leeway
+                )
+            except InvalidToken:
+                claims = None
+            sess = db.get(Session, claims["sid"]) if claims else None
+            if sess is not None and claims is not None and str(sess.user_id) == claims["sub"]:
+                sessions.revoke_session(db, sess, state.clock(), "revoked")
+        db.commit()
+    return jsonify({"success": True, "code": "jwt_auth_token_revoked", "message": "Token revoked."})
+
+
+def register() -> Response:
+    """POST /register: create an account (when registration is open).
+
+    The answer is the same whether or not the email is already registered; the owner of an
+    existing address gets a notice by mail instead.
+    """
+    state = get_state()
+    if state.settings.registration != "open":
+        raise RegistrationClosed()
+    form = Form(read_json())
+    username = form.text("username", max_length=60)
+    email = form.text("email", max_length=254)
+    password = form.text("password", max_length=MAX_PASSWORD_INPUT)
+    display_name = form.text("display_name", required=False, max_length=250)
+    form.done()
+    assert username is not None and email is not None and password is not None
+    db = get_db()
+    try:
+        # Only these fields are read: roles, status or verification flags in the body are
+        # ignored, so nobody can register themselves as an administrator.
+        accounts.create_user(
+            db, state, username=username, email=email, password=password, display_name=display_name
+        )
+        db.commit()
+    except ValidationFailed as exc:
+        if exc.code != "email_taken":
+            raise
+        db.rollback()
+        existing = accounts.find_user(db, email)
+        if existing is not None:
+            state.mailer.send_later(
+                existing.email,
+                f"Someone tried to register at {state.settings.site_name} with your email",
+                f"Hello {existing.display_name},\n\nSomeone tried to create an account at "
+                f"{state.settings.site_name} with this email address, which already belongs to "
+                f"your account {existing.user_login}. If it was you, log in or reset your "
+                "password instead. Otherwise you can ignore this mail.\n",
+            )
+    response = jsonify(
+        {
+            "success": True,
+            "code": "registration_received",
+            "message": "Registration received. You can now log in; check your inbox if you "
+            "already have an account.",
+        }
+    )
+    response.status_code = 201
+    return response
+
+
+def forgot_password() -> Response:
+    """POST /forgot-password: mail a reset link or a one-time code (same answer for anyone)."""
+    form = Form(read_json())
+    login_value = form.text("login", required=False) or form.text("email", required=False)
+    if login_value is None and "login" not in form.errors:
+        form.errors["login"] = ["Give a username or an email."]
+    delivery = form.choice("delivery", ("link", "otp"), "link")
+    form.done()
+    assert login_value is not None
+    recovery.request_reset(get_db(), get_state(), login_value, delivery)
+    return jsonify(
+        {
+            "success": True,
+            "code": "password_reset_requested",
+            "message": "If an account matches, we have sent password reset instructions.",
+        }
+    )
+
+
+def reset_password() -> Response:
+    """POST /reset-password: ``{login, password, token|otp}``; ends every session of the user."""
+    form = Form(read_json())
+    login_value = form.text("login")
+    password = form.text("password", max_length=MAX_PASSWORD_INPUT)
+    token_value = form.text("token", required=False, max_length=128)
+    otp = form.text("otp", required=False, max_length=16)
+    if token_value is None and otp is None and "token" not in form.errors:
+        form.errors["token"] = ["Give the token from the link or the one-time code (otp)."]
+    form.done()
+    assert login_value is not None and password is not None
+    db = get_db()
+    state = get_state()
+    user = recovery.reset_password(
+        db, state, login=login_value, new_password=password, token=token_value, otp=otp
+    )
+    db.commit()
+    accounts.notify_password_changed(state, user, state.clock())
+    return jsonify(
+        {"success": True, "code": "password_reset", "message": "Your password has been reset."}
+    )
+
+
+def change_password() -> Response:
+    """POST /change-password: needs the current password; ends every other session."""
+    identity = authenticate_request()
+    form = Form(read_json())
+    current = form.text("current_password", max_length=MAX_PASSWORD_INPUT)
+    new = form.text("new_password", max_length=MAX_PASSWORD_INPUT)
+    form.done()
+    assert current is not None and new is not None
+    db = get_db()
+    state = get_state()
+    user = db.get(User, identity.user_id)
+    if user is None:
+        raise InvalidCredentials()
+    ended = accounts.change_password(db, state, user, current, new, identity.session_id)
+    db.commit()
+    accounts.notify_password_changed(state, user, state.clock())
+    return jsonify(
+        {
+            "success": True,
+            "code": "password_changed",
+            "message": "Your password has been changed.",
+            "sessions_ended": ended,
+        }
+    )
+
+
+def me() -> Response:
+    """GET /me: the caller's profile."""
+    identity = authenticate_request()
+    user = get_db().get(User, identity.user_id)
+    if user is None:
+        raise InvalidToken()
+    return jsonify(accounts.profile_payload(user))
+
+
+def _session_payload(sess: Session, current: str) -> dict[str, t.Any]:
+    return {
+        "id": sess.id,
+        "current": sess.id == current,
+        "device": sess.device,
+        "user_agent": sess.user_agent,
+        "ip": sess.ip,
+        "created": sess.created_at.isoformat().replace("+00:00", "Z"),
+        "last_seen": sess.last_seen_at.isoformat().replace("+00:00", "Z"),
+        "expires": sess.expires_at.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def list_sessions() -> Response:
+    """GET /sessions: the caller's active sessions (devices)."""
+    identity = authenticate_request()
+    now = get_state().clock()
+    rows = get_db().scalars(
+        select(Session)
+        .where(
+            Session.user_id == identity.user_id,
+            Session.revoked_at.is_(None),
+            Session.expires_at > now,
+        )
+        .order_by(Session.created_at.desc())
+    )
+    return jsonify({"sessions": [_session_payload(s, identity.session_id) for s in rows]})
+
+
+def end_session(session_id: str) -> Response:
+    """DELETE /sessions/<id>: end one of the caller's sessions."""
+    identity = authenticate_request()
+    db = get_db()
+    sess = db.get(Session, session_id)
+    if sess is None or sess.user_id != identity.user_id or sess.revoked_at is not None:
+        raise NotFound("No such session.", code="session_not_found")
+    sessions.revoke_session(db, sess, get_state().clock(), "ended_by_user")
+    db.commit()
+    return jsonify({"success": True, "code": "session_ended", "message": "Session ended."})
+
+
+def openapi() -> Response:
+    """GET /openapi.json: the OpenAPI 3.1 description of this API."""
+    from .openapi import document
+
+    return jsonify(document(get_state().settings))
+
+
+def jwks() -> Response:
+    """GET /.well-known/jwks.json: the public keys of this site's access tokens (RFC 7517)."""
+    response = jsonify(get_state().ring.jwks())
+    response.headers["Cache-Control"] = "public, max-age=300"
+    return response
+
+
+ROUTES: list[tuple[str, t.Callable[..., Response], list[str]]] = [
+    ("/token", token, ["POST"]),
+    ("/token/validate", token_validate, ["POST"]),
+    ("/token/refresh", token_refresh, ["POST"]),
+    ("/token/revoke", token_revoke, ["POST"]),
+    ("/register", register, ["POST"]),
+    ("/login", login, ["POST"]),
+    ("/forgot-password", forgot_password, ["POST"]),
+    ("/reset-password", reset_password, ["POST"]),
+    ("/change-password", change_password, ["POST"]),
+    ("/me", me, ["GET"]),
+    ("/sessions", list_sessions, ["GET"]),
+    ("/sessions/<session_id>", end_session, ["DELETE"]),
+    ("/openapi.json", openapi, ["GET"]),
+]
+
+
+def make_blueprint(settings: Settings) -> Blueprint:
+    """A fresh blueprint with every route under the configured prefix."""
+    bp = Blueprint("headlesskey", __name__, url_prefix=settings.prefix)
+    for rule, view, methods in ROUTES:
+        bp.add_url_rule(rule, view_func=view, methods=methods)
+    bp.before_request(_preflight)
+    return bp
+
+
+def _preflight() -> Response | None:
+    """Answer CORS preflights before any auth; headers are added by the after-request hook."""
+    if request.method == "OPTIONS":
+        return Response(status=204)
+    return None
