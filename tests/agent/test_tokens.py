@@ -1,0 +1,378 @@
+"""Login, validate, refresh with rotation, revoke: over HTTP, for HS256, RS256 and ES256."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import typing as t
+
+import jwt
+import pytest
+
+from tests.conftest import PASSWORD
+from tests.conftest import Site
+
+
+def claims_of(token: str) -> dict[str, t.Any]:
+    return t.cast(dict[str, t.Any], jwt.decode(token, options={"verify_signature": False}))
+
+
+def test_login_returns_the_plugin_shape(site: Site, algorithm: str) -> None:
+    r = site.api.post("/token", json={"username": "alice", "password": PASSWORD})
+    assert r.status_code == 200
+    assert r.headers["Cache-Control"] == "no-store"
+    body = r.json()
+    assert body["token_type"] == "Bearer"
+    assert 890 <= body["expires_in"] <= 900
+    assert body["expiration"].endswith("Z")
+    assert body["refreshable"] is True
+    assert body["refresh_token"].startswith("hkr_")
+    assert body["refresh_token_expires_in"] > 86400
+    assert body["user"] == {
+        "ID": 1,
+        "user_login": "alice",
+        "user_email": "alice@example.com",
+        "display_name": "alice",
+        "roles": ["subscriber"],
+    }
+    header = jwt.get_unverified_header(body["token"])
+    assert header["alg"] == algorithm
+    assert header["typ"] == "at+jwt"
+    assert header["kid"]
+    claims = claims_of(body["token"])
+    assert claims["iss"] == site.state.settings.issuer
+    assert claims["sub"] == "1"
+    assert claims["jti"] == body["jti"]
+    assert claims["sid"] == body["sid"]
+    assert claims["data"] == {"ID": 1, "user_login": "alice"}
+    assert claims["exp"] - claims["iat"] == 900
+    # The session is a row in the database, with the refresh token stored as a digest only.
+    assert site.scalar("SELECT count(*) FROM hk_sessions WHERE id = :sid", sid=body["sid"]) == 1
+    assert site.scalar(
+        "SELECT count(*) FROM hk_refresh_tokens WHERE token_hash = :t", t=body["refresh_token"]
+    ) == 0
+
+
+def test_login_by_email_and_case_insensitive_username(site: Site) -> None:
+    assert site.api.login("ALICE@example.com")["user"]["user_login"] == "alice"
+    assert site.api.login("Alice")["user"]["ID"] == 1
+
+
+def test_profile_login_returns_full_profile(site: Site) -> None:
+    r = site.api.post("/login", json={"email": "alice@example.com", "password": PASSWORD})
+    assert r.status_code == 200
+    user = r.json()["user"]
+    assert user["user_registered"].endswith("Z")
+    assert user["email_verified"] is False
+    assert user["status"] == "active"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"username": "alice", "password": "wrong password here"},
+        {"username": "nobody", "password": PASSWORD},
+        {"email": "nobody@example.com", "password": PASSWORD},
+    ],
+)
+def test_failed_logins_are_indistinguishable(make_site: t.Any, body: dict[str, str]) -> None:
+    s = make_site()
+    s.create_user("alice")
+    r = s.api.post("/token", json=body)
+    assert r.status_code == 401
+    assert r.json() == {
+        "code": "invalid_credentials",
+        "message": "The username, email or password is incorrect.",
+        "data": {"status": 401},
+    }
+    assert s.scalar("SELECT count(*) FROM hk_sessions") == 0
+
+
+def test_disabled_user_cannot_log_in(site: Site) -> None:
+    with site.state.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE hk_users SET status = 'disabled'")
+    r = site.api.post("/token", json={"username": "alice", "password": PASSWORD})
+    assert r.status_code == 401
+    assert r.json()["code"] == "invalid_credentials"
+
+
+def test_validate_by_body_bearer_and_fallback_header(site: Site) -> None:
+    token = site.api.login()["token"]
+    by_body = site.api.post("/token/validate", json={"token": token})
+    assert by_body.status_code == 200
+    assert by_body.json()["valid"] is True
+    assert by_body.json()["data"]["sub"] == "1"
+    assert site.api.post("/token/validate", token=token).status_code == 200
+    fallback = site.api.post(
+        "/token/validate", headers={"X-HeadlessKey-Authorization": f"Bearer {token}"}
+    )
+    assert fallback.status_code == 200
+    assert site.api.get("/me", headers={"X-HeadlessKey-Authorization": token}).status_code == 200
+
+
+def test_me_requires_a_token(site: Site) -> None:
+    r = site.api.get("/me")
+    assert r.status_code == 401
+    assert r.json()["code"] == "unauthorized"
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    # Another scheme is not ours: it is ignored, not parsed.
+    assert site.api.get("/me", headers={"Authorization": "Basic YWxpY2U6eA=="}).status_code == 401
+
+
+def test_refresh_rotates_and_old_tokens_stop_working(site: Site) -> None:
+    first = site.api.login()
+    r = site.api.post("/token/refresh", json={"refresh_token": first["refresh_token"]})
+    assert r.status_code == 200
+    second = r.json()
+    assert second["refresh_token"] != first["refresh_token"]
+    assert second["token"] != first["token"]
+    assert second["sid"] == first["sid"]
+    assert site.api.get("/me", token=second["token"]).status_code == 200
+    # Past the grace window the refreshed access token is refused...
+    site.clock.advance(11)
+    assert site.api.get("/me", token=first["token"]).status_code == 401
+    # ...and the new one still works.
+    assert site.api.get("/me", token=second["token"]).status_code == 200
+
+
+def test_refresh_accepts_the_plugin_token_field(site: Site) -> None:
+    first = site.api.login()
+    r = site.api.post("/token/refresh", json={"token": first["refresh_token"]})
+    assert r.status_code == 200
+    assert r.json()["refresh_token"].startswith("hkr_")
+
+
+def test_access_token_is_not_a_refresh_token(site: Site) -> None:
+    first = site.api.login()
+    r = site.api.post("/token/refresh", json={"token": first["token"]})
+    assert r.status_code == 400
+    assert r.json()["code"] == "invalid_grant"
+
+
+def test_parallel_refresh_within_grace_gets_the_same_pair(site: Site) -> None:
+    first = site.api.login()
+
+    def refresh() -> t.Any:
+        return site.api.post("/token/refresh", json={"refresh_token": first["refresh_token"]})
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: refresh(), range(4)))
+    assert [r.status_code for r in results] == [200] * 4
+    assert len({r.json()["refresh_token"] for r in results}) == 1
+    assert len({r.json()["jti"] for r in results}) == 1
+    newest = results[0].json()
+    assert site.api.get("/me", token=newest["token"]).status_code == 200
+    # Only one rotation happened.
+    assert site.scalar("SELECT count(*) FROM hk_refresh_tokens") == 2
+
+
+def test_reuse_after_grace_revokes_the_whole_family(site: Site) -> None:
+    rt1 = site.api.login()["refresh_token"]
+    chain = [rt1]
+    for _ in range(3):
+        site.clock.advance(1)
+        chain.append(site.api.post("/token/refresh", json={"refresh_token": chain[-1]}).json()["refresh_token"])
+    latest_access = site.api.post("/token/refresh", json={"refresh_token": chain[-1]}).json()
+    site.clock.advance(30)
+    reused = site.api.post("/token/refresh", json={"refresh_token": rt1})
+    assert reused.status_code == 400
+    assert reused.json()["code"] == "refresh_token_reused"
+    # Every token of the session is dead now, the newest included.
+    assert site.api.post("/token/refresh", json={"refresh_token": latest_access["refresh_token"]}).status_code == 400
+    assert site.api.get("/me", token=latest_access["token"]).status_code == 401
+    assert site.scalar("SELECT revoke_reason FROM hk_sessions") == "refresh_reuse"
+
+
+def test_refresh_after_session_lifetime_fails(make_site: t.Any) -> None:
+    s = make_site(HEADLESSKEY_SESSION_MAX_AGE=3600, HEADLESSKEY_REFRESH_TOKEN_TTL=600)
+    s.create_user("alice")
+    rt = s.api.login()["refresh_token"]
+    s.clock.advance(601)  # unused longer than the refresh token's lifetime
+    r = s.api.post("/token/refresh", json={"refresh_token": rt})
+    assert r.status_code == 400
+    assert r.json()["code"] == "session_expired"
+    # Refreshing before each inactivity deadline still stops at the absolute lifetime.
+    rt = s.api.login()["refresh_token"]
+    for _ in range(6):
+        s.clock.advance(590)
+        r = s.api.post("/token/refresh", json={"refresh_token": rt})
+        assert r.status_code == 200
+        rt = r.json()["refresh_token"]
+    s.clock.advance(100)
+    assert s.api.post("/token/refresh", json={"refresh_token": rt}).status_code == 400
+
+
+def test_revoke_access_token_ends_the_session(site: Site) -> None:
+    pair = site.api.login()
+    other = site.api.login()
+    r = site.api.post("/token/revoke", token=pair["token"])
+    assert r.status_code == 200
+    assert r.json()["success"] is True
+    assert site.api.get("/me", token=pair["token"]).status_code == 401
+    assert site.api.post("/token/validate", json={"token": pair["token"]}).status_code == 401
+    assert site.api.post("/token/refresh", json={"refresh_token": pair["refresh_token"]}).status_code == 400
+    # Another session of the same user is untouched.
+    assert site.api.get("/me", token=other["token"]).status_code == 200
+
+
+def test_revoke_refresh_token_ends_the_session(site: Site) -> None:
+    pair = site.api.login()
+    assert site.api.post("/token/revoke", json={"refresh_token": pair["refresh_token"]}).status_code == 200
+    assert site.api.get("/me", token=pair["token"]).status_code == 401
+
+
+@pytest.mark.parametrize("garbage", ["", "garbage", "a.b.c", "hkr_unknown", 12, None])
+def test_revoke_is_quiet(site: Site, garbage: t.Any) -> None:
+    pair = site.api.login()
+    r = site.api.post("/token/revoke", json={"token": garbage})
+    assert r.status_code == 200
+    assert site.api.get("/me", token=pair["token"]).status_code == 200
+
+
+def test_expired_access_token_is_refused(make_site: t.Any) -> None:
+    s = make_site(HEADLESSKEY_ACCESS_TOKEN_TTL=60, HEADLESSKEY_LEEWAY=0)
+    s.create_user("alice")
+    s.clock.advance(-120)  # minted two minutes ago, so already past its exp
+    token = s.api.login()["token"]
+    s.clock.advance(120)
+    assert s.api.get("/me", token=token).status_code == 401
+
+
+def test_jwks_publishes_public_keys_only(site: Site, algorithm: str) -> None:
+    r = site.api.get("/.well-known/jwks.json")
+    assert r.status_code == 200
+    keys = r.json()["keys"]
+    if algorithm == "HS256":
+        assert keys == []  # HMAC secrets are never published
+        return
+    (key,) = keys
+    assert key["alg"] == algorithm
+    assert key["use"] == "sig"
+    assert not {"d", "p", "q", "dp", "dq", "qi", "k"} & set(key)
+    token = site.api.login()["token"]
+    assert jwt.get_unverified_header(token)["kid"] == key["kid"]
+    # A relying party can verify the token with the published key.
+    public = jwt.PyJWK(key).key
+    claims = jwt.decode(token, public, algorithms=[algorithm], options={"verify_aud": False})
+    assert claims["sub"] == "1"
+
+
+def forge(claims: dict[str, t.Any], key: t.Any, alg: str, **headers: t.Any) -> str:
+    return jwt.encode(claims, key, algorithm=alg, headers=headers)
+
+
+def test_algorithm_is_bound_to_the_key(make_site: t.Any, key_files: t.Any) -> None:
+    """An RS256 site refuses HS256 tokens MACed with its public key (CVE-2016-10555)."""
+    s = make_site("RS256")
+    s.create_user("alice")
+    good = s.api.login()["token"]
+    claims = claims_of(good)
+    kid = jwt.get_unverified_header(good)["kid"]
+    jwk = s.api.get("/.well-known/jwks.json").json()["keys"][0]
+    public = jwt.PyJWK(jwk).key
+    from cryptography.hazmat.primitives import serialization
+
+    pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    import hashlib
+    import hmac as hmac_mod
+    import base64
+    import json
+
+    def hs256(secret: bytes) -> str:
+        def seg(obj: t.Any) -> str:
+            return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+        signing_input = f"{seg({'alg': 'HS256', 'typ': 'at+jwt', 'kid': kid})}.{seg(claims)}"
+        mac = hmac_mod.new(secret, signing_input.encode(), hashlib.sha256).digest()
+        return signing_input + "." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+    for secret in (pem, pem.rstrip(b"\n"), public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ), json.dumps(jwk).encode()):
+        assert s.api.get("/me", token=hs256(secret)).status_code == 401
+    assert s.api.get("/me", token=good).status_code == 200
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
+def test_alg_none_is_refused(site: Site, alg: str) -> None:
+    import base64
+    import json
+
+    good = site.api.login()["token"]
+    header, payload, signature = good.split(".")
+    head = json.loads(base64.urlsafe_b64decode(header + "=="))
+    head["alg"] = alg
+    forged_header = base64.urlsafe_b64encode(json.dumps(head).encode()).rstrip(b"=").decode()
+    for token in (f"{forged_header}.{payload}.", f"{forged_header}.{payload}.{signature}"):
+        assert site.api.get("/me", token=token).status_code == 401
+    assert site.api.get("/me", token=good).status_code == 200
+
+
+def test_tampered_and_non_canonical_signatures_are_refused(site: Site) -> None:
+    good = site.api.login()["token"]
+    header, payload, signature = good.split(".")
+    flipped = signature[:-2] + ("A" if signature[-2] != "A" else "B") + signature[-1]
+    for token in (
+        f"{header}.{payload}.",
+        f"{header}.{payload}.{signature[:-4]}",
+        f"{header}.{payload}.{flipped}",
+        f"{header}.{payload}.{signature}=",
+        f"{header}=.{payload}.{signature}",
+        good + ".x",
+        good.replace("-", "+").replace("_", "/") if ("-" in good or "_" in good) else good + "+",
+    ):
+        assert site.api.get("/me", token=token).status_code == 401, token
+    assert site.api.get("/me", token=good).status_code == 200
+
+
+def test_token_kinds_and_headers_are_checked(make_site: t.Any) -> None:
+    s = make_site("HS256")
+    s.create_user("alice")
+    good = s.api.login()["token"]
+    claims = claims_of(good)
+    kid = jwt.get_unverified_header(good)["kid"]
+    key = s.state.ring.active.signing_key
+    cases = [
+        forge(claims, key, "HS256", kid=kid),  # typ missing
+        forge(claims, key, "HS256", kid=kid, typ="JWT"),
+        forge(claims, key, "HS256", kid=kid, typ="hk-sso+jwt"),
+        forge(claims, key, "HS256", kid="other", typ="at+jwt"),
+        forge(claims, key, "HS256", typ="at+jwt"),  # no kid
+        forge(claims, key, "HS256", kid=kid, typ="at+jwt", crit=["exp"]),
+        forge({**claims, "iss": claims["iss"] + "/"}, key, "HS256", kid=kid, typ="at+jwt"),
+        forge({**claims, "aud": "someone"}, key, "HS256", kid=kid, typ="at+jwt"),
+        forge({**claims, "sub": 1}, key, "HS256", kid=kid, typ="at+jwt"),
+        forge({**claims, "sub": "2"}, key, "HS256", kid=kid, typ="at+jwt"),  # session of user 1
+        forge({k: v for k, v in claims.items() if k != "exp"}, key, "HS256", kid=kid, typ="at+jwt"),
+        forge({**claims, "jti": "not-the-session-token"}, key, "HS256", kid=kid, typ="at+jwt"),
+    ]
+    for token in cases:
+        r = s.api.get("/me", token=token)
+        assert r.status_code == 401, jwt.get_unverified_header(token)
+        assert r.json()["code"] == "invalid_token"
+    # The same claims, signed as the site signs them, are accepted: the cases above fail
+    # for their one defect, not by accident.
+    assert s.api.get("/me", token=forge(claims, key, "HS256", kid=kid, typ="at+jwt")).status_code == 200
+
+
+def test_audience_when_configured(make_site: t.Any) -> None:
+    s = make_site("ES256", HEADLESSKEY_AUDIENCE="shop")
+    s.create_user("alice")
+    token = s.api.login()["token"]
+    assert claims_of(token)["aud"] == "shop"
+    assert s.api.get("/me", token=token).status_code == 200
+
+
+def test_tokens_of_another_site_are_refused(make_site: t.Any, algorithm: str) -> None:
+    a = make_site(algorithm)
+    b = make_site(algorithm)
+    a.create_user("alice")
+    b.create_user("alice")
+    token_a = a.api.login()["token"]
+    assert b.api.get("/me", token=token_a).status_code == 401
+
+
+def test_timestamps_are_utc(site: Site) -> None:
+    body = site.api.login()
+    expiration = dt.datetime.fromisoformat(body["expiration"].replace("Z", "+00:00"))
+    assert abs((expiration - dt.datetime.now(dt.UTC)).total_seconds() - 900) < 5

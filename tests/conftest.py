@@ -1,0 +1,278 @@
+"""Shared fixtures: key pairs, a real SMTP server, the agent served over real HTTP.
+
+Every agent test talks HTTP to a werkzeug server on a free loopback port (so requests, headers
+and status codes are the real thing) while the test can still read the database and move the
+agent's clock.
+
+Environment:
+- ``HEADLESSKEY_TEST_DATABASE_URL``: run the agent tests on that database (e.g. PostgreSQL)
+  instead of a fresh SQLite file per test; the agent's tables are dropped and migrated anew
+  for every test.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import threading
+import time
+import typing as t
+from email import message_from_bytes
+from email.message import Message
+from pathlib import Path
+
+import pytest
+import requests
+from aiosmtpd.controller import Controller
+from flask import Flask
+from sqlalchemy import text
+from werkzeug.serving import make_server
+
+from agent import HeadlessKey
+from agent.extension import State
+from agent.services.keys import generate_private_key_pem
+
+ALGORITHMS = ("HS256", "RS256", "ES256")
+PASSWORD = "correct horse battery staple"
+# argon2id at its cheapest: tests check behaviour, not cost.
+FAST_HASH = {
+    "HEADLESSKEY_ARGON2_TIME_COST": 1,
+    "HEADLESSKEY_ARGON2_MEMORY_COST": 8,
+    "HEADLESSKEY_ARGON2_PARALLELISM": 1,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return t.cast(int, s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def key_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """PEM private keys made once per run (never committed)."""
+    folder = tmp_path_factory.mktemp("keys")
+    files = {}
+    for alg in ("RS256", "ES256"):
+        path = folder / f"{alg}.pem"
+        path.write_bytes(generate_private_key_pem(alg))
+        files[alg] = path
+    return files
+
+
+class Clock:
+    """The agent's clock, movable by tests (real time plus an offset)."""
+
+    def __init__(self) -> None:
+        self.offset = dt.timedelta()
+
+    def __call__(self) -> dt.datetime:
+        return dt.datetime.now(dt.UTC) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += dt.timedelta(seconds=seconds)
+
+
+class Mailbox:
+    """Messages received by the loopback SMTP server."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self._cond = threading.Condition()
+
+    async def handle_DATA(self, server: t.Any, session: t.Any, envelope: t.Any) -> str:  # noqa: N802
+        with self._cond:
+            self.messages.append(message_from_bytes(envelope.content))
+            self._cond.notify_all()
+        return "250 OK"
+
+    def wait_for(self, to: str, count: int = 1, timeout: float = 10) -> list[Message]:
+        """Wait until ``count`` messages to ``to`` have arrived; return them."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [m for m in self.messages if m["To"] == to]
+                if len(found) >= count:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"expected {count} mail(s) to {to}, got {len(found)}")
+                self._cond.wait(remaining)
+
+    def to(self, address: str) -> list[Message]:
+        with self._cond:
+            return [m for m in self.messages if m["To"] == address]
+
+
+@pytest.fixture
+def smtp() -> t.Iterator[Mailbox]:
+    """A real SMTP server (aiosmtpd) on a free loopback port."""
+    box = Mailbox()
+    controller = Controller(box, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    box.port = controller.port  # type: ignore[attr-defined]
+    yield box
+    controller.stop()
+
+
+class Api:
+    """HTTP client for one served agent: ``api.post("/token", json=...)`` under the prefix."""
+
+    def __init__(self, base: str, prefix: str) -> None:
+        self.base = base
+        self.prefix = prefix
+        self.http = requests.Session()
+
+    def url(self, path: str) -> str:
+        return self.base + (path if path.startswith("/.well-known") else self.prefix + path)
+
+    def request(self, method: str, path: str, *, token: str | None = None, **kw: t.Any) -> requests.Response:
+        headers = dict(kw.pop("headers", None) or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        kw.setdefault("timeout", 30)
+        return self.http.request(method, self.url(path), headers=headers, **kw)
+
+    def get(self, path: str, **kw: t.Any) -> requests.Response:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, **kw: t.Any) -> requests.Response:
+        return self.request("POST", path, **kw)
+
+    def delete(self, path: str, **kw: t.Any) -> requests.Response:
+        return self.request("DELETE", path, **kw)
+
+    def login(self, login: str = "alice", password: str = PASSWORD, **kw: t.Any) -> dict[str, t.Any]:
+        response = self.post("/token", json={"username": login, "password": password}, **kw)
+        assert response.status_code == 200, response.text
+        return t.cast(dict[str, t.Any], response.json())
+
+
+class Site:
+    """One agent under test: its Flask app, state, clock, HTTP client and mailbox."""
+
+    def __init__(self, app: Flask, api: Api, clock: Clock, mailbox: Mailbox | None) -> None:
+        self.app = app
+        self.api = api
+        self.clock = clock
+        self.mailbox = mailbox
+
+    @property
+    def state(self) -> State:
+        return t.cast(State, self.app.extensions["headlesskey"])
+
+    def db(self) -> t.Any:
+        return self.state.session_factory()
+
+    def scalar(self, sql: str, **params: t.Any) -> t.Any:
+        with self.state.engine.connect() as conn:
+            return conn.execute(text(sql), params).scalar()
+
+    def create_user(
+        self,
+        username: str = "alice",
+        email: str | None = None,
+        password: str = PASSWORD,
+        roles: list[str] | None = None,
+    ) -> int:
+        from agent.services import accounts
+
+        with self.db() as db:
+            user = accounts.create_user(
+                db,
+                self.state,
+                username=username,
+                email=email or f"{username}@example.com",
+                password=password,
+                roles=roles,
+            )
+            db.commit()
+            return user.id
+
+
+def _reset_database(url: str) -> None:
+    from sqlalchemy import MetaData
+
+    from agent.db import make_engine
+
+    engine = make_engine(url)
+    meta = MetaData()
+    meta.reflect(engine)
+    with engine.begin() as conn:
+        for table in reversed(meta.sorted_tables):
+            if table.name.startswith("hk_"):
+                table.drop(conn)
+    engine.dispose()
+
+
+@pytest.fixture
+def make_site(
+    tmp_path: Path, key_files: dict[str, Path]
+) -> t.Iterator[t.Callable[..., Site]]:
+    """Factory: ``make_site("RS256", HEADLESSKEY_REGISTRATION="closed", mailbox=smtp)``."""
+    servers: list[t.Any] = []
+
+    def factory(
+        algorithm: str = "HS256", mailbox: Mailbox | None = None, **settings: t.Any
+    ) -> Site:
+        index = len(servers)
+        db_url = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL")
+        if db_url:
+            _reset_database(db_url)
+        else:
+            db_url = f"sqlite:///{tmp_path / f'site{index}.db'}"
+        port = free_port()
+        app = Flask(f"site{index}", instance_path=str(tmp_path / f"instance{index}"))
+        app.config.update(FAST_HASH)
+        app.config.update(
+            {
+                "HEADLESSKEY_SECRET_KEY": f"test-secret-{index}-" + "x" * 40,
+                "HEADLESSKEY_ALGORITHM": algorithm,
+                "HEADLESSKEY_SITE_URL": f"http://127.0.0.1:{port}",
+                "HEADLESSKEY_DATABASE_URL": db_url,
+                "HEADLESSKEY_MAIL_BACKEND": "null",
+            }
+        )
+        if algorithm != "HS256":
+            app.config["HEADLESSKEY_PRIVATE_KEY_FILE"] = str(key_files[algorithm])
+        if mailbox is not None:
+            app.config.update(
+                {
+                    "HEADLESSKEY_MAIL_BACKEND": "smtp",
+                    "HEADLESSKEY_MAIL_HOST": "127.0.0.1",
+                    "HEADLESSKEY_MAIL_PORT": mailbox.port,  # type: ignore[attr-defined]
+                    "HEADLESSKEY_MAIL_FROM": "auth@site.example",
+                    "HEADLESSKEY_RESET_URL": "https://app.example/reset",
+                }
+            )
+        app.config.update(settings)
+        clock = Clock()
+        HeadlessKey(app, clock=clock)
+        server = make_server("127.0.0.1", port, app, threaded=True)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        servers.append((server, thread, app))
+        prefix = app.extensions["headlesskey"].settings.prefix
+        return Site(app, Api(f"http://127.0.0.1:{port}", prefix), clock, mailbox)
+
+    yield factory
+    for server, thread, app in servers:
+        server.shutdown()
+        thread.join(5)
+        state = app.extensions["headlesskey"]
+        state.mailer.shutdown()
+        state.engine.dispose()
+
+
+@pytest.fixture(params=ALGORITHMS)
+def algorithm(request: pytest.FixtureRequest) -> str:
+    return t.cast(str, request.param)
+
+
+@pytest.fixture
+def site(make_site: t.Callable[..., Site], algorithm: str) -> Site:
+    """An agent with the user ``alice``, once per algorithm."""
+    s = make_site(algorithm)
+    s.create_user("alice")
+    return s
