@@ -121,6 +121,8 @@ def serve(instance: Path, host: str, port: int, workers: int) -> None:
             self.cfg.set("access_log_format", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss')
             self.cfg.set("timeout", 30)
             self.cfg.set("graceful_timeout", 5)
+            # One shared control socket per user would let sites on one host collide.
+            self.cfg.set("control_socket_disable", True)
 
         def load(self) -> t.Any:
             return app

@@ -56,7 +56,8 @@ class Mailer:
         try:
             if self.settings.mail_backend == "console":
                 # Development only: the console backend prints the whole mail to stdout.
-                sys.stdout.write(f"\n----- mail -----\n{msg}\n----- end mail -----\n")
+                head = "".join(f"{k}: {v}\n" for k, v in msg.items() if k in {"From", "To", "Subject"})
+                sys.stdout.write(f"\n----- mail -----\n{head}\n{msg.get_content()}----- end mail -----\n")
                 sys.stdout.flush()
             else:
                 self._smtp(msg)
