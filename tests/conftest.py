@@ -5,9 +5,8 @@ and status codes are the real thing) while the test can still read the database 
 agent's clock.
 
 Environment:
-- ``HEADLESSKEY_TEST_DATABASE_URL``: run the agent tests on that database (e.g. PostgreSQL)
-  instead of a fresh SQLite file per test; the agent's tables are dropped and migrated anew
-  for every test.
+- ``HEADLESSKEY_TEST_DATABASE_URL``: run the agent tests on that PostgreSQL database instead
+  of a fresh SQLite file per site; each site of a test gets a fresh schema, migrated anew.
 """
 
 from __future__ import annotations
@@ -191,19 +190,18 @@ class Site:
             return user.id
 
 
-def _reset_database(url: str) -> None:
-    from sqlalchemy import MetaData
-
+def _fresh_schema(url: str, index: int) -> str:
+    """An empty PostgreSQL schema for site ``index``; returns a URL whose search_path is it."""
     from agent.db import make_engine
 
+    schema = f"hk_test_site{index}"
     engine = make_engine(url)
-    meta = MetaData()
-    meta.reflect(engine)
     with engine.begin() as conn:
-        for table in reversed(meta.sorted_tables):
-            if table.name.startswith("hk_"):
-                table.drop(conn)
+        conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
     engine.dispose()
+    separator = "&" if "?" in url else "?"
+    return f"{url}{separator}options=-csearch_path%3D{schema}"
 
 
 @pytest.fixture
@@ -219,7 +217,7 @@ def make_site(
         index = len(servers)
         db_url = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL")
         if db_url:
-            _reset_database(db_url)
+            db_url = _fresh_schema(db_url, index)
         else:
             db_url = f"sqlite:///{tmp_path / f'site{index}.db'}"
         port = free_port()
