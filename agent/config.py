@@ -13,6 +13,8 @@ Every value is checked once at start-up; a bad one raises :class:`ConfigError` n
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
 import os
 import tomllib
@@ -114,6 +116,134 @@ def _cors(key: str, value: t.Any) -> bool | tuple[str, ...]:
     return tuple(origins)
 
 
+# Endpoint names for access rules, and who may call each by default.
+ENDPOINT_ACCESS: dict[str, str | tuple[str, ...]] = {
+    "token": "public",
+    "login": "public",
+    "token_validate": "public",
+    "token_refresh": "public",
+    "token_revoke": "public",
+    "register": "public",
+    "forgot_password": "public",
+    "reset_password": "public",
+    "change_password": "authenticated",
+    "me": "authenticated",
+    "sessions": "authenticated",
+    "openapi": "public",
+    "admin": ("administrator",),
+}
+
+WEBHOOK_EVENTS = (
+    "login.succeeded",
+    "login.failed",
+    "lockout.started",
+    "user.registered",
+    "user.unlocked",
+    "token.refreshed",
+    "token.reuse_detected",
+    "token.revoked",
+    "password.reset_requested",
+    "password.reset",
+    "password.changed",
+    "session.evicted",
+    "session.ended",
+    "session.limit_reached",
+    "sso.issued",
+    "sso.exchanged",
+    "sso.rejected",
+)
+
+
+@dataclass(frozen=True)
+class WebhookEndpoint:
+    """A receiver of security events, signed the Standard Webhooks way."""
+
+    id: str
+    url: str
+    secret: str = field(repr=False)  # whsec_<base64 of >= 24 random bytes>
+    events: frozenset[str] = frozenset()  # empty: every event
+
+    def wants(self, event: str) -> bool:
+        return not self.events or event in self.events
+
+
+def _json_value(key: str, value: t.Any) -> t.Any:
+    """Values from the environment are strings; lists and tables come as JSON."""
+    if isinstance(value, str) and value.strip()[:1] in {"[", "{"}:
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{key}: not valid JSON: {value!r}") from None
+    return value
+
+
+def _access(key: str, value: t.Any) -> dict[str, str | tuple[str, ...]]:
+    value = _json_value(key, value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table of endpoint = rule, got {value!r}")
+    rules = dict(ENDPOINT_ACCESS)
+    for endpoint, rule in value.items():
+        if endpoint not in ENDPOINT_ACCESS:
+            raise ConfigError(f"{key}: unknown endpoint {endpoint!r}")
+        if rule in ("public", "authenticated"):
+            rules[endpoint] = rule
+        elif isinstance(rule, list) and rule and all(isinstance(r, str) and r for r in rule):
+            rules[endpoint] = tuple(rule)
+        else:
+            raise ConfigError(
+                f"{key}: {endpoint} must be \"public\", \"authenticated\" or a list of roles"
+            )
+    return rules
+
+
+def _networks(key: str, value: t.Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    value = _json_value(key, value)
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split() if v]
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of IP addresses or networks")
+    try:
+        return tuple(ipaddress.ip_network(str(v), strict=False) for v in value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _webhooks(key: str, value: t.Any) -> tuple[WebhookEndpoint, ...]:
+    import base64
+    import binascii
+
+    value = _json_value(key, value)
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of endpoints")
+    endpoints = []
+    for index, item in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected a table with url and secret")
+        unknown = set(item) - {"id", "url", "secret", "events"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+        url = _url(f"{where}.url", item.get("url"))
+        secret = _str(f"{where}.secret", item.get("secret"))
+        try:
+            raw = base64.b64decode(secret.removeprefix("whsec_") + "==", validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if not secret.startswith("whsec_") or len(raw) < 24:
+            raise ConfigError(f"{where}.secret: expected whsec_ and at least 24 base64 bytes")
+        events = item.get("events", [])
+        if not isinstance(events, list) or any(e not in WEBHOOK_EVENTS for e in events):
+            raise ConfigError(f"{where}.events: a list of events from: {', '.join(WEBHOOK_EVENTS)}")
+        endpoint_id = item.get("id") or hashlib.sha256(url.encode()).hexdigest()[:12]
+        endpoints.append(
+            WebhookEndpoint(id=_str(f"{where}.id", endpoint_id)[:64], url=url, secret=secret,
+                            events=frozenset(events))
+        )
+    if len({e.id for e in endpoints}) != len(endpoints):
+        raise ConfigError(f"{key}: two endpoints share an id")
+    return tuple(endpoints)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Checked settings, read on every request (attribute access, no dict lookups)."""
@@ -157,6 +287,17 @@ class Settings:
     mail_timeout: int = 10
     max_body: int = 65536
     trusted_proxies: int = 0  # number of proxies in front whose X-Forwarded-For is trusted
+    access: t.Mapping[str, str | tuple[str, ...]] = field(default_factory=dict)
+    lockout_max_failures: int = 5  # per account within the window
+    lockout_ip_max_failures: int = 20  # per client IP within the window
+    lockout_window: int = 900
+    lockout_duration: int = 900  # first lock; doubles on each repeat, at most 24 h
+    lockout_allowlist: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_sessions: int = 0  # active sessions per user; 0 = no limit
+    session_limit_policy: str = "evict_oldest"  # or "reject"
+    webhooks: tuple[WebhookEndpoint, ...] = ()
+    webhook_timeout: int = 15
+    audit_retention_days: int = 90
 
     @property
     def prefix(self) -> str:
@@ -208,7 +349,22 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
     "MAIL_TIMEOUT": (10, "SMTP timeout, seconds."),
     "MAX_BODY": (65536, "Largest request body accepted, bytes."),
     "TRUSTED_PROXIES": (0, "Proxies in front of the site whose X-Forwarded-For is trusted."),
+    "AUTO_MIGRATE": (True, "Mounted extension: upgrade the schema in init_app."),
+    "ACCESS": ({}, "Per-endpoint rule: public, authenticated, or a list of roles."),
+    "LOCKOUT_MAX_FAILURES": (5, "Failed attempts per account before a lock."),
+    "LOCKOUT_IP_MAX_FAILURES": (20, "Failed attempts per client IP before a lock."),
+    "LOCKOUT_WINDOW": (900, "Seconds in which failures are counted."),
+    "LOCKOUT_DURATION": (900, "First lock, seconds; doubles on each repeat (max 24 h)."),
+    "LOCKOUT_ALLOWLIST": ([], "IPs or networks never locked out."),
+    "MAX_SESSIONS": (0, "Active sessions (devices) per user; 0 = unlimited."),
+    "SESSION_LIMIT_POLICY": ("evict_oldest", "evict_oldest or reject."),
+    "WEBHOOKS": ([], "Webhook endpoints: [{id, url, secret, events}]."),
+    "WEBHOOK_TIMEOUT": (15, "Seconds per delivery attempt."),
+    "AUDIT_RETENTION_DAYS": (90, "Activity log rows older than this are pruned."),
 }
+
+# Tables of site.toml kept whole instead of flattened into prefixed keys.
+NESTED_TABLES = {"ACCESS"}
 
 # Environment variables read without the prefix (conventional names).
 ENV_ALIASES = {"DATABASE_URL": "DATABASE_URL"}
@@ -225,7 +381,7 @@ def load_toml(path: Path) -> dict[str, t.Any]:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     flat: dict[str, t.Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key.upper() not in NESTED_TABLES:
             for sub, subvalue in value.items():
                 flat[f"{key}_{sub}".upper()] = subvalue
         else:
@@ -347,6 +503,25 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
         mail_timeout=_int(PREFIX + "MAIL_TIMEOUT", get("MAIL_TIMEOUT"), 1, 300),
         max_body=_int(PREFIX + "MAX_BODY", get("MAX_BODY"), 1024, 10 * 1024 * 1024),
         trusted_proxies=_int(PREFIX + "TRUSTED_PROXIES", get("TRUSTED_PROXIES"), 0, 10),
+        access=_access(PREFIX + "ACCESS", get("ACCESS")),
+        lockout_max_failures=_int(
+            PREFIX + "LOCKOUT_MAX_FAILURES", get("LOCKOUT_MAX_FAILURES"), 1, 100
+        ),
+        lockout_ip_max_failures=_int(
+            PREFIX + "LOCKOUT_IP_MAX_FAILURES", get("LOCKOUT_IP_MAX_FAILURES"), 1, 10000
+        ),
+        lockout_window=_int(PREFIX + "LOCKOUT_WINDOW", get("LOCKOUT_WINDOW"), 1, 86400),
+        lockout_duration=_int(PREFIX + "LOCKOUT_DURATION", get("LOCKOUT_DURATION"), 1, 86400),
+        lockout_allowlist=_networks(PREFIX + "LOCKOUT_ALLOWLIST", get("LOCKOUT_ALLOWLIST")),
+        max_sessions=_int(PREFIX + "MAX_SESSIONS", get("MAX_SESSIONS"), 0, 10000),
+        session_limit_policy=_choice(
+            PREFIX + "SESSION_LIMIT_POLICY", get("SESSION_LIMIT_POLICY"), ("evict_oldest", "reject")
+        ),
+        webhooks=_webhooks(PREFIX + "WEBHOOKS", get("WEBHOOKS")),
+        webhook_timeout=_int(PREFIX + "WEBHOOK_TIMEOUT", get("WEBHOOK_TIMEOUT"), 1, 60),
+        audit_retention_days=_int(
+            PREFIX + "AUDIT_RETENTION_DAYS", get("AUDIT_RETENTION_DAYS"), 1, 36500
+        ),
     )
 
 

@@ -27,6 +27,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.local import LocalProxy
 
 from . import config as config_module
+from . import events
 from .db import make_engine
 from .db import upgrade
 from .errors import AgentError
@@ -44,6 +45,8 @@ from .services.sessions import check_session
 from .services.tokens import verify_access_token
 
 EXTENSION_KEY = "headlesskey"
+FILTERS = ("token_claims", "login_response", "user_payload", "allow_registration", "password_policy")
+F = t.TypeVar("F", bound=t.Callable[..., t.Any])
 FALLBACK_HEADER = "X-HeadlessKey-Authorization"
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = f"Authorization, Content-Type, {FALLBACK_HEADER}"
@@ -66,6 +69,13 @@ class State:
     clock: t.Callable[[], dt.datetime] = utcnow
     refresh_key: bytes = field(default=b"", repr=False)
     reset_key: bytes = field(default=b"", repr=False)
+    filters: dict[str, list[t.Callable[..., t.Any]]] = field(default_factory=dict)
+
+    def apply_filter(self, name: str, value: t.Any, *args: t.Any) -> t.Any:
+        """Pass ``value`` through every filter registered under ``name``, in order."""
+        for fn in self.filters.get(name, ()):
+            value = fn(value, *args)
+        return value
 
 
 @dataclass(frozen=True)
@@ -148,6 +158,16 @@ def authenticate_request() -> Identity:
     return identity
 
 
+def enforce_access(rule: str | tuple[str, ...]) -> Identity | None:
+    """Apply an access rule: ``public``, ``authenticated``, or a tuple of roles (any of them)."""
+    if rule == "public":
+        return None
+    identity = authenticate_request()
+    if isinstance(rule, tuple) and set(rule).isdisjoint(identity.roles):
+        raise Forbidden()
+    return identity
+
+
 def _current_identity() -> Identity | None:
     return t.cast("Identity | None", g.get("_headlesskey_identity"))
 
@@ -195,8 +215,30 @@ class HeadlessKey:
         clock: t.Callable[[], dt.datetime] | None = None,
     ) -> None:
         self._clock = clock
+        # Shared by every app this instance is registered on.
+        self._filters: dict[str, list[t.Callable[..., t.Any]]] = {name: [] for name in FILTERS}
         if app is not None:
             self.init_app(app)
+
+    def filter(self, name: str) -> t.Callable[[F], F]:
+        """Register a filter: ``@hk.filter("token_claims")``. See docs/extending.md.
+
+        - ``token_claims(claims: dict, user) -> dict``: extra claims for access tokens (the
+          registered claims iss, sub, exp, iat, nbf, jti, sid, aud, roles, data always win);
+        - ``login_response(body: dict, user) -> dict``: the JSON of /token, /login, /token/refresh;
+        - ``user_payload(payload: dict, user) -> dict``: the user object in responses and /me;
+        - ``allow_registration(allowed: bool, fields: dict) -> bool``: veto a registration;
+        - ``password_policy(problems: list[str], password: str, context: dict) -> list[str]``:
+          add (or drop) reasons to refuse a new password.
+        """
+        if name not in FILTERS:
+            raise ValueError(f"unknown filter {name!r}; known: {', '.join(FILTERS)}")
+
+        def register(fn: F) -> F:
+            self._filters[name].append(fn)
+            return fn
+
+        return register
 
     def init_app(self, app: Flask) -> None:
         """Check the settings, open the database, and register the API on ``app``."""
@@ -216,7 +258,9 @@ class HeadlessKey:
             clock=self._clock or utcnow,
             refresh_key=derive_key(settings.secret_key, "refresh-token"),
             reset_key=derive_key(settings.secret_key, "password-reset"),
+            filters=self._filters,
         )
+        events.install(state.session_factory)
         app.extensions[EXTENSION_KEY] = state
 
         from . import views
@@ -242,9 +286,7 @@ class HeadlessKey:
         def decorator(view: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
             @functools.wraps(view)
             def wrapped(*args: t.Any, **kwargs: t.Any) -> t.Any:
-                identity = authenticate_request()
-                if wanted and wanted.isdisjoint(identity.roles):
-                    raise Forbidden()
+                enforce_access(tuple(wanted) if wanted else "authenticated")
                 return view(*args, **kwargs)
 
             return wrapped

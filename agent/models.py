@@ -17,6 +17,7 @@ from sqlalchemy import Index
 from sqlalchemy import Integer
 from sqlalchemy import MetaData
 from sqlalchemy import String
+from sqlalchemy import Text
 from sqlalchemy import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.orm import Mapped
@@ -129,3 +130,82 @@ class PasswordReset(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class AuditEvent(Base):
+    """One auth event: who, from where, what happened. Never holds a secret.
+
+    ``user_id`` is not a foreign key: the trail outlives the account.
+    """
+
+    __tablename__ = "hk_audit"
+    __table_args__ = (
+        Index("ix_hk_audit_user", "user_id", "id"),
+        Index("ix_hk_audit_event", "event", "id"),
+        Index("ix_hk_audit_ip", "ip", "id"),
+        Index("ix_hk_audit_created", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    event: Mapped[str] = mapped_column(String(48))
+    outcome: Mapped[str] = mapped_column(String(16))  # success, failure, blocked, info
+    user_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    login: Mapped[str] = mapped_column(String(254), default="")  # as typed, for failures
+    session_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    ip: Mapped[str] = mapped_column(String(64), default="")
+    user_agent: Mapped[str] = mapped_column(String(512), default="")
+    device: Mapped[str] = mapped_column(String(128), default="")
+    details: Mapped[dict[str, t.Any]] = mapped_column(JSON, default=dict)
+
+
+class Throttle(Base):
+    """A brute-force counter for one key (``u:<id>``, ``l:<login>``, ``ip:<addr>``)."""
+
+    __tablename__ = "hk_throttle"
+
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    window_start: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    lock_count: Mapped[int] = mapped_column(Integer, default=0)  # for escalating locks
+
+
+class WebhookMessage(Base):
+    """An event waiting for (or done with) delivery to one webhook endpoint: the outbox.
+
+    Written in the same transaction as its audit row, so an event is never lost nor sent for a
+    change that rolled back. ``body`` is the exact JSON sent on every attempt.
+    """
+
+    __tablename__ = "hk_webhook_outbox"
+    __table_args__ = (Index("ix_hk_webhook_outbox_due", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(40), unique=True)  # webhook-id, stable
+    endpoint: Mapped[str] = mapped_column(String(64))
+    event: Mapped[str] = mapped_column(String(48))
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending, delivered, dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    claimed_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str] = mapped_column(String(200), default="")
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class WebhookAttempt(Base):
+    """One delivery attempt of an outbox message."""
+
+    __tablename__ = "hk_webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message_id: Mapped[int] = mapped_column(
+        ForeignKey("hk_webhook_outbox.id", ondelete="CASCADE"), index=True
+    )
+    attempted_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str] = mapped_column(String(200), default="")
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)

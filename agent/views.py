@@ -10,22 +10,29 @@ from flask import Response
 from flask import jsonify
 from flask import request
 from sqlalchemy import select
+from sqlalchemy.orm import Session as DBSession
 
+from . import events
 from .config import Settings
-from .errors import InvalidCredentials
+from .errors import AgentError
+from .errors import Forbidden
 from .errors import InvalidToken
 from .errors import NotFound
 from .errors import RegistrationClosed
 from .errors import ValidationFailed
 from .extension import authenticate_request
 from .extension import bearer_token
+from .extension import State
 from .extension import client_ip
+from .extension import enforce_access
 from .extension import get_db
 from .extension import get_state
 from .extension import read_json
 from .models import Session
 from .models import User
 from .services import accounts
+from .services import audit
+from .services import lockout
 from .services import recovery
 from .services import sessions
 from .services.sessions import ClientInfo
@@ -75,8 +82,14 @@ def _iso(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(int(timestamp), dt.UTC).isoformat().replace("+00:00", "Z")
 
 
+def _user_json(user: User, *, full_profile: bool = False) -> dict[str, t.Any]:
+    payload = accounts.profile_payload(user) if full_profile else accounts.user_payload(user)
+    return t.cast(dict[str, t.Any], get_state().apply_filter("user_payload", payload, user))
+
+
 def _token_response(issued: Issued, *, full_profile: bool = False) -> Response:
-    now = get_state().clock().timestamp()
+    state = get_state()
+    now = state.clock().timestamp()
     user = issued.user
     body = {
         "token": issued.access_token,
@@ -89,13 +102,55 @@ def _token_response(issued: Issued, *, full_profile: bool = False) -> Response:
         "refresh_token": issued.refresh_token,
         "refresh_token_expires_in": max(0, int(issued.refresh_expires_at.timestamp() - now)),
         "refresh_expiration": _iso(issued.refresh_expires_at.timestamp()),
-        "user": accounts.profile_payload(user) if full_profile else accounts.user_payload(user),
+        "user": _user_json(user, full_profile=full_profile),
     }
-    return jsonify(body)
+    return jsonify(state.apply_filter("login_response", body, user))
 
 
 def _client() -> ClientInfo:
     return ClientInfo(ip=client_ip(), user_agent=request.headers.get("User-Agent", ""))
+
+
+def _guarded_password_check(
+    db: DBSession,
+    state: State,
+    *,
+    user: User | None,
+    login: str,
+    check: t.Callable[[], t.Any],
+    event: str,
+    client: ClientInfo,
+) -> None:
+    """Run ``check`` (a password or code check) under the brute-force counters.
+
+    The attempt is reserved first (429 when the account or the IP is locked); a failure is
+    recorded as ``event`` with outcome ``failure`` and may start a lock. The request's
+    transaction is ended first so no write lock is held during the slow hash.
+    """
+    user_id = user.id if user is not None else None
+    keys = lockout.keys_for(state, user_id=user_id, login=login, ip=client.ip)
+    db.rollback()
+    try:
+        lockout.acquire(state.session_factory, state, keys)
+    except lockout.TooManyAttempts:
+        events.record(db, state, event, outcome="blocked", client=client, user_id=user_id,
+                      login=login, details={"reason": "locked"})
+        db.commit()
+        raise
+    try:
+        check()
+    except AgentError as exc:
+        db.rollback()
+        for key, seconds in lockout.failed(db, state, keys):
+            events.record(db, state, "lockout.started", outcome="info", client=client,
+                          user_id=user_id, login=login,
+                          details={"scope": "ip" if key.startswith("ip:") else "account",
+                                   "seconds": seconds})
+        events.record(db, state, event, outcome="failure", client=client, user_id=user_id,
+                      login=login, details={"reason": exc.code})
+        db.commit()
+        raise
+    lockout.succeeded(db, state, keys)
 
 
 def _login(full_profile: bool) -> Response:
@@ -109,8 +164,31 @@ def _login(full_profile: bool) -> Response:
     form.done()
     assert login is not None and password is not None
     db = get_db()
-    user = accounts.authenticate(db, get_state(), login, password)
-    issued = sessions.start_session(db, get_state(), user, _client())
+    state = get_state()
+    client = _client()
+    found = accounts.find_user(db, login)
+    _guarded_password_check(
+        db, state, user=found, login=login, client=client, event="login.failed",
+        check=lambda: accounts.check_credentials(state, found, password),
+    )
+    assert found is not None
+    user = db.merge(found)
+    if state.hasher.needs_rehash(user.password_hash):
+        user.password_hash = state.hasher.hash(password)
+    try:
+        evicted = sessions.enforce_session_limit(db, state, user)
+    except sessions.SessionLimitReached:
+        db.rollback()
+        events.record(db, state, "session.limit_reached", outcome="blocked", client=client,
+                      user_id=user.id, login=login)
+        db.commit()
+        raise
+    issued = sessions.start_session(db, state, user, client)
+    for sid in evicted:
+        events.record(db, state, "session.evicted", outcome="info", client=client,
+                      user_id=user.id, session_id=sid, details={"by_session": issued.session.id})
+    events.record(db, state, "login.succeeded", client=client, user_id=user.id, login=login,
+                  session_id=issued.session.id)
     db.commit()
     return _token_response(issued, full_profile=full_profile)
 
@@ -145,7 +223,17 @@ def token_refresh() -> Response:
     data = read_json()
     presented = data.get("refresh_token", data.get("token"))
     db = get_db()
-    issued = sessions.refresh(db, get_state(), presented)
+    state = get_state()
+    client = _client()
+    try:
+        issued = sessions.refresh(db, state, presented)
+    except sessions.RefreshReused as exc:
+        events.record(db, state, "token.reuse_detected", outcome="blocked", client=client,
+                      user_id=exc.session.user_id, session_id=exc.session.id)
+        db.commit()
+        raise
+    events.record(db, state, "token.refreshed", client=client, user_id=issued.user.id,
+                  session_id=issued.session.id)
     db.commit()
     return _token_response(issued)
 
@@ -158,9 +246,10 @@ def token_revoke() -> Response:
         presented = bearer_token()
     db = get_db()
     state = get_state()
-    if isinstance(presented, str):
+    ended: Session | None = None
+    if isinstance(presented, str) and len(presented) <= 8192:
         if presented.startswith(sessions.REFRESH_PREFIX):
-            sessions.revoke_by_refresh_token(db, state, presented)
+            ended = sessions.revoke_by_refresh_token(db, state, presented)
         else:
             s = state.settings
             try:
@@ -170,9 +259,18 @@ def token_revoke() -> Response:
             except InvalidToken:
                 claims = None
             sess = db.get(Session, claims["sid"]) if claims else None
-            if sess is not None and claims is not None and str(sess.user_id) == claims["sub"]:
+            if (
+                sess is not None
+                and claims is not None
+                and str(sess.user_id) == claims["sub"]
+                and sess.revoked_at is None
+            ):
                 sessions.revoke_session(db, sess, state.clock(), "revoked")
-        db.commit()
+                ended = sess
+    if ended is not None:
+        events.record(db, state, "token.revoked", client=_client(), user_id=ended.user_id,
+                      session_id=ended.id)
+    db.commit()
     return jsonify({"success": True, "code": "jwt_auth_token_revoked", "message": "Token revoked."})
 
 
@@ -192,19 +290,28 @@ def register() -> Response:
     display_name = form.text("display_name", required=False, max_length=250)
     form.done()
     assert username is not None and email is not None and password is not None
+    submitted = {"username": username, "email": email, "display_name": display_name}
+    if not state.apply_filter("allow_registration", True, submitted):
+        raise Forbidden("Registration was refused.", code="registration_refused")
     db = get_db()
+    client = _client()
     try:
         # Only these fields are read: roles, status or verification flags in the body are
         # ignored, so nobody can register themselves as an administrator.
-        accounts.create_user(
+        user = accounts.create_user(
             db, state, username=username, email=email, password=password, display_name=display_name
         )
+        events.record(db, state, "user.registered", client=client, user_id=user.id, login=username)
         db.commit()
     except ValidationFailed as exc:
         if exc.code != "email_taken":
             raise
         db.rollback()
         existing = accounts.find_user(db, email)
+        events.record(db, state, "user.registered", outcome="failure", client=client,
+                      user_id=existing.id if existing else None, login=username,
+                      details={"reason": "email_taken"})
+        db.commit()
         if existing is not None:
             state.mailer.send_later(
                 existing.email,
@@ -235,7 +342,7 @@ def forgot_password() -> Response:
     delivery = form.choice("delivery", ("link", "otp"), "link")
     form.done()
     assert login_value is not None
-    recovery.request_reset(get_db(), get_state(), login_value, delivery)
+    recovery.request_reset(get_db(), get_state(), login_value, delivery, _client())
     return jsonify(
         {
             "success": True,
@@ -258,9 +365,21 @@ def reset_password() -> Response:
     assert login_value is not None and password is not None
     db = get_db()
     state = get_state()
-    user = recovery.reset_password(
-        db, state, login=login_value, new_password=password, token=token_value, otp=otp
-    )
+    client = _client()
+    found = accounts.find_user(db, login_value)
+    result: list[User] = []
+
+    def check() -> None:
+        result.append(recovery.reset_password(
+            db, state, login=login_value, new_password=password, token=token_value, otp=otp
+        ))
+
+    # Codes are few digits: their failures count toward the account's lockout.
+    _guarded_password_check(db, state, user=found, login=login_value, client=client,
+                            event="password.reset", check=check)
+    (user,) = result
+    events.record(db, state, "password.reset", client=client, user_id=user.id, login=login_value,
+                  details={"method": "otp" if otp is not None else "link"})
     db.commit()
     accounts.notify_password_changed(state, user, state.clock())
     return jsonify(
@@ -278,10 +397,18 @@ def change_password() -> Response:
     assert current is not None and new is not None
     db = get_db()
     state = get_state()
+    client = _client()
     user = db.get(User, identity.user_id)
     if user is None:
-        raise InvalidCredentials()
-    ended = accounts.change_password(db, state, user, current, new, identity.session_id)
+        raise InvalidToken()
+    _guarded_password_check(
+        db, state, user=user, login=user.user_login, client=client, event="password.changed",
+        check=lambda: accounts.check_current_password(state, user, current),
+    )
+    user = db.merge(user)
+    ended = accounts.change_password(db, state, user, new, identity.session_id)
+    events.record(db, state, "password.changed", client=client, user_id=user.id,
+                  session_id=identity.session_id, details={"sessions_ended": ended})
     db.commit()
     accounts.notify_password_changed(state, user, state.clock())
     return jsonify(
@@ -300,7 +427,7 @@ def me() -> Response:
     user = get_db().get(User, identity.user_id)
     if user is None:
         raise InvalidToken()
-    return jsonify(accounts.profile_payload(user))
+    return jsonify(_user_json(user, full_profile=True))
 
 
 def _session_payload(sess: Session, current: str) -> dict[str, t.Any]:
@@ -335,13 +462,69 @@ def list_sessions() -> Response:
 def end_session(session_id: str) -> Response:
     """DELETE /sessions/<id>: end one of the caller's sessions."""
     identity = authenticate_request()
+    return _end_session(session_id, owner=identity.user_id, reason="ended_by_user")
+
+
+def _end_session(session_id: str, *, owner: int | None, reason: str) -> Response:
     db = get_db()
-    sess = db.get(Session, session_id)
-    if sess is None or sess.user_id != identity.user_id or sess.revoked_at is not None:
+    state = get_state()
+    sess = db.get(Session, session_id[:64])
+    if (
+        sess is None
+        or sess.revoked_at is not None
+        or (owner is not None and sess.user_id != owner)
+    ):
         raise NotFound("No such session.", code="session_not_found")
-    sessions.revoke_session(db, sess, get_state().clock(), "ended_by_user")
+    sessions.revoke_session(db, sess, state.clock(), reason)
+    events.record(db, state, "session.ended", client=_client(), user_id=sess.user_id,
+                  session_id=sess.id, details={"reason": reason})
     db.commit()
     return jsonify({"success": True, "code": "session_ended", "message": "Session ended."})
+
+
+def admin_logs() -> Response:
+    """GET /admin/logs: the activity log, filtered, newest first, with cursor paging."""
+    filters, limit, cursor = audit.parse_filters(request.args)
+    rows, next_cursor = audit.query(get_db(), filters, limit, cursor)
+    return jsonify({"events": [audit.as_dict(r) for r in rows], "next_cursor": next_cursor})
+
+
+def _admin_user(user_id: int) -> User:
+    user = get_db().get(User, user_id)
+    if user is None:
+        raise NotFound("No such user.", code="user_not_found")
+    return user
+
+
+def admin_unlock(user_id: int) -> Response:
+    """POST /admin/users/<id>/unlock: clear the user's brute-force lock."""
+    identity = authenticate_request()
+    db = get_db()
+    state = get_state()
+    user = _admin_user(user_id)
+    cleared = lockout.unlock_user(db, user.id, (user.user_login, user.email))
+    events.record(db, state, "user.unlocked", outcome="info", client=_client(), user_id=user.id,
+                  details={"by": identity.user_id})
+    db.commit()
+    return jsonify({"success": True, "code": "user_unlocked", "message": "User unlocked.",
+                    "counters_cleared": cleared})
+
+
+def admin_user_sessions(user_id: int) -> Response:
+    """GET /admin/users/<id>/sessions: a user's active sessions."""
+    user = _admin_user(user_id)
+    now = get_state().clock()
+    rows = get_db().scalars(
+        select(Session)
+        .where(Session.user_id == user.id, Session.revoked_at.is_(None), Session.expires_at > now)
+        .order_by(Session.created_at.desc())
+    )
+    return jsonify({"sessions": [_session_payload(s, "") for s in rows]})
+
+
+def admin_end_session(session_id: str) -> Response:
+    """DELETE /admin/sessions/<id>: end anyone's session."""
+    return _end_session(session_id, owner=None, reason="ended_by_admin")
 
 
 def openapi() -> Response:
@@ -358,34 +541,44 @@ def jwks() -> Response:
     return response
 
 
-ROUTES: list[tuple[str, t.Callable[..., Response], list[str]]] = [
-    ("/token", token, ["POST"]),
-    ("/token/validate", token_validate, ["POST"]),
-    ("/token/refresh", token_refresh, ["POST"]),
-    ("/token/revoke", token_revoke, ["POST"]),
-    ("/register", register, ["POST"]),
-    ("/login", login, ["POST"]),
-    ("/forgot-password", forgot_password, ["POST"]),
-    ("/reset-password", reset_password, ["POST"]),
-    ("/change-password", change_password, ["POST"]),
-    ("/me", me, ["GET"]),
-    ("/sessions", list_sessions, ["GET"]),
-    ("/sessions/<session_id>", end_session, ["DELETE"]),
-    ("/openapi.json", openapi, ["GET"]),
+# (rule, view, methods, access-rule name in HEADLESSKEY_ACCESS)
+ROUTES: list[tuple[str, t.Callable[..., Response], list[str], str]] = [
+    ("/token", token, ["POST"], "token"),
+    ("/token/validate", token_validate, ["POST"], "token_validate"),
+    ("/token/refresh", token_refresh, ["POST"], "token_refresh"),
+    ("/token/revoke", token_revoke, ["POST"], "token_revoke"),
+    ("/register", register, ["POST"], "register"),
+    ("/login", login, ["POST"], "login"),
+    ("/forgot-password", forgot_password, ["POST"], "forgot_password"),
+    ("/reset-password", reset_password, ["POST"], "reset_password"),
+    ("/change-password", change_password, ["POST"], "change_password"),
+    ("/me", me, ["GET"], "me"),
+    ("/sessions", list_sessions, ["GET"], "sessions"),
+    ("/sessions/<session_id>", end_session, ["DELETE"], "sessions"),
+    ("/admin/logs", admin_logs, ["GET"], "admin"),
+    ("/admin/users/<int:user_id>/unlock", admin_unlock, ["POST"], "admin"),
+    ("/admin/users/<int:user_id>/sessions", admin_user_sessions, ["GET"], "admin"),
+    ("/admin/sessions/<session_id>", admin_end_session, ["DELETE"], "admin"),
+    ("/openapi.json", openapi, ["GET"], "openapi"),
 ]
+ACCESS_OF = {view.__name__: access for _rule, view, _methods, access in ROUTES}
 
 
 def make_blueprint(settings: Settings) -> Blueprint:
     """A fresh blueprint with every route under the configured prefix."""
     bp = Blueprint("headlesskey", __name__, url_prefix=settings.prefix)
-    for rule, view, methods in ROUTES:
+    for rule, view, methods, _access in ROUTES:
         bp.add_url_rule(rule, view_func=view, methods=methods)
-    bp.before_request(_preflight)
+    bp.before_request(_before_request)
     return bp
 
 
-def _preflight() -> Response | None:
-    """Answer CORS preflights before any auth; headers are added by the after-request hook."""
+def _before_request() -> Response | None:
+    """Answer CORS preflights before any auth, then apply the endpoint's access rule."""
     if request.method == "OPTIONS":
         return Response(status=204)
+    endpoint = (request.endpoint or "").rpartition(".")[2]
+    access = ACCESS_OF.get(endpoint)
+    if access is not None:
+        enforce_access(get_state().settings.access[access])
     return None

@@ -16,9 +16,10 @@ from ..errors import IncorrectPassword
 from ..errors import InvalidCredentials
 from ..errors import UsernameTaken
 from ..errors import ValidationFailed
+from ..errors import WeakPassword
 from ..models import User
 from . import sessions
-from .passwords import check_policy
+from .passwords import policy_problems
 
 if t.TYPE_CHECKING:
     from ..extension import State
@@ -95,13 +96,7 @@ def create_user(
         fields["display_name"] = ["1 to 250 characters."]
     if fields:
         raise ValidationFailed(fields=fields)
-    s = state.settings
-    check_policy(
-        password,
-        min_length=s.password_min_length,
-        max_length=s.password_max_length,
-        context=(username, email.partition("@")[0], s.site_name),
-    )
+    check_password_policy(state, password, username=username, email=email)
     # Hash before looking for a clash: a taken email then costs the same time as a new one.
     password_hash = state.hasher.hash(password)
     login_key, email_key = key_of(username), key_of(email)
@@ -113,6 +108,7 @@ def create_user(
     if clash:
         raise ValidationFailed("That email is already registered.", code="email_taken")
     now = state.clock()
+    s = state.settings
     user = User(
         user_login=username,
         login_key=login_key,
@@ -130,47 +126,60 @@ def create_user(
     try:
         db.flush()
     except IntegrityError:
-        # A concurrent registration took the name between our check and the insert.
+        # A concurrent registration took the name or the email between our check and the insert.
         db.rollback()
-        raise UsernameTaken() from None
+        if db.scalar(select(User.id).where(User.login_key == login_key)) is not None:
+            raise UsernameTaken() from None
+        raise ValidationFailed("That email is already registered.", code="email_taken") from None
     return user
 
 
-def authenticate(db: DBSession, state: State, login: str, password: str) -> User:
-    """Return the user for a correct login and password, or raise :class:`InvalidCredentials`.
+def check_password_policy(state: State, password: str, *, username: str, email: str) -> None:
+    """The built-in policy plus the ``password_policy`` filters; raises :class:`WeakPassword`."""
+    s = state.settings
+    context = (username, email.partition("@")[0], s.site_name)
+    problems = policy_problems(
+        password, min_length=s.password_min_length, max_length=s.password_max_length,
+        context=context,
+    )
+    problems = state.apply_filter(
+        "password_policy", problems, password, {"username": username, "email": email}
+    )
+    if problems:
+        raise WeakPassword(fields={"password": list(problems)})
+
+
+def check_credentials(state: State, user: User | None, password: str) -> User:
+    """Return ``user`` if ``password`` is right and the account active, else raise.
 
     Unknown users cost one dummy argon2 verification, so timing does not tell them apart, and
-    every failure (unknown, wrong password, disabled) gives the same error.
+    every failure (unknown, wrong password, disabled) gives the same :class:`InvalidCredentials`.
+    Call it outside any write transaction: the hash takes tens of milliseconds.
     """
-    user = find_user(db, login)
     ok = state.hasher.verify(user.password_hash if user else None, password)
     if not ok or user is None or user.status != "active":
         raise InvalidCredentials()
-    if state.hasher.needs_rehash(user.password_hash):
-        user.password_hash = state.hasher.hash(password)
     return user
 
 
 def set_password(db: DBSession, state: State, user: User, new_password: str) -> None:
-    s = state.settings
-    check_policy(
-        new_password,
-        min_length=s.password_min_length,
-        max_length=s.password_max_length,
-        context=(user.user_login, user.email.partition("@")[0], s.site_name),
-    )
+    check_password_policy(state, new_password, username=user.user_login, email=user.email)
     user.password_hash = state.hasher.hash(new_password)
     user.password_changed_at = state.clock()
 
 
-def change_password(
-    db: DBSession, state: State, user: User, current: str, new: str, keep_session: str
-) -> int:
-    """Change the password and end every other session; returns how many were ended."""
-    if not state.hasher.verify(user.password_hash, current):
-        raise IncorrectPassword()
+def change_password(db: DBSession, state: State, user: User, new: str, keep_session: str) -> int:
+    """Set the new password and end every other session; returns how many were ended.
+
+    The caller has checked the current password (see :func:`check_current_password`).
+    """
     set_password(db, state, user, new)
     return sessions.revoke_user_sessions(db, user.id, state.clock(), "password_changed", keep_session)
+
+
+def check_current_password(state: State, user: User, current: str) -> None:
+    if not state.hasher.verify(user.password_hash, current):
+        raise IncorrectPassword()
 
 
 def notify_password_changed(state: State, user: User, when: dt.datetime) -> None:

@@ -71,19 +71,28 @@ class Hasher:
             return True
 
 
-def _is_sequence(text: str) -> bool:
-    steps = {ord(b) - ord(a) for a, b in zip(text, text[1:], strict=False)}
-    return len(steps) == 1 and next(iter(steps)) in {-1, 0, 1}
+# Runs a person types without thinking: digits (wrapping 9 -> 0), the alphabet, keyboard rows.
+_RUNS = ("0123456789" * 4, "abcdefghijklmnopqrstuvwxyz", "qwertyuiopasdfghjklzxcvbnm")
 
 
-def check_policy(
+def _is_trivial(text: str) -> bool:
+    """Repeated or sequential: 'aaaaaaaa', 'abababab', '123456789012', '0987654321', 'zyxwvuts'."""
+    if len(set(text)) <= 2:
+        return True
+    for unit in range(3, 5):
+        if len(text) % unit == 0 and text == text[:unit] * (len(text) // unit):
+            return True
+    return any(text in run or text in run[::-1] for run in _RUNS)
+
+
+def policy_problems(
     password: str,
     *,
     min_length: int,
     max_length: int,
     context: tuple[str, ...] = (),
-) -> None:
-    """Raise :class:`WeakPassword` naming every reason ``password`` is refused."""
+) -> list[str]:
+    """Every reason ``password`` is refused (empty: acceptable)."""
     problems: list[str] = []
     text = normalise(password)
     if len(text) < min_length:
@@ -96,7 +105,7 @@ def check_policy(
         common = common_passwords()
         if folded in common or (len(stripped) >= 4 and stripped in common):
             problems.append("This password is too common; choose a less guessable one.")
-        elif _is_sequence(folded):
+        elif _is_trivial(folded):
             problems.append("Avoid repeated or sequential characters such as 'aaaa' or '1234'.")
         else:
             for word in context:
@@ -104,5 +113,19 @@ def check_policy(
                 if len(word) >= 4 and word in folded:
                     problems.append("The password must not contain your username or email.")
                     break
+    return problems
+
+
+def check_policy(
+    password: str,
+    *,
+    min_length: int,
+    max_length: int,
+    context: tuple[str, ...] = (),
+) -> None:
+    """Raise :class:`WeakPassword` naming every reason ``password`` is refused."""
+    problems = policy_problems(
+        password, min_length=min_length, max_length=max_length, context=context
+    )
     if problems:
         raise WeakPassword(fields={"password": problems})

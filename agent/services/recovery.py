@@ -24,11 +24,13 @@ from sqlalchemy.orm import Session as DBSession
 from ..errors import InvalidResetToken
 from ..models import PasswordReset
 from ..models import User
+from .. import events
 from . import accounts
 from . import sessions
 
 if t.TYPE_CHECKING:
     from ..extension import State
+    from .sessions import ClientInfo
 
 
 def _digest(state: State, user_id: int, kind: str, secret: str) -> str:
@@ -36,11 +38,19 @@ def _digest(state: State, user_id: int, kind: str, secret: str) -> str:
     return hmac.new(state.reset_key, message, hashlib.sha256).hexdigest()
 
 
-def request_reset(db: DBSession, state: State, login: str, delivery: str) -> None:
-    """Record a reset for the account named ``login`` (if any) and queue its mail."""
+def request_reset(
+    db: DBSession, state: State, login: str, delivery: str, client: ClientInfo
+) -> User | None:
+    """Record a reset for the account named ``login`` (if any), commit, and queue its mail.
+
+    The audit event is written either way, so both answers cost the same work.
+    """
     user = accounts.find_user(db, login)
     if user is None or user.status != "active":
-        return
+        events.record(db, state, "password.reset_requested", outcome="ignored", client=client,
+                      login=login, details={"delivery": delivery})
+        db.commit()
+        return None
     s = state.settings
     now = state.clock()
     # The newest request wins: every older, unused link or code of this user stops working.
@@ -65,6 +75,8 @@ def request_reset(db: DBSession, state: State, login: str, delivery: str) -> Non
             attempts=0,
         )
     )
+    events.record(db, state, "password.reset_requested", client=client, user_id=user.id,
+                  login=login, details={"delivery": delivery})
     db.commit()
     minutes = ttl // 60
     if delivery == "otp":
@@ -81,6 +93,7 @@ def request_reset(db: DBSession, state: State, login: str, delivery: str) -> Non
             "ask for it, ignore this mail: your password is unchanged.\n"
         )
     state.mailer.send_later(user.email, f"Reset your {s.site_name} password", body)
+    return user
 
 
 def reset_password(

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy import update
 from sqlalchemy.orm import Session as DBSession
 
+from ..errors import Forbidden
 from ..errors import InvalidGrant
 from ..errors import InvalidToken
 from ..models import RefreshToken
@@ -69,8 +70,17 @@ def _next_refresh_token(state: State, previous: str) -> str:
     return REFRESH_PREFIX + b64url(mac)
 
 
+class SessionLimitReached(Forbidden):
+    code = "session_limit_reached"
+    message = (
+        "This account has reached its maximum number of active sessions; "
+        "log out on another device first."
+    )
+
+
 def _access_token(state: State, user: User, sess: Session) -> str:
     s = state.settings
+    extra = state.apply_filter("token_claims", {}, user)
     return mint_access_token(
         state.ring,
         issuer=s.issuer,
@@ -82,6 +92,7 @@ def _access_token(state: State, user: User, sess: Session) -> str:
         jti=sess.access_jti,
         iat=sess.access_iat,
         exp=sess.access_exp,
+        extra=extra,
     )
 
 
@@ -91,8 +102,37 @@ def _access_window(state: State, now: dt.datetime, sess_expires: dt.datetime) ->
     return iat, exp
 
 
+def enforce_session_limit(db: DBSession, state: State, user: User) -> list[str]:
+    """Make room for one more session under ``MAX_SESSIONS``; returns the evicted session ids.
+
+    Logins of one user are serialised here (a row lock on the user; SQLite's write transaction
+    already is one), so concurrent logins can never leave more than the limit.
+    """
+    s = state.settings
+    if not s.max_sessions:
+        return []
+    now = state.clock()
+    db.execute(select(User.id).where(User.id == user.id).with_for_update())
+    active = db.scalars(
+        select(Session)
+        .where(Session.user_id == user.id, Session.revoked_at.is_(None), Session.expires_at > now)
+        .order_by(Session.created_at, Session.id)
+    ).all()
+    excess = len(active) - s.max_sessions + 1
+    if excess <= 0:
+        return []
+    if s.session_limit_policy == "reject":
+        raise SessionLimitReached()
+    for sess in active[:excess]:
+        revoke_session(db, sess, now, "evicted")
+    return [sess.id for sess in active[:excess]]
+
+
 def start_session(db: DBSession, state: State, user: User, client: ClientInfo) -> Issued:
-    """Open a new session for ``user`` (a login) and issue its first token pair."""
+    """Open a new session for ``user`` (a login) and issue its first token pair.
+
+    The caller runs :func:`enforce_session_limit` first, in the same transaction.
+    """
     now = state.clock()
     s = state.settings
     expires = now + dt.timedelta(seconds=s.session_max_age)
@@ -130,7 +170,7 @@ def start_session(db: DBSession, state: State, user: User, client: ClientInfo) -
 def refresh(db: DBSession, state: State, presented: t.Any) -> Issued:
     """Rotate ``presented`` into a new pair, or raise :class:`InvalidGrant`.
 
-    The caller commits; on reuse the session is revoked and committed before raising.
+    The caller commits, also on :class:`RefreshReused` (the session was revoked).
     """
     if (
         not isinstance(presented, str)
@@ -206,9 +246,18 @@ def _reuse(
             sess, user, _access_token(state, user, sess), sess.access_exp, child, child_row.expires_at
         )
     revoke_session(db, sess, now, "refresh_reuse")
-    db.commit()
-    raise InvalidGrant("The refresh token was already used; the session has been ended.",
-                       code="refresh_token_reused")
+    raise RefreshReused(sess)
+
+
+class RefreshReused(InvalidGrant):
+    """A rotated-away refresh token came back: the session is revoked (the caller commits)."""
+
+    code = "refresh_token_reused"
+    message = "The refresh token was already used; the session has been ended."
+
+    def __init__(self, sess: Session) -> None:
+        super().__init__()
+        self.session = sess
 
 
 def revoke_session(db: DBSession, sess: Session, now: dt.datetime, reason: str) -> None:
@@ -231,13 +280,14 @@ def revoke_user_sessions(
     return db.execute(stmt).rowcount
 
 
-def revoke_by_refresh_token(db: DBSession, state: State, presented: str) -> bool:
+def revoke_by_refresh_token(db: DBSession, state: State, presented: str) -> Session | None:
+    """End the session of a refresh token; returns it (None if unknown or already ended)."""
     row = db.scalar(select(RefreshToken).where(RefreshToken.token_hash == digest(presented)))
     sess = db.get(Session, row.session_id) if row is not None else None
-    if sess is None:
-        return False
+    if sess is None or sess.revoked_at is not None:
+        return None
     revoke_session(db, sess, state.clock(), "revoked")
-    return True
+    return sess
 
 
 def check_session(state: State, claims: dict[str, t.Any]) -> None:

@@ -1,0 +1,141 @@
+"""The one place where an auth event becomes an audit row, a webhook outbox row and a signal.
+
+:func:`record` adds the audit row and one outbox row per subscribed webhook endpoint to the
+caller's database transaction, so both are written, or neither, with the change they describe.
+The blinker signal is sent once that transaction commits (never for a rollback).
+
+Nothing secret goes in: events carry ids, names, the client's IP and device, and small details
+(a delivery method, a reason) — never a password, token, code or key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import typing as t
+import uuid
+from dataclasses import asdict
+from dataclasses import dataclass
+from dataclasses import field
+
+from flask import current_app
+from flask import has_app_context
+from sqlalchemy import event as sa_event
+from sqlalchemy.orm import Session as DBSession
+
+from .models import AuditEvent
+from .models import WebhookMessage
+from .services.devices import describe
+
+if t.TYPE_CHECKING:
+    from .extension import State
+    from .services.sessions import ClientInfo
+
+_PENDING = "hk_pending_events"
+
+
+@dataclass(frozen=True)
+class Event:
+    """An auth event as hooks and webhooks see it."""
+
+    name: str
+    outcome: str
+    at: dt.datetime
+    user_id: int | None = None
+    login: str = ""
+    session_id: str | None = None
+    ip: str = ""
+    user_agent: str = ""
+    device: str = ""
+    details: dict[str, t.Any] = field(default_factory=dict)
+
+    def payload(self) -> dict[str, t.Any]:
+        """The Standard Webhooks payload: ``{type, timestamp, data}``."""
+        data = asdict(self)
+        for key in ("name", "at", "user_agent"):
+            data.pop(key)
+        return {
+            "type": self.name,
+            "timestamp": self.at.isoformat().replace("+00:00", "Z"),
+            "data": data,
+        }
+
+
+def record(
+    db: DBSession,
+    state: State,
+    name: str,
+    *,
+    outcome: str = "success",
+    client: ClientInfo | None = None,
+    user_id: int | None = None,
+    login: str = "",
+    session_id: str | None = None,
+    details: dict[str, t.Any] | None = None,
+) -> Event:
+    """Add the audit row and webhook outbox rows of an event to ``db``'s transaction."""
+    ua = client.user_agent[:512] if client else ""
+    ev = Event(
+        name=name,
+        outcome=outcome,
+        at=state.clock(),
+        user_id=user_id,
+        login=login[:254],
+        session_id=session_id,
+        ip=client.ip if client else "",
+        user_agent=ua,
+        device=describe(ua),
+        details=dict(details or {}),
+    )
+    db.add(
+        AuditEvent(
+            created_at=ev.at,
+            event=name,
+            outcome=outcome,
+            user_id=user_id,
+            login=ev.login,
+            session_id=session_id,
+            ip=ev.ip,
+            user_agent=ua,
+            device=ev.device,
+            details=ev.details,
+        )
+    )
+    endpoints = [e for e in state.settings.webhooks if e.wants(name)]
+    if endpoints:
+        body = json.dumps(ev.payload(), separators=(",", ":"))
+        for endpoint in endpoints:
+            db.add(
+                WebhookMessage(
+                    message_id=f"msg_{uuid.uuid4().hex}",
+                    endpoint=endpoint.id,
+                    event=name,
+                    body=body,
+                    created_at=ev.at,
+                    status="pending",
+                    attempts=0,
+                    next_attempt_at=ev.at,
+                )
+            )
+    db.info.setdefault(_PENDING, []).append(ev)
+    return ev
+
+
+def install(factory: t.Any) -> None:
+    """Send the signals of committed events; drop those of rolled-back transactions."""
+
+    @sa_event.listens_for(factory, "after_commit")
+    def _after_commit(db: DBSession) -> None:
+        pending = db.info.pop(_PENDING, [])
+        if not pending or not has_app_context():
+            return
+        from . import signals
+
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        for ev in pending:
+            signals.BY_EVENT[ev.name].send(app, event=ev)
+            signals.any_event.send(app, event=ev)
+
+    @sa_event.listens_for(factory, "after_soft_rollback")
+    def _after_rollback(db: DBSession, _previous: t.Any) -> None:
+        db.info.pop(_PENDING, None)

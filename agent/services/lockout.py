@@ -1,0 +1,168 @@
+"""Brute-force protection: failure counters per account and per client IP, in the database.
+
+An attempt is counted *before* the password is checked (:func:`acquire`), in its own short
+transaction, so 50 concurrent guesses against one account get at most ``max_failures``
+password checks: the others find the counter full and are refused with 429 at once, whatever
+worker or instance they reach. A success gives the reservation back (:func:`succeeded`); a
+failure that fills the counter starts a lock (:func:`failed`), which doubles on each repeat
+(at most 24 h). Unknown logins are counted under the login as typed, so a locked answer never
+tells whether an account exists.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import math
+import typing as t
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session as DBSession
+
+from ..errors import AgentError
+from ..models import Throttle
+
+if t.TYPE_CHECKING:
+    from ..extension import State
+
+MAX_LOCK = 86400
+
+
+class TooManyAttempts(AgentError):
+    code = "too_many_attempts"
+    status = 429
+    message = "Too many failed attempts. Try again later."
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(headers={"Retry-After": str(max(1, retry_after))})
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The counters one attempt touches, with the threshold of each."""
+
+    items: tuple[tuple[str, int], ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+def keys_for(state: State, *, user_id: int | None, login: str, ip: str) -> Keys:
+    """Counters for an attempt on ``user_id`` (or the unknown ``login``) from ``ip``."""
+    s = state.settings
+    if ip and _allowlisted(ip, s.lockout_allowlist):
+        return Keys(())
+    account = f"u:{user_id}" if user_id is not None else f"l:{login.casefold()[:250]}"
+    items = [(account, s.lockout_max_failures)]
+    if ip:
+        items.append((f"ip:{ip}", s.lockout_ip_max_failures))
+    return Keys(tuple(items))
+
+
+def _allowlisted(ip: str, networks: t.Sequence[t.Any]) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in net for net in networks)
+
+
+def _locked_row(db: DBSession, key: str, now: dt.datetime) -> Throttle:
+    """The counter row for ``key``, created if missing, locked for this transaction."""
+    values = {"key": key, "failures": 0, "window_start": now, "lock_count": 0}
+    dialect = db.get_bind().dialect.name
+    if dialect == "postgresql":
+        db.execute(pg_insert(Throttle).values(values).on_conflict_do_nothing())
+    elif dialect == "sqlite":
+        db.execute(sqlite_insert(Throttle).values(values).on_conflict_do_nothing())
+    elif db.get(Throttle, key) is None:
+        db.add(Throttle(**values))
+        db.flush()
+    row = db.scalar(
+        select(Throttle).where(Throttle.key == key).with_for_update().execution_options(
+            populate_existing=True
+        )
+    )
+    assert row is not None
+    return row
+
+
+def acquire(factory: t.Callable[[], DBSession], state: State, keys: Keys) -> None:
+    """Reserve one attempt on every counter, or raise :class:`TooManyAttempts`.
+
+    Runs in its own committed transaction, before and apart from the password check.
+    """
+    if not keys:
+        return
+    s = state.settings
+    now = state.clock()
+    window = dt.timedelta(seconds=s.lockout_window)
+    with factory() as db:
+        blocked_for = 0
+        rows = []
+        for key, limit in keys.items:
+            row = _locked_row(db, key, now)
+            if row.locked_until is not None and now < row.locked_until:
+                blocked_for = max(blocked_for, _seconds(row.locked_until - now))
+            elif row.failures >= limit and now - row.window_start < window:
+                # Full but not yet locked: the last allowed attempts are still in flight.
+                blocked_for = max(blocked_for, s.lockout_duration)
+            rows.append((row, limit))
+        if blocked_for:
+            db.commit()
+            raise TooManyAttempts(blocked_for)
+        for row, _limit in rows:
+            if now - row.window_start >= window or (
+                row.locked_until is not None and now >= row.locked_until and row.failures == 0
+            ):
+                row.failures = 0
+                row.window_start = now
+            row.failures += 1
+        db.commit()
+
+
+def succeeded(db: DBSession, state: State, keys: Keys) -> None:
+    """The attempt was right: clear the account's counter, give the IP's reservation back."""
+    now = state.clock()
+    for key, _limit in keys.items:
+        row = _locked_row(db, key, now)
+        if key.startswith("ip:"):
+            row.failures = max(0, row.failures - 1)
+        else:
+            row.failures = 0
+            row.lock_count = 0
+            row.locked_until = None
+
+
+def failed(db: DBSession, state: State, keys: Keys) -> list[tuple[str, int]]:
+    """The attempt was wrong: lock every counter that is now full; returns (key, seconds) locked."""
+    s = state.settings
+    now = state.clock()
+    started = []
+    for key, limit in keys.items:
+        row = _locked_row(db, key, now)
+        if row.failures >= limit and (row.locked_until is None or row.locked_until <= now):
+            seconds = min(MAX_LOCK, s.lockout_duration * 2 ** min(row.lock_count, 16))
+            row.locked_until = now + dt.timedelta(seconds=seconds)
+            row.lock_count += 1
+            row.failures = 0
+            row.window_start = now
+            started.append((key, seconds))
+    return started
+
+
+def unlock_user(db: DBSession, user_id: int, login_keys: t.Iterable[str] = ()) -> int:
+    """Clear the counters of an account (admin unlock); returns how many were cleared."""
+    keys = [f"u:{user_id}", *(f"l:{k.casefold()}" for k in login_keys)]
+    rows = db.scalars(select(Throttle).where(Throttle.key.in_(keys))).all()
+    for row in rows:
+        db.delete(row)
+    return len(rows)
+
+
+def _seconds(delta: dt.timedelta) -> int:
+    return max(1, math.ceil(delta.total_seconds()))

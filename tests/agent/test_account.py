@@ -1,0 +1,246 @@
+"""The signed-in user's account over HTTP: change password, profile, sessions (devices)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing as t
+
+import pytest
+import requests
+
+from tests.conftest import PASSWORD
+from tests.conftest import Mailbox
+from tests.conftest import Site
+
+NEW_PASSWORD = "amber falcon over quiet harbours"
+CHROME_WINDOWS = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/120.0.0.0 Safari/537.36"
+)
+FIREFOX_LINUX = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+
+
+@pytest.fixture
+def asite(smtp: Mailbox, make_site: t.Any) -> Site:
+    """An HS256 site with alice and bob that mails through the loopback SMTP server.
+
+    ``smtp`` comes first so it is torn down last, after the site's mailer has flushed.
+    """
+    s = make_site("HS256", mailbox=smtp)
+    s.create_user("alice")
+    s.create_user("bob")
+    return t.cast(Site, s)
+
+
+def change(site: Site, token: str | None, **body: t.Any) -> requests.Response:
+    return site.api.post("/change-password", json=body, token=token)
+
+
+def can_log_in(site: Site, login: str, password: str) -> bool:
+    r = site.api.post("/token", json={"username": login, "password": password})
+    assert r.status_code in (200, 401), r.text
+    return r.status_code == 200
+
+
+def access_works(site: Site, pair: dict[str, t.Any]) -> bool:
+    status = site.api.get("/me", token=pair["token"]).status_code
+    assert status in (200, 401)
+    return status == 200
+
+
+def refresh_status(site: Site, pair: dict[str, t.Any]) -> int:
+    return site.api.post("/token/refresh", json={"refresh_token": pair["refresh_token"]}).status_code
+
+
+# --- change password -------------------------------------------------------------------------
+
+
+def test_change_password_ends_the_other_sessions(asite: Site, smtp: Mailbox) -> None:
+    current = asite.api.login()
+    others = [asite.api.login(), asite.api.login()]
+    bobs = asite.api.login("bob")
+    r = change(asite, current["token"], current_password=PASSWORD, new_password=NEW_PASSWORD)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["success"] is True
+    assert body["code"] == "password_changed"
+    assert body["sessions_ended"] == 2
+    # The caller's own session lives on: its access token and its refresh token.
+    assert access_works(asite, current)
+    refreshed = asite.api.post("/token/refresh", json={"refresh_token": current["refresh_token"]})
+    assert refreshed.status_code == 200, refreshed.text
+    assert asite.api.get("/me", token=refreshed.json()["token"]).status_code == 200
+    # Every other session of alice is over.
+    for pair in others:
+        assert asite.api.get("/me", token=pair["token"]).status_code == 401
+        assert refresh_status(asite, pair) == 400
+    # bob is not alice.
+    assert access_works(asite, bobs)
+    assert can_log_in(asite, "alice", NEW_PASSWORD)
+    assert not can_log_in(asite, "alice", PASSWORD)
+    (notice,) = smtp.wait_for("alice@example.com")
+    assert "changed" in notice["Subject"].lower()
+    assert NEW_PASSWORD not in notice.get_payload(decode=True).decode()
+    assert smtp.to("bob@example.com") == []
+
+
+def test_change_password_with_no_other_session(asite: Site, smtp: Mailbox) -> None:
+    only = asite.api.login()
+    r = change(asite, only["token"], current_password=PASSWORD, new_password=NEW_PASSWORD)
+    assert r.status_code == 200
+    assert r.json()["sessions_ended"] == 0
+    assert access_works(asite, only)
+    smtp.wait_for("alice@example.com")
+
+
+def test_wrong_current_password(asite: Site) -> None:
+    current = asite.api.login()
+    other = asite.api.login()
+    r = change(asite, current["token"], current_password="not my password at all", new_password=NEW_PASSWORD)
+    assert r.status_code == 400
+    assert r.json()["code"] == "incorrect_password"
+    assert can_log_in(asite, "alice", PASSWORD)
+    assert not can_log_in(asite, "alice", NEW_PASSWORD)
+    assert access_works(asite, other)
+
+
+@pytest.mark.parametrize(
+    ("body", "missing"),
+    [
+        ({"new_password": NEW_PASSWORD}, {"current_password"}),
+        ({"current_password": PASSWORD}, {"new_password"}),
+        ({}, {"current_password", "new_password"}),
+        ({"current_password": PASSWORD, "new_password": ""}, {"new_password"}),
+    ],
+)
+def test_missing_fields(asite: Site, body: dict[str, str], missing: set[str]) -> None:
+    token = asite.api.login()["token"]
+    r = change(asite, token, **body)
+    assert r.status_code == 400
+    assert r.json()["code"] == "invalid_request"
+    assert set(r.json()["data"]["fields"]) == missing
+    assert can_log_in(asite, "alice", PASSWORD)
+
+
+@pytest.mark.parametrize("weak", ["short", "password123", "aaaaaaaaaaaa", "alice-in-wonderland"])
+def test_weak_new_password(asite: Site, weak: str) -> None:
+    current = asite.api.login()
+    other = asite.api.login()
+    r = change(asite, current["token"], current_password=PASSWORD, new_password=weak)
+    assert r.status_code == 400
+    assert r.json()["code"] == "weak_password"
+    assert r.json()["data"]["fields"]
+    assert can_log_in(asite, "alice", PASSWORD)
+    assert not can_log_in(asite, "alice", weak)
+    assert access_works(asite, other)
+
+
+def test_change_password_needs_a_token(asite: Site) -> None:
+    r = change(asite, None, current_password=PASSWORD, new_password=NEW_PASSWORD)
+    assert r.status_code == 401
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert can_log_in(asite, "alice", PASSWORD)
+    assert change(asite, "not-a-token", current_password=PASSWORD, new_password=NEW_PASSWORD).status_code == 401
+    assert can_log_in(asite, "alice", PASSWORD)
+
+
+# --- profile ---------------------------------------------------------------------------------
+
+
+def test_me_returns_the_profile(asite: Site) -> None:
+    r = asite.api.get("/me", token=asite.api.login()["token"])
+    assert r.status_code == 200
+    profile = r.json()
+    registered = profile.pop("user_registered")
+    assert profile == {
+        "ID": 1,
+        "user_login": "alice",
+        "user_email": "alice@example.com",
+        "display_name": "alice",
+        "roles": ["subscriber"],
+        "email_verified": False,
+        "status": "active",
+    }
+    assert registered.endswith("Z")
+    when = dt.datetime.fromisoformat(registered.replace("Z", "+00:00"))
+    assert abs((dt.datetime.now(dt.UTC) - when).total_seconds()) < 60
+    # bob's token gives bob's profile.
+    bob = asite.api.get("/me", token=asite.api.login("bob")["token"]).json()
+    assert (bob["ID"], bob["user_login"]) == (2, "bob")
+
+
+# --- sessions --------------------------------------------------------------------------------
+
+
+def test_sessions_lists_the_callers_active_sessions(asite: Site) -> None:
+    chrome = asite.api.login(headers={"User-Agent": CHROME_WINDOWS})
+    firefox = asite.api.login(headers={"User-Agent": FIREFOX_LINUX})
+    revoked = asite.api.login()
+    assert asite.api.post("/token/revoke", token=revoked["token"]).status_code == 200
+    bobs = asite.api.login("bob")
+    r = asite.api.get("/sessions", token=chrome["token"])
+    assert r.status_code == 200
+    listed = {s["id"]: s for s in r.json()["sessions"]}
+    assert set(listed) == {chrome["sid"], firefox["sid"]}
+    assert revoked["sid"] not in listed
+    assert bobs["sid"] not in listed
+    mine = listed[chrome["sid"]]
+    assert mine["current"] is True
+    assert listed[firefox["sid"]]["current"] is False
+    assert "Chrome" in mine["device"]
+    assert "Windows" in mine["device"]
+    assert mine["user_agent"] == CHROME_WINDOWS
+    assert "Firefox" in listed[firefox["sid"]]["device"]
+    for s in listed.values():
+        assert s["ip"] == "127.0.0.1"
+        for key in ("created", "last_seen", "expires"):
+            assert s[key].endswith("Z")
+    # Seen from the other session, "current" follows the caller.
+    seen = {s["id"]: s["current"] for s in asite.api.get("/sessions", token=firefox["token"]).json()["sessions"]}
+    assert seen == {chrome["sid"]: False, firefox["sid"]: True}
+
+
+def test_sessions_needs_a_token(asite: Site) -> None:
+    assert asite.api.get("/sessions").status_code == 401
+
+
+def test_end_one_of_my_other_sessions(asite: Site) -> None:
+    mine = asite.api.login()
+    other = asite.api.login()
+    r = asite.api.delete(f"/sessions/{other['sid']}", token=mine["token"])
+    assert r.status_code == 200, r.text
+    assert r.json()["success"] is True
+    assert asite.api.get("/me", token=other["token"]).status_code == 401
+    assert refresh_status(asite, other) == 400
+    assert access_works(asite, mine)
+    listed = [s["id"] for s in asite.api.get("/sessions", token=mine["token"]).json()["sessions"]]
+    assert listed == [mine["sid"]]
+    # Ending it again: it is gone.
+    again = asite.api.delete(f"/sessions/{other['sid']}", token=mine["token"])
+    assert again.status_code == 404
+    assert again.json()["code"] == "session_not_found"
+
+
+def test_cannot_end_another_users_session(asite: Site) -> None:
+    mine = asite.api.login()
+    bobs = asite.api.login("bob")
+    r = asite.api.delete(f"/sessions/{bobs['sid']}", token=mine["token"])
+    assert r.status_code == 404
+    assert r.json()["code"] == "session_not_found"
+    assert access_works(asite, bobs)
+    assert refresh_status(asite, bobs) == 200
+    assert asite.scalar("SELECT revoked_at FROM hk_sessions WHERE id = :sid", sid=bobs["sid"]) is None
+
+
+def test_unknown_session_id(asite: Site) -> None:
+    mine = asite.api.login()
+    r = asite.api.delete("/sessions/no-such-session", token=mine["token"])
+    assert r.status_code == 404
+    assert r.json()["code"] == "session_not_found"
+    assert access_works(asite, mine)
+
+
+def test_ending_a_session_needs_a_token(asite: Site) -> None:
+    mine = asite.api.login()
+    assert asite.api.delete(f"/sessions/{mine['sid']}").status_code == 401
+    assert access_works(asite, mine)

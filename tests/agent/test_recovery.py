@@ -1,0 +1,343 @@
+"""Password recovery over HTTP with a real SMTP server: links, one-time codes, and their limits."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+import typing as t
+from email.message import Message
+from urllib.parse import parse_qs
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from tests.conftest import PASSWORD
+from tests.conftest import Mailbox
+from tests.conftest import Site
+
+NEW_PASSWORD = "amber falcon over quiet harbours"
+OTHER_PASSWORD = "seventeen paper lanterns drifting"
+ALICE = "alice@example.com"
+BOB = "bob@example.com"
+
+
+@pytest.fixture
+def rsite(smtp: Mailbox, make_site: t.Any) -> Site:
+    """An HS256 site that mails through the loopback SMTP server, with alice and bob.
+
+    ``smtp`` comes first so it is torn down last, after the site's mailer has flushed.
+    """
+    s = make_site("HS256", mailbox=smtp)
+    s.create_user("alice")
+    s.create_user("bob")
+    return t.cast(Site, s)
+
+
+def body_of(msg: Message) -> str:
+    payload = msg.get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    return payload.decode(msg.get_content_charset() or "utf-8")
+
+
+def reset_mails(box: Mailbox, to: str) -> list[Message]:
+    """The reset mails (not the "password changed" notices) received for ``to``."""
+    return [m for m in box.to(to) if m["Subject"].startswith("Reset your")]
+
+
+def forgot(site: Site, login: str, delivery: str, to: str) -> Message:
+    """Ask for a reset and return the reset mail it sends to ``to``."""
+    box = site.mailbox
+    assert box is not None
+    before = len(reset_mails(box, to))
+    r = site.api.post("/forgot-password", json={"login": login, "delivery": delivery})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 10
+    while len(reset_mails(box, to)) <= before:
+        assert time.monotonic() < deadline, f"no reset mail to {to}"
+        time.sleep(0.02)
+    return reset_mails(box, to)[before]
+
+
+def link_of(msg: Message) -> dict[str, str]:
+    urls = re.findall(r"https://app\.example/reset\?\S+", body_of(msg))
+    assert len(urls) == 1, body_of(msg)
+    parts = urlsplit(urls[0])
+    assert (parts.scheme, parts.netloc, parts.path) == ("https", "app.example", "/reset")
+    query = parse_qs(parts.query)
+    return {"login": query["login"][0], "token": query["token"][0]}
+
+
+def code_of(msg: Message) -> str:
+    codes = re.findall(r"(?<!\d)\d{6}(?!\d)", body_of(msg))
+    assert len(codes) == 1, body_of(msg)
+    return codes[0]
+
+
+def request_link(site: Site, login: str = "alice", to: str = ALICE) -> dict[str, str]:
+    return link_of(forgot(site, login, "link", to))
+
+
+def request_code(site: Site, login: str = "alice", to: str = ALICE) -> str:
+    return code_of(forgot(site, login, "otp", to))
+
+
+def reset(site: Site, **body: str) -> requests.Response:
+    body.setdefault("password", NEW_PASSWORD)
+    return site.api.post("/reset-password", json=body)
+
+
+def assert_invalid(r: requests.Response) -> None:
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "invalid_reset_token"
+
+
+def can_log_in(site: Site, login: str, password: str) -> bool:
+    r = site.api.post("/token", json={"username": login, "password": password})
+    assert r.status_code in (200, 401), r.text
+    return r.status_code == 200
+
+
+def wrong_code(code: str, i: int = 1) -> str:
+    return f"{(int(code) + i) % 10**6:06d}"
+
+
+def test_forgot_password_answers_the_same_for_everyone(rsite: Site, smtp: Mailbox) -> None:
+    # Unknown accounts first: the mailer sends in order, so once alice's mails are in,
+    # anything queued for the unknown ones would have arrived too.
+    answers = [
+        rsite.api.post("/forgot-password", json={"login": login, "delivery": "link"})
+        for login in ("nobody", "ghost@example.com", "alice", "ALICE@example.com")
+    ]
+    assert [r.status_code for r in answers] == [200] * 4
+    assert all(r.json() == answers[0].json() for r in answers)
+    assert answers[0].json()["success"] is True
+    assert answers[0].json()["code"] == "password_reset_requested"
+    mails = smtp.wait_for(ALICE, 2)
+    assert all("reset" in m["Subject"].lower() for m in mails)
+    assert smtp.to("ghost@example.com") == []
+    assert smtp.to(BOB) == []
+    assert {m["To"] for m in smtp.messages} == {ALICE}
+    # Only accounts that exist get a reset row.
+    assert rsite.scalar("SELECT count(*) FROM hk_password_resets WHERE user_id != 1") == 0
+
+
+def test_reset_by_link(rsite: Site) -> None:
+    link = request_link(rsite)
+    assert link["login"] == "alice"
+    r = reset(rsite, login=link["login"], token=link["token"])
+    assert r.status_code == 200, r.text
+    assert r.json()["success"] is True
+    assert r.json()["code"] == "password_reset"
+    assert can_log_in(rsite, "alice", NEW_PASSWORD)
+    assert not can_log_in(rsite, "alice", PASSWORD)
+    # bob is untouched.
+    assert can_log_in(rsite, "bob", PASSWORD)
+
+
+def test_reset_by_code(rsite: Site) -> None:
+    code = request_code(rsite)
+    assert re.fullmatch(r"\d{6}", code)
+    r = reset(rsite, login="alice", otp=code)
+    assert r.status_code == 200, r.text
+    assert can_log_in(rsite, "alice", NEW_PASSWORD)
+    assert not can_log_in(rsite, "alice", PASSWORD)
+
+
+def test_link_works_once(rsite: Site) -> None:
+    link = request_link(rsite)
+    assert reset(rsite, **link).status_code == 200
+    assert_invalid(reset(rsite, **link, password=OTHER_PASSWORD))
+    assert can_log_in(rsite, "alice", NEW_PASSWORD)
+    assert not can_log_in(rsite, "alice", OTHER_PASSWORD)
+
+
+def test_code_works_once(rsite: Site) -> None:
+    code = request_code(rsite)
+    assert reset(rsite, login="alice", otp=code).status_code == 200
+    assert_invalid(reset(rsite, login="alice", otp=code, password=OTHER_PASSWORD))
+    assert can_log_in(rsite, "alice", NEW_PASSWORD)
+
+
+def test_link_expires_after_an_hour(rsite: Site) -> None:
+    link = request_link(rsite)
+    rsite.clock.advance(3601)
+    assert_invalid(reset(rsite, **link))
+    assert can_log_in(rsite, "alice", PASSWORD)
+
+
+def test_link_works_within_the_hour(rsite: Site) -> None:
+    link = request_link(rsite)
+    rsite.clock.advance(3500)
+    assert reset(rsite, **link).status_code == 200
+
+
+def test_code_expires_after_ten_minutes(rsite: Site) -> None:
+    code = request_code(rsite)
+    rsite.clock.advance(601)
+    assert_invalid(reset(rsite, login="alice", otp=code))
+    assert can_log_in(rsite, "alice", PASSWORD)
+
+
+def test_code_works_within_ten_minutes(rsite: Site) -> None:
+    code = request_code(rsite)
+    rsite.clock.advance(540)
+    assert reset(rsite, login="alice", otp=code).status_code == 200
+
+
+def test_newest_request_wins(rsite: Site) -> None:
+    first = request_link(rsite)
+    second = request_link(rsite)
+    assert first["token"] != second["token"]
+    assert_invalid(reset(rsite, **first))
+    assert reset(rsite, **second).status_code == 200
+    assert can_log_in(rsite, "alice", NEW_PASSWORD)
+
+
+def test_newest_code_wins(rsite: Site) -> None:
+    first = request_code(rsite)
+    second = request_code(rsite)
+    if first != second:  # two random codes may coincide (one chance in a million)
+        assert_invalid(reset(rsite, login="alice", otp=first))
+    assert reset(rsite, login="alice", otp=second).status_code == 200
+
+
+def test_code_is_burned_after_five_wrong_tries(smtp: Mailbox, make_site: t.Any) -> None:
+    # A lockout threshold above the code's own limit isolates the code's rule.
+    rsite = make_site("HS256", mailbox=smtp, HEADLESSKEY_LOCKOUT_MAX_FAILURES=10)
+    rsite.create_user("alice")
+    code = request_code(rsite)
+    for i in range(1, 6):
+        assert_invalid(reset(rsite, login="alice", otp=wrong_code(code, i)))
+    assert_invalid(reset(rsite, login="alice", otp=code))
+    assert rsite.scalar("SELECT used_at FROM hk_password_resets WHERE kind = 'otp'") is not None
+    assert rsite.scalar("SELECT attempts FROM hk_password_resets WHERE kind = 'otp'") == 5
+    assert can_log_in(rsite, "alice", PASSWORD)
+    assert not can_log_in(rsite, "alice", NEW_PASSWORD)
+
+
+def test_wrong_codes_count_toward_the_account_lockout(rsite: Site) -> None:
+    code = request_code(rsite)
+    for i in range(1, 6):
+        assert_invalid(reset(rsite, login="alice", otp=wrong_code(code, i)))
+    # The sixth try is refused by the lockout before the code is even looked at.
+    locked = reset(rsite, login="alice", otp=code)
+    assert locked.status_code == 429
+    assert locked.json()["code"] == "too_many_attempts"
+    assert int(locked.headers["Retry-After"]) > 0
+    assert rsite.api.post("/token", json={"username": "alice", "password": PASSWORD}).status_code == 429
+
+
+def test_four_wrong_tries_leave_the_code_usable(rsite: Site) -> None:
+    code = request_code(rsite)
+    for i in range(1, 5):
+        assert_invalid(reset(rsite, login="alice", otp=wrong_code(code, i)))
+    assert rsite.scalar("SELECT used_at FROM hk_password_resets WHERE kind = 'otp'") is None
+    r = reset(rsite, login="alice", otp=code)
+    assert r.status_code == 200, r.text
+    assert can_log_in(rsite, "alice", NEW_PASSWORD)
+
+
+def test_code_is_bound_to_its_user(rsite: Site) -> None:
+    alice_code = request_code(rsite)
+    bob_code = request_code(rsite, "bob", BOB)
+    if alice_code == bob_code:  # one chance in a million
+        bob_code = request_code(rsite, "bob", BOB)
+    assert_invalid(reset(rsite, login="bob", otp=alice_code))
+    assert can_log_in(rsite, "bob", PASSWORD)
+    assert not can_log_in(rsite, "bob", NEW_PASSWORD)
+    # The code still belongs to alice.
+    assert reset(rsite, login="alice", otp=alice_code).status_code == 200
+
+
+def test_link_is_bound_to_its_user(rsite: Site) -> None:
+    link = request_link(rsite)
+    request_link(rsite, "bob", BOB)
+    assert_invalid(reset(rsite, login="bob", token=link["token"]))
+    assert can_log_in(rsite, "bob", PASSWORD)
+
+
+def test_reset_ends_every_session(rsite: Site) -> None:
+    one = rsite.api.login()
+    two = rsite.api.login()
+    bobs = rsite.api.login("bob")
+    for pair in (one, two):
+        assert rsite.api.get("/me", token=pair["token"]).status_code == 200
+    code = request_code(rsite)
+    assert reset(rsite, login="alice", otp=code).status_code == 200
+    for pair in (one, two):
+        me = rsite.api.get("/me", token=pair["token"])
+        assert me.status_code == 401
+        refreshed = rsite.api.post("/token/refresh", json={"refresh_token": pair["refresh_token"]})
+        assert refreshed.status_code == 400
+    # Another user's session is not touched.
+    assert rsite.api.get("/me", token=bobs["token"]).status_code == 200
+
+
+def test_owner_is_told_the_password_changed(rsite: Site, smtp: Mailbox) -> None:
+    link = request_link(rsite)
+    assert reset(rsite, **link).status_code == 200
+    reset_mail, notice = smtp.wait_for(ALICE, 2)
+    assert "reset" in reset_mail["Subject"].lower()
+    assert "changed" in notice["Subject"].lower()
+    assert "changed" in body_of(notice)
+    # The notice does not carry the new password.
+    assert NEW_PASSWORD not in body_of(notice)
+
+
+def test_weak_new_password_does_not_spend_the_token(rsite: Site) -> None:
+    link = request_link(rsite)
+    weak = reset(rsite, **link, password="password123")
+    assert weak.status_code == 400
+    assert weak.json()["code"] == "weak_password"
+    assert "password" in weak.json()["data"]["fields"]
+    assert can_log_in(rsite, "alice", PASSWORD)
+    assert reset(rsite, **link).status_code == 200
+    assert can_log_in(rsite, "alice", NEW_PASSWORD)
+
+
+def test_weak_new_password_does_not_spend_the_code(rsite: Site) -> None:
+    code = request_code(rsite)
+    weak = reset(rsite, login="alice", otp=code, password="alice-secret-words")
+    assert weak.status_code == 400
+    assert weak.json()["code"] == "weak_password"
+    assert reset(rsite, login="alice", otp=code).status_code == 200
+
+
+def test_reset_secrets_are_stored_as_keyed_digests(rsite: Site) -> None:
+    token = request_link(rsite)["token"]
+    link_hash = rsite.scalar("SELECT secret_hash FROM hk_password_resets WHERE kind = 'link'")
+    code = request_code(rsite)
+    code_hash = rsite.scalar("SELECT secret_hash FROM hk_password_resets WHERE kind = 'otp'")
+    for secret, stored in ((token, link_hash), (code, code_hash)):
+        assert stored
+        assert stored != secret
+        assert secret not in stored
+        # Not a plain hash either: a stolen table must not let anyone test 10^6 codes offline.
+        assert stored != hashlib.sha256(secret.encode()).hexdigest()
+    assert rsite.scalar(
+        "SELECT count(*) FROM hk_password_resets WHERE secret_hash = :t OR secret_hash = :c",
+        t=token,
+        c=code,
+    ) == 0
+
+
+def test_no_secrets_in_logs(rsite: Site, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    link = request_link(rsite)
+    assert reset(rsite, **link).status_code == 200
+    code = request_code(rsite)
+    assert reset(rsite, login="alice", otp=code, password=OTHER_PASSWORD).status_code == 200
+    assert can_log_in(rsite, "alice", OTHER_PASSWORD)
+    assert rsite.mailbox is not None
+    rsite.mailbox.wait_for(ALICE, 4)  # both reset mails and both notices went out
+    # aiosmtpd ("mail.*") is the test's own SMTP server, which logs what it receives.
+    records = [r for r in caplog.records if not r.name.startswith("mail.")]
+    messages = [r.getMessage() for r in records]
+    # The server's request log was captured, so a leak would have been seen.
+    assert any("/reset-password" in m for m in messages)
+    for secret in (link["token"], code, NEW_PASSWORD, OTHER_PASSWORD):
+        leaks = [m for m in messages if secret in m]
+        assert leaks == [], leaks
