@@ -31,9 +31,13 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _app(instance: Path) -> t.Any:
+    """The instance's app, its schema brought to the newest version (idempotent)."""
+    from .db import upgrade
     from .standalone import create_app
 
-    return create_app(instance)
+    app = create_app(instance)
+    upgrade(app.extensions["headlesskey"].engine)
+    return app
 
 
 class _Group(click.Group):
@@ -175,6 +179,82 @@ def users_create(
             details = "; ".join(f"{k}: {' '.join(v)}" for k, v in (exc.fields or {}).items())
             raise click.ClickException(f"{exc.message} {details}".strip()) from None
     click.echo(f"Created user {user.user_login} (ID {user.id}, roles {', '.join(user.roles)})")
+
+
+@users.command("unlock")
+@INSTANCE
+@click.option("--username", required=True, help="Login or email of the account.")
+def users_unlock(instance: Path, username: str) -> None:
+    """Clear an account's brute-force lock."""
+    from . import events
+    from .services import accounts
+    from .services import lockout
+
+    app = _app(instance)
+    state = app.extensions["headlesskey"]
+    with app.app_context(), state.session_factory() as db:
+        user = accounts.find_user(db, username)
+        if user is None:
+            raise click.ClickException(f"no account {username!r}")
+        cleared = lockout.unlock_user(db, user.id, (user.user_login, user.email))
+        events.record(db, state, "user.unlocked", outcome="info", user_id=user.id,
+                      details={"by": "cli"})
+        db.commit()
+    click.echo(f"Unlocked {user.user_login} ({cleared} counter(s) cleared)")
+
+
+@main.command()
+@INSTANCE
+@click.option("--user", "user", help="User ID.")
+@click.option("--event", help="Event name, e.g. login.failed.")
+@click.option("--outcome", help="success, failure, blocked, info or ignored.")
+@click.option("--ip", help="Client IP.")
+@click.option("--since", help="ISO 8601 time.")
+@click.option("--until", help="ISO 8601 time.")
+@click.option("--limit", default="50", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--follow", is_flag=True, help="Keep printing new events (Ctrl-C stops).")
+def logs(instance: Path, as_json: bool, follow: bool, **filters: str | None) -> None:
+    """Show the activity log, newest first (oldest first with --follow)."""
+    import json
+    import time
+
+    from .services import audit
+
+    app = _app(instance)
+    state = app.extensions["headlesskey"]
+    args = {k: v for k, v in filters.items() if v}
+    try:
+        parsed, limit, _cursor = audit.parse_filters(args)
+    except AgentError as exc:
+        details = "; ".join(f"--{k}: {' '.join(v)}" for k, v in (exc.fields or {}).items())
+        raise click.ClickException(details or exc.message) from None
+
+    def show(row: t.Any) -> None:
+        item = audit.as_dict(row)
+        if as_json:
+            click.echo(json.dumps(item))
+        else:
+            who = item["user_id"] if item["user_id"] is not None else (item["login"] or "-")
+            click.echo(
+                f"{item['time']:<28} {item['event']:<26} {item['outcome']:<8} "
+                f"{str(who):<12} {item['ip']:<16} {item['device']}"
+            )
+
+    with state.session_factory() as db:
+        rows, _next = audit.query(db, parsed, limit)
+        if not as_json and not follow:
+            click.echo(f"{'TIME':<28} {'EVENT':<26} {'OUTCOME':<8} {'USER':<12} {'IP':<16} DEVICE")
+        for row in reversed(rows) if follow else rows:
+            show(row)
+        last = max((r.id for r in rows), default=0)
+        while follow:
+            time.sleep(1)
+            db.rollback()  # see rows committed by other processes
+            newer = [r for r in audit.query(db, parsed, 500)[0] if r.id > last]
+            for row in reversed(newer):
+                show(row)
+                last = max(last, row.id)
 
 
 @main.group()
