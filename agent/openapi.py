@@ -37,6 +37,7 @@ def _errors(*statuses: int) -> dict[str, t.Any]:
         409: "Conflict",
         413: "Body too large",
         415: "Body is not JSON",
+        429: "Too many failed attempts (Retry-After says when to try again)",
     }
     return {
         str(s): {"description": text[s], **_json(_ref("Error"))} for s in (*statuses, 413, 415)
@@ -80,11 +81,11 @@ def document(settings: Settings) -> dict[str, t.Any]:
     paths: dict[str, t.Any] = {
         f"{p}/token": {
             "post": _op("Log in; returns an access and a refresh token", _ref("TokenResponse"),
-                        body=credentials, errors=(400, 401))
+                        body=credentials, errors=(400, 401, 403, 429))
         },
         f"{p}/login": {
             "post": _op("Log in; returns tokens and the full profile", _ref("TokenResponse"),
-                        body=credentials, errors=(400, 401))
+                        body=credentials, errors=(400, 401, 403, 429))
         },
         f"{p}/token/validate": {
             "post": _op(
@@ -150,6 +151,7 @@ def document(settings: Settings) -> dict[str, t.Any]:
                     },
                     ["login", "password"],
                 ),
+                errors=(400, 429),
             )
         },
         f"{p}/change-password": {
@@ -162,6 +164,7 @@ def document(settings: Settings) -> dict[str, t.Any]:
                     ["current_password", "new_password"],
                 ),
                 auth=True,
+                errors=(400, 429),
             )
         },
         f"{p}/me": {"get": _op("The caller's profile", _ref("Profile"), auth=True, errors=())},
@@ -179,6 +182,58 @@ def document(settings: Settings) -> dict[str, t.Any]:
                 "parameters": [
                     {"name": "session_id", "in": "path", "required": True, "schema": _STR}
                 ],
+            }
+        },
+        f"{p}/admin/logs": {
+            "get": {
+                **_op(
+                    "The activity log, newest first (administrators)",
+                    _obj({"events": {"type": "array", "items": _ref("AuditEvent")},
+                          "next_cursor": {"type": ["string", "null"]}}, ["events", "next_cursor"]),
+                    auth=True,
+                    errors=(400, 403),
+                ),
+                "parameters": [
+                    {"name": name, "in": "query", "required": False, "schema": schema}
+                    for name, schema in (
+                        ("user", {**_STR, "pattern": "^[0-9]+$"}),
+                        ("event", {**_STR, "maxLength": 64}),
+                        ("outcome", {**_STR, "maxLength": 64}),
+                        ("ip", {**_STR, "maxLength": 64}),
+                        ("since", {**_STR, "format": "date-time"}),
+                        ("until", {**_STR, "format": "date-time"}),
+                        ("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
+                        ("cursor", _STR),
+                    )
+                ],
+            }
+        },
+        f"{p}/admin/users/{{user_id}}/unlock": {
+            "post": {
+                **_op("Clear a user's brute-force lock (administrators)",
+                      _obj({"success": _BOOL, "code": _STR, "message": _STR,
+                            "counters_cleared": _INT}),
+                      auth=True, errors=(403, 404)),
+                "parameters": [{"name": "user_id", "in": "path", "required": True,
+                                "schema": {"type": "integer"}}],
+            }
+        },
+        f"{p}/admin/users/{{user_id}}/sessions": {
+            "get": {
+                **_op("A user's active sessions (administrators)",
+                      _obj({"sessions": {"type": "array", "items": _ref("SessionInfo")}},
+                           ["sessions"]),
+                      auth=True, errors=(403, 404)),
+                "parameters": [{"name": "user_id", "in": "path", "required": True,
+                                "schema": {"type": "integer"}}],
+            }
+        },
+        f"{p}/admin/sessions/{{session_id}}": {
+            "delete": {
+                **_op("End anyone's session (administrators)", success, auth=True,
+                      errors=(403, 404)),
+                "parameters": [{"name": "session_id", "in": "path", "required": True,
+                                "schema": _STR}],
             }
         },
         f"{p}/openapi.json": {
@@ -254,6 +309,22 @@ def document(settings: Settings) -> dict[str, t.Any]:
                     },
                     ["token", "token_type", "expires_in", "expiration", "refreshable", "jti",
                      "refresh_token", "refresh_token_expires_in", "user"],
+                ),
+                "AuditEvent": _obj(
+                    {
+                        "id": _INT,
+                        "time": {**_STR, "format": "date-time"},
+                        "event": _STR,
+                        "outcome": _STR,
+                        "user_id": {"type": ["integer", "null"]},
+                        "login": _STR,
+                        "session_id": {"type": ["string", "null"]},
+                        "ip": _STR,
+                        "user_agent": _STR,
+                        "device": _STR,
+                        "details": {"type": "object"},
+                    },
+                    ["id", "time", "event", "outcome", "user_id", "ip", "device", "details"],
                 ),
                 "SessionInfo": _obj(
                     {

@@ -1,0 +1,89 @@
+"""`headlesskey-agent users unlock` and `headlesskey-agent logs` on a real instance folder."""
+
+from __future__ import annotations
+
+import json
+import typing as t
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from agent.cli import main
+from agent.standalone import create_app
+
+PASSWORD = "correct horse battery staple"
+CHEAP = {
+    "HEADLESSKEY_ARGON2_TIME_COST": "1",
+    "HEADLESSKEY_ARGON2_MEMORY_COST": "8",
+}
+
+
+@pytest.fixture
+def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for key, value in CHEAP.items():
+        monkeypatch.setenv(key, value)
+    folder = tmp_path / "site"
+    runner = CliRunner()
+    result = runner.invoke(main, ["init", "--instance", str(folder), "--algorithm", "HS256"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        main,
+        ["users", "create", "--instance", str(folder), "--username", "alice",
+         "--email", "alice@example.com", "--password-stdin"],
+        input=PASSWORD + "\n",
+    )
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def login(client: t.Any, password: str) -> int:
+    r = client.post("/wp-json/headlesskey/v1/token",
+                    json={"username": "alice", "password": password},
+                    headers={"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0"})
+    return t.cast(int, r.status_code)
+
+
+def test_unlock_lets_a_locked_user_in_and_logs_show_it(instance: Path) -> None:
+    app = create_app(instance)
+    client = app.test_client()
+    assert [login(client, "wrong password here") for _ in range(5)] == [401] * 5
+    assert login(client, PASSWORD) == 429
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["users", "unlock", "--instance", str(instance),
+                                  "--username", "ALICE"])
+    assert result.exit_code == 0, result.output
+    assert "Unlocked alice" in result.output
+    assert login(client, PASSWORD) == 200
+
+    result = runner.invoke(main, ["logs", "--instance", str(instance), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    events = [r["event"] for r in rows]
+    # Newest first: the login after the unlock, the unlock, the lock, the failures.
+    assert events[:2] == ["login.succeeded", "user.unlocked"]
+    assert events.count("login.failed") == 6  # five wrong passwords, one refused while locked
+    assert "lockout.started" in events
+    assert rows[0]["device"].startswith("Firefox 128")
+    assert PASSWORD not in result.output
+
+    table = runner.invoke(main, ["logs", "--instance", str(instance), "--event", "login.failed",
+                                 "--outcome", "blocked"])
+    assert table.exit_code == 0
+    lines = table.output.splitlines()
+    assert lines[0].split()[:3] == ["TIME", "EVENT", "OUTCOME"]
+    assert len(lines) == 2 and "blocked" in lines[1]
+    app.extensions["headlesskey"].engine.dispose()
+
+
+def test_cli_errors_are_one_clear_line(instance: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["users", "unlock", "--instance", str(instance),
+                                  "--username", "nobody"])
+    assert result.exit_code == 1
+    assert "no account 'nobody'" in result.output
+    result = runner.invoke(main, ["logs", "--instance", str(instance), "--since", "yesterday"])
+    assert result.exit_code == 1
+    assert "--since" in result.output
+    assert "Traceback" not in result.output
