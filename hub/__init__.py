@@ -1,24 +1,166 @@
-"""HeadlessKey hub: the federation's site registry, JWKS and admin console.
-
-Not built yet: the package exists so the distribution's layout and the ``headlesskey-hub``
-command are in place. The agent works fully without a hub.
-"""
+"""HeadlessKey hub: the federation's site registry, signed site API, JWKS and admin console."""
 
 from __future__ import annotations
 
+import json
+import os
+import tomllib
 import typing as t
+from pathlib import Path
 
 from flask import Flask
+from flask import Response
+from flask import jsonify
+from flask import request
+from sqlalchemy.orm import sessionmaker
+from werkzeug.exceptions import HTTPException
+
+from agent.errors import AgentError
+from agent.errors import ConfigError
+
+from . import config as config_module
+from .crypto import MasterKeyError
+from .crypto import Vault
+from .state import HubState
+from .state import close_db
+
+CONFIG_FILE = "hub.toml"
+MASTER_KEY_FILE = "master.key"
+JSON_PREFIXES = ("/api/", "/.well-known/")
 
 
-def create_app(test_config: t.Mapping[str, t.Any] | None = None) -> Flask:
-    """Create the hub app (for now: a health endpoint only)."""
-    app = Flask(__name__, instance_relative_config=True)
+def create_app(
+    test_config: t.Mapping[str, t.Any] | None = None, instance_path: str | None = None
+) -> Flask:
+    """Create the hub app: defaults, then ``hub.toml``, then ``HEADLESSKEY_HUB_*``, then test_config."""
+    instance_path = instance_path or os.environ.get("HEADLESSKEY_HUB_INSTANCE")
+    app = Flask(
+        __name__,
+        instance_relative_config=True,
+        instance_path=str(Path(instance_path).resolve()) if instance_path else None,
+    )
+    prefix = config_module.PREFIX
+    app.config.update({prefix + k: v for k, (v, _doc) in config_module.DEFAULTS.items()})
+    _load_file(app, Path(app.instance_path) / CONFIG_FILE)
+    app.config.from_prefixed_env(prefix.rstrip("_"))
     if test_config:
         app.config.update(test_config)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    state = _build_state(app)
+    app.extensions["headlesskey_hub"] = state
+    app.teardown_appcontext(close_db)
+    app.config["MAX_CONTENT_LENGTH"] = state.setting("MAX_BODY")
 
+    from . import api
+    from . import console
+    from . import wellknown
+
+    app.register_blueprint(api.bp)
+    app.register_blueprint(wellknown.bp)
+    console.init_app(app)
+    app.register_error_handler(AgentError, _api_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.after_request(_security_headers)
     return app
+
+
+def _load_file(app: Flask, path: Path) -> None:
+    if not path.is_file():
+        return
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    for key, value in data.items():
+        if key.upper() not in config_module.DEFAULTS:
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+        app.config[config_module.PREFIX + key.upper()] = value
+
+
+def _build_state(app: Flask) -> HubState:
+    from .db import make_engine
+
+    prefix = config_module.PREFIX
+    url = app.config[prefix + "DATABASE_URL"] or (
+        f"sqlite:///{Path(app.instance_path) / 'hub.db'}"
+    )
+    master = app.config[prefix + "MASTER_KEY"]
+    keys: list[bytes] = []
+    if master:
+        keys = [k.strip().encode() for k in str(master).split(",") if k.strip()]
+    else:
+        key_file = Path(app.instance_path) / MASTER_KEY_FILE
+        if key_file.is_file():
+            keys = [line.strip().encode() for line in key_file.read_text().splitlines()
+                    if line.strip()]
+    try:
+        vault = Vault(keys)
+    except MasterKeyError as exc:
+        raise ConfigError(
+            f"{prefix}MASTER_KEY: {exc} (run `headlesskey-hub init` or set the variable)"
+        ) from None
+    for name in ("SECRET_GRACE", "NONCE_TTL", "JWKS_MAX_AGE", "SESSION_IDLE_TIMEOUT",
+                 "ADMIN_MAX_FAILURES", "ADMIN_LOCK_SECONDS", "MAX_BODY",
+                 "KEY_ROTATION_DAYS", "HUB_KEY_ROTATION_DAYS", "EVENT_RETENTION_DAYS"):
+        value = app.config[prefix + name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            try:
+                app.config[prefix + name] = int(json.loads(str(value)))
+            except (ValueError, TypeError):
+                raise ConfigError(f"{prefix}{name}: expected a whole number, got {value!r}") from None
+    engine = make_engine(str(url))
+    if app.config.get(prefix + "AUTO_MIGRATE"):
+        from .db import upgrade
+
+        upgrade(engine)
+    return HubState(
+        config=app.config,
+        engine=engine,
+        session_factory=sessionmaker(engine, expire_on_commit=False),
+        vault=vault,
+    )
+
+
+def _wants_json() -> bool:
+    return request.path.startswith(JSON_PREFIXES)
+
+
+def _api_error(error: AgentError) -> Response:
+    response = jsonify(error.to_dict())
+    response.status_code = error.status
+    for name, value in error.headers.items():
+        response.headers[name] = value
+    return response
+
+
+def _http_error(exc: HTTPException) -> t.Any:
+    if not _wants_json():
+        return exc
+    status = exc.code or 500
+    message = "An internal error occurred." if status >= 500 else (exc.description or exc.name)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+        status, "internal_error" if status >= 500 else "http_error"
+    )
+    response = jsonify({"code": code, "message": message, "data": {"status": status}})
+    response.status_code = status
+    return response
+
+
+def _security_headers(response: Response) -> Response:
+    headers = response.headers
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+    headers.setdefault("X-Frame-Options", "DENY")
+    if request.is_secure:
+        headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
+    if request.path.startswith("/api/"):
+        headers.setdefault("Cache-Control", "no-store")
+    if not _wants_json():
+        headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+        )
+        headers.setdefault("Cache-Control", "no-store")
+    return response

@@ -1,0 +1,157 @@
+"""Blueprint "api": the HMAC-signed site API (DESIGN §4). Thin JSON views over services.
+
+Every request is verified over its raw body before anything is parsed: signature headers, a
+clock skew of at most 300 s, the site's still-valid secrets (old and new during a rotation,
+constant-time compare), the site's status, and a nonce never seen before on any worker. Each
+refusal is a JSON error and an event in the federation log.
+"""
+
+from __future__ import annotations
+
+import json
+import typing as t
+
+from flask import Blueprint
+from flask import Response
+from flask import g
+from flask import jsonify
+from flask import request
+from sqlalchemy.exc import IntegrityError
+
+from agent import signing
+
+from ..errors import BadRequest
+from ..errors import Forbidden
+from ..errors import HubError
+from ..errors import Unauthorized
+from ..models import Nonce
+from ..models import Site
+from ..services import directory as directory_service
+from ..services import events
+from ..services import keys as key_service
+from ..services import sites as site_service
+from ..state import get_db
+from ..state import get_state
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+REASONS = {
+    "unsigned": ("unsigned_request", "The request carries no signature headers."),
+    "malformed": ("bad_signature", "The signature headers are malformed."),
+    "skewed": ("skewed_request", "The request timestamp is more than 300 s away from the hub's clock."),
+    "bad": ("bad_signature", "The signature does not match."),
+    "unknown": ("bad_signature", "The signature does not match."),
+    "replay": ("replayed_request", "This request was already received."),
+}
+
+
+def _refuse(reason: str, site_key: str | None) -> t.NoReturn:
+    state = get_state()
+    db = get_db()
+    db.rollback()
+    events.log(db, state, "api.rejected", outcome="failure", site_key=site_key,
+               ip=request.remote_addr or "", details={"reason": reason, "path": request.path})
+    db.commit()
+    code, message = REASONS[reason]
+    raise Unauthorized(message, code=code)
+
+
+@bp.before_request
+def verify_signature() -> None:
+    state = get_state()
+    db = get_db()
+    max_body = state.setting("MAX_BODY")
+    if (request.content_length or 0) > max_body:
+        raise HubError("The request body is too large.", code="payload_too_large")
+    body = request.get_data(cache=True)
+    now = state.clock().timestamp()
+    try:
+        signed = signing.parse_headers(request.headers, now=now)
+    except signing.SignatureError as exc:
+        _refuse(exc.reason, request.headers.get(signing.HEADER_SITE, "")[:64] or None)
+    site = db.query(Site).filter(Site.site_key == signed.site_key).one_or_none()
+    secrets_ = site_service.valid_secrets(db, state, site) if site is not None else []
+    query = request.query_string.decode("latin-1")
+    if site is None or not signing.verify(signed, secrets_, request.method, request.path, query, body):
+        _refuse("bad" if site else "unknown", signed.site_key)
+    assert site is not None
+    site_key = site.site_key
+    db.add(Nonce(site_key=site_key, nonce=signed.nonce, seen_at=state.clock()))
+    try:
+        db.commit()
+    except IntegrityError:
+        db.rollback()
+        _refuse("replay", site_key)
+    if site.status != "active":
+        db.rollback()
+        events.log(db, state, "api.rejected", outcome="failure", site_key=site_key,
+                   ip=request.remote_addr or "", details={"reason": "suspended", "path": request.path})
+        db.commit()
+        raise Forbidden("This site is suspended.", code="site_suspended")
+    g.hub_site = site
+
+
+def _json() -> dict[str, t.Any]:
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return {}
+    if request.mimetype != "application/json":
+        raise HubError("Send the request body as application/json.", code="unsupported_media_type")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    return data
+
+
+@bp.get("/directory")
+def directory() -> Response:
+    """This site's peers, their keys and the pairwise exchange keys."""
+    state = get_state()
+    response = jsonify(directory_service.directory_for(get_db(), state, g.hub_site))
+    response.headers["Cache-Control"] = f"private, max-age={state.setting('JWKS_MAX_AGE')}"
+    return response
+
+
+@bp.post("/keys")
+def register_key() -> tuple[Response, int]:
+    """Publish one of this site's public keys: ``{"jwk": {...}, "status": "next"|"active"}``."""
+    data = _json()
+    db = get_db()
+    key = key_service.register(db, get_state(), g.hub_site, data.get("jwk"),
+                               data.get("status", "next"))
+    db.commit()
+    return jsonify({"kid": key.kid, "status": key.status}), 201
+
+
+@bp.delete("/keys/<kid>")
+def retire_key(kid: str) -> Response:
+    db = get_db()
+    key_service.retire(db, get_state(), g.hub_site, kid[:128])
+    db.commit()
+    return jsonify({"kid": kid, "status": "retired"})
+
+
+@bp.post("/secret/rotate")
+def rotate_secret() -> Response:
+    """A new secret for this site; the old one keeps working for the grace period."""
+    state = get_state()
+    db = get_db()
+    grace = state.setting("SECRET_GRACE")
+    secret = site_service.rotate_secret(db, state, g.hub_site, actor=g.hub_site.site_key)
+    db.commit()
+    response = jsonify({"secret": secret, "grace_seconds": grace})
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.post("/events")
+def upload_events() -> Response:
+    """Store a batch of this site's audit events (idempotent by event id)."""
+    data = _json()
+    db = get_db()
+    accepted = events.upload(db, get_state(), g.hub_site.site_key, data.get("events"))
+    db.commit()
+    return jsonify({"accepted": accepted})

@@ -1,0 +1,31 @@
+"""Settings of the hub, each with its default. Load order (``create_app``):
+
+1. these defaults;
+2. ``hub.toml`` in the instance folder (keys without the prefix, lower case);
+3. environment variables ``HEADLESSKEY_HUB_*`` (values JSON-decoded where they parse);
+4. ``test_config`` last.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+PREFIX = "HEADLESSKEY_HUB_"
+
+DEFAULTS: dict[str, tuple[t.Any, str]] = {
+    "URL": ("http://127.0.0.1:9000", "Public base URL of the hub; its issuer."),
+    "DATABASE_URL": (None, "SQLAlchemy URL; default SQLite in the instance folder."),
+    "MASTER_KEY": (None, "Fernet key encrypting site secrets at rest; default master.key file."),
+    "SECRET_GRACE": (86400, "Seconds an old site secret stays valid after a rotation."),
+    "NONCE_TTL": (900, "Seconds a request nonce is remembered (more than twice the 300 s skew)."),
+    "JWKS_MAX_AGE": (300, "Cache-Control max-age of the JWKS and the directory, seconds."),
+    "KEY_ROTATION_DAYS": (90, "Age at which a member's key is flagged for rotation."),
+    "HUB_KEY_ROTATION_DAYS": (90, "Age at which the hub's own signing key is rotated."),
+    "EVENT_RETENTION_DAYS": (180, "Federation events older than this are pruned."),
+    "SESSION_IDLE_TIMEOUT": (1800, "Console sessions end after this many idle seconds."),
+    "SECURE_COOKIES": (True, "Console cookie is __Host-, Secure (false only for plain-http dev)."),
+    "ADMIN_MAX_FAILURES": (5, "Failed console logins before a lock."),
+    "ADMIN_LOCK_SECONDS": (900, "Console lock duration."),
+    "MAX_BODY": (1048576, "Largest request body accepted, bytes."),
+    "AUTO_MIGRATE": (False, "Upgrade the schema in create_app (tests; serve and init do it anyway)."),
+}

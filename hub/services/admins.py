@@ -1,0 +1,84 @@
+"""Console administrators: argon2id passwords, lockout after repeated failures."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import typing as t
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session as DBSession
+
+from agent.services.passwords import Hasher
+from agent.services.passwords import policy_problems
+
+from ..errors import BadRequest
+from ..errors import Conflict
+from ..models import Admin
+from . import events
+
+if t.TYPE_CHECKING:
+    from ..state import HubState
+
+_USERNAME = re.compile(r"[A-Za-z0-9_.@-]{3,60}")
+HASHER_KEY = "hub_hasher"
+
+
+class LoginFailed(Exception):
+    """Wrong username or password, or a locked account: one answer for all."""
+
+
+def hasher(state: HubState) -> Hasher:
+    cached = getattr(state, "_hasher", None)
+    if cached is None:
+        cached = Hasher(2, 19456, 1) if not state.config.get("TESTING") else Hasher(1, 8, 1)
+        state._hasher = cached  # type: ignore[attr-defined]
+    return t.cast(Hasher, cached)
+
+
+def create(db: DBSession, state: HubState, username: str, password: str) -> Admin:
+    if not _USERNAME.fullmatch(username):
+        raise BadRequest(fields={"username": ["3 to 60 characters: letters, digits and _ . @ -"]})
+    problems = policy_problems(password, min_length=12, max_length=256, context=(username,))
+    if problems:
+        raise BadRequest("The password is too weak.", fields={"password": problems})
+    admin = Admin(username=username, password_hash=hasher(state).hash(password), active=True,
+                  failures=0, created_at=state.clock())
+    db.add(admin)
+    try:
+        db.flush()
+    except IntegrityError:
+        db.rollback()
+        raise Conflict("That admin exists.", fields={"username": ["Already taken."]}) from None
+    events.log(db, state, "admin.created", actor="cli", details={"username": username})
+    return admin
+
+
+def authenticate(db: DBSession, state: HubState, username: str, password: str, ip: str) -> Admin:
+    """The admin for a right password on an unlocked account; else :class:`LoginFailed`.
+
+    A locked account answers like a wrong password (no "locked" oracle), and unknown names cost
+    a dummy argon2 check.
+    """
+    now = state.clock()
+    admin = db.scalar(select(Admin).where(Admin.username == username)) if len(username) <= 60 else None
+    locked = admin is not None and admin.locked_until is not None and now < admin.locked_until
+    ok = hasher(state).verify(admin.password_hash if admin else None, password)
+    if admin is None or not ok or locked or not admin.active:
+        if admin is not None and not locked:
+            admin.failures += 1
+            if admin.failures >= state.setting("ADMIN_MAX_FAILURES"):
+                admin.locked_until = now + dt.timedelta(seconds=state.setting("ADMIN_LOCK_SECONDS"))
+                admin.failures = 0
+                events.log(db, state, "admin.locked", outcome="info", actor=username, ip=ip)
+        events.log(db, state, "admin.login_failed", outcome="failure", actor=username[:60], ip=ip)
+        db.commit()
+        raise LoginFailed()
+    admin.failures = 0
+    admin.locked_until = None
+    admin.last_login_at = now
+    if hasher(state).needs_rehash(admin.password_hash):
+        admin.password_hash = hasher(state).hash(password)
+    events.log(db, state, "admin.login", actor=username, ip=ip)
+    return admin

@@ -1,0 +1,51 @@
+"""The directory a member fetches: its active peers, their keys, and pairwise exchange keys.
+
+For a site B, each peer A carries ``exchange_keys``: hex K_AB = HMAC-SHA256(secret_A,
+"hk-sso-v1|A|B") for every still-valid version of A's secret (DESIGN §5). With them B checks the
+signatures A makes towards B, but B cannot sign as A towards a third site C (that would need
+K_AC, which only A and C can know).
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session as DBSession
+
+from agent.signing import pairwise_key
+
+from ..models import Site
+from . import keys as key_service
+from . import sites as site_service
+
+if t.TYPE_CHECKING:
+    from ..state import HubState
+
+
+def directory_for(db: DBSession, state: HubState, me: Site) -> dict[str, t.Any]:
+    peers = []
+    for peer in db.scalars(select(Site).where(Site.status == "active", Site.id != me.id)
+                           .order_by(Site.site_key)):
+        secrets_ = site_service.valid_secrets(db, state, peer)
+        peers.append(
+            {
+                "site_key": peer.site_key,
+                "name": peer.name,
+                "base_url": peer.base_url,
+                "issuer": peer.issuer,
+                "allowed_origins": peer.allowed_origins,
+                "keys": [k.jwk for k in key_service.site_keys(db, peer)],
+                "exchange_keys": [
+                    pairwise_key(secret, peer.site_key, me.site_key).hex() for secret in secrets_
+                ],
+            }
+        )
+    hub_url = state.setting("URL")
+    return {
+        "site": {"site_key": me.site_key, "name": me.name, "issuer": me.issuer,
+                 "status": me.status},
+        "hub": {"issuer": hub_url, "jwks_uri": f"{hub_url}/.well-known/jwks.json"},
+        "peers": peers,
+        "generated_at": state.clock().isoformat().replace("+00:00", "Z"),
+    }

@@ -1,0 +1,123 @@
+"""The federation's activity log: the hub's own events and batches uploaded by sites."""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing as t
+
+from sqlalchemy import delete
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session as DBSession
+
+from ..errors import BadRequest
+from ..models import Event
+
+if t.TYPE_CHECKING:
+    from ..state import HubState
+
+MAX_BATCH = 500
+
+
+def log(
+    db: DBSession,
+    state: HubState,
+    event: str,
+    *,
+    outcome: str = "success",
+    actor: str = "",
+    site_key: str | None = None,
+    ip: str = "",
+    details: dict[str, t.Any] | None = None,
+) -> None:
+    """Add one hub event to the caller's transaction. Never pass a secret in ``details``."""
+    db.add(
+        Event(
+            created_at=state.clock(),
+            source="hub",
+            site_key=site_key,
+            event=event,
+            outcome=outcome,
+            actor=actor[:120],
+            ip=ip[:64],
+            details=dict(details or {}),
+        )
+    )
+
+
+def _text(item: dict[str, t.Any], key: str, limit: int) -> str:
+    value = item.get(key, "")
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def upload(db: DBSession, state: HubState, site_key: str, items: t.Any) -> int:
+    """Store a site's batch of audit events; re-sent events (same ``id``) are skipped.
+
+    Returns how many were new. Raises :class:`BadRequest` for a malformed batch (nothing stored).
+    """
+    if not isinstance(items, list) or len(items) > MAX_BATCH:
+        raise BadRequest(fields={"events": [f"A list of at most {MAX_BATCH} events."]})
+    rows = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("id"), (str, int)):
+            raise BadRequest(fields={f"events[{index}]": ["An object with an id."]})
+        if not isinstance(item.get("event"), str) or not item["event"]:
+            raise BadRequest(fields={f"events[{index}].event": ["Required."]})
+        try:
+            at = dt.datetime.fromisoformat(str(item.get("time", "")).replace("Z", "+00:00"))
+        except ValueError:
+            raise BadRequest(fields={f"events[{index}].time": ["ISO 8601 time."]}) from None
+        details = item.get("details") if isinstance(item.get("details"), dict) else {}
+        rows.append(
+            {
+                "created_at": at if at.tzinfo else at.replace(tzinfo=dt.UTC),
+                "source": "site",
+                "site_key": site_key,
+                "remote_id": str(item["id"])[:64],
+                "event": item["event"][:48],
+                "outcome": _text(item, "outcome", 16),
+                "actor": str(item.get("user_id") or item.get("login") or "")[:120],
+                "ip": _text(item, "ip", 64),
+                "details": {**details, "device": _text(item, "device", 128)},
+            }
+        )
+    if not rows:
+        return 0
+    dialect = db.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = insert(Event).values(rows).on_conflict_do_nothing(
+        index_elements=["site_key", "remote_id"]
+    )
+    return db.execute(stmt).rowcount
+
+
+def query(
+    db: DBSession,
+    *,
+    site_key: str | None = None,
+    event: str | None = None,
+    outcome: str | None = None,
+    before: int | None = None,
+    limit: int = 50,
+) -> tuple[list[Event], int | None]:
+    """A page of events, newest first, and the id to pass as ``before`` for the next page."""
+    stmt = select(Event)
+    if site_key:
+        stmt = stmt.where(Event.site_key == site_key)
+    if event:
+        stmt = stmt.where(Event.event == event)
+    if outcome:
+        stmt = stmt.where(Event.outcome == outcome)
+    if before:
+        stmt = stmt.where(Event.id < before)
+    rows = list(db.scalars(stmt.order_by(Event.id.desc()).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, rows[-1].id if more and rows else None
+
+
+def prune(db: DBSession, state: HubState) -> int:
+    days = state.setting("EVENT_RETENTION_DAYS")
+    cutoff = state.clock() - dt.timedelta(days=days)
+    return db.execute(delete(Event).where(Event.created_at < cutoff)).rowcount

@@ -1,0 +1,167 @@
+"""Public keys of member sites and of the hub, and the federation JWKS (RFC 7517).
+
+Members register public keys only (a JWK with a private member is refused): RSA of at least
+2048 bits for RS256, P-256 for ES256 (RFC 7518 §3.3, §3.4). A ``kid`` is unique across the
+whole federation, so a verifier that picks a key by ``kid`` can never get another site's key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import typing as t
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy import select
+from sqlalchemy.orm import Session as DBSession
+
+from ..crypto import new_hub_key
+from ..errors import BadRequest
+from ..errors import Conflict
+from ..errors import NotFound
+from ..models import HubKey
+from ..models import Site
+from ..models import SiteKey
+from . import events
+
+if t.TYPE_CHECKING:
+    from ..state import HubState
+
+PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
+STATUSES = ("next", "active", "retiring", "retired")
+
+
+def check_public_jwk(jwk: t.Any) -> tuple[str, str]:
+    """(kid, alg) of an acceptable public signing key, or :class:`BadRequest`."""
+    if not isinstance(jwk, dict):
+        raise BadRequest(fields={"jwk": ["A JWK object."]})
+    if PRIVATE_MEMBERS & set(jwk):
+        raise BadRequest("Only public keys may be registered.", fields={"jwk": ["Private key material."]})
+    kid, alg = jwk.get("kid"), jwk.get("alg")
+    if not isinstance(kid, str) or not 8 <= len(kid) <= 128 or not kid.isprintable():
+        raise BadRequest(fields={"kid": ["8 to 128 printable characters."]})
+    if alg not in ("RS256", "ES256"):
+        raise BadRequest(fields={"alg": ["RS256 or ES256."]})
+    if jwk.get("use", "sig") != "sig":
+        raise BadRequest(fields={"use": ["sig"]})
+    try:
+        key = jwt.PyJWK(jwk).key
+    except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError):
+        raise BadRequest(fields={"jwk": ["Not a valid public JWK."]}) from None
+    if alg == "RS256" and not (isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048):
+        raise BadRequest(fields={"jwk": ["RS256 needs an RSA key of at least 2048 bits."]})
+    if alg == "ES256" and not (
+        isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
+    ):
+        raise BadRequest(fields={"jwk": ["ES256 needs a P-256 key."]})
+    return kid, alg
+
+
+def register(db: DBSession, state: HubState, site: Site, jwk: t.Any, status: str = "next") -> SiteKey:
+    """Publish a member's public key (idempotent for the same key)."""
+    kid, alg = check_public_jwk(jwk)
+    if status not in ("next", "active"):
+        raise BadRequest(fields={"status": ["next or active"]})
+    public = {k: v for k, v in jwk.items() if k not in PRIVATE_MEMBERS}
+    existing = db.scalar(select(SiteKey).where(SiteKey.kid == kid))
+    if existing is not None:
+        if existing.site_id != site.id or existing.jwk != public:
+            raise Conflict("That kid is already registered.", code="kid_taken")
+        if existing.status == "retired":
+            raise Conflict("That key was retired and cannot come back.", code="kid_retired")
+        if status == "active" and existing.status == "next":
+            _activate(db, state, site, existing)
+        return existing
+    key = SiteKey(site_id=site.id, kid=kid, alg=alg, jwk=public, status="next",
+                  created_at=state.clock())
+    db.add(key)
+    db.flush()
+    if status == "active":
+        _activate(db, state, site, key)
+    events.log(db, state, "key.registered", actor=site.site_key, site_key=site.site_key,
+               details={"kid": kid, "alg": alg, "status": key.status})
+    return key
+
+
+def _activate(db: DBSession, state: HubState, site: Site, key: SiteKey) -> None:
+    for other in db.scalars(select(SiteKey).where(SiteKey.site_id == site.id,
+                                                   SiteKey.status == "active")):
+        if other.id != key.id:
+            other.status = "retiring"  # still verifies the tokens it signed
+    key.status = "active"
+
+
+def retire(db: DBSession, state: HubState, site: Site, kid: str) -> None:
+    key = db.scalar(select(SiteKey).where(SiteKey.kid == kid, SiteKey.site_id == site.id))
+    if key is None:
+        raise NotFound("No such key.", code="key_not_found")
+    if key.status != "retired":
+        key.status = "retired"
+        key.retired_at = state.clock()
+        events.log(db, state, "key.retired", actor=site.site_key, site_key=site.site_key,
+                   details={"kid": kid})
+
+
+def site_keys(db: DBSession, site: Site, include_retired: bool = False) -> list[SiteKey]:
+    stmt = select(SiteKey).where(SiteKey.site_id == site.id)
+    if not include_retired:
+        stmt = stmt.where(SiteKey.status != "retired")
+    return list(db.scalars(stmt.order_by(SiteKey.created_at)))
+
+
+def ensure_hub_key(db: DBSession, state: HubState) -> HubKey:
+    """The hub's active signing key, created on first use."""
+    key = db.scalar(select(HubKey).where(HubKey.status == "active"))
+    if key is None:
+        key = _new_hub_key(db, state)
+    return key
+
+
+def _new_hub_key(db: DBSession, state: HubState) -> HubKey:
+    kid, pem, jwk = new_hub_key()
+    key = HubKey(kid=kid, alg="ES256", private_ciphertext=state.vault.encrypt(pem), jwk=jwk,
+                 status="active", created_at=state.clock())
+    db.add(key)
+    db.flush()
+    return key
+
+
+def rotate_hub_key(db: DBSession, state: HubState) -> HubKey:
+    """Make a new active hub key; the old one stays published for twice the cache lifetime."""
+    now = state.clock()
+    keep = dt.timedelta(seconds=2 * state.setting("JWKS_MAX_AGE"))
+    for old in db.scalars(select(HubKey).where(HubKey.status == "active")):
+        old.status = "retiring"
+        old.retire_after = now + keep
+    key = _new_hub_key(db, state)
+    events.log(db, state, "hub_key.rotated", actor="hub", details={"kid": key.kid})
+    return key
+
+
+def retire_hub_keys(db: DBSession, state: HubState) -> int:
+    now = state.clock()
+    count = 0
+    for key in db.scalars(select(HubKey).where(HubKey.status == "retiring",
+                                                HubKey.retire_after <= now)):
+        key.status = "retired"
+        count += 1
+    return count
+
+
+def jwks(db: DBSession) -> tuple[dict[str, t.Any], str]:
+    """The federation JWKS (every non-retired member key, plus the hub's) and its ETag."""
+    member = db.execute(
+        select(SiteKey.jwk, Site.site_key)
+        .join(Site, Site.id == SiteKey.site_id)
+        .where(SiteKey.status != "retired")
+        .order_by(SiteKey.id)
+    ).all()
+    hub = db.scalars(select(HubKey.jwk).where(HubKey.status != "retired").order_by(HubKey.id))
+    keys = [{**jwk, "hk_site": site_key} for jwk, site_key in member]
+    keys += [{**jwk, "hk_site": "hub"} for jwk in hub]
+    document = {"keys": keys}
+    body = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return document, '"' + hashlib.sha256(body.encode()).hexdigest()[:32] + '"'

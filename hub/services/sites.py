@@ -1,0 +1,249 @@
+"""The site registry: onboarding, status, versioned HMAC secrets, import from TOML."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import tomllib
+import typing as t
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from sqlalchemy import delete
+from sqlalchemy import func
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session as DBSession
+
+from ..crypto import new_site_secret
+from ..errors import BadRequest
+from ..errors import Conflict
+from ..errors import NotFound
+from ..models import Site
+from ..models import SiteSecret
+from . import events
+
+if t.TYPE_CHECKING:
+    from ..state import HubState
+
+_SITE_KEY = re.compile(r"[a-z0-9][a-z0-9-]{1,63}")
+_LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+
+
+@dataclass(frozen=True)
+class Onboarded:
+    """A new site and its secret in text form: shown once, never stored in clear."""
+
+    site: Site
+    secret: str
+
+
+def _url(value: t.Any, field: str, errors: dict[str, list[str]]) -> str:
+    if not isinstance(value, str) or len(value) > 2048:
+        errors.setdefault(field, []).append("A URL is required.")
+        return ""
+    parts = urlsplit(value.strip())
+    host = parts.hostname or ""
+    if parts.scheme == "https" and host or parts.scheme == "http" and host in _LOOPBACK:
+        if parts.username or parts.password or parts.fragment:
+            errors.setdefault(field, []).append("No credentials or fragment in the URL.")
+        return value.strip().rstrip("/")
+    errors.setdefault(field, []).append(
+        "An https:// URL (http:// only for localhost or 127.0.0.1)."
+    )
+    return ""
+
+
+def _origin(value: t.Any, field: str, errors: dict[str, list[str]]) -> str:
+    url = _url(value, field, errors)
+    parts = urlsplit(url)
+    if url and (parts.path not in ("", "/") or parts.query):
+        errors.setdefault(field, []).append(f"{value!r} is not an origin (scheme://host[:port]).")
+        return ""
+    return f"{parts.scheme}://{parts.netloc.lower()}" if url else ""
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:64]
+
+
+def validate(
+    *,
+    name: t.Any,
+    base_url: t.Any,
+    site_key: t.Any = None,
+    issuer: t.Any = None,
+    allowed_origins: t.Any = (),
+    redirect_uris: t.Any = (),
+    contact: t.Any = "",
+) -> dict[str, t.Any]:
+    """Checked site fields, or :class:`BadRequest` naming every bad one."""
+    errors: dict[str, list[str]] = {}
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 120:
+        errors["name"] = ["1 to 120 characters."]
+        name = ""
+    url = _url(base_url, "base_url", errors)
+    key = site_key if site_key else slug(name or "")
+    if not isinstance(key, str) or not _SITE_KEY.fullmatch(key):
+        errors["site_key"] = ["2 to 64 characters: lower-case letters, digits and -."]
+    iss = _url(issuer, "issuer", errors) if issuer else url
+    origins = [_origin(o, "allowed_origins", errors) for o in (allowed_origins or [])]
+    uris = [_url(u, "redirect_uris", errors) for u in (redirect_uris or [])]
+    if not isinstance(contact, str) or len(contact) > 254:
+        errors["contact"] = ["At most 254 characters."]
+    if errors:
+        raise BadRequest(fields=errors)
+    return {
+        "name": name.strip(),
+        "site_key": key,
+        "base_url": url,
+        "issuer": iss,
+        "allowed_origins": origins,
+        "redirect_uris": uris,
+        "contact": contact.strip(),
+    }
+
+
+def add_site(db: DBSession, state: HubState, actor: str, **fields: t.Any) -> Onboarded:
+    """Onboard a site: checked fields, a fresh secret (version 1). The caller commits."""
+    values = validate(**fields)
+    clash = db.scalar(
+        select(Site).where((Site.name == values["name"]) | (Site.site_key == values["site_key"]))
+    )
+    if clash is not None:
+        field = "name" if clash.name == values["name"] else "site_key"
+        raise Conflict(f"A site with that {field.replace('_', ' ')} exists.",
+                       fields={field: ["Already taken."]})
+    now = state.clock()
+    site = Site(**values, status="active", created_at=now, updated_at=now)
+    db.add(site)
+    try:
+        db.flush()
+    except IntegrityError:
+        db.rollback()
+        raise Conflict("A site with that name or key exists.") from None
+    secret = _add_secret(db, state, site, version=1)
+    events.log(db, state, "site.added", actor=actor, site_key=site.site_key)
+    return Onboarded(site, secret)
+
+
+def _add_secret(db: DBSession, state: HubState, site: Site, version: int) -> str:
+    raw, text = new_site_secret()
+    db.add(
+        SiteSecret(
+            site_id=site.id,
+            version=version,
+            ciphertext=state.vault.encrypt(raw),
+            created_at=state.clock(),
+        )
+    )
+    db.flush()
+    return text
+
+
+def get(db: DBSession, site_key: str) -> Site:
+    site = db.scalar(select(Site).where(Site.site_key == site_key))
+    if site is None:
+        raise NotFound(f"No site {site_key!r}.", code="site_not_found")
+    return site
+
+
+def list_sites(db: DBSession) -> list[Site]:
+    return list(db.scalars(select(Site).order_by(Site.name)))
+
+
+def set_status(db: DBSession, state: HubState, site: Site, status: str, actor: str) -> None:
+    if status not in ("active", "suspended"):
+        raise BadRequest(fields={"status": ["active or suspended"]})
+    if site.status != status:
+        site.status = status
+        site.updated_at = state.clock()
+        events.log(db, state, "site.suspended" if status == "suspended" else "site.resumed",
+                   actor=actor, site_key=site.site_key)
+
+
+def remove(db: DBSession, state: HubState, site: Site, actor: str) -> None:
+    """Delete a site with its secrets and keys; its events stay in the log."""
+    events.log(db, state, "site.removed", actor=actor, site_key=site.site_key)
+    db.delete(site)
+
+
+def valid_secrets(db: DBSession, state: HubState, site: Site) -> list[bytes]:
+    """Every secret version still accepted, newest first."""
+    now = state.clock()
+    rows = db.scalars(
+        select(SiteSecret)
+        .where(SiteSecret.site_id == site.id)
+        .where((SiteSecret.expires_at.is_(None)) | (SiteSecret.expires_at > now))
+        .order_by(SiteSecret.version.desc())
+    )
+    return [state.vault.decrypt(r.ciphertext) for r in rows]
+
+
+def rotate_secret(db: DBSession, state: HubState, site: Site, actor: str,
+                  grace: int | None = None) -> str:
+    """A new secret version; the previous ones stay valid for ``grace`` seconds (default config)."""
+    now = state.clock()
+    grace = state.setting("SECRET_GRACE") if grace is None else grace
+    current = db.scalars(
+        select(SiteSecret).where(SiteSecret.site_id == site.id, SiteSecret.expires_at.is_(None))
+    ).all()
+    for row in current:
+        row.expires_at = now + dt.timedelta(seconds=grace)
+    version = (db.scalar(select(func.max(SiteSecret.version)).where(
+        SiteSecret.site_id == site.id)) or 0) + 1
+    text = _add_secret(db, state, site, version)
+    events.log(db, state, "secret.rotated", actor=actor, site_key=site.site_key,
+               details={"version": version, "grace_seconds": grace})
+    return text
+
+
+def prune_secrets(db: DBSession, state: HubState) -> int:
+    """Delete secret versions whose grace period is over (idempotent)."""
+    return db.execute(
+        delete(SiteSecret).where(SiteSecret.expires_at.is_not(None),
+                                 SiteSecret.expires_at <= state.clock())
+    ).rowcount
+
+
+def import_file(db: DBSession, state: HubState, path: Path, actor: str) -> list[tuple[str, str, str | None]]:
+    """Apply a ``sites.example.toml``-style file idempotently.
+
+    Returns (site_key, "added" | "updated" | "unchanged", secret shown once or None). Nothing is
+    written unless every entry is valid.
+    """
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"{path}: cannot read ({exc})") from None
+    entries = data.get("site", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise BadRequest(f"{path}: expected [[site]] tables")
+    results = []
+    allowed = {"id", "name", "base_url", "issuer", "allowed_origins", "redirect_uris", "contact"}
+    for index, entry in enumerate(entries):
+        unknown = set(entry) - allowed
+        if unknown:
+            raise BadRequest(f"{path}: site #{index + 1}: unknown field {sorted(unknown)[0]!r}")
+        fields = {k: v for k, v in entry.items() if k != "id"}
+        try:
+            values = validate(site_key=entry.get("id"), **fields)
+        except BadRequest as exc:
+            problems = "; ".join(f"{k}: {' '.join(v)}" for k, v in (exc.fields or {}).items())
+            raise BadRequest(f"{path}: site #{index + 1}: {problems}") from None
+        site = db.scalar(select(Site).where(Site.site_key == values["site_key"]))
+        if site is None:
+            onboarded = add_site(db, state, actor, **{**fields, "site_key": values["site_key"]})
+            results.append((values["site_key"], "added", onboarded.secret))
+            continue
+        changed = {k: v for k, v in values.items() if getattr(site, k) != v}
+        for key, value in changed.items():
+            setattr(site, key, value)
+        if changed:
+            site.updated_at = state.clock()
+            events.log(db, state, "site.updated", actor=actor, site_key=site.site_key,
+                       details={"fields": sorted(changed)})
+        results.append((site.site_key, "updated" if changed else "unchanged", None))
+    db.flush()
+    return results
