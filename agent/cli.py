@@ -104,9 +104,11 @@ def _toml(value: str) -> str:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
-def serve(instance: Path, host: str, port: int, workers: int) -> None:
-    """Serve the API with gunicorn (migrations run first)."""
-    from gunicorn.app.base import BaseApplication
+@click.option("--no-jobs", is_flag=True,
+              help="Do not start the jobs process (run `headlesskey-agent jobs` yourself).")
+def serve(instance: Path, host: str, port: int, workers: int, no_jobs: bool = False) -> None:
+    """Serve the API with gunicorn (migrations run first) and, beside it, the jobs process."""
+    from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 
     from .db import upgrade
 
@@ -132,7 +134,14 @@ def serve(instance: Path, host: str, port: int, workers: int) -> None:
             return app
 
     click.echo(f"Serving {state.settings.site_name} at http://{host}:{port}{state.settings.prefix}")
-    _Server().run()
+    jobs_process = None if no_jobs else _start_jobs_process(instance)
+    arbiter = os.getpid()
+    try:
+        _Server().run()
+    finally:
+        # gunicorn forks its workers inside run(): only the arbiter owns the jobs process.
+        if os.getpid() == arbiter:
+            _stop_jobs_process(jobs_process)
 
 
 @main.group()
@@ -271,3 +280,86 @@ def db_upgrade(instance: Path) -> None:
     app = _app(instance)
     upgrade(app.extensions["headlesskey"].engine)
     click.echo("Database is up to date.")
+
+
+@main.command("jobs")
+@INSTANCE
+@click.option("--webhook-interval", default=2.0, show_default=True,
+              type=click.FloatRange(0.1, 3600), help="Seconds between webhook delivery runs.")
+@click.option("--prune-interval", default=3600, show_default=True,
+              type=click.IntRange(1, 7 * 86400), help="Seconds between prunings of old rows.")
+@click.option("--parent-pid", type=int, default=None, hidden=True,
+              help="Stop when this process (serve) is gone.")
+def jobs_command(
+    instance: Path, webhook_interval: float, prune_interval: int, parent_pid: int | None
+) -> None:
+    """Run the background jobs (webhook delivery, pruning) until SIGTERM or Ctrl-C.
+
+    `serve` starts this beside gunicorn unless given --no-jobs. Any number may run at once,
+    on one host or several: no message is sent twice at the same time.
+    """
+    import logging
+    import signal
+    import threading
+
+    from .jobs import run_scheduler
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s [jobs] %(levelname)s %(name)s: %(message)s"
+    )
+    # "skipped: maximum number of running instances reached" every 2 s while a slow delivery
+    # runs is expected (max_instances=1), not news.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
+    app = _app(instance)
+    state = app.extensions["headlesskey"]
+    stop = threading.Event()
+
+    def _on_signal(_signum: int, _frame: t.Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    scheduler = run_scheduler(
+        app, webhook_interval=webhook_interval, prune_interval=prune_interval
+    )
+    click.echo(
+        f"Jobs of {state.settings.site_name} running: {len(state.settings.webhooks)} webhook "
+        f"endpoint(s), delivery every {webhook_interval:g}s, pruning every {prune_interval}s"
+    )
+    try:
+        while not stop.wait(1.0):
+            if parent_pid is not None and os.getppid() != parent_pid:
+                click.echo("serve has exited; stopping the jobs", err=True)
+                break
+    finally:
+        scheduler.shutdown(wait=True)
+        state.engine.dispose()
+    click.echo("Jobs stopped.")
+
+
+def _start_jobs_process(instance: Path) -> t.Any:
+    """``headlesskey-agent jobs`` for ``instance`` as a child of this process (serve)."""
+    import subprocess
+
+    return subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "agent.cli", "jobs", "--instance", str(instance.resolve()),
+         "--parent-pid", str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _stop_jobs_process(process: t.Any) -> None:
+    import subprocess
+
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(30)  # the jobs finish the delivery in flight
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+if __name__ == "__main__":
+    main()

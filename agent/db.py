@@ -7,6 +7,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from sqlalchemy import CursorResult
 from sqlalchemy import Engine
 from sqlalchemy import create_engine
 from sqlalchemy import event
@@ -51,6 +52,11 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def rowcount(result: t.Any) -> int:
+    """Rows matched by an UPDATE or DELETE (typed: ``Session.execute`` returns a plain Result)."""
+    return int(t.cast(CursorResult[t.Any], result).rowcount)
 
 
 def alembic_config(engine: Engine) -> AlembicConfig:

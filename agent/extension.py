@@ -146,7 +146,9 @@ def authenticate_request() -> Identity:
         token, state.ring, issuer=s.issuer, audience=s.audience, leeway=s.leeway
     )
     check_session(state, claims)
-    data = claims.get("data") if isinstance(claims.get("data"), dict) else {}
+    data = claims.get("data")
+    if not isinstance(data, dict):
+        data = {}
     identity = Identity(
         user_id=int(claims["sub"]),
         user_login=str(data.get("user_login", "")),

@@ -398,14 +398,16 @@ def change_password() -> Response:
     db = get_db()
     state = get_state()
     client = _client()
-    user = db.get(User, identity.user_id)
-    if user is None:
+    found = db.get(User, identity.user_id)
+    if found is None:
         raise InvalidToken()
+    account: User = found
     _guarded_password_check(
-        db, state, user=user, login=user.user_login, client=client, event="password.changed",
-        check=lambda: accounts.check_current_password(state, user, current),
+        db, state, user=account, login=account.user_login, client=client,
+        event="password.changed",
+        check=lambda: accounts.check_current_password(state, account, current),
     )
-    user = db.merge(user)
+    user = db.merge(account)
     ended = accounts.change_password(db, state, user, new, identity.session_id)
     events.record(db, state, "password.changed", client=client, user_id=user.id,
                   session_id=identity.session_id, details={"sessions_ended": ended})

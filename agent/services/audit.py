@@ -17,6 +17,7 @@ from sqlalchemy import delete
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 
+from ..db import rowcount
 from ..errors import ValidationFailed
 from ..models import AuditEvent
 
@@ -136,4 +137,4 @@ def as_dict(row: AuditEvent) -> dict[str, t.Any]:
 
 def prune(db: DBSession, older_than: dt.datetime) -> int:
     """Delete events older than ``older_than``; returns how many (idempotent across workers)."""
-    return db.execute(delete(AuditEvent).where(AuditEvent.created_at < older_than)).rowcount
+    return rowcount(db.execute(delete(AuditEvent).where(AuditEvent.created_at < older_than)))

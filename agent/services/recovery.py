@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy import update
 from sqlalchemy.orm import Session as DBSession
 
+from ..db import rowcount
 from ..errors import InvalidResetToken
 from ..models import PasswordReset
 from ..models import User
@@ -140,11 +141,11 @@ def reset_password(
         raise InvalidResetToken()
     # Check the policy before spending the token, so a weak choice can be corrected.
     accounts.set_password(db, state, user, new_password)
-    claimed = db.execute(
+    claimed = rowcount(db.execute(
         update(PasswordReset)
         .where(PasswordReset.id == record.id, PasswordReset.used_at.is_(None))
         .values(used_at=now)
-    ).rowcount
+    ))
     if claimed != 1:  # a concurrent request used it first
         db.rollback()
         raise InvalidResetToken()

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy import update
 from sqlalchemy.orm import Session as DBSession
 
+from ..db import rowcount
 from ..errors import Forbidden
 from ..errors import InvalidGrant
 from ..errors import InvalidToken
@@ -189,11 +190,11 @@ def refresh(db: DBSession, state: State, presented: t.Any) -> Issued:
     if now >= sess.expires_at or now >= row.expires_at:
         raise InvalidGrant("The session has expired; log in again.", code="session_expired")
 
-    claimed = db.execute(
+    claimed = rowcount(db.execute(
         update(RefreshToken)
         .where(RefreshToken.id == row.id, RefreshToken.used_at.is_(None))
         .values(used_at=now)
-    ).rowcount
+    ))
     if claimed != 1:
         # Another request rotated this token first (or it is an old one): grace or reuse.
         db.refresh(row)
@@ -277,7 +278,7 @@ def revoke_user_sessions(
     )
     if keep is not None:
         stmt = stmt.where(Session.id != keep)
-    return db.execute(stmt).rowcount
+    return rowcount(db.execute(stmt))
 
 
 def revoke_by_refresh_token(db: DBSession, state: State, presented: str) -> Session | None:
