@@ -67,15 +67,17 @@ def main() -> None:
 def init(instance: Path, algorithm: str, site_url: str, site_name: str) -> None:
     """Create an instance folder: site.toml, the secret, the signing key, the database."""
     from .db import make_engine
+    from .config import _url
     from .db import upgrade
     from .services.keys import generate_private_key_pem
     from .standalone import SITE_FILE
 
-    instance.mkdir(parents=True, exist_ok=True)
-    os.chmod(instance, 0o700)
+    _url("--site-url", site_url)  # a bad URL stops here, before anything is written
     site_file = instance / SITE_FILE
     if site_file.exists():
         raise click.ClickException(f"{site_file} exists; refusing to overwrite it")
+    instance.mkdir(parents=True, exist_ok=True)
+    os.chmod(instance, 0o700)
     _write_private(instance / "secret.key", secrets.token_urlsafe(48).encode() + b"\n")
     lines = [
         "# HeadlessKey agent settings; every key is documented in docs/config.md.",

@@ -40,6 +40,11 @@ def _bool(key: str, value: t.Any) -> bool:
     raise ConfigError(f"{key}: expected true or false, got {value!r}")
 
 
+def parse_bool(key: str, value: t.Any) -> bool:
+    """A boolean setting: true/false, 1/0, yes/no, on/off."""
+    return _bool(key, value)
+
+
 def _int(key: str, value: t.Any, minimum: int = 0, maximum: int | None = None) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
@@ -225,8 +230,9 @@ def _webhooks(key: str, value: t.Any) -> tuple[WebhookEndpoint, ...]:
             raise ConfigError(f"{where}: unknown field {sorted(unknown)[0]!r}")
         url = _url(f"{where}.url", item.get("url"))
         secret = _str(f"{where}.secret", item.get("secret"))
+        body = secret.removeprefix("whsec_")
         try:
-            raw = base64.b64decode(secret.removeprefix("whsec_") + "==", validate=True)
+            raw = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
         except (binascii.Error, ValueError):
             raw = b""
         if not secret.startswith("whsec_") or len(raw) < 24:

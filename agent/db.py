@@ -13,6 +13,8 @@ from sqlalchemy import create_engine
 from sqlalchemy import event
 from sqlalchemy.pool import NullPool
 
+from .errors import ConfigError
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 # A version table of our own, so a host app's Alembic history is never touched.
 VERSION_TABLE = "hk_alembic_version"
@@ -24,7 +26,10 @@ def make_engine(url: str) -> Engine:
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite"):
         if url in {"sqlite://", "sqlite:///:memory:"}:
-            raise ValueError("in-memory SQLite cannot be shared between threads; use a file")
+            raise ConfigError(
+                "HEADLESSKEY_DATABASE_URL: in-memory SQLite cannot be shared between threads "
+                "and workers; use a file (sqlite:///path/to/db)"
+            )
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # NullPool: a SQLite connection is cheap to open and must not cross threads.
         engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 15})

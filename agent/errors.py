@@ -115,10 +115,13 @@ class Unauthorized(AgentError):
     status = 401
     message = "Authentication is required."
 
+    challenge = 'Bearer realm="headlesskey"'
+
     def __init__(self, message: str | None = None, **kw: t.Any) -> None:
         super().__init__(message, **kw)
-        # RFC 6750 §3: a 401 from a bearer-protected resource names the scheme.
-        self.headers.setdefault("WWW-Authenticate", f'Bearer error="{self.code}"')
+        # RFC 6750 §3: a 401 names the scheme; an error code only when a token was presented
+        # and is bad (§3.1), never for a request that carried none.
+        self.headers.setdefault("WWW-Authenticate", self.challenge)
 
 
 class InvalidCredentials(Unauthorized):
@@ -129,6 +132,7 @@ class InvalidCredentials(Unauthorized):
 class InvalidToken(Unauthorized):
     code = "invalid_token"
     message = "The token is invalid or has expired."
+    challenge = 'Bearer realm="headlesskey", error="invalid_token"'
 
 
 class Forbidden(AgentError):

@@ -9,9 +9,12 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import os
+import secrets
 import typing as t
 from dataclasses import dataclass
 from dataclasses import field
+from pathlib import Path
 
 from flask import Flask
 from flask import Response
@@ -39,12 +42,15 @@ from .errors import UnsupportedMediaType
 from .services.keys import KeyRing
 from .services.keys import build_keyring
 from .services.keys import derive_key
+from .services.keys import ensure_key_file
+from .services.keys import generate_private_key_pem
 from .services.mail import Mailer
 from .services.passwords import Hasher
 from .services.sessions import check_session
 from .services.tokens import verify_access_token
 
 EXTENSION_KEY = "headlesskey"
+PREFIX = config_module.PREFIX
 FILTERS = ("token_claims", "login_response", "user_payload", "allow_registration", "password_policy")
 F = t.TypeVar("F", bound=t.Callable[..., t.Any])
 FALLBACK_HEADER = "X-HeadlessKey-Authorization"
@@ -182,6 +188,8 @@ def read_json() -> dict[str, t.Any]:
     state = get_state()
     if request.content_length is not None and request.content_length > state.settings.max_body:
         raise PayloadTooLarge()
+    # Also bounds bodies sent without Content-Length (chunked): the stream stops at the limit.
+    request.max_content_length = state.settings.max_body
     try:
         raw = request.get_data(cache=True)
     except RequestEntityTooLarge:
@@ -243,10 +251,16 @@ class HeadlessKey:
         return register
 
     def init_app(self, app: Flask) -> None:
-        """Check the settings, open the database, and register the API on ``app``."""
-        settings = config_module.build_settings(app.config, app.instance_path)
+        """Check the settings, open the database, and register the API on ``app``.
+
+        Settings come from ``app.config``, then ``HEADLESSKEY_*`` environment variables for keys
+        the app leaves unset. With no secret configured, one is generated on first start in the
+        instance folder (mode 0600), and likewise the PEM key of RS256/ES256.
+        """
+        values = _configured_values(app)
+        settings = config_module.build_settings(values, app.instance_path)
         engine = make_engine(settings.database_url)
-        if app.config.get("HEADLESSKEY_AUTO_MIGRATE", True):
+        if config_module.parse_bool(PREFIX + "AUTO_MIGRATE", values.get(PREFIX + "AUTO_MIGRATE", True)):
             upgrade(engine)
         state = State(
             settings=settings,
@@ -296,9 +310,29 @@ class HeadlessKey:
         return decorator
 
 
+def _configured_values(app: Flask) -> dict[str, t.Any]:
+    values = config_module.from_environ(os.environ)
+    values.update({k: v for k, v in app.config.items() if k.startswith(PREFIX)})
+    instance = Path(app.instance_path)
+    if not values.get(PREFIX + "SECRET_KEY") and not values.get(PREFIX + "SECRET_KEY_FILE"):
+        path = ensure_key_file(instance / "headlesskey-secret.key",
+                               lambda: secrets.token_urlsafe(48).encode())
+        values[PREFIX + "SECRET_KEY_FILE"] = str(path)
+    algorithm = values.get(PREFIX + "ALGORITHM", "HS256")
+    if algorithm in ("RS256", "ES256") and not values.get(PREFIX + "PRIVATE_KEY_FILE"):
+        path = ensure_key_file(instance / f"headlesskey-{algorithm.lower()}.pem",
+                               lambda: generate_private_key_pem(algorithm))
+        values[PREFIX + "PRIVATE_KEY_FILE"] = str(path)
+    return values
+
+
 def _in_api(path: str) -> bool:
     settings = get_state().settings
-    return path.startswith(settings.prefix + "/") or path == "/.well-known/jwks.json"
+    return (
+        path == settings.prefix
+        or path.startswith(settings.prefix + "/")
+        or path == "/.well-known/jwks.json"
+    )
 
 
 def _http_error(exc: HTTPException) -> Response | HTTPException:

@@ -16,10 +16,14 @@ from . import events
 from .config import Settings
 from .errors import AgentError
 from .errors import Forbidden
+from .errors import IncorrectPassword
+from .errors import InvalidCredentials
+from .errors import InvalidResetToken
 from .errors import InvalidToken
 from .errors import NotFound
 from .errors import RegistrationClosed
 from .errors import ValidationFailed
+from .errors import WeakPassword
 from .extension import authenticate_request
 from .extension import bearer_token
 from .extension import State
@@ -139,7 +143,7 @@ def _guarded_password_check(
         raise
     try:
         check()
-    except AgentError as exc:
+    except (InvalidCredentials, IncorrectPassword, InvalidResetToken) as exc:
         db.rollback()
         for key, seconds in lockout.failed(db, state, keys):
             events.record(db, state, "lockout.started", outcome="info", client=client,
@@ -148,6 +152,13 @@ def _guarded_password_check(
                                    "seconds": seconds})
         events.record(db, state, event, outcome="failure", client=client, user_id=user_id,
                       login=login, details={"reason": exc.code})
+        db.commit()
+        raise
+    except AgentError:
+        # The secret was right; the request failed for another reason (a weak new password).
+        # That is no guess: give the reservation back.
+        db.rollback()
+        lockout.succeeded(db, state, keys)
         db.commit()
         raise
     lockout.succeeded(db, state, keys)
@@ -408,7 +419,10 @@ def change_password() -> Response:
         check=lambda: accounts.check_current_password(state, account, current),
     )
     user = db.merge(account)
-    ended = accounts.change_password(db, state, user, new, identity.session_id)
+    try:
+        ended = accounts.change_password(db, state, user, new, identity.session_id)
+    except WeakPassword as exc:
+        raise WeakPassword(fields={"new_password": (exc.fields or {}).get("password", [])}) from None
     events.record(db, state, "password.changed", client=client, user_id=user.id,
                   session_id=identity.session_id, details={"sessions_ended": ended})
     db.commit()

@@ -92,6 +92,10 @@ def create_user(
         fields["username"] = ["3 to 60 characters: letters, digits and _ . @ + -"]
     if not valid_email(email):
         fields["email"] = ["A valid email address is required."]
+    elif "@" in username and key_of(username) != key_of(email):
+        # Logins are looked up by username or email: a username shaped like someone else's
+        # address would capture their email logins and resets.
+        fields["username"] = ["A username containing @ must be your own email address."]
     if display_name is not None and not (0 < len(display_name.strip()) <= 250):
         fields["display_name"] = ["1 to 250 characters."]
     if fields:

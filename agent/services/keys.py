@@ -11,9 +11,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import typing as t
 from dataclasses import dataclass
 from dataclasses import field
+from pathlib import Path
 
 import jwt
 from cryptography.hazmat.primitives import hashes
@@ -34,6 +36,21 @@ def derive_key(secret: bytes, purpose: str, length: int = 32) -> bytes:
 
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def ensure_key_file(path: Path, make: t.Callable[[], bytes]) -> Path:
+    """Create ``path`` (mode 0600) with ``make()`` unless it exists; safe across processes.
+
+    Several workers starting at once all end up with the content of whichever created it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(make())
+    return path
 
 
 def generate_private_key_pem(algorithm: str) -> bytes:

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from email.utils import formatdate
 from email.utils import make_msgid
+from email.utils import parseaddr
 
 from ..config import Settings
 
@@ -38,7 +39,8 @@ class Mailer:
         msg["To"] = to
         msg["Subject"] = subject
         msg["Date"] = formatdate(localtime=False)
-        msg["Message-ID"] = make_msgid(domain=self.settings.mail_from.rpartition("@")[2] or None)
+        domain = parseaddr(self.settings.mail_from)[1].rpartition("@")[2]
+        msg["Message-ID"] = make_msgid(domain=domain or None)
         msg.set_content(body)
         return msg
 
