@@ -74,8 +74,9 @@ def init(instance: Path, algorithm: str, site_url: str, site_name: str) -> None:
 
     _url("--site-url", site_url)  # a bad URL stops here, before anything is written
     site_file = instance / SITE_FILE
-    if site_file.exists():
-        raise click.ClickException(f"{site_file} exists; refusing to overwrite it")
+    for existing in (site_file, instance / "secret.key", instance / "signing-key.pem"):
+        if existing.exists():
+            raise click.ClickException(f"{existing} exists; refusing to overwrite it")
     instance.mkdir(parents=True, exist_ok=True)
     os.chmod(instance, 0o700)
     _write_private(instance / "secret.key", secrets.token_urlsafe(48).encode() + b"\n")

@@ -48,9 +48,11 @@ def parse_bool(key: str, value: t.Any) -> bool:
 def _int(key: str, value: t.Any, minimum: int = 0, maximum: int | None = None) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
     if number < minimum or (maximum is not None and number > maximum):
         bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"

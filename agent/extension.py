@@ -188,12 +188,15 @@ def read_json() -> dict[str, t.Any]:
     state = get_state()
     if request.content_length is not None and request.content_length > state.settings.max_body:
         raise PayloadTooLarge()
-    # Also bounds bodies sent without Content-Length (chunked): the stream stops at the limit.
-    request.max_content_length = state.settings.max_body
+    # Bodies sent without Content-Length (chunked) are read at most one byte past the limit,
+    # so an oversized one is seen as such rather than silently cut.
+    request.max_content_length = state.settings.max_body + 1
     try:
         raw = request.get_data(cache=True)
     except RequestEntityTooLarge:
         raise PayloadTooLarge() from None
+    if len(raw) > state.settings.max_body:
+        raise PayloadTooLarge()
     if not raw.strip():
         return {}
     if request.mimetype != "application/json":
@@ -204,6 +207,11 @@ def read_json() -> dict[str, t.Any]:
         raise InvalidJSON() from None
     if not isinstance(data, dict):
         raise InvalidJSON()
+    try:
+        # JSON can spell lone surrogates ("\ud800") that no UTF-8 text may hold.
+        json.dumps(data, ensure_ascii=False).encode()
+    except (UnicodeEncodeError, RecursionError, ValueError):
+        raise InvalidJSON() from None
     return data
 
 

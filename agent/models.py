@@ -169,6 +169,9 @@ class Throttle(Base):
     window_start: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     lock_count: Mapped[int] = mapped_column(Integer, default=0)  # for escalating locks
+    # Attempts reserved and still being checked; they count toward the limit until resolved.
+    pending: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    pending_since: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class WebhookMessage(Base):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import typing as t
+import unicodedata
 
 from flask import Blueprint
 from flask import Response
@@ -65,7 +66,8 @@ class Form:
         if len(value) > max_length:
             self.errors.setdefault(name, []).append(f"At most {max_length} characters.")
             return None
-        if any(ord(c) < 32 for c in value):
+        if any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
+            # C0/C1 controls (NUL, CR, DEL, U+0085...) and lone surrogates.
             self.errors.setdefault(name, []).append("Control characters are not allowed.")
             return None
         return value
@@ -190,6 +192,9 @@ def _login(full_profile: bool) -> Response:
         evicted = sessions.enforce_session_limit(db, state, user)
     except sessions.SessionLimitReached:
         db.rollback()
+        # The password was right: release the reservation the rollback just undid.
+        lockout.succeeded(db, state, lockout.keys_for(state, user_id=user.id, login=login,
+                                                      ip=client.ip))
         events.record(db, state, "session.limit_reached", outcome="blocked", client=client,
                       user_id=user.id, login=login)
         db.commit()

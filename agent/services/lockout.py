@@ -1,11 +1,12 @@
 """Brute-force protection: failure counters per account and per client IP, in the database.
 
-An attempt is counted *before* the password is checked (:func:`acquire`), in its own short
-transaction, so 50 concurrent guesses against one account get at most ``max_failures``
-password checks: the others find the counter full and are refused with 429 at once, whatever
-worker or instance they reach. A success gives the reservation back (:func:`succeeded`); a
-failure that fills the counter starts a lock (:func:`failed`), which doubles on each repeat
-(at most 24 h). Unknown logins are counted under the login as typed, so a locked answer never
+An attempt is reserved *before* the password is checked (:func:`acquire`), in its own short
+transaction: failures plus attempts still being checked may never exceed the limit, so 50
+concurrent guesses against one account get at most ``max_failures`` password checks, whatever
+worker or instance they reach; the rest wait for those checks and then find the account
+locked. A success releases the reservation and clears the account's count
+(:func:`succeeded`); a failure is counted, and one that fills the counter starts a lock
+(:func:`failed`), which doubles on each repeat (at most 24 h). Unknown logins are counted under the login as typed, so a locked answer never
 tells whether an account exists.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import math
+import time
 import typing as t
 from dataclasses import dataclass
 
@@ -29,6 +31,8 @@ if t.TYPE_CHECKING:
     from ..extension import State
 
 MAX_LOCK = 86400
+MAX_WAIT = 3.0  # seconds an attempt waits for in-flight checks of the same counter
+STALE_PENDING = dt.timedelta(seconds=60)
 
 
 class TooManyAttempts(AgentError):
@@ -52,11 +56,17 @@ class Keys:
 
 
 def keys_for(state: State, *, user_id: int | None, login: str, ip: str) -> Keys:
-    """Counters for an attempt on ``user_id`` (or the unknown ``login``) from ``ip``."""
+    """Counters for an attempt on ``user_id`` (or the unknown ``login``) from ``ip``.
+
+    An unknown login is keyed exactly as logins are looked up (NFKC, case-folded, trimmed), so
+    every spelling that would reach one account also shares one counter when there is none.
+    """
+    from .accounts import key_of
+
     s = state.settings
     if ip and _allowlisted(ip, s.lockout_allowlist):
         return Keys(())
-    account = f"u:{user_id}" if user_id is not None else f"l:{login.casefold()[:250]}"
+    account = f"u:{user_id}" if user_id is not None else f"l:{key_of(login)[:250]}"
     items = [(account, s.lockout_max_failures)]
     if ip:
         items.append((f"ip:{ip}", s.lockout_ip_max_failures))
@@ -73,7 +83,7 @@ def _allowlisted(ip: str, networks: t.Sequence[t.Any]) -> bool:
 
 def _locked_row(db: DBSession, key: str, now: dt.datetime) -> Throttle:
     """The counter row for ``key``, created if missing, locked for this transaction."""
-    values = {"key": key, "failures": 0, "window_start": now, "lock_count": 0}
+    values = {"key": key, "failures": 0, "window_start": now, "lock_count": 0, "pending": 0}
     dialect = db.get_bind().dialect.name
     if dialect == "postgresql":
         db.execute(pg_insert(Throttle).values(values).on_conflict_do_nothing())
@@ -88,63 +98,82 @@ def _locked_row(db: DBSession, key: str, now: dt.datetime) -> Throttle:
         )
     )
     assert row is not None
+    if row.pending and row.pending_since and now - row.pending_since > STALE_PENDING:
+        row.pending = 0  # reservations of a process that died mid-check
     return row
 
 
 def acquire(factory: t.Callable[[], DBSession], state: State, keys: Keys) -> None:
     """Reserve one attempt on every counter, or raise :class:`TooManyAttempts`.
 
-    Runs in its own committed transaction, before and apart from the password check.
+    Runs in its own committed transaction, before and apart from the password check. A counter
+    full only because of attempts still being checked makes this one wait for them (briefly),
+    so concurrent right passwords all get through while concurrent guesses never exceed the
+    limit.
     """
     if not keys:
         return
     s = state.settings
-    now = state.clock()
     window = dt.timedelta(seconds=s.lockout_window)
-    with factory() as db:
-        blocked_for = 0
-        rows = []
-        for key, limit in keys.items:
-            row = _locked_row(db, key, now)
-            if row.locked_until is not None and now < row.locked_until:
-                blocked_for = max(blocked_for, _seconds(row.locked_until - now))
-            elif row.failures >= limit and now - row.window_start < window:
-                # Full but not yet locked: the last allowed attempts are still in flight.
-                blocked_for = max(blocked_for, s.lockout_duration)
-            rows.append((row, limit))
-        if blocked_for:
+    deadline = time.monotonic() + MAX_WAIT
+    while True:
+        now = state.clock()
+        with factory() as db:
+            blocked_for = 0
+            busy = False
+            rows = []
+            for key, limit in keys.items:
+                row = _locked_row(db, key, now)
+                if row.locked_until is not None and now < row.locked_until:
+                    blocked_for = max(blocked_for, _seconds(row.locked_until - now))
+                    continue
+                if now - row.window_start >= window:
+                    row.failures = 0
+                    row.window_start = now
+                if row.failures >= limit:
+                    blocked_for = max(blocked_for, s.lockout_duration)
+                elif row.failures + row.pending >= limit:
+                    busy = True
+                rows.append(row)
+            if blocked_for:
+                db.commit()
+                raise TooManyAttempts(blocked_for)
+            if not busy:
+                for row in rows:
+                    row.pending += 1
+                    row.pending_since = now
+                db.commit()
+                return
             db.commit()
-            raise TooManyAttempts(blocked_for)
-        for row, _limit in rows:
-            if now - row.window_start >= window or (
-                row.locked_until is not None and now >= row.locked_until and row.failures == 0
-            ):
-                row.failures = 0
-                row.window_start = now
-            row.failures += 1
-        db.commit()
+        if time.monotonic() >= deadline:
+            raise TooManyAttempts(1)
+        time.sleep(0.05)
 
 
 def succeeded(db: DBSession, state: State, keys: Keys) -> None:
-    """The attempt was right: clear the account's counter, give the IP's reservation back."""
+    """The attempt was right: release it; the account's counter and escalation start over."""
     now = state.clock()
     for key, _limit in keys.items:
         row = _locked_row(db, key, now)
-        if key.startswith("ip:"):
-            row.failures = max(0, row.failures - 1)
-        else:
+        row.pending = max(0, row.pending - 1)
+        if not key.startswith("ip:"):
             row.failures = 0
             row.lock_count = 0
             row.locked_until = None
 
 
 def failed(db: DBSession, state: State, keys: Keys) -> list[tuple[str, int]]:
-    """The attempt was wrong: lock every counter that is now full; returns (key, seconds) locked."""
+    """The attempt was wrong: count it, and lock every counter now full.
+
+    Returns the (key, seconds) of each lock started.
+    """
     s = state.settings
     now = state.clock()
     started = []
     for key, limit in keys.items:
         row = _locked_row(db, key, now)
+        row.pending = max(0, row.pending - 1)
+        row.failures += 1
         if row.failures >= limit and (row.locked_until is None or row.locked_until <= now):
             seconds = min(MAX_LOCK, s.lockout_duration * 2 ** min(row.lock_count, 16))
             row.locked_until = now + dt.timedelta(seconds=seconds)
@@ -157,7 +186,9 @@ def failed(db: DBSession, state: State, keys: Keys) -> list[tuple[str, int]]:
 
 def unlock_user(db: DBSession, user_id: int, login_keys: t.Iterable[str] = ()) -> int:
     """Clear the counters of an account (admin unlock); returns how many were cleared."""
-    keys = [f"u:{user_id}", *(f"l:{k.casefold()}" for k in login_keys)]
+    from .accounts import key_of
+
+    keys = [f"u:{user_id}", *(f"l:{key_of(k)}" for k in login_keys)]
     rows = db.scalars(select(Throttle).where(Throttle.key.in_(keys))).all()
     for row in rows:
         db.delete(row)

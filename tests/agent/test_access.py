@@ -1,0 +1,483 @@
+"""Access rules, ``@hk.require`` on a site's own routes, filters and signals, over real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import typing as t
+from pathlib import Path
+
+import jwt
+import pytest
+import requests
+from flask import Flask
+from flask import request
+from werkzeug.serving import make_server
+
+import agent
+from agent import HeadlessKey
+from agent import signals
+from agent.errors import ConfigError
+from agent.events import Event
+from tests.conftest import FAST_HASH
+from tests.conftest import PASSWORD
+from tests.conftest import Api
+from tests.conftest import Clock
+from tests.conftest import Site
+from tests.conftest import _fresh_schema
+from tests.conftest import free_port
+
+NEW_USER = {"username": "dave", "email": "dave@example.com", "password": PASSWORD}
+
+
+def claims_of(token: str) -> dict[str, t.Any]:
+    return t.cast(dict[str, t.Any], jwt.decode(token, options={"verify_signature": False}))
+
+
+# --- a site of our own, with its own routes ---------------------------------------------------
+
+
+class OwnSite:
+    """A Flask app with ``hk = HeadlessKey(app)``: add routes and filters, then :meth:`serve`."""
+
+    def __init__(self, tmp_path: Path, index: int, settings: dict[str, t.Any]) -> None:
+        self.port = free_port()
+        db_url = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL")
+        if db_url:
+            # Schemas 50+ so they never meet make_site's (0, 1, ...) in the same test.
+            db_url = _fresh_schema(db_url, 50 + index)
+        else:
+            db_url = f"sqlite:///{tmp_path / f'own{index}.db'}"
+        self.app = Flask(f"own{index}", instance_path=str(tmp_path / f"own-instance{index}"))
+        self.app.config.update(FAST_HASH)
+        self.app.config.update(
+            {
+                "HEADLESSKEY_SECRET_KEY": f"own-secret-{index}-" + "y" * 40,
+                "HEADLESSKEY_ALGORITHM": "HS256",
+                "HEADLESSKEY_SITE_URL": f"http://127.0.0.1:{self.port}",
+                "HEADLESSKEY_DATABASE_URL": db_url,
+                "HEADLESSKEY_MAIL_BACKEND": "null",
+            }
+        )
+        self.app.config.update(settings)
+        self.clock = Clock()
+        self.hk = HeadlessKey(self.app, clock=self.clock)
+        self.server: t.Any = None
+        self.thread: threading.Thread | None = None
+
+    def serve(self) -> Site:
+        self.server = make_server("127.0.0.1", self.port, self.app, threaded=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        prefix = self.app.extensions["headlesskey"].settings.prefix
+        return Site(self.app, Api(f"http://127.0.0.1:{self.port}", prefix), self.clock, None)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            assert self.thread is not None
+            self.thread.join(5)
+        state = self.app.extensions["headlesskey"]
+        state.mailer.shutdown()
+        state.engine.dispose()
+
+
+@pytest.fixture
+def own_site(tmp_path: Path) -> t.Iterator[t.Callable[..., OwnSite]]:
+    made: list[OwnSite] = []
+
+    def factory(**settings: t.Any) -> OwnSite:
+        site = OwnSite(tmp_path, len(made), settings)
+        made.append(site)
+        return site
+
+    yield factory
+    for site in made:
+        site.close()
+
+
+def host_get(site: Site, path: str, **kw: t.Any) -> requests.Response:
+    """GET a route of the host app (outside the API prefix)."""
+    headers = dict(kw.pop("headers", None) or {})
+    token = kw.pop("token", None)
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return requests.get(site.api.base + path, headers=headers, timeout=30, **kw)
+
+
+# --- HEADLESSKEY_ACCESS ---------------------------------------------------------------------
+
+
+def test_register_for_administrators_only(make_site: t.Callable[..., Site]) -> None:
+    s = make_site("HS256", HEADLESSKEY_ACCESS={"register": ["administrator"]})
+    s.create_user("alice")
+    s.create_user("root", roles=["administrator"])
+    anonymous = s.api.post("/register", json=NEW_USER)
+    assert anonymous.status_code == 401
+    assert anonymous.json()["code"] == "unauthorized"
+    assert anonymous.headers["WWW-Authenticate"].startswith("Bearer")
+    subscriber = s.api.post("/register", json=NEW_USER, token=s.api.login("alice")["token"])
+    assert subscriber.status_code == 403
+    assert subscriber.json()["code"] == "forbidden"
+    assert s.scalar("SELECT count(*) FROM hk_users WHERE user_login = 'dave'") == 0
+    admin = s.api.post("/register", json=NEW_USER, token=s.api.login("root")["token"])
+    assert admin.status_code == 201, admin.text
+    assert s.scalar("SELECT count(*) FROM hk_users WHERE user_login = 'dave'") == 1
+    # Other endpoints keep their defaults.
+    assert s.api.post("/token", json={"username": "dave", "password": PASSWORD}).status_code == 200
+
+
+def test_public_me_still_needs_a_caller(make_site: t.Callable[..., Site]) -> None:
+    s = make_site("HS256", HEADLESSKEY_ACCESS={"me": "public"})
+    s.create_user("alice")
+    r = s.api.get("/me")
+    assert r.status_code == 401
+    assert r.json()["code"] == "unauthorized"
+    assert s.api.get("/me", token=s.api.login()["token"]).status_code == 200
+
+
+def test_unknown_endpoint_in_access_stops_start_up(make_site: t.Callable[..., Site]) -> None:
+    with pytest.raises(ConfigError, match="HEADLESSKEY_ACCESS"):
+        make_site("HS256", HEADLESSKEY_ACCESS={"no_such_endpoint": "public"})
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/admin/logs"),
+        ("POST", "/admin/users/1/unlock"),
+        ("GET", "/admin/users/1/sessions"),
+        ("DELETE", "/admin/sessions/abc"),
+    ],
+)
+def test_admin_endpoints_need_an_administrator(
+    make_site: t.Callable[..., Site], method: str, path: str
+) -> None:
+    s = make_site("HS256")
+    s.create_user("alice")
+    s.create_user("root", roles=["administrator"])
+    anonymous = s.api.request(method, path)
+    assert anonymous.status_code == 401
+    assert anonymous.json()["code"] == "unauthorized"
+    assert anonymous.headers["WWW-Authenticate"].startswith("Bearer")
+    subscriber = s.api.request(method, path, token=s.api.login("alice")["token"])
+    assert subscriber.status_code == 403
+    assert subscriber.json() == {
+        "code": "forbidden",
+        "message": "You are not allowed to do this.",
+        "data": {"status": 403},
+    }
+    admin = s.api.request(method, path, token=s.api.login("root")["token"])
+    assert admin.status_code in (200, 404), admin.text  # 404: no session "abc"
+    assert admin.status_code == (404 if path.endswith("/abc") else 200)
+
+
+# --- @hk.require on the site's own routes ----------------------------------------------------
+
+
+@pytest.fixture
+def guarded(own_site: t.Callable[..., OwnSite]) -> Site:
+    """A site with its own routes: /api/profile (any user), /api/reports (editors), /open."""
+    own = own_site()
+    hk = own.hk
+
+    @own.app.get("/api/profile")
+    @hk.require()
+    def profile() -> t.Any:
+        identity = agent.current_identity
+        assert identity
+        return {
+            "user_id": identity.user_id,
+            "user_login": identity.user_login,
+            "roles": list(identity.roles),
+            "session_id": identity.session_id,
+            "claims": identity.claims,
+        }
+
+    @own.app.get("/api/reports")
+    @hk.require(roles=["editor"])
+    def reports() -> t.Any:
+        assert agent.current_identity
+        return {"reports": [], "user_id": agent.current_identity.user_id}
+
+    @own.app.get("/open")
+    def open_route() -> t.Any:
+        return {
+            "authorization": request.headers.get("Authorization"),
+            # current_identity is a proxy: its truth value is the caller's (None: no caller).
+            "identity": bool(agent.current_identity),
+        }
+
+    site = own.serve()
+    assert site.create_user("alice") == 1
+    assert site.create_user("eddie", roles=["editor"]) == 2
+    return site
+
+
+def test_require_needs_a_token(guarded: Site) -> None:
+    r = host_get(guarded, "/api/profile")
+    assert r.status_code == 401
+    assert r.headers["Content-Type"].startswith("application/json")
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert r.json()["code"] == "unauthorized"
+    bad = host_get(guarded, "/api/profile", token="not.a.token")
+    assert bad.status_code == 401
+    assert bad.json()["code"] == "invalid_token"
+    assert bad.headers["WWW-Authenticate"].startswith("Bearer")
+    pair = guarded.api.login("alice")
+    ok = host_get(guarded, "/api/profile", token=pair["token"])
+    assert ok.status_code == 200, ok.text
+    body = ok.json()
+    assert body["user_id"] == 1
+    assert body["user_login"] == "alice"
+    assert body["roles"] == ["subscriber"]
+    assert body["session_id"] == pair["sid"]
+    assert body["claims"]["sub"] == "1"
+    assert body["claims"]["jti"] == pair["jti"]
+    assert body["claims"] == claims_of(pair["token"])
+    # A revoked session's token no longer opens the route.
+    assert guarded.api.post("/token/revoke", token=pair["token"]).status_code == 200
+    assert host_get(guarded, "/api/profile", token=pair["token"]).status_code == 401
+
+
+def test_require_roles(guarded: Site) -> None:
+    subscriber = host_get(guarded, "/api/reports", token=guarded.api.login("alice")["token"])
+    assert subscriber.status_code == 403
+    assert subscriber.headers["Content-Type"].startswith("application/json")
+    assert subscriber.json()["code"] == "forbidden"
+    editor = host_get(guarded, "/api/reports", token=guarded.api.login("eddie")["token"])
+    assert editor.status_code == 200, editor.text
+    assert editor.json() == {"reports": [], "user_id": 2}
+    assert host_get(guarded, "/api/reports").status_code == 401
+
+
+def test_undecorated_routes_get_foreign_authorization_untouched(guarded: Site) -> None:
+    basic = "Basic " + base64.b64encode(b"alice:secret").decode()
+    foreign = jwt.encode({"sub": "42", "iss": "https://elsewhere.example"}, "x" * 32, "HS256")
+    ours = guarded.api.login("alice")["token"]
+    for value in (basic, f"Bearer {foreign}", f"Bearer {ours}", "Bearer garbage"):
+        r = requests.get(guarded.api.base + "/open", headers={"Authorization": value}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"authorization": value, "identity": False}
+    plain = requests.get(guarded.api.base + "/open", timeout=30)
+    assert plain.json() == {"authorization": None, "identity": False}
+
+
+# --- filters --------------------------------------------------------------------------------
+
+
+def test_token_claims_filter_adds_claims_but_cannot_replace_registered_ones(
+    own_site: t.Callable[..., OwnSite],
+) -> None:
+    own = own_site()
+
+    @own.hk.filter("token_claims")
+    def add_tenant(claims: dict[str, t.Any], user: t.Any) -> dict[str, t.Any]:
+        return {**claims, "tenant": "acme"}
+
+    @own.hk.filter("token_claims")
+    def try_to_escalate(claims: dict[str, t.Any], user: t.Any) -> dict[str, t.Any]:
+        return {
+            **claims,
+            "sub": "999",
+            "roles": ["administrator"],
+            "iss": "https://evil.example",
+            "sid": "other",
+        }
+
+    site = own.serve()
+    site.create_user("alice")
+    body = site.api.login()
+    claims = claims_of(body["token"])
+    assert claims["tenant"] == "acme"
+    assert claims["sub"] == "1"
+    assert claims["roles"] == ["subscriber"]
+    assert claims["iss"] == site.state.settings.issuer
+    assert claims["sid"] == body["sid"]
+    assert site.api.get("/me", token=body["token"]).json()["ID"] == 1
+    # A refreshed token carries the extra claim as well.
+    refreshed = site.api.post("/token/refresh", json={"refresh_token": body["refresh_token"]})
+    assert refreshed.status_code == 200, refreshed.text
+    again = claims_of(refreshed.json()["token"])
+    assert (again["tenant"], again["sub"], again["roles"]) == ("acme", "1", ["subscriber"])
+
+
+def test_login_response_filter(own_site: t.Callable[..., OwnSite]) -> None:
+    own = own_site()
+
+    @own.hk.filter("login_response")
+    def welcome(body: dict[str, t.Any], user: t.Any) -> dict[str, t.Any]:
+        return {**body, "welcome": f"Hello {user.display_name}"}
+
+    site = own.serve()
+    site.create_user("alice")
+    token = site.api.post("/token", json={"username": "alice", "password": PASSWORD})
+    assert token.status_code == 200
+    assert token.json()["welcome"] == "Hello alice"
+    assert token.json()["token"]
+    profile = site.api.post("/login", json={"username": "alice", "password": PASSWORD})
+    assert profile.json()["welcome"] == "Hello alice"
+
+
+def test_user_payload_filter(own_site: t.Callable[..., OwnSite]) -> None:
+    own = own_site()
+
+    @own.hk.filter("user_payload")
+    def avatar(payload: dict[str, t.Any], user: t.Any) -> dict[str, t.Any]:
+        return {**payload, "avatar": f"https://avatars.example/{user.id}.png"}
+
+    site = own.serve()
+    site.create_user("alice")
+    body = site.api.login()
+    assert body["user"]["avatar"] == "https://avatars.example/1.png"
+    me = site.api.get("/me", token=body["token"])
+    assert me.status_code == 200
+    assert me.json()["avatar"] == "https://avatars.example/1.png"
+    assert me.json()["user_login"] == "alice"
+
+
+def test_allow_registration_filter(own_site: t.Callable[..., OwnSite]) -> None:
+    own = own_site()
+    seen: list[dict[str, t.Any]] = []
+
+    @own.hk.filter("allow_registration")
+    def company_only(allowed: bool, fields: dict[str, t.Any]) -> bool:
+        seen.append(fields)
+        return allowed and fields["email"].endswith("@acme.example")
+
+    site = own.serve()
+    r = site.api.post("/register", json=NEW_USER)
+    assert r.status_code == 403
+    assert r.json()["code"] == "registration_refused"
+    assert site.scalar("SELECT count(*) FROM hk_users") == 0
+    assert seen == [{"username": "dave", "email": "dave@example.com", "display_name": None}]
+    ok = site.api.post("/register", json={**NEW_USER, "email": "dave@acme.example"})
+    assert ok.status_code == 201, ok.text
+    assert site.scalar("SELECT count(*) FROM hk_users") == 1
+
+
+def test_password_policy_filter(own_site: t.Callable[..., OwnSite]) -> None:
+    own = own_site()
+    message = "Do not use the company's name in a password."
+
+    @own.hk.filter("password_policy")
+    def no_company_name(problems: list[str], password: str, context: dict[str, t.Any]) -> list[str]:
+        if "acme" in password.casefold():
+            return [*problems, message]
+        return problems
+
+    site = own.serve()
+    r = site.api.post("/register", json={**NEW_USER, "password": "ACME rockets launch at dawn"})
+    assert r.status_code == 400
+    assert r.json()["code"] == "weak_password"
+    assert message in r.json()["data"]["fields"]["password"]
+    assert site.scalar("SELECT count(*) FROM hk_users") == 0
+    assert site.api.post("/register", json=NEW_USER).status_code == 201
+
+
+# --- signals --------------------------------------------------------------------------------
+
+
+class Receiver:
+    """Collects the events a signal sends for one app."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.events: list[Event] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, sender: t.Any, event: Event, **_: t.Any) -> None:
+        if sender is self.app:
+            with self.lock:
+                self.events.append(event)
+
+    def names(self) -> list[str]:
+        with self.lock:
+            return [e.name for e in self.events]
+
+
+@pytest.fixture
+def receivers(make_site: t.Callable[..., Site]) -> t.Iterator[tuple[Site, Receiver, Receiver]]:
+    s = make_site("HS256")
+    s.create_user("alice")
+    on_login = Receiver(s.app)
+    on_any = Receiver(s.app)
+    signals.login_succeeded.connect(on_login, weak=False)
+    signals.any_event.connect(on_any, weak=False)
+    try:
+        yield s, on_login, on_any
+    finally:
+        signals.login_succeeded.disconnect(on_login)
+        signals.any_event.disconnect(on_any)
+
+
+def test_signals_are_sent_for_a_login(receivers: tuple[Site, Receiver, Receiver]) -> None:
+    s, on_login, on_any = receivers
+    body = s.api.login(headers={"User-Agent": "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) "
+                                "Gecko/20100101 Firefox/128.0"})
+    (event,) = on_login.events
+    assert isinstance(event, Event)
+    assert event.name == "login.succeeded"
+    assert event.outcome == "success"
+    assert event.user_id == 1
+    assert event.ip == "127.0.0.1"
+    assert event.session_id == body["sid"]
+    assert event.device == "Firefox 128 on Linux"
+    assert on_any.names() == ["login.succeeded"]
+    assert on_any.events[0] == event
+
+
+def test_no_success_signal_for_a_failed_login(receivers: tuple[Site, Receiver, Receiver]) -> None:
+    s, on_login, on_any = receivers
+    r = s.api.post("/token", json={"username": "alice", "password": "wrong password here"})
+    assert r.status_code == 401
+    assert on_login.events == []
+    assert on_any.names() == ["login.failed"]
+    assert on_any.events[0].outcome == "failure"
+    assert on_any.events[0].user_id == 1
+
+
+def _refuse_login_rows(s: Site, refuse: bool) -> None:
+    """Make the database refuse (or accept again) audit rows of ``login.succeeded``."""
+    postgres = bool(os.environ.get("HEADLESSKEY_TEST_DATABASE_URL"))
+    with s.state.engine.begin() as conn:
+        if not refuse:
+            conn.exec_driver_sql(
+                "DROP TRIGGER hk_test_refuse ON hk_audit" if postgres
+                else "DROP TRIGGER hk_test_refuse"
+            )
+        elif postgres:
+            conn.exec_driver_sql(
+                "CREATE FUNCTION hk_test_refuse() RETURNS trigger AS $$ BEGIN "
+                "IF NEW.event = 'login.succeeded' THEN RAISE EXCEPTION 'refused by the test'; "
+                "END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+            conn.exec_driver_sql(
+                "CREATE TRIGGER hk_test_refuse BEFORE INSERT ON hk_audit FOR EACH ROW "
+                "EXECUTE FUNCTION hk_test_refuse()"
+            )
+        else:
+            conn.exec_driver_sql(
+                "CREATE TRIGGER hk_test_refuse BEFORE INSERT ON hk_audit "
+                "WHEN NEW.event = 'login.succeeded' "
+                "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+            )
+
+
+def test_no_signal_for_a_rolled_back_transaction(
+    receivers: tuple[Site, Receiver, Receiver],
+) -> None:
+    """The login's transaction fails at commit: no session, no row, and no signal."""
+    s, on_login, on_any = receivers
+    _refuse_login_rows(s, True)
+    r = s.api.post("/token", json={"username": "alice", "password": PASSWORD})
+    assert r.status_code == 500
+    assert "token" not in r.text
+    assert s.scalar("SELECT count(*) FROM hk_sessions") == 0
+    assert on_login.events == []
+    assert on_any.events == []
+    _refuse_login_rows(s, False)
+    assert s.api.post("/token", json={"username": "alice", "password": PASSWORD}).status_code == 200
+    assert [e.name for e in on_login.events] == ["login.succeeded"]
+    assert on_any.names() == ["login.succeeded"]

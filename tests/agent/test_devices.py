@@ -1,0 +1,256 @@
+"""Devices over HTTP: the session limit (evict the oldest or reject), device labels, admin views."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import typing as t
+
+import pytest
+import requests
+
+from tests.conftest import PASSWORD
+from tests.conftest import Site
+
+IPHONE_SAFARI = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1"
+)
+FIREFOX_WINDOWS = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 Firefox/128.0"
+
+
+def limited_site(make_site: t.Callable[..., Site], policy: str = "evict_oldest") -> Site:
+    """MAX_SESSIONS = 3; alice (1), bob (2) and an administrator root (3)."""
+    s = make_site(
+        "HS256", HEADLESSKEY_MAX_SESSIONS=3, HEADLESSKEY_SESSION_LIMIT_POLICY=policy
+    )
+    assert s.create_user("alice") == 1
+    assert s.create_user("bob") == 2
+    assert s.create_user("root", roles=["administrator"]) == 3
+    return s
+
+
+def login(s: Site, name: str = "alice", **kw: t.Any) -> requests.Response:
+    return s.api.post("/token", json={"username": name, "password": PASSWORD}, **kw)
+
+
+def active_rows(s: Site, user_id: int = 1) -> int:
+    return t.cast(
+        int,
+        s.scalar(
+            "SELECT count(*) FROM hk_sessions WHERE user_id = :u AND revoked_at IS NULL",
+            u=user_id,
+        ),
+    )
+
+
+def works(s: Site, pair: dict[str, t.Any]) -> bool:
+    status = s.api.get("/me", token=pair["token"]).status_code
+    assert status in (200, 401)
+    return status == 200
+
+
+def refresh_status(s: Site, pair: dict[str, t.Any]) -> int:
+    return s.api.post("/token/refresh", json={"refresh_token": pair["refresh_token"]}).status_code
+
+
+def concurrent_logins(s: Site, count: int) -> list[requests.Response]:
+    def one(_: int) -> requests.Response:
+        return requests.post(
+            s.api.url("/token"), json={"username": "alice", "password": PASSWORD}, timeout=60
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def assert_limit_reached(r: requests.Response) -> None:
+    assert r.status_code == 403, r.text
+    assert r.json()["code"] == "session_limit_reached"
+
+
+# --- evict the oldest -----------------------------------------------------------------------
+
+
+def test_fourth_login_evicts_the_oldest_session(make_site: t.Callable[..., Site]) -> None:
+    s = limited_site(make_site)
+    admin = s.api.login("root")["token"]
+    pairs = []
+    for _ in range(4):
+        pairs.append(s.api.login())
+        s.clock.advance(1)
+    first, *newest = pairs
+    assert not works(s, first)
+    assert refresh_status(s, first) == 400
+    for pair in newest:
+        assert works(s, pair)
+    listed = s.api.get("/sessions", token=newest[-1]["token"])
+    assert listed.status_code == 200
+    assert sorted(x["id"] for x in listed.json()["sessions"]) == sorted(p["sid"] for p in newest)
+    assert active_rows(s) == 3
+    logs = s.api.get("/admin/logs", params={"event": "session.evicted"}, token=admin)
+    assert logs.status_code == 200, logs.text
+    (row,) = logs.json()["events"]
+    assert row["user_id"] == 1
+    assert row["session_id"] == first["sid"]
+    assert row["details"]["by_session"] == newest[-1]["sid"]
+    assert row["outcome"] == "info"
+    # Refreshing the newest sessions does not count as a new session.
+    for pair in newest:
+        assert refresh_status(s, pair) == 200
+    assert active_rows(s) == 3
+
+
+def test_concurrent_logins_leave_exactly_the_limit(make_site: t.Callable[..., Site]) -> None:
+    s = limited_site(make_site)
+    answers = concurrent_logins(s, 10)
+    assert [r.status_code for r in answers] == [200] * 10, [r.text for r in answers]
+    assert active_rows(s) == 3
+    alive = [r.json() for r in answers if works(s, r.json())]
+    assert len(alive) == 3
+
+
+def test_other_users_do_not_count(make_site: t.Callable[..., Site]) -> None:
+    s = limited_site(make_site)
+    alices = [s.api.login() for _ in range(3)]
+    bobs = [s.api.login("bob") for _ in range(3)]
+    assert all(works(s, p) for p in alices + bobs)
+    assert active_rows(s, 1) == active_rows(s, 2) == 3
+
+
+# --- reject -----------------------------------------------------------------------------------
+
+
+def test_reject_policy_refuses_the_fourth_login(make_site: t.Callable[..., Site]) -> None:
+    s = limited_site(make_site, "reject")
+    admin = s.api.login("root")["token"]
+    pairs = [s.api.login() for _ in range(3)]
+    r = login(s)
+    assert_limit_reached(r)
+    assert "token" not in r.json()
+    assert s.scalar("SELECT count(*) FROM hk_sessions WHERE user_id = 1") == 3
+    assert all(works(s, p) for p in pairs)
+    logs = s.api.get("/admin/logs", params={"event": "session.limit_reached"}, token=admin)
+    (row,) = logs.json()["events"]
+    assert (row["user_id"], row["outcome"]) == (1, "blocked")
+
+
+def test_reject_policy_under_concurrency(make_site: t.Callable[..., Site]) -> None:
+    s = limited_site(make_site, "reject")
+    answers = concurrent_logins(s, 10)
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [200] * 3 + [403] * 7, [r.text for r in answers]
+    for r in answers:
+        if r.status_code == 403:
+            assert r.json()["code"] == "session_limit_reached"
+    assert active_rows(s) == 3
+    assert s.scalar("SELECT count(*) FROM hk_sessions WHERE user_id = 1") == 3
+
+
+def test_refused_logins_are_not_failed_passwords(make_site: t.Callable[..., Site]) -> None:
+    """A user at the limit who keeps trying with the right password is told the real reason."""
+    s = limited_site(make_site, "reject")
+    pairs = [s.api.login() for _ in range(3)]
+    for _ in range(8):
+        assert_limit_reached(login(s))
+    # Logging out on one device is enough to log in again.
+    assert s.api.post("/token/revoke", json={"token": pairs[0]["refresh_token"]}).status_code == 200
+    r = login(s)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("policy", ["evict_oldest", "reject"])
+def test_logging_out_frees_a_slot(make_site: t.Callable[..., Site], policy: str) -> None:
+    s = limited_site(make_site, policy)
+    pairs = [s.api.login() for _ in range(3)]
+    ended = s.api.delete(f"/sessions/{pairs[1]['sid']}", token=pairs[0]["token"])
+    assert ended.status_code == 200, ended.text
+    assert active_rows(s) == 2
+    fourth = login(s)
+    assert fourth.status_code == 200, fourth.text
+    # Nobody was evicted to make room.
+    assert works(s, pairs[0]) and works(s, pairs[2]) and works(s, fourth.json())
+    assert active_rows(s) == 3
+    fifth = login(s)
+    if policy == "reject":
+        assert_limit_reached(fifth)
+    else:
+        assert fifth.status_code == 200
+        assert not works(s, pairs[0])
+    assert active_rows(s) == 3
+
+
+# --- device labels --------------------------------------------------------------------------
+
+
+def test_sessions_list_names_the_device(make_site: t.Callable[..., Site]) -> None:
+    s = limited_site(make_site)
+    phone = login(s, headers={"User-Agent": IPHONE_SAFARI}).json()
+    s.clock.advance(1)
+    desktop = login(s, headers={"User-Agent": FIREFOX_WINDOWS}).json()
+    r = s.api.get("/sessions", token=phone["token"])
+    assert r.status_code == 200
+    by_id = {x["id"]: x for x in r.json()["sessions"]}
+    assert set(by_id) == {phone["sid"], desktop["sid"]}
+    mine = by_id[phone["sid"]]
+    assert "Safari" in mine["device"] and "iOS" in mine["device"], mine
+    assert mine["user_agent"] == IPHONE_SAFARI
+    assert mine["ip"] == "127.0.0.1"
+    assert mine["current"] is True
+    other = by_id[desktop["sid"]]
+    assert "Firefox" in other["device"] and "Windows" in other["device"], other
+    assert other["current"] is False
+    # Newest first.
+    assert [x["id"] for x in r.json()["sessions"]] == [desktop["sid"], phone["sid"]]
+
+
+# --- administrators -------------------------------------------------------------------------
+
+
+def test_admin_lists_and_ends_another_users_sessions(make_site: t.Callable[..., Site]) -> None:
+    s = limited_site(make_site)
+    admin = s.api.login("root")["token"]
+    phone = login(s, headers={"User-Agent": IPHONE_SAFARI}).json()
+    desktop = login(s, headers={"User-Agent": FIREFOX_WINDOWS}).json()
+    bob = s.api.login("bob")
+
+    r = s.api.get("/admin/users/1/sessions", token=admin)
+    assert r.status_code == 200, r.text
+    listed = r.json()["sessions"]
+    assert sorted(x["id"] for x in listed) == sorted([phone["sid"], desktop["sid"]])
+    assert {x["user_agent"] for x in listed} == {IPHONE_SAFARI, FIREFOX_WINDOWS}
+    assert all(x["current"] is False for x in listed)
+
+    # A subscriber can neither look nor end anyone's session.
+    for response in (
+        s.api.get("/admin/users/1/sessions", token=bob["token"]),
+        s.api.delete(f"/admin/sessions/{phone['sid']}", token=bob["token"]),
+    ):
+        assert response.status_code == 403
+        assert response.json()["code"] == "forbidden"
+    foreign = s.api.delete(f"/sessions/{phone['sid']}", token=bob["token"])
+    assert foreign.status_code == 404
+    assert foreign.json()["code"] == "session_not_found"
+    assert works(s, phone)
+
+    ended = s.api.delete(f"/admin/sessions/{phone['sid']}", token=admin)
+    assert ended.status_code == 200, ended.text
+    assert ended.json()["code"] == "session_ended"
+    assert not works(s, phone)
+    assert refresh_status(s, phone) == 400
+    assert works(s, desktop)
+    assert works(s, bob)
+    remaining = s.api.get("/admin/users/1/sessions", token=admin).json()["sessions"]
+    assert [x["id"] for x in remaining] == [desktop["sid"]]
+    again = s.api.delete(f"/admin/sessions/{phone['sid']}", token=admin)
+    assert again.status_code == 404
+
+    logs = s.api.get("/admin/logs", params={"event": "session.ended"}, token=admin).json()
+    (row,) = logs["events"]
+    assert row["user_id"] == 1
+    assert row["session_id"] == phone["sid"]
+    assert row["details"]["reason"] == "ended_by_admin"
+
+    missing = s.api.get("/admin/users/999/sessions", token=admin)
+    assert missing.status_code == 404
+    assert missing.json()["code"] == "user_not_found"
+    assert s.api.get("/admin/users/1/sessions").status_code == 401
