@@ -248,7 +248,7 @@ def make_site(
         clock = Clock()
         HeadlessKey(app, clock=clock)
         server = make_server("127.0.0.1", port, app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         servers.append((server, thread, app))
         prefix = app.extensions["headlesskey"].settings.prefix
