@@ -1,0 +1,218 @@
+"""Background jobs of the agent: webhook delivery and pruning, and the scheduler that runs them.
+
+The job bodies are plain functions of the app's :class:`~agent.extension.State`; tests call them
+directly. :func:`run_scheduler` runs them periodically with APScheduler 3.x, in the process
+started by ``headlesskey-agent jobs`` (which ``serve`` starts beside gunicorn). Nothing is
+scheduled on import, nor by ``create_app``: gunicorn workers never run jobs.
+
+Every job is safe to run on every instance at once: deliveries claim each message with a
+conditional update (:mod:`agent.webhooks`); pruning is a set of idempotent DELETEs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import typing as t
+
+from sqlalchemy import and_
+from sqlalchemy import delete
+from sqlalchemy import or_
+from sqlalchemy import select
+
+from . import webhooks
+from .db import rowcount
+from .extension import get_state
+from .models import PasswordReset
+from .models import RefreshToken
+from .models import Session
+from .models import Throttle
+from .models import WebhookAttempt
+from .models import WebhookMessage
+from .services import audit
+
+if t.TYPE_CHECKING:
+    from apscheduler.schedulers.background import (  # type: ignore[import-untyped]
+        BackgroundScheduler,
+    )
+    from apscheduler.schedulers.blocking import BlockingScheduler  # type: ignore[import-untyped]
+    from flask import Flask
+
+    from .extension import State
+
+log = logging.getLogger(__name__)
+
+DELIVER_JOB_ID = "headlesskey.deliver_webhooks"
+PRUNE_JOB_ID = "headlesskey.prune"
+SESSION_KEEP = dt.timedelta(days=7)  # ended sessions stay listed this long after their end
+RESET_KEEP = dt.timedelta(days=1)
+THROTTLE_KEEP = dt.timedelta(days=1)  # past the window and the lock (a lock is at most 24 h)
+
+
+def prune(state: State) -> dict[str, int]:
+    """Delete what is no longer needed; returns the number of rows deleted per kind.
+
+    - activity log rows older than ``AUDIT_RETENTION_DAYS``;
+    - sessions revoked, or expired, more than 7 days ago, with their refresh tokens;
+    - password resets used or expired more than a day ago;
+    - brute-force counters whose window and lock ended more than a day ago;
+    - delivered webhook messages (and their attempts) older than ``AUDIT_RETENTION_DAYS``.
+
+    Each is one idempotent DELETE in its own short transaction.
+    """
+    s = state.settings
+    now = state.clock()
+    retention = now - dt.timedelta(days=s.audit_retention_days)
+    counts: dict[str, int] = {}
+
+    with state.session_factory() as db:
+        counts["audit"] = audit.prune(db, retention)
+        db.commit()
+
+    ended = or_(Session.expires_at < now - SESSION_KEEP, Session.revoked_at < now - SESSION_KEEP)
+    with state.session_factory() as db:
+        counts["refresh_tokens"] = rowcount(
+            db.execute(
+                delete(RefreshToken).where(
+                    RefreshToken.session_id.in_(select(Session.id).where(ended))
+                )
+            )
+        )
+        counts["sessions"] = rowcount(db.execute(delete(Session).where(ended)))
+        db.commit()
+
+    with state.session_factory() as db:
+        counts["password_resets"] = rowcount(
+            db.execute(
+                delete(PasswordReset).where(
+                    or_(
+                        PasswordReset.used_at < now - RESET_KEEP,
+                        PasswordReset.expires_at < now - RESET_KEEP,
+                    )
+                )
+            )
+        )
+        db.commit()
+
+    window = dt.timedelta(seconds=s.lockout_window)
+    with state.session_factory() as db:
+        counts["throttle"] = rowcount(
+            db.execute(
+                delete(Throttle).where(
+                    Throttle.window_start < now - window - THROTTLE_KEEP,
+                    or_(
+                        Throttle.locked_until.is_(None),
+                        Throttle.locked_until < now - THROTTLE_KEEP,
+                    ),
+                )
+            )
+        )
+        db.commit()
+
+    old_delivered = and_(
+        WebhookMessage.status == "delivered", WebhookMessage.delivered_at < retention
+    )
+    with state.session_factory() as db:
+        counts["webhook_attempts"] = rowcount(
+            db.execute(
+                delete(WebhookAttempt).where(
+                    WebhookAttempt.message_id.in_(select(WebhookMessage.id).where(old_delivered))
+                )
+            )
+        )
+        counts["webhook_messages"] = rowcount(
+            db.execute(delete(WebhookMessage).where(old_delivered))
+        )
+        db.commit()
+
+    if any(counts.values()):
+        log.info("pruned %s", ", ".join(f"{n} {kind}" for kind, n in counts.items() if n))
+    return counts
+
+
+def deliver_webhooks(app: Flask) -> int:
+    """The delivery job: send every due webhook message (see :func:`webhooks.deliver_due`)."""
+    with app.app_context():
+        return webhooks.deliver_due(get_state(app))
+
+
+def prune_job(app: Flask) -> dict[str, int]:
+    """The pruning job: :func:`prune` inside the app's context."""
+    with app.app_context():
+        return prune(get_state(app))
+
+
+@t.overload
+def run_scheduler(
+    app: Flask,
+    *,
+    webhook_interval: float = ...,
+    prune_interval: float = ...,
+    blocking: t.Literal[False] = ...,
+) -> BackgroundScheduler: ...
+
+
+@t.overload
+def run_scheduler(
+    app: Flask,
+    *,
+    webhook_interval: float = ...,
+    prune_interval: float = ...,
+    blocking: t.Literal[True],
+) -> BlockingScheduler: ...
+
+
+def run_scheduler(
+    app: Flask,
+    *,
+    webhook_interval: float = 2.0,
+    prune_interval: float = 3600,
+    blocking: bool = False,
+) -> BackgroundScheduler | BlockingScheduler:
+    """Schedule the jobs of ``app`` and start the scheduler.
+
+    With ``blocking=False`` (the default) the jobs run in a background thread and the started
+    scheduler is returned; stop it with ``scheduler.shutdown()``. With ``blocking=True`` this
+    call runs the jobs until the scheduler is shut down (from a job or a signal handler).
+
+    Each job has a fixed id, never overlaps itself (``max_instances=1``) and runs once after a
+    delay however many runs it missed (``coalesce=True``). Pruning also runs once at start.
+    """
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from apscheduler.schedulers.blocking import BlockingScheduler
+
+    scheduler_class = BlockingScheduler if blocking else BackgroundScheduler
+    scheduler = scheduler_class(
+        timezone=dt.UTC,
+        job_defaults={"coalesce": True, "max_instances": 1},
+    )
+    scheduler.add_job(
+        deliver_webhooks,
+        "interval",
+        args=[app],
+        id=DELIVER_JOB_ID,
+        name="Deliver due webhook messages",
+        seconds=webhook_interval,
+        coalesce=True,
+        max_instances=1,
+        misfire_grace_time=max(1, int(webhook_interval * 2)),
+        replace_existing=True,
+    )
+    scheduler.add_job(
+        prune_job,
+        "interval",
+        args=[app],
+        id=PRUNE_JOB_ID,
+        name="Prune old rows",
+        seconds=prune_interval,
+        next_run_time=dt.datetime.now(dt.UTC),
+        coalesce=True,
+        max_instances=1,
+        misfire_grace_time=max(1, int(prune_interval)),
+        replace_existing=True,
+    )
+    log.info(
+        "jobs: webhook delivery every %ss, pruning every %ss", webhook_interval, prune_interval
+    )
+    scheduler.start()
+    return scheduler
