@@ -42,7 +42,7 @@ def create_app(
     prefix = config_module.PREFIX
     app.config.update({prefix + k: v for k, (v, _doc) in config_module.DEFAULTS.items()})
     _load_file(app, Path(app.instance_path) / CONFIG_FILE)
-    app.config.from_prefixed_env(prefix.rstrip("_"))
+    _load_env(app)
     if test_config:
         app.config.update(test_config)
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -76,6 +76,23 @@ def _load_file(app: Flask, path: Path) -> None:
         if key.upper() not in config_module.DEFAULTS:
             raise ConfigError(f"{path}: unknown setting {key!r}")
         app.config[config_module.PREFIX + key.upper()] = value
+
+
+def _load_env(app: Flask) -> None:
+    """``HEADLESSKEY_HUB_<KEY>`` variables, JSON-decoded where they parse, under their full name.
+
+    (Flask's ``from_prefixed_env`` would store them without the prefix, where nothing reads them.)
+    """
+    prefix = config_module.PREFIX
+    for name in sorted(os.environ):
+        if not name.startswith(prefix) or name[len(prefix):] not in config_module.DEFAULTS:
+            continue  # e.g. HEADLESSKEY_HUB_INSTANCE, read by create_app and the CLI
+        value: t.Any = os.environ[name]
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+        app.config[name] = value
 
 
 def _build_state(app: Flask) -> HubState:

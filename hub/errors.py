@@ -5,7 +5,9 @@
     ├── Unauthorized      401 unsigned, bad_signature, skewed_request, replayed_request, unknown_site
     ├── Forbidden         403 site_suspended
     ├── NotFound          404 not_found
-    └── Conflict          409 conflict (duplicate name, key, kid)
+    ├── Conflict          409 conflict (duplicate name, key, kid)
+    ├── PayloadTooLarge   413 payload_too_large
+    └── UnsupportedMediaType 415 unsupported_media_type
 """
 
 from __future__ import annotations
@@ -45,3 +47,15 @@ class Conflict(HubError):
     code = "conflict"
     status = 409
     message = "That conflicts with an existing record."
+
+
+class PayloadTooLarge(HubError):
+    code = "payload_too_large"
+    status = 413
+    message = "The request body is too large."
+
+
+class UnsupportedMediaType(HubError):
+    code = "unsupported_media_type"
+    status = 415
+    message = "Send the request body as application/json."

@@ -21,14 +21,15 @@ from sqlalchemy.exc import IntegrityError
 from agent import signing
 
 from ..errors import BadRequest
-from ..errors import Forbidden
-from ..errors import HubError
+from ..errors import PayloadTooLarge
 from ..errors import Unauthorized
+from ..errors import UnsupportedMediaType
 from ..models import Nonce
 from ..models import Site
 from ..services import directory as directory_service
 from ..services import events
 from ..services import keys as key_service
+from ..services import settings as settings_service
 from ..services import sites as site_service
 from ..state import get_db
 from ..state import get_state
@@ -42,6 +43,7 @@ REASONS = {
     "bad": ("bad_signature", "The signature does not match."),
     "unknown": ("bad_signature", "The signature does not match."),
     "replay": ("replayed_request", "This request was already received."),
+    "suspended": ("bad_signature", "The signature does not match."),
 }
 
 
@@ -62,8 +64,11 @@ def verify_signature() -> None:
     db = get_db()
     max_body = state.setting("MAX_BODY")
     if (request.content_length or 0) > max_body:
-        raise HubError("The request body is too large.", code="payload_too_large")
+        raise PayloadTooLarge()
     body = request.get_data(cache=True)
+    if request.content_length is None and len(body) >= max_body:
+        # A streamed (chunked) body is cut at MAX_CONTENT_LENGTH without an error: refuse it.
+        raise PayloadTooLarge()
     now = state.clock().timestamp()
     try:
         signed = signing.parse_headers(request.headers, now=now)
@@ -83,11 +88,8 @@ def verify_signature() -> None:
         db.rollback()
         _refuse("replay", site_key)
     if site.status != "active":
-        db.rollback()
-        events.log(db, state, "api.rejected", outcome="failure", site_key=site_key,
-                   ip=request.remote_addr or "", details={"reason": "suspended", "path": request.path})
-        db.commit()
-        raise Forbidden("This site is suspended.", code="site_suspended")
+        # The same answer as a bad signature (SECURITY.md H-10); the reason is in the log.
+        _refuse("suspended", site_key)
     g.hub_site = site
 
 
@@ -96,7 +98,7 @@ def _json() -> dict[str, t.Any]:
     if not raw.strip():
         return {}
     if request.mimetype != "application/json":
-        raise HubError("Send the request body as application/json.", code="unsupported_media_type")
+        raise UnsupportedMediaType()
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
@@ -139,8 +141,9 @@ def rotate_secret() -> Response:
     """A new secret for this site; the old one keeps working for the grace period."""
     state = get_state()
     db = get_db()
-    grace = state.setting("SECRET_GRACE")
-    secret = site_service.rotate_secret(db, state, g.hub_site, actor=g.hub_site.site_key)
+    grace = settings_service.effective(db, state, "SECRET_GRACE")  # the console may change it
+    secret = site_service.rotate_secret(db, state, g.hub_site, actor=g.hub_site.site_key,
+                                        grace=grace)
     db.commit()
     response = jsonify({"secret": secret, "grace_seconds": grace})
     response.headers["Cache-Control"] = "no-store"

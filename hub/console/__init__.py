@@ -6,9 +6,7 @@ from flask import Flask
 
 
 def init_app(app: Flask) -> None:
-    """Register the console (a no-op until its views exist)."""
-    try:
-        from . import views
-    except ImportError:
-        return
+    """Register the console: its blueprint, session cookie, CSRF protection and error pages."""
+    from . import views
+
     views.init_app(app)

@@ -89,7 +89,8 @@ def upload(db: DBSession, state: HubState, site_key: str, items: t.Any) -> int:
     stmt = insert(Event).values(rows).on_conflict_do_nothing(
         index_elements=["site_key", "remote_id"]
     )
-    return db.execute(stmt).rowcount
+    # RETURNING, not rowcount: PostgreSQL (psycopg 3) reports -1 for this multi-row INSERT.
+    return len(db.execute(stmt.returning(Event.id)).all())
 
 
 def query(
@@ -117,7 +118,8 @@ def query(
     return rows, rows[-1].id if more and rows else None
 
 
-def prune(db: DBSession, state: HubState) -> int:
-    days = state.setting("EVENT_RETENTION_DAYS")
+def prune(db: DBSession, state: HubState, days: int | None = None) -> int:
+    """Delete events older than ``days`` (default ``EVENT_RETENTION_DAYS``); returns how many."""
+    days = state.setting("EVENT_RETENTION_DAYS") if days is None else days
     cutoff = state.clock() - dt.timedelta(days=days)
     return db.execute(delete(Event).where(Event.created_at < cutoff)).rowcount

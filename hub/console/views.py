@@ -1,0 +1,556 @@
+"""Blueprint "console": the hub's server-rendered admin console.
+
+How it is kept safe (SECURITY.md §9, B-08 to B-11):
+
+- Every page but the login form needs a signed-in admin. A session idle for longer than
+  ``SESSION_IDLE_TIMEOUT`` seconds (by the hub's clock) is ended. Logging in clears the session
+  first, so nothing set before the login (a planted session) survives it.
+- The session is Flask's signed cookie, keyed by HKDF-SHA256 over the hub's first master key
+  (info ``hub-console-session``): ``__Host-hk_console``; Secure; HttpOnly; SameSite=Strict;
+  Path=/ and no Domain (``hk_console`` without Secure only for plain-http dev).
+- Every POST carries a Flask-WTF CSRF token, and a POST that says it comes from another site
+  (``Origin`` or ``Sec-Fetch-Site``) is refused before its token is even read.
+- ``GET`` never writes. A site secret appears only in the response to the POST that made it:
+  never in a URL, the session, a log line or a later page.
+- Pages are plain HTML with one static stylesheet: no inline script or style, so the hub's CSP
+  (``script-src 'self'; style-src 'self'; frame-ancestors 'none'``) holds.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import typing as t
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from flask import Blueprint
+from flask import Flask
+from flask import Response
+from flask import abort
+from flask import flash
+from flask import g
+from flask import make_response
+from flask import redirect
+from flask import render_template
+from flask import request
+from flask import session
+from flask import url_for
+from flask.typing import ResponseReturnValue
+from flask_wtf.csrf import CSRFError  # type: ignore[import-untyped]
+from flask_wtf.csrf import CSRFProtect
+from sqlalchemy import func
+from sqlalchemy import select
+from werkzeug.exceptions import HTTPException
+
+from agent.errors import AgentError
+from agent.errors import ConfigError
+
+from .. import config as config_module
+from ..models import Admin
+from ..models import Event
+from ..models import HubKey
+from ..models import Setting
+from ..models import Site
+from ..models import SiteKey
+from ..models import SiteSecret
+from ..services import admins
+from ..services import events
+from ..services import keys as key_service
+from ..services import sites
+from ..state import get_db
+from ..state import get_state
+from . import forms
+
+bp = Blueprint("console", __name__)
+csrf = CSRFProtect()
+
+SESSION_INFO = b"hub-console-session"
+COOKIE_NAME = "hk_console"
+LOGIN_FAILED = "Invalid username or password."
+PAGE_SIZE = 50
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+ERROR_TEXT = {
+    400: ("Bad request", "The request could not be understood."),
+    403: ("Forbidden", "That is not allowed."),
+    404: ("Not found", "There is no page at this address."),
+    405: ("Method not allowed", "This page does not accept that kind of request."),
+    413: ("Request too large", "The form sent more data than the hub accepts."),
+    500: ("Internal error", "Something went wrong on the hub. Nothing was changed; try again."),
+}
+
+
+def init_app(app: Flask) -> None:
+    """Configure the session cookie and CSRF protection, then register the blueprint."""
+    secure = _flag(get_state(app).setting("SECURE_COOKIES"))
+    app.secret_key = session_key(app)
+    app.config.update(
+        SESSION_COOKIE_NAME=("__Host-" if secure else "") + COOKIE_NAME,
+        SESSION_COOKIE_SECURE=secure,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        SESSION_COOKIE_PATH="/",
+        SESSION_COOKIE_DOMAIN=None,  # host-only: a __Host- cookie must not name a Domain
+        # CSRF is checked by the console's own before_request only: the signed site API has no
+        # cookies, so no browser can be tricked into sending its requests.
+        WTF_CSRF_CHECK_DEFAULT=False,
+        # Flask-WTF's strict mode wants a Referer on HTTPS, which Referrer-Policy: no-referrer
+        # removes; the Origin / Sec-Fetch-Site check in guard() does that job instead.
+        WTF_CSRF_SSL_STRICT=False,
+    )
+    csrf.init_app(app)
+    app.register_blueprint(bp)
+    for code in ERROR_TEXT:
+        app.register_error_handler(code, _http_error_page)
+
+
+def _flag(value: t.Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def session_key(app: Flask) -> bytes:
+    """The session signing key: HKDF-SHA256 over the first master key, never a constant.
+
+    The master key is read from the same places as in ``create_app`` (the MASTER_KEY setting,
+    else the instance's master.key file). Rotating the master key ends every console session.
+    """
+    from .. import MASTER_KEY_FILE
+
+    master = app.config[config_module.PREFIX + "MASTER_KEY"]
+    if master:
+        candidates = str(master).split(",")
+    else:
+        key_file = Path(app.instance_path) / MASTER_KEY_FILE
+        candidates = key_file.read_text().splitlines() if key_file.is_file() else []
+    first = next((c.strip() for c in candidates if c.strip()), None)
+    if first is None:
+        raise ConfigError(f"{config_module.PREFIX}MASTER_KEY: no master key for the console")
+    material = base64.urlsafe_b64decode(first.encode())
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=SESSION_INFO)
+    return hkdf.derive(material)
+
+
+# --- request guard ---------------------------------------------------------------------------
+
+
+@bp.before_request
+def guard() -> ResponseReturnValue | None:
+    """Refuse cross-site and token-less POSTs, end idle sessions, require a signed-in admin."""
+    if request.method not in SAFE_METHODS:
+        _refuse_cross_site()
+        csrf.protect()
+    g.hub_admin = _signed_in_admin()
+    if g.hub_admin is None and request.endpoint != "console.login":
+        target = request.full_path.rstrip("?") if request.method == "GET" else None
+        return redirect(url_for("console.login", next=target))
+    return None
+
+
+def _own_origins() -> set[str]:
+    origins = {request.host_url.rstrip("/").lower()}
+    parts = urlsplit(str(get_state().setting("URL")))
+    if parts.scheme and parts.netloc:
+        origins.add(f"{parts.scheme}://{parts.netloc}".lower())
+    return origins
+
+
+def _refuse_cross_site() -> None:
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None and fetch_site != "same-origin":
+        abort(403, description="This form was sent from another site; it was refused.")
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return
+    if origin == "null":
+        # Under Referrer-Policy: no-referrer a browser sends "Origin: null" even for our own
+        # forms; it is accepted only when the browser also vouches for the same origin.
+        if fetch_site == "same-origin":
+            return
+        abort(403, description="This form was sent from an unknown origin; it was refused.")
+    if origin.rstrip("/").lower() not in _own_origins():
+        abort(403, description="This form was sent from another site; it was refused.")
+
+
+def _signed_in_admin() -> Admin | None:
+    admin_id = session.get("admin_id")
+    if not isinstance(admin_id, int):
+        return None
+    state = get_state()
+    now = state.clock().timestamp()
+    seen = session.get("seen_at")
+    timeout = state.setting("SESSION_IDLE_TIMEOUT")
+    if not isinstance(seen, (int, float)) or now - seen > timeout:
+        session.clear()
+        flash(f"Your session ended after {_duration(timeout)} without activity. "
+              "Please sign in again.", "info")
+        return None
+    admin = get_db().get(Admin, admin_id)
+    if admin is None or not admin.active:
+        session.clear()
+        return None
+    session["seen_at"] = now
+    return admin
+
+
+def _ip() -> str:
+    return (request.remote_addr or "")[:64]
+
+
+def _actor() -> str:
+    admin = g.get("hub_admin")
+    return admin.username if admin is not None else ""
+
+
+def _log(event: str, *, site_key: str | None = None, outcome: str = "success",
+         details: dict[str, t.Any] | None = None) -> None:
+    events.log(get_db(), get_state(), event, outcome=outcome, actor=_actor(), site_key=site_key,
+               ip=_ip(), details=details)
+
+
+def _commit() -> None:
+    """Commit, giving the admin's IP to the events a service logged without one."""
+    db = get_db()
+    for obj in db.new:
+        if isinstance(obj, Event) and obj.source == "hub" and not obj.ip:
+            obj.ip = _ip()
+    db.commit()
+
+
+def _safe_next(value: str | None) -> str:
+    """A console path to go to after login; anything else (another host) is ignored (B-14)."""
+    if (
+        isinstance(value, str)
+        and len(value) <= 512
+        and (value == "/" or value.startswith("/console/"))
+        and not value.startswith("/console/login")
+        and "//" not in value
+        and "\\" not in value
+        and value.isprintable()
+    ):
+        return value
+    return url_for("console.dashboard")
+
+
+# --- login -----------------------------------------------------------------------------------
+
+
+@bp.route("/console/login", methods=["GET", "POST"])
+def login() -> ResponseReturnValue:
+    """The login form; the same answer for a wrong password, an unknown name and a lock."""
+    next_page = request.values.get("next", "")
+    if request.method == "GET":
+        if g.hub_admin is not None:
+            return redirect(_safe_next(next_page))
+        return render_template("console/login.html", username="", error=None, next=next_page)
+    username = request.form.get("username", "").strip()
+    password = request.form.get("password", "")
+    db = get_db()
+    state = get_state()
+    try:
+        admin = admins.authenticate(db, state, username, password, _ip())
+    except admins.LoginFailed:
+        return render_template("console/login.html", username=username, error=LOGIN_FAILED,
+                               next=next_page), 200
+    db.commit()
+    now = state.clock().timestamp()
+    session.clear()  # a new session: nothing from before the login is kept
+    session.update(admin_id=admin.id, login_at=now, seen_at=now)
+    return redirect(_safe_next(next_page))
+
+
+@bp.post("/console/logout")
+def logout() -> ResponseReturnValue:
+    _log("admin.logout")
+    _commit()
+    session.clear()
+    flash("You are signed out.", "ok")
+    return redirect(url_for("console.login"))
+
+
+# --- dashboard -------------------------------------------------------------------------------
+
+
+@bp.get("/")
+def dashboard() -> ResponseReturnValue:
+    """Site counts, member keys due for rotation, the hub key's age, recent events."""
+    db = get_db()
+    state = get_state()
+    now = state.clock()
+    settings = forms.effective_settings(db, state)
+    counts = dict(db.execute(select(Site.status, func.count()).group_by(Site.status)).all())
+    cutoff = now - dt.timedelta(days=settings["KEY_ROTATION_DAYS"])
+    due = db.execute(
+        select(SiteKey, Site)
+        .join(Site, Site.id == SiteKey.site_id)
+        .where(SiteKey.status == "active", SiteKey.created_at <= cutoff)
+        .order_by(SiteKey.created_at)
+    ).all()
+    hub_key = db.scalar(select(HubKey).where(HubKey.status == "active").order_by(HubKey.id.desc()))
+    recent, _ = events.query(db, limit=10)
+    return render_template(
+        "console/dashboard.html",
+        active=counts.get("active", 0),
+        suspended=counts.get("suspended", 0),
+        due=due,
+        hub_key=hub_key,
+        settings=settings,
+        recent=recent,
+        now=now,
+    )
+
+
+# --- sites -----------------------------------------------------------------------------------
+
+
+@bp.get("/console/sites")
+def site_list() -> ResponseReturnValue:
+    db = get_db()
+    key_counts = dict(db.execute(
+        select(SiteKey.site_id, func.count()).where(SiteKey.status != "retired")
+        .group_by(SiteKey.site_id)
+    ).all())
+    return render_template("console/sites.html", sites=sites.list_sites(db),
+                           key_counts=key_counts)
+
+
+@bp.route("/console/sites/new", methods=["GET", "POST"])
+def site_new() -> ResponseReturnValue:
+    """Onboard a site. The secret is in this POST's response only (no redirect, no session)."""
+    if request.method == "GET":
+        return render_template("console/site_new.html", values={}, errors={}, message=None)
+    db = get_db()
+    state = get_state()
+    try:
+        onboarded = sites.add_site(db, state, _actor(), **forms.site_fields(request.form))
+    except AgentError as exc:
+        db.rollback()
+        return render_template("console/site_new.html", values=request.form,
+                               errors=exc.fields or {}, message=exc.message), exc.status
+    _commit()
+    return render_template("console/onboarded.html", site=onboarded.site,
+                           secret=onboarded.secret, hub_url=state.setting("URL"))
+
+
+def _site(site_key: str) -> Site:
+    if len(site_key) > 64:
+        abort(404)
+    return sites.get(get_db(), site_key)
+
+
+def _render_site(site: Site, *, status: int = 200, remove_error: str | None = None
+                 ) -> ResponseReturnValue:
+    db = get_db()
+    now = get_state().clock()
+    secrets = db.scalars(
+        select(SiteSecret).where(SiteSecret.site_id == site.id)
+        .order_by(SiteSecret.version.desc())
+    ).all()
+    recent, _ = events.query(db, site_key=site.site_key, limit=10)
+    return render_template(
+        "console/site.html",
+        site=site,
+        keys=key_service.site_keys(db, site, include_retired=True),
+        secrets=secrets,
+        recent=recent,
+        now=now,
+        remove_error=remove_error,
+    ), status
+
+
+@bp.get("/console/sites/<site_key>")
+def site_detail(site_key: str) -> ResponseReturnValue:
+    return _render_site(_site(site_key))
+
+
+def _set_status(site_key: str, status: str) -> ResponseReturnValue:
+    site = _site(site_key)
+    sites.set_status(get_db(), get_state(), site, status, _actor())
+    _commit()
+    flash(f"{site.name} is now {status}.", "ok")
+    return redirect(url_for("console.site_detail", site_key=site.site_key))
+
+
+@bp.post("/console/sites/<site_key>/suspend")
+def site_suspend(site_key: str) -> ResponseReturnValue:
+    """Suspend a site: the hub refuses its signed requests until it is resumed."""
+    return _set_status(site_key, "suspended")
+
+
+@bp.post("/console/sites/<site_key>/resume")
+def site_resume(site_key: str) -> ResponseReturnValue:
+    return _set_status(site_key, "active")
+
+
+@bp.post("/console/sites/<site_key>/rotate-secret")
+def site_rotate_secret(site_key: str) -> ResponseReturnValue:
+    """A new secret, shown in this response only; the old one works for the grace period."""
+    site = _site(site_key)
+    db = get_db()
+    state = get_state()
+    grace = forms.effective_settings(db, state)["SECRET_GRACE"]
+    secret = sites.rotate_secret(db, state, site, _actor(), grace=grace)
+    _commit()
+    return render_template("console/rotated.html", site=site, secret=secret, grace=grace,
+                           until=state.clock() + dt.timedelta(seconds=grace),
+                           hub_url=state.setting("URL"))
+
+
+@bp.post("/console/sites/<site_key>/remove")
+def site_remove(site_key: str) -> ResponseReturnValue:
+    """Remove a site once the admin has typed its site key; its events stay in the log."""
+    site = _site(site_key)
+    if request.form.get("confirm", "").strip() != site.site_key:
+        return _render_site(site, status=400,
+                            remove_error=f"Type the site key ({site.site_key}) to confirm.")
+    name = site.name
+    sites.remove(get_db(), get_state(), site, _actor())
+    _commit()
+    flash(f"{name} ({site_key}) was removed. Its events stay in the activity log.", "ok")
+    return redirect(url_for("console.site_list"))
+
+
+# --- activity --------------------------------------------------------------------------------
+
+
+@bp.get("/console/activity")
+def activity() -> ResponseReturnValue:
+    """The federation's events, newest first, filtered by site, event and outcome."""
+    db = get_db()
+    filters = {
+        "site": request.args.get("site", "").strip()[:64],
+        "event": request.args.get("event", "").strip()[:48],
+        "outcome": request.args.get("outcome", "").strip()[:16],
+    }
+    raw_before = request.args.get("before", "")
+    before = int(raw_before) if raw_before.isdigit() and len(raw_before) < 19 else None
+    rows, next_before = events.query(
+        db, site_key=filters["site"] or None, event=filters["event"] or None,
+        outcome=filters["outcome"] or None, before=before, limit=PAGE_SIZE,
+    )
+    active: dict[str, t.Any] = {k: v for k, v in filters.items() if v}
+    site_keys = set(db.scalars(select(Event.site_key).where(Event.site_key.is_not(None))
+                               .distinct()))
+    site_keys |= set(db.scalars(select(Site.site_key)))
+    return render_template(
+        "console/activity.html",
+        rows=rows,
+        filters=filters,
+        older=url_for("console.activity", **active, before=next_before) if next_before else None,
+        newest=url_for("console.activity", **active) if before else None,
+        event_names=sorted(set(db.scalars(select(Event.event).distinct())) | {filters["event"]}
+                           - {""}),
+        outcomes=sorted(set(db.scalars(select(Event.outcome).distinct())) | {filters["outcome"]}
+                        - {""}),
+        site_keys=sorted(site_keys | {filters["site"]} - {""}),
+    )
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+@bp.route("/console/settings", methods=["GET", "POST"])
+def settings() -> ResponseReturnValue:
+    """Rotation periods and retention, stored in hub_settings with who changed them and when."""
+    db = get_db()
+    state = get_state()
+    rows = forms.setting_rows(db)
+    current = forms.effective_settings(db, state)
+    if request.method == "GET":
+        return render_template("console/settings.html", specs=forms.SETTINGS, values=current,
+                               rows=rows, errors={})
+    values, errors = forms.parse_settings(request.form)
+    if errors:
+        return render_template("console/settings.html", specs=forms.SETTINGS,
+                               values=request.form, rows=rows, errors=errors), 400
+    changed = {key: value for key, value in values.items() if value != current[key]}
+    now = state.clock()
+    for key, value in changed.items():
+        row = rows.get(key)
+        if row is None:
+            db.add(Setting(key=key, value=value, updated_at=now, updated_by=_actor()))
+        else:
+            row.value = value
+            row.updated_at = now
+            row.updated_by = _actor()
+    if changed:
+        _log("settings.updated",
+             details={"changed": {k: {"from": current[k], "to": v} for k, v in changed.items()}})
+    _commit()
+    flash("Settings saved." if changed else "Nothing changed.", "ok")
+    return redirect(url_for("console.settings"))
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def _error_page(status: int, message: str | None = None) -> Response:
+    title, default = ERROR_TEXT.get(status, ("Error", "The request failed."))
+    return make_response(render_template("console/error.html", status=status, title=title,
+                                         message=message or default), status)
+
+
+@bp.errorhandler(AgentError)
+def _service_error(exc: AgentError) -> ResponseReturnValue:
+    get_db().rollback()
+    return _error_page(exc.status, exc.message)
+
+
+@bp.errorhandler(CSRFError)
+def _csrf_error(exc: CSRFError) -> ResponseReturnValue:
+    return _error_page(403, "This form's security token is missing, wrong or expired, so "
+                            "nothing was changed. Go back, reload the page and try again.")
+
+
+def _http_error_page(exc: HTTPException) -> ResponseReturnValue:
+    """HTML error pages for the console; the JSON API and well-known URIs keep JSON errors."""
+    from .. import JSON_PREFIXES
+    from .. import _http_error
+
+    if request.path.startswith(JSON_PREFIXES):
+        return t.cast(ResponseReturnValue, _http_error(exc))
+    status = exc.code or 500
+    # A description given to abort() is ours to show; werkzeug's stock texts are replaced.
+    custom = exc.description if exc.description != type(exc).description else None
+    response = _error_page(status, custom if status in (400, 403) else None)
+    allowed = getattr(exc, "valid_methods", None)
+    if allowed:
+        response.headers["Allow"] = ", ".join(allowed)
+    return response
+
+
+# --- template helpers ------------------------------------------------------------------------
+
+
+def _duration(seconds: int | float) -> str:
+    seconds = int(seconds)
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
+
+
+@bp.context_processor
+def _template_context() -> dict[str, t.Any]:
+    return {"admin": g.get("hub_admin")}
+
+
+@bp.app_template_filter("when")
+def _when(value: dt.datetime | None) -> str:
+    if value is None:
+        return "—"
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+@bp.app_template_filter("duration")
+def _duration_filter(seconds: int | float) -> str:
+    return _duration(seconds)
+
+
+@bp.app_template_filter("age_days")
+def _age_days(value: dt.datetime) -> int:
+    return max(0, (get_state().clock() - value).days)

@@ -1,0 +1,574 @@
+"""The ``headlesskey-hub`` command as an admin runs it.
+
+Most commands run in-process through click's runner (fast, same code path); what depends on the
+real executable — exit statuses and stderr of a configuration error, ``serve`` with gunicorn,
+the jobs process beside it, signals — runs as a separate process. The effect of each command is
+checked the way a member site sees it: a secret printed by the CLI signs API requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+import typing as t
+from pathlib import Path
+
+import pytest
+import requests
+from click.testing import CliRunner
+from click.testing import Result
+from cryptography.fernet import Fernet
+
+from agent import signing
+from hub import create_app
+from hub.cli import main
+from hub.crypto import parse_site_secret
+from tests.conftest import free_port
+
+HUB = shutil.which("headlesskey-hub", path=str(Path(sys.executable).parent)) or shutil.which(
+    "headlesskey-hub"
+)
+ROOT = Path(__file__).resolve().parents[2]
+PASSWORD = "correct horse battery staple"  # noqa: S105 - a test account's
+DIRECTORY = "/api/v1/directory"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without any HEADLESSKEY_* of the test run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADLESSKEY_")}
+    env.update(PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def hub_cmd(
+    *args: str, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    assert HUB, "the headlesskey-hub executable is not installed next to the interpreter"
+    return subprocess.run(  # noqa: S603 - our own executable
+        [HUB, *args], input=stdin, capture_output=True, text=True, env=clean_env(),
+        timeout=timeout,
+    )
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def one_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch) -> t.Callable[..., Result]:
+    """Run ``headlesskey-hub ARGS`` in-process, with no HEADLESSKEY_* from the outside."""
+    for name in list(os.environ):
+        if name.startswith("HEADLESSKEY_"):
+            monkeypatch.delenv(name)
+    runner = CliRunner()
+
+    def run(*args: str, input: str | None = None) -> Result:  # noqa: A002 - click's name
+        return runner.invoke(main, list(args), input=input, catch_exceptions=False)
+
+    return run
+
+
+@pytest.fixture
+def instance(tmp_path: Path, cli: t.Callable[..., Result]) -> Path:
+    path = tmp_path / "hub"
+    result = cli("init", "--instance", str(path), "--url", "https://hub.example.com")
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return result.stdout
+
+
+def signed_get(instance: Path, site_key: str, secret: str, path: str = DIRECTORY) -> t.Any:
+    """A signed request from the site to a hub app on ``instance`` (the app's test client)."""
+    app = create_app(instance_path=str(instance))
+    headers = signing.sign_request(parse_site_secret(secret), site_key, "GET", path)
+    try:
+        return app.test_client().get(path, headers=headers)
+    finally:
+        app.extensions["headlesskey_hub"].engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------
+# init
+
+
+def test_init_creates_a_private_instance(tmp_path: Path, cli: t.Callable[..., Result]) -> None:
+    path = tmp_path / "deep" / "hub"
+    out = ok(cli("init", "--instance", str(path), "--url", "https://hub.example.com/"))
+    assert "headlesskey-hub serve" in out
+    assert mode(path) == 0o700
+    for name in ("master.key", "hub.toml", "hub.db"):
+        assert mode(path / name) == 0o600, name
+    Fernet((path / "master.key").read_bytes().strip())  # a usable Fernet key
+    assert 'url = "https://hub.example.com"' in (path / "hub.toml").read_text()
+    # The hub is ready: its JWKS carries its own signing key, the issuer is the given URL.
+    app = create_app(instance_path=str(path))
+    client = app.test_client()
+    keys = client.get("/.well-known/jwks.json").get_json()["keys"]
+    assert [k["hk_site"] for k in keys] == ["hub"]
+    assert keys[0]["alg"] == "ES256" and "d" not in keys[0]
+    meta = client.get("/.well-known/headlesskey-federation").get_json()
+    assert meta["issuer"] == "https://hub.example.com"
+    app.extensions["headlesskey_hub"].engine.dispose()
+    # The hub's private key is stored encrypted, never in clear.
+    with sqlite3.connect(path / "hub.db") as conn:
+        blob = conn.execute("SELECT private_ciphertext FROM hub_keys").fetchone()[0]
+    assert b"PRIVATE KEY" not in blob
+
+
+def test_init_refuses_to_overwrite_an_instance(
+    instance: Path, cli: t.Callable[..., Result]
+) -> None:
+    key = (instance / "master.key").read_bytes()
+    result = cli("init", "--instance", str(instance))
+    assert result.exit_code == 1
+    assert "refusing to overwrite" in one_line(result.stderr)
+    assert (instance / "master.key").read_bytes() == key
+    # A half-made instance (only a master key) is refused as well.
+    half = instance.parent / "half"
+    half.mkdir()
+    (half / "master.key").write_bytes(b"x")
+    assert cli("init", "--instance", str(half)).exit_code == 1
+    assert (half / "master.key").read_bytes() == b"x"
+
+
+def test_init_with_the_master_key_in_the_environment(
+    tmp_path: Path, cli: t.Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HEADLESSKEY_HUB_MASTER_KEY", Fernet.generate_key().decode())
+    path = tmp_path / "hub"
+    out = ok(cli("init", "--instance", str(path)))
+    assert "HEADLESSKEY_HUB_MASTER_KEY" in out
+    assert not (path / "master.key").exists()
+    shop = add(cli, path, "Shop", "https://shop.example.com")
+    assert signed_get(path, "shop", shop["secret"]).status_code == 200
+    monkeypatch.delenv("HEADLESSKEY_HUB_MASTER_KEY")
+    result = cli("sites", "list", "--instance", str(path))
+    assert result.exit_code == 2
+    assert "MASTER_KEY" in one_line(result.stderr)
+
+
+def test_init_refuses_a_bad_url(tmp_path: Path, cli: t.Callable[..., Result]) -> None:
+    result = cli("init", "--instance", str(tmp_path / "hub"), "--url", "ftp://hub.example.com")
+    assert result.exit_code == 2
+    assert "--url" in result.stderr
+    assert not (tmp_path / "hub").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# admins
+
+
+def test_admins_create(instance: Path, cli: t.Callable[..., Result]) -> None:
+    from hub.services import admins
+    from hub.state import get_state
+
+    out = ok(cli("admins", "create", "--instance", str(instance), "--username", "root-admin",
+                 "--password-stdin", input=PASSWORD + "\n"))
+    assert "root-admin" in out and PASSWORD not in out
+    app = create_app(instance_path=str(instance))
+    state = get_state(app)
+    with app.app_context(), state.session_factory() as db:
+        assert admins.authenticate(db, state, "root-admin", PASSWORD, "127.0.0.1").username == (
+            "root-admin"
+        )
+    state.engine.dispose()
+    again = cli("admins", "create", "--instance", str(instance), "--username", "root-admin",
+                "--password-stdin", input=PASSWORD + "\n")
+    assert again.exit_code == 1
+    assert "exists" in one_line(again.stderr)
+
+
+@pytest.mark.parametrize("weak", ["short", "password1234", "root-admin-2024"])
+def test_admins_create_refuses_a_weak_password(
+    instance: Path, cli: t.Callable[..., Result], weak: str
+) -> None:
+    result = cli("admins", "create", "--instance", str(instance), "--username", "root-admin",
+                 "--password-stdin", input=weak + "\n")
+    assert result.exit_code == 1
+    line = one_line(result.stderr)
+    assert "password" in line.lower()
+    assert weak not in result.stdout + result.stderr
+
+
+def test_admins_create_reads_the_password_from_stdin_only(
+    instance: Path, cli: t.Callable[..., Result]
+) -> None:
+    result = cli("admins", "create", "--instance", str(instance), "--username", "root-admin")
+    assert result.exit_code == 2
+    assert "--password-stdin" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# sites
+
+
+def add(
+    cli: t.Callable[..., Result], instance: Path, name: str, url: str, *extra: str
+) -> dict[str, t.Any]:
+    out = ok(cli("sites", "add", "--instance", str(instance), "--name", name, "--url", url,
+                 "--json", *extra))
+    return t.cast(dict[str, t.Any], json.loads(out))
+
+
+def test_sites_add_prints_the_secret_once_and_it_signs(
+    instance: Path, cli: t.Callable[..., Result]
+) -> None:
+    shop = add(cli, instance, "Shop", "https://shop.example.com", "--origin",
+               "https://shop.example.com")
+    assert set(shop) == {"site_key", "secret", "name", "base_url"}
+    assert shop["site_key"] == "shop" and shop["base_url"] == "https://shop.example.com"
+    docs = add(cli, instance, "Docs portal", "https://docs.example.com", "--key", "docs")
+    assert docs["site_key"] == "docs"
+
+    r = signed_get(instance, shop["site_key"], shop["secret"])
+    assert r.status_code == 200, r.get_json()
+    assert [p["site_key"] for p in r.get_json()["peers"]] == ["docs"]
+
+    listed = json.loads(ok(cli("sites", "list", "--instance", str(instance), "--json")))
+    assert [s["site_key"] for s in listed] == ["docs", "shop"]
+    assert listed[1]["allowed_origins"] == ["https://shop.example.com"]
+    assert listed[1]["status"] == "active"
+    text = ok(cli("sites", "list", "--instance", str(instance)))
+    assert re.search(r"^shop\s+active\s+Shop\s+https://shop.example.com$", text, re.M), text
+    for output in (json.dumps(listed), text):
+        assert shop["secret"] not in output and docs["secret"] not in output
+        assert "hks_" not in output
+
+
+def test_sites_add_explains_mistakes(instance: Path, cli: t.Callable[..., Result]) -> None:
+    add(cli, instance, "Shop", "https://shop.example.com")
+    for args, words in (
+        (["--name", "Shop", "--url", "https://other.example.com"], "exists"),
+        (["--name", "Plain", "--url", "http://plain.example.com"], "https://"),
+        (["--name", "Bad key", "--url", "https://b.example.com", "--key", "Not_OK"], "site_key"),
+        (["--name", "Origin", "--url", "https://o.example.com", "--origin",
+          "https://o.example.com/path"], "origin"),
+    ):
+        result = cli("sites", "add", "--instance", str(instance), *args)
+        assert result.exit_code == 1, (args, result.output)
+        assert words in one_line(result.stderr), (args, result.stderr)
+        assert "hks_" not in result.output
+    listed = json.loads(ok(cli("sites", "list", "--instance", str(instance), "--json")))
+    assert [s["site_key"] for s in listed] == ["shop"]
+
+
+def test_sites_suspend_and_resume(instance: Path, cli: t.Callable[..., Result]) -> None:
+    shop = add(cli, instance, "Shop", "https://shop.example.com")
+    assert "suspended" in ok(cli("sites", "suspend", "--instance", str(instance), "shop"))
+    r = signed_get(instance, "shop", shop["secret"])
+    assert r.status_code == 401 and r.get_json()["code"] == "bad_signature"
+    listed = json.loads(ok(cli("sites", "list", "--instance", str(instance), "--json")))
+    assert listed[0]["status"] == "suspended"
+    assert "active" in ok(cli("sites", "resume", "--instance", str(instance), "shop"))
+    assert signed_get(instance, "shop", shop["secret"]).status_code == 200
+    result = cli("sites", "suspend", "--instance", str(instance), "nope")
+    assert result.exit_code == 1
+    assert "nope" in one_line(result.stderr)
+
+
+def test_sites_rotate_secret(instance: Path, cli: t.Callable[..., Result]) -> None:
+    shop = add(cli, instance, "Shop", "https://shop.example.com")
+    rotated = json.loads(ok(cli("sites", "rotate-secret", "--instance", str(instance), "shop",
+                                "--json")))
+    assert rotated["site_key"] == "shop"
+    assert rotated["grace_seconds"] == 86400
+    assert rotated["secret"] != shop["secret"]
+    # Both work during the grace period.
+    assert signed_get(instance, "shop", shop["secret"]).status_code == 200
+    assert signed_get(instance, "shop", rotated["secret"]).status_code == 200
+    # With no grace, the previous secret stops at once.
+    out = ok(cli("sites", "rotate-secret", "--instance", str(instance), "shop", "--grace", "0"))
+    newest = re.search(r"secret:\s+(hks_\S+)", out)
+    assert newest, out
+    assert "0 s" in out
+    assert signed_get(instance, "shop", rotated["secret"]).status_code == 401
+    assert signed_get(instance, "shop", newest.group(1)).status_code == 200
+    assert signed_get(instance, "shop", shop["secret"]).status_code == 200  # its grace goes on
+
+
+def test_sites_rotate_secret_text_names_the_grace_period(
+    instance: Path, cli: t.Callable[..., Result]
+) -> None:
+    add(cli, instance, "Shop", "https://shop.example.com")
+    out = ok(cli("sites", "rotate-secret", "--instance", str(instance), "shop"))
+    assert "86400 s" in out
+    assert len(re.findall(r"hks_\S+", out)) == 1
+
+
+def test_sites_remove_asks_first(instance: Path, cli: t.Callable[..., Result]) -> None:
+    shop = add(cli, instance, "Shop", "https://shop.example.com")
+    declined = cli("sites", "remove", "--instance", str(instance), "shop", input="n\n")
+    assert declined.exit_code == 1
+    assert signed_get(instance, "shop", shop["secret"]).status_code == 200
+    ok(cli("sites", "remove", "--instance", str(instance), "shop", "--yes"))
+    assert signed_get(instance, "shop", shop["secret"]).status_code == 401
+    assert json.loads(ok(cli("sites", "list", "--instance", str(instance), "--json"))) == []
+
+
+def test_sites_import_is_idempotent(instance: Path, cli: t.Callable[..., Result],
+                                   tmp_path: Path) -> None:
+    registry = ROOT / "sites.example.toml"
+    first = ok(cli("sites", "import", "--instance", str(instance), str(registry)))
+    assert re.search(r"^added\s+shop$", first, re.M), first
+    assert re.search(r"^added\s+docs$", first, re.M), first
+    secrets_ = dict(re.findall(r"site key: (\S+)\n\s+secret:\s+(hks_\S+)", first))
+    assert set(secrets_) == {"shop", "docs"}
+    assert signed_get(instance, "docs", secrets_["docs"]).status_code == 200
+
+    second = ok(cli("sites", "import", "--instance", str(instance), str(registry)))
+    assert re.search(r"^unchanged\s+shop$", second, re.M), second
+    assert re.search(r"^unchanged\s+docs$", second, re.M), second
+    assert "hks_" not in second and "secret" not in second
+    # The secrets made by the first import still work.
+    assert signed_get(instance, "shop", secrets_["shop"]).status_code == 200
+
+    changed = tmp_path / "sites.toml"
+    changed.write_text(registry.read_text().replace("docs-team@example.com", "ops@example.com"))
+    third = ok(cli("sites", "import", "--instance", str(instance), str(changed)))
+    assert re.search(r"^updated\s+docs$", third, re.M), third
+    assert "hks_" not in third
+    listed = {s["site_key"]: s for s in json.loads(ok(cli("sites", "list", "--instance",
+                                                          str(instance), "--json")))}
+    assert listed["docs"]["contact"] == "ops@example.com"
+
+
+def test_sites_import_refuses_a_bad_file_and_writes_nothing(
+    instance: Path, cli: t.Callable[..., Result], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text((ROOT / "sites.example.toml").read_text()
+                   + '\n[[site]]\nid = "x"\nname = "X"\nbase_url = "ftp://x"\n')
+    result = cli("sites", "import", "--instance", str(instance), str(bad))
+    assert result.exit_code == 1
+    assert "base_url" in one_line(result.stderr)
+    assert "hks_" not in result.output
+    assert json.loads(ok(cli("sites", "list", "--instance", str(instance), "--json"))) == []
+
+
+def test_db_upgrade(instance: Path, cli: t.Callable[..., Result]) -> None:
+    assert "up to date" in ok(cli("db", "upgrade", "--instance", str(instance)))
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration errors, as the real executable reports them
+
+
+@pytest.mark.parametrize(
+    "setting", ["bogus = 1", 'nonce_ttl = "soon"', "url = [", "master_key = 'not-a-key'"]
+)
+def test_a_bad_hub_toml_is_one_line_and_exit_2(instance: Path, setting: str) -> None:
+    with (instance / "hub.toml").open("a") as fh:
+        fh.write(setting + "\n")
+    result = hub_cmd("sites", "list", "--instance", str(instance))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    line = one_line(result.stderr)
+    assert line.startswith("error: ")
+    assert result.stdout == ""
+
+
+def test_the_environment_overrides_hub_toml(
+    instance: Path, cli: t.Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HEADLESSKEY_HUB_URL", "https://env-hub.example.com")
+    monkeypatch.setenv("HEADLESSKEY_HUB_JWKS_MAX_AGE", "77")
+    app = create_app(instance_path=str(instance))
+    client = app.test_client()
+    assert client.get("/.well-known/headlesskey-federation").get_json()["issuer"] == (
+        "https://env-hub.example.com"
+    )
+    assert "max-age=77" in client.get("/.well-known/jwks.json").headers["Cache-Control"]
+    app.extensions["headlesskey_hub"].engine.dispose()
+    # The database can come from the environment too (how PostgreSQL is configured).
+    other = instance.parent / "elsewhere.db"
+    monkeypatch.setenv("HEADLESSKEY_HUB_DATABASE_URL", f"sqlite:///{other}")
+    ok(cli("db", "upgrade", "--instance", str(instance)))
+    assert other.exists()
+
+
+def test_a_bad_environment_value_is_one_line_and_exit_2(instance: Path) -> None:
+    env = clean_env(HEADLESSKEY_HUB_NONCE_TTL="soon")
+    result = subprocess.run(  # noqa: S603 - our own executable
+        [str(HUB), "sites", "list", "--instance", str(instance)], capture_output=True, text=True,
+        env=env, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "HEADLESSKEY_HUB_NONCE_TTL" in one_line(result.stderr)
+
+
+def test_a_missing_master_key_is_one_line_and_exit_2(instance: Path) -> None:
+    (instance / "master.key").unlink()
+    result = hub_cmd("sites", "list", "--instance", str(instance))
+    assert result.returncode == 2
+    assert "MASTER_KEY" in one_line(result.stderr)
+
+
+def test_a_wrong_master_key_is_one_line_and_exit_2(instance: Path) -> None:
+    result = hub_cmd("sites", "add", "--instance", str(instance), "--name", "Shop", "--url",
+                     "https://shop.example.com", "--json")
+    assert result.returncode == 0, result.stderr
+    (instance / "master.key").chmod(0o600)
+    (instance / "master.key").write_bytes(Fernet.generate_key() + b"\n")
+    result = hub_cmd("sites", "rotate-secret", "--instance", str(instance), "shop")
+    assert result.returncode == 2
+    assert "master key" in one_line(result.stderr)
+
+
+def test_a_missing_instance_is_a_usage_error(tmp_path: Path) -> None:
+    result = hub_cmd("sites", "list", "--instance", str(tmp_path / "nowhere"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# serve and jobs, as real processes
+
+
+class Served:
+    """``headlesskey-hub serve`` (or ``jobs``) in a subprocess; always stopped by the fixture."""
+
+    def __init__(self, args: list[str], log_dir: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = (log_dir / f"proc-{self.port}.log").open("w+")
+        assert HUB
+        self.proc = subprocess.Popen(  # noqa: S603 - our own executable
+            [HUB, *[a.replace("{port}", str(self.port)) for a in args]],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_env(),
+        )
+
+    def logs(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def wait_for(self, check: t.Callable[[], bool], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if check():
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"not ready within {timeout}s:\n{self.logs()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise AssertionError(f"did not stop on signal {sig}:\n{self.logs()}") from None
+        return t.cast(int, self.proc.returncode)
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> t.Iterator[t.Callable[[list[str]], Served]]:
+    started: list[Served] = []
+
+    def run(args: list[str]) -> Served:
+        served = Served(args, tmp_path)
+        started.append(served)
+        return served
+
+    yield run
+    for served in started:
+        if served.proc.poll() is None:
+            served.proc.kill()
+            served.proc.wait(5)
+        served.log.close()
+
+
+def _jwks_ready(served: Served) -> bool:
+    return requests.get(served.base + "/.well-known/jwks.json", timeout=2).status_code == 200
+
+
+def test_serve_without_jobs(instance: Path, start: t.Callable[[list[str]], Served]) -> None:
+    server = start(["serve", "--instance", str(instance), "--port", "{port}", "--workers", "2",
+                    "--no-jobs"])
+    server.wait_for(lambda: _jwks_ready(server))
+    r = requests.get(server.base + "/.well-known/jwks.json?token=query-secret-xyz", timeout=10)
+    assert r.status_code == 200
+    assert [k["hk_site"] for k in r.json()["keys"]] == ["hub"]
+    assert "max-age=" in r.headers["Cache-Control"]
+    unsigned = requests.get(server.base + DIRECTORY, timeout=10)
+    assert unsigned.status_code == 401 and unsigned.json()["code"] == "unsigned_request"
+    assert server.stop() == 0
+    logs = server.logs()
+    assert "/.well-known/jwks.json" in logs  # the access log...
+    assert "query-secret-xyz" not in logs  # ...without query strings
+    assert "Hub jobs running" not in logs
+    with sqlite3.connect(instance / "hub.db") as conn:
+        assert conn.execute("SELECT count(*) FROM hub_job_runs").fetchone()[0] == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_serve_runs_the_jobs_beside_and_stops_them(
+    instance: Path, start: t.Callable[[list[str]], Served]
+) -> None:
+    server = start(["serve", "--instance", str(instance), "--port", "{port}", "--workers", "1"])
+    server.wait_for(lambda: _jwks_ready(server))
+
+    def jobs_ran() -> bool:
+        with sqlite3.connect(instance / "hub.db") as conn:
+            return bool(conn.execute("SELECT count(*) FROM hub_job_runs").fetchone()[0] == 4)
+
+    server.wait_for(jobs_ran)
+    found = re.search(r"Hub jobs running \(pid (\d+)\)", server.logs())
+    assert found, server.logs()
+    jobs_pid = int(found.group(1))
+    assert _pid_alive(jobs_pid)
+    assert server.stop() == 0
+    assert not _pid_alive(jobs_pid), server.logs()
+    assert "Hub jobs stopped." in server.logs()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_jobs_runs_until_a_signal(
+    instance: Path, start: t.Callable[[list[str]], Served], sig: int
+) -> None:
+    jobs = start(["jobs", "--instance", str(instance)])
+    jobs.wait_for(lambda: "Hub jobs running" in jobs.logs())
+    assert jobs.stop(sig) == 0
+    assert "Hub jobs stopped." in jobs.logs()
+    assert "Traceback" not in jobs.logs()
+
+
+def test_the_command_lists_its_verbs() -> None:
+    result = hub_cmd("--help")
+    assert result.returncode == 0
+    for verb in ("init", "serve", "jobs", "admins", "sites", "db"):
+        assert re.search(rf"^\s+{verb}\b", result.stdout, re.M), result.stdout
+    sites_help = hub_cmd("sites", "--help").stdout
+    for verb in ("add", "list", "suspend", "resume", "remove", "rotate-secret", "import"):
+        assert verb in sites_help

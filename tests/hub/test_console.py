@@ -1,0 +1,592 @@
+"""The admin console over real HTTP: login, onboarding, site actions, CSRF, cookies, settings.
+
+Each test drives the console like a browser would (a ``requests.Session`` with its cookie jar,
+the CSRF token read from the form), against a hub served by the ``hub`` fixture.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import typing as t
+
+import jwt
+import pytest
+import requests
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from flask import Response
+from sqlalchemy import select
+from werkzeug.exceptions import InternalServerError
+
+from hub.models import Event
+from hub.models import Setting
+from hub.services import admins
+from hub.services import events
+from tests.hub.conftest import Hub
+
+PASSWORD = "Tidy-console-Passphrase-2024"  # noqa: S105 (a test admin's)
+CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+SECRET = re.compile(r"hks_[A-Za-z0-9_-]{20,}")
+LOGIN_FAILED = "Invalid username or password."
+WRONG = "not-the-password-at-all"  # noqa: S105
+FORGED = "IjEyMyI.forged.token"  # noqa: S105 (a made-up CSRF token)
+PAGES = ("/", "/console/sites", "/console/sites/new", "/console/activity", "/console/settings")
+SITE_FORM = {
+    "name": "Shop",
+    "base_url": "https://shop.example.com",
+    "site_key": "",
+    "allowed_origins": "https://shop.example.com\nhttps://www.shop.example.com\n",
+    "contact": "web-team@example.com",
+}
+
+
+class Console:
+    """A browser-like client of one hub's console."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.http = requests.Session()
+
+    def get(self, path: str, **kw: t.Any) -> requests.Response:
+        return self.http.get(self.hub.url + path, allow_redirects=False, timeout=30, **kw)
+
+    def token(self, path: str = "/console/login") -> str:
+        match = CSRF.search(self.get(path).text)
+        assert match, f"no CSRF token on {path}"
+        return match.group(1)
+
+    def post(self, path: str, data: dict[str, str] | None = None, *, token: str | None = None,
+             form_page: str = "/", headers: dict[str, str] | None = None) -> requests.Response:
+        """POST a form with this session's CSRF token (or ``token``, "" to leave it out)."""
+        fields = dict(data or {})
+        if token is None:
+            token = self.token(form_page)
+        if token:
+            fields["csrf_token"] = token
+        return self.http.post(self.hub.url + path, data=fields, headers=headers or {},
+                              allow_redirects=False, timeout=30)
+
+    def login(self, username: str = "alice", password: str = PASSWORD,
+              **extra: str) -> requests.Response:
+        token = self.token("/console/login")
+        return self.post("/console/login", {"username": username, "password": password, **extra},
+                         token=token)
+
+    def onboard(self, **fields: str) -> requests.Response:
+        return self.post("/console/sites/new", {**SITE_FORM, **fields},
+                         form_page="/console/sites/new")
+
+
+def make_admin(hub: Hub, username: str = "alice", password: str = PASSWORD) -> None:
+    with hub.app.app_context(), hub.state.session_factory() as db:
+        admins.create(db, hub.state, username, password)
+        db.commit()
+
+
+@pytest.fixture
+def console(hub: Hub) -> Console:
+    """A console session signed in as alice."""
+    make_admin(hub)
+    c = Console(hub)
+    r = c.login()
+    assert r.status_code == 302 and r.headers["Location"] == "/", r.text
+    return c
+
+
+def count(hub: Hub, table: str, where: str = "1=1", **params: t.Any) -> int:
+    return int(hub.scalar(f"SELECT count(*) FROM {table} WHERE {where}", **params))  # noqa: S608
+
+
+def hub_events(hub: Hub, event: str | None = None) -> list[dict[str, t.Any]]:
+    """The hub's events (of one kind), oldest first."""
+    stmt = select(Event).order_by(Event.id)
+    if event:
+        stmt = stmt.where(Event.event == event)
+    with hub.state.session_factory() as db:
+        return [{"site_key": e.site_key, "actor": e.actor, "ip": e.ip, "outcome": e.outcome,
+                 "details": e.details} for e in db.scalars(stmt)]
+
+
+def secret_of(response: requests.Response) -> str:
+    found = SECRET.findall(response.text)
+    assert len(set(found)) == 1, f"expected one secret on the page, got {found}"
+    return found[0]
+
+
+def location(response: requests.Response) -> str:
+    assert response.status_code in (302, 303), (response.status_code, response.text[:300])
+    return response.headers["Location"]
+
+
+# --- login -----------------------------------------------------------------------------------
+
+
+def test_login_answers_alike_for_wrong_password_unknown_user_and_lock(hub: Hub) -> None:
+    make_admin(hub)
+    c = Console(hub)
+    wrong = c.login(password=WRONG)
+    unknown = c.login(username="mallory")
+    assert wrong.status_code == unknown.status_code == 200
+    assert LOGIN_FAILED in wrong.text and LOGIN_FAILED in unknown.text
+    assert 'value="mallory"' in unknown.text  # the name typed stays, the password does not
+    for _ in range(hub.state.setting("ADMIN_MAX_FAILURES") - 1):
+        c.login(password=WRONG)
+    locked = c.login()  # the right password, on a locked account
+    assert locked.status_code == 200 and LOGIN_FAILED in locked.text
+    assert "lock" not in locked.text.lower()
+    assert location(c.get("/")).startswith("/console/login")
+    assert hub_events(hub, "admin.locked")[0]["actor"] == "alice"
+    failures = hub_events(hub, "admin.login_failed")
+    assert {e["actor"] for e in failures} == {"alice", "mallory"}
+    assert all(e["ip"] == "127.0.0.1" for e in failures)
+
+    hub.clock.advance(hub.state.setting("ADMIN_LOCK_SECONDS") + 1)
+    ok = c.login()
+    assert location(ok) == "/"
+    home = c.get("/")
+    assert home.status_code == 200 and "Dashboard" in home.text and "alice" in home.text
+    assert hub_events(hub, "admin.login")[0]["ip"] == "127.0.0.1"
+
+
+def test_every_page_needs_login(hub: Hub) -> None:
+    c = Console(hub)
+    for path in PAGES + ("/console/sites/shop",):
+        r = c.get(path)
+        assert r.status_code == 302, path
+        assert r.headers["Location"].startswith("/console/login?next="), path
+    hub.add_site("Docs", "https://docs.example.com")
+    token = c.token("/console/login")
+    for path in ("/console/sites/new", "/console/sites/docs/suspend",
+                 "/console/sites/docs/rotate-secret", "/console/settings"):
+        r = c.post(path, {**SITE_FORM, "confirm": "docs", "KEY_ROTATION_DAYS": "5"}, token=token)
+        assert location(r).startswith("/console/login"), path
+    assert count(hub, "hub_sites") == 1
+    assert count(hub, "hub_sites", "status = 'active'") == 1
+    assert count(hub, "hub_site_secrets") == 1
+    assert count(hub, "hub_settings") == 0
+
+
+def test_login_starts_a_new_session_and_next_stays_on_the_hub(hub: Hub) -> None:
+    make_admin(hub)
+    c = Console(hub)
+    before = c.token("/console/login")
+    assert location(c.login(next="https://evil.example/")) == "/"
+    # session.clear() at login: the token of the session before it is worthless now.
+    r = c.post("/console/sites/new", SITE_FORM, token=before)
+    assert r.status_code == 403
+    assert count(hub, "hub_sites") == 0
+    c.post("/console/logout")
+    assert location(c.login(next="/console/sites")) == "/console/sites"
+    c.post("/console/logout")
+    assert location(c.login(next="//evil.example/console/")) == "/"
+
+
+def test_logout_ends_the_session(console: Console) -> None:
+    r = console.post("/console/logout")
+    assert location(r) == "/console/login"
+    assert "You are signed out." in console.get("/console/login").text
+    assert location(console.get("/")).startswith("/console/login")
+    assert hub_events(console.hub, "admin.logout")[0]["actor"] == "alice"
+    assert console.get("/console/logout").status_code == 405
+
+
+def test_idle_session_ends(console: Console) -> None:
+    hub = console.hub
+    timeout = hub.state.setting("SESSION_IDLE_TIMEOUT")
+    token = console.token("/console/sites/new")
+    hub.clock.advance(timeout - 5)
+    assert console.get("/").status_code == 200  # activity renews the idle timer
+    hub.clock.advance(timeout - 5)
+    assert console.get("/console/sites").status_code == 200
+    hub.clock.advance(timeout + 1)
+    r = console.get("/console/sites")
+    assert location(r).startswith("/console/login")
+    assert "without activity" in console.get("/console/login").text
+    assert location(console.get("/")).startswith("/console/login")
+    # A form left open does not work after the timeout either.
+    r = console.post("/console/sites/new", SITE_FORM, token=token)
+    assert r.status_code in (302, 403)
+    assert count(hub, "hub_sites") == 0
+
+
+# --- onboarding ------------------------------------------------------------------------------
+
+
+def test_onboarding_shows_the_secret_once(console: Console) -> None:
+    hub = console.hub
+    r = console.onboard()
+    assert r.status_code == 200, r.text
+    secret = secret_of(r)
+    assert "no-store" in r.headers["Cache-Control"]
+    assert 'id="site-key">shop<' in r.text
+    assert f"--hub {hub.url} --site-key shop --secret-stdin" in r.text
+    assert f'url = "{hub.url}"' in r.text and 'site_key = "shop"' in r.text
+    # The secret works against the signed API.
+    assert hub.signed("GET", "/api/v1/directory", "shop", secret).status_code == 200
+
+    for path in ("/console/sites/shop", "/console/sites", "/", "/console/activity"):
+        page = console.get(path)
+        assert page.status_code == 200, path
+        assert secret not in page.text and not SECRET.search(page.text), path
+    site_page = console.get("/console/sites/shop").text
+    assert "shown once at creation" in site_page
+    assert "https://www.shop.example.com" in site_page and "web-team@example.com" in site_page
+    added = hub_events(hub, "site.added")
+    assert added == [{"site_key": "shop", "actor": "alice", "ip": "127.0.0.1",
+                      "outcome": "success", "details": added[0]["details"]}]
+    assert secret not in json.dumps(added)
+
+
+def test_onboarding_errors_show_next_to_the_field_and_save_nothing(console: Console) -> None:
+    hub = console.hub
+    hub.add_site("Shop", "https://shop.example.com")
+    duplicate = console.onboard(site_key="shop-2")
+    assert duplicate.status_code == 409
+    assert "A site with that name exists." in duplicate.text
+    assert re.search(r'id="name-error">Already taken\.<', duplicate.text)
+    assert not SECRET.search(duplicate.text)
+
+    bad_url = console.onboard(name="Docs", base_url="ftp://docs.example.com")
+    assert bad_url.status_code == 400
+    assert re.search(r'id="base_url-error">An https:// URL', bad_url.text)
+    assert 'value="Docs"' in bad_url.text  # what was typed is kept
+
+    bad_origin = console.onboard(name="Docs", base_url="https://docs.example.com",
+                                 allowed_origins="https://docs.example.com/path")
+    assert bad_origin.status_code == 400 and 'id="allowed_origins-error"' in bad_origin.text
+
+    taken_key = console.onboard(name="Docs", base_url="https://docs.example.com", site_key="shop")
+    assert taken_key.status_code == 409 and 'id="site_key-error"' in taken_key.text
+
+    assert count(hub, "hub_sites") == 1
+    assert count(hub, "hub_site_secrets") == 1
+    assert count(hub, "hub_events", "event = 'site.added'") == 1
+
+
+# --- CSRF and cross-site posts ---------------------------------------------------------------
+
+
+def test_post_without_or_with_a_wrong_csrf_token_is_refused(console: Console, hub: Hub) -> None:
+    events_before = count(hub, "hub_events")
+    missing = console.post("/console/sites/new", SITE_FORM, token="")
+    forged = console.post("/console/sites/new", SITE_FORM, token=FORGED)
+    other = Console(hub)
+    other_token = other.token("/console/login")
+    make_admin(hub, "bob")
+    other.login("bob")
+    theirs = console.post("/console/sites/new", SITE_FORM, token=other.token("/"))
+    stale = console.post("/console/sites/new", SITE_FORM, token=other_token)
+    for r in (missing, forged, theirs, stale):
+        assert r.status_code == 403, r.text
+        assert "text/html" in r.headers["Content-Type"]
+        assert "security token" in r.text
+    assert count(hub, "hub_sites") == 0
+    # Only bob's own login was written meanwhile.
+    assert count(hub, "hub_events") == events_before + 2  # admin.created, admin.login
+
+
+def test_cross_site_posts_are_refused(console: Console) -> None:
+    hub = console.hub
+    hub.add_site("Docs", "https://docs.example.com")
+    refused = [
+        {"Origin": "https://evil.example"},
+        {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "null"},
+        {"Origin": hub.url + ".evil.example"},
+        {"Origin": hub.url.replace("http://", "https://")},
+    ]
+    for headers in refused:
+        r = console.post("/console/sites/docs/suspend", form_page="/console/sites/docs",
+                         headers=headers)
+        assert r.status_code == 403, headers
+        assert "another site" in r.text or "unknown origin" in r.text
+    assert count(hub, "hub_sites", "status = 'active'") == 1
+    assert count(hub, "hub_events", "event = 'site.suspended'") == 0
+
+    own = console.post("/console/sites/docs/suspend", form_page="/console/sites/docs",
+                       headers={"Origin": hub.url, "Sec-Fetch-Site": "same-origin"})
+    assert location(own) == "/console/sites/docs"
+    # Chromium sends "Origin: null" for our own forms under Referrer-Policy: no-referrer.
+    null_same = console.post("/console/sites/docs/resume", form_page="/console/sites/docs",
+                             headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"})
+    assert location(null_same) == "/console/sites/docs"
+    assert count(hub, "hub_events", "event IN ('site.suspended', 'site.resumed')") == 2
+
+
+def test_get_never_changes_state(console: Console) -> None:
+    hub = console.hub
+    hub.add_site("Docs", "https://docs.example.com")
+    for action in ("suspend", "resume", "rotate-secret", "remove"):
+        r = console.get(f"/console/sites/docs/{action}")
+        assert r.status_code == 405
+        assert "GET" not in r.headers["Allow"] and "POST" in r.headers["Allow"]
+        assert "text/html" in r.headers["Content-Type"]
+    console.get("/console/settings?KEY_ROTATION_DAYS=1")
+    console.get("/console/logout")
+    assert count(hub, "hub_sites", "status = 'active'") == 1
+    assert count(hub, "hub_site_secrets") == 1
+    assert count(hub, "hub_settings") == 0
+    assert console.get("/").status_code == 200
+
+
+# --- site actions ----------------------------------------------------------------------------
+
+
+def test_suspend_resume_rotate_and_remove(console: Console) -> None:
+    hub = console.hub
+    secret = secret_of(console.onboard())
+    page = "/console/sites/shop"
+
+    r = console.post("/console/sites/shop/suspend", form_page=page)
+    assert location(r) == page
+    shown = console.get(page).text
+    assert 'id="site-status">suspended<' in shown and "Resume site" in shown
+    refused = hub.signed("GET", "/api/v1/directory", "shop", secret)
+    assert refused.status_code == 401 and refused.json()["code"] == "bad_signature"
+
+    assert location(console.post("/console/sites/shop/resume", form_page=page)) == page
+    assert 'id="site-status">active<' in console.get(page).text
+    assert hub.signed("GET", "/api/v1/directory", "shop", secret).status_code == 200
+
+    rotated = console.post("/console/sites/shop/rotate-secret", form_page=page)
+    assert rotated.status_code == 200
+    new_secret = secret_of(rotated)
+    assert new_secret != secret
+    grace = hub.state.setting("SECRET_GRACE")
+    assert f"stays valid for {grace} seconds" in rotated.text
+    assert "no-store" in rotated.headers["Cache-Control"]
+    for s in (secret, new_secret):  # both work during the grace period
+        assert hub.signed("GET", "/api/v1/directory", "shop", s).status_code == 200
+    after = console.get(page).text
+    assert new_secret not in after and not SECRET.search(after)
+    assert "valid until" in after and "v2" in after
+
+    wrong = console.post("/console/sites/shop/remove", {"confirm": "Shop"}, form_page=page)
+    assert wrong.status_code == 400
+    assert "Type the site key (shop) to confirm." in wrong.text
+    assert count(hub, "hub_sites") == 1
+
+    gone = console.post("/console/sites/shop/remove", {"confirm": "shop"}, form_page=page)
+    assert location(gone) == "/console/sites"
+    assert "was removed" in console.get("/console/sites").text
+    assert count(hub, "hub_sites") == 0
+    assert count(hub, "hub_site_secrets") == 0
+    assert console.get(page).status_code == 404
+
+    for name in ("site.suspended", "site.resumed", "secret.rotated", "site.removed"):
+        logged = hub_events(hub, name)
+        assert len(logged) == 1, name
+        assert logged[0]["actor"] == "alice" and logged[0]["ip"] == "127.0.0.1", name
+        assert logged[0]["site_key"] == "shop"
+    all_details = json.dumps([e["details"] for e in hub_events(hub)])
+    assert secret not in all_details and new_secret not in all_details
+    assert "hks_" not in all_details
+
+
+def test_site_page_lists_keys(console: Console) -> None:
+    hub = console.hub
+    site_key, secret = hub.add_site("Docs", "https://docs.example.com")
+    jwk = _es256_jwk("docs-key-2024")
+    r = hub.signed("POST", "/api/v1/keys", site_key, secret, json={"jwk": jwk, "status": "active"})
+    assert r.status_code == 201, r.text
+    page = console.get("/console/sites/docs").text
+    assert "docs-key-2024" in page and "ES256" in page
+    assert 'badge-active">active<' in page
+    assert console.get("/console/sites/" + "x" * 80).status_code == 404
+    not_found = console.get("/console/sites/nope")
+    assert not_found.status_code == 404 and "No site" in not_found.text
+    assert "text/html" in not_found.headers["Content-Type"]
+
+
+# --- activity --------------------------------------------------------------------------------
+
+
+def test_activity_filters_and_pages(console: Console) -> None:
+    hub = console.hub
+    hub.add_site("Docs", "https://docs.example.com")
+    with hub.app.app_context(), hub.state.session_factory() as db:
+        for i in range(60):
+            events.log(db, hub.state, "test.ping", site_key="docs", actor=f"n{i}",
+                       outcome="failure" if i % 2 else "success")
+        events.log(db, hub.state, "test.pong", site_key="other")
+        db.commit()
+
+    first = console.get("/console/activity?event=test.ping")
+    assert first.status_code == 200
+    assert first.text.count("<code>test.ping</code>") == 50
+    assert "test.pong" not in first.text.split("<tbody>")[1]
+    assert ">n59<" in first.text and ">n9<" not in first.text
+    older = re.search(r'href="([^"]+)" id="older"', first.text)
+    assert older, "no link to older events"
+    second = console.get(older.group(1).replace("&amp;", "&"))
+    assert second.text.count("<code>test.ping</code>") == 10
+    assert ">n9<" in second.text and 'id="older"' not in second.text
+    assert 'id="newest"' in second.text
+
+    failures = console.get("/console/activity?event=test.ping&outcome=failure")
+    assert failures.text.count("<code>test.ping</code>") == 30
+    other = console.get("/console/activity?site=other")
+    body = other.text.split("<tbody>")[1]
+    assert "test.pong" in body and "test.ping" not in body
+    assert console.get("/console/activity?before=oops").status_code == 200
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+def test_settings_are_validated_and_saved_with_who_and_when(console: Console) -> None:
+    hub = console.hub
+    good = {"KEY_ROTATION_DAYS": "30", "HUB_KEY_ROTATION_DAYS": "60",
+            "EVENT_RETENTION_DAYS": "365", "SECRET_GRACE": "3600"}
+    for field, bad in (("KEY_ROTATION_DAYS", "0"), ("HUB_KEY_ROTATION_DAYS", "abc"),
+                       ("EVENT_RETENTION_DAYS", "100000"), ("SECRET_GRACE", "-5"),
+                       ("SECRET_GRACE", "1.5"), ("KEY_ROTATION_DAYS", "")):
+        r = console.post("/console/settings", {**good, field: bad}, form_page="/console/settings")
+        assert r.status_code == 400, (field, bad)
+        assert "Nothing was saved." in r.text
+        assert f'id="{field}-error"' in r.text, (field, bad)
+    assert count(hub, "hub_settings") == 0
+
+    r = console.post("/console/settings", good, form_page="/console/settings")
+    assert location(r) == "/console/settings"
+    page = console.get("/console/settings").text
+    assert "Settings saved." in page and "Changed by alice" in page
+    assert 'value="3600"' in page
+    assert count(hub, "hub_settings", "updated_by = 'alice'") == 4
+    with hub.state.session_factory() as db:
+        stored = db.get(Setting, "SECRET_GRACE")
+        assert stored is not None and stored.value == 3600 and stored.updated_by == "alice"
+    logged = hub_events(hub, "settings.updated")
+    assert len(logged) == 1 and logged[0]["actor"] == "alice"
+    changed = logged[0]["details"]["changed"]
+    assert changed["SECRET_GRACE"] == {"from": hub.state.setting("SECRET_GRACE"), "to": 3600}
+
+    # The stored grace period is the one a rotation from the console uses.
+    hub.add_site("Docs", "https://docs.example.com")
+    rotated = console.post("/console/sites/docs/rotate-secret", form_page="/console/sites/docs")
+    assert "stays valid for 3600 seconds (1 hour)" in rotated.text
+
+
+def test_dashboard_counts_sites_and_keys_due(hub: Hub) -> None:
+    make_admin(hub)
+    shop, shop_secret = hub.add_site("Shop", "https://shop.example.com")
+    hub.add_site("Docs", "https://docs.example.com")
+    r = hub.signed("POST", "/api/v1/keys", shop, shop_secret,
+                   json={"jwk": _es256_jwk("shop-key-old"), "status": "active"})
+    assert r.status_code == 201
+    hub.clock.advance(91 * 86400)
+    c = Console(hub)
+    c.login()
+    c.post("/console/sites/docs/suspend", form_page="/console/sites/docs")
+    home = c.get("/").text
+    assert 'id="count-active">1<' in home and 'id="count-suspended">1<' in home
+    assert 'id="count-due">1<' in home and "shop-key-old" in home
+    assert "site.suspended" in home  # recent activity
+    c.post("/console/settings", {"KEY_ROTATION_DAYS": "120", "HUB_KEY_ROTATION_DAYS": "90",
+                                 "EVENT_RETENTION_DAYS": "180", "SECRET_GRACE": "86400"},
+           form_page="/console/settings")
+    assert 'id="count-due">0<' in c.get("/").text
+
+
+# --- cookies, headers, error pages -----------------------------------------------------------
+
+
+def _set_cookie(response: requests.Response) -> str:
+    header = response.headers.get("Set-Cookie")
+    assert header, "no Set-Cookie"
+    return header
+
+
+def test_session_cookie_flags_with_secure_cookies(make_hub: t.Callable[..., Hub]) -> None:
+    hub = make_hub(HEADLESSKEY_HUB_SECURE_COOKIES=True)
+    r = requests.get(hub.url + "/console/login", timeout=30)
+    cookie = _set_cookie(r)
+    attrs = [a.strip().lower() for a in cookie.split(";")]
+    assert cookie.startswith("__Host-hk_console=")
+    assert "secure" in attrs and "httponly" in attrs
+    assert "samesite=strict" in attrs and "path=/" in attrs
+    assert not any(a.startswith("domain") for a in attrs)
+    assert not any(a.startswith(("expires", "max-age")) for a in attrs)  # ends with the browser
+
+
+def test_session_cookie_flags_for_plain_http_dev(hub: Hub) -> None:
+    cookie = _set_cookie(requests.get(hub.url + "/console/login", timeout=30))
+    attrs = [a.strip().lower() for a in cookie.split(";")]
+    assert cookie.startswith("hk_console=")
+    assert "httponly" in attrs and "samesite=strict" in attrs and "secure" not in attrs
+    assert not any(a.startswith("domain") for a in attrs)
+
+
+def test_session_key_is_derived_from_the_master_key(make_hub: t.Callable[..., Hub]) -> None:
+    one, two = make_hub(), make_hub()
+    master = one.app.config["HEADLESSKEY_HUB_MASTER_KEY"]
+    expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=b"hub-console-session").derive(base64.urlsafe_b64decode(master))
+    assert one.app.secret_key == expected
+    assert two.app.secret_key not in (None, expected)
+    # A session of one hub means nothing to another.
+    make_admin(one)
+    c = Console(one)
+    c.login()
+    stolen = c.http.cookies.get("hk_console")
+    r = requests.get(two.url + "/", cookies={"hk_console": stolen}, allow_redirects=False,
+                     timeout=30)
+    assert location(r).startswith("/console/login")
+
+
+def test_security_headers_and_no_inline_code(console: Console) -> None:
+    hub = console.hub
+    hub.add_site("Docs", "https://docs.example.com")
+    anonymous = Console(hub)
+    responses = [(p, console.get(p)) for p in (*PAGES, "/console/sites/docs", "/console/nope")]
+    responses.append(("/console/login", anonymous.get("/console/login")))
+    responses.append(("failed login", anonymous.login("nobody")))
+    for path, r in responses:
+        assert r.status_code in (200, 404), path
+        csp = r.headers["Content-Security-Policy"]
+        assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp
+        assert "object-src 'none'" in csp and "unsafe-inline" not in csp
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+        assert r.headers["Referrer-Policy"] == "no-referrer"
+        assert r.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert "no-store" in r.headers["Cache-Control"]
+        html = r.text.lower()
+        assert "<script" not in html and "<style" not in html and " style=" not in html, path
+        assert 'rel="stylesheet" href="/static/console.css"' in html, path
+    css = console.get("/static/console.css")
+    assert css.status_code == 200 and css.headers["Content-Type"].startswith("text/css")
+    assert "@import" not in css.text and "url(" not in css.text  # nothing fetched from outside
+
+
+def test_error_pages_are_html_in_the_console_and_json_in_the_api(console: Console) -> None:
+    hub = console.hub
+    missing = console.get("/console/nope")
+    assert missing.status_code == 404 and "Not found" in missing.text
+    assert "text/html" in missing.headers["Content-Type"]
+    method = console.http.put(hub.url + "/console/sites", timeout=30)
+    assert method.status_code == 405 and "Method not allowed" in method.text
+    api = requests.get(hub.url + "/api/v1/nope", timeout=30)
+    assert api.status_code in (401, 404) and api.headers["Content-Type"] == "application/json"
+    well_known = requests.get(hub.url + "/.well-known/nope", timeout=30)
+    assert well_known.status_code == 404 and well_known.json()["code"] == "not_found"
+    api_method = requests.put(hub.url + "/.well-known/jwks.json", timeout=30)
+    assert api_method.status_code == 405 and api_method.json()["code"] == "method_not_allowed"
+
+    from hub.console import views
+
+    with hub.app.test_request_context("/console/sites"):
+        response = t.cast(Response, views._http_error_page(InternalServerError()))
+    body = response.get_data(as_text=True)
+    assert response.status_code == 500 and "Internal error" in body and "Traceback" not in body
+
+
+def _es256_jwk(kid: str) -> dict[str, t.Any]:
+    public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(public))
+    jwk.update({"kid": kid, "alg": "ES256", "use": "sig"})
+    return t.cast(dict[str, t.Any], jwk)
