@@ -98,6 +98,20 @@ def init(instance: Path, algorithm: str, site_url: str, site_name: str) -> None:
     click.echo(f"  headlesskey-agent serve --instance {instance}")
 
 
+def _publish_federation_key(state: t.Any) -> None:
+    """(Re)publish the SSO key at start; the hub being down never stops the site."""
+    from .federation import client
+    from .federation import federation_key
+    from .hub_client import HubUnavailable
+
+    key = federation_key(state)
+    try:
+        client(state).register_key(t.cast(dict[str, t.Any], key.public_jwk), "active")
+    except HubUnavailable as exc:
+        click.echo(f"warning: SSO key not published to the hub ({exc}); will serve anyway",
+                   err=True)
+
+
 def _toml(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -118,6 +132,8 @@ def serve(instance: Path, host: str, port: int, workers: int, no_jobs: bool = Fa
     app = _app(instance)
     state = app.extensions["headlesskey"]
     upgrade(state.engine)
+    if state.settings.federated:
+        _publish_federation_key(state)
     state.engine.dispose()  # no connection may cross the fork into the workers
 
     class _Server(BaseApplication):  # type: ignore[misc]
@@ -267,6 +283,73 @@ def logs(instance: Path, as_json: bool, follow: bool, **filters: str | None) -> 
             for row in reversed(newer):
                 show(row)
                 last = max(last, row.id)
+
+
+@main.command()
+@INSTANCE
+@click.option("--hub", "hub_url", required=True, help="The hub's base URL.")
+@click.option("--site-key", required=True, help="This site's key, as onboarded at the hub.")
+@click.option("--secret-stdin", is_flag=True, help="Read the site secret from stdin (required).")
+def join(instance: Path, hub_url: str, site_key: str, secret_stdin: bool) -> None:
+    """Join a federation: check the membership with the hub, store it, publish the SSO key."""
+    from .config import _url
+    from .config import parse_hub_secret
+    from .federation import federation_key
+    from .hub_client import HubClient
+    from .hub_client import HubUnavailable
+    from .services.keys import ensure_key_file
+    from .services.keys import generate_private_key_pem
+    from .standalone import SITE_FILE
+
+    if not secret_stdin:
+        raise click.UsageError("give --secret-stdin and pipe the secret in")
+    hub_url = _url("--hub", hub_url)
+    secret_text = sys.stdin.readline().strip()
+    raw = parse_hub_secret("the secret", secret_text)
+    client = HubClient(hub_url, site_key, raw)
+    try:
+        peers = client.directory().get("peers", [])  # proves the URL, the key and the secret
+    except HubUnavailable as exc:
+        raise click.ClickException(f"the hub did not accept this membership: {exc}") from None
+    site_file = instance / SITE_FILE
+    if not site_file.is_file():
+        raise click.ClickException(f"{site_file} not found; run `headlesskey-agent init` first")
+    secret_file = instance / "hub-secret.key"
+    temporary = instance / "hub-secret.key.new"
+    temporary.unlink(missing_ok=True)
+    _write_private(temporary, secret_text.encode() + b"\n")
+    os.replace(temporary, secret_file)
+    ensure_key_file(instance / "federation-key.pem", lambda: generate_private_key_pem("ES256"))
+    _set_toml_table(site_file, "hub", {"url": hub_url, "site_key": site_key,
+                                       "secret_file": "hub-secret.key"})
+    app = _app(instance)
+    state = app.extensions["headlesskey"]
+    key = federation_key(state)
+    try:
+        client.register_key(t.cast(dict[str, t.Any], key.public_jwk), "active")
+    except HubUnavailable as exc:
+        raise click.ClickException(f"joined, but the SSO key was not published: {exc}") from None
+    click.echo(f"Joined {hub_url} as {site_key}: {len(peers)} peer site(s); "
+               f"SSO key {key.kid} published.")
+
+
+def _set_toml_table(path: Path, table: str, values: dict[str, str]) -> None:
+    """Replace (or add) one ``[table]`` of a TOML file, keeping every other line."""
+    kept: list[str] = []
+    skipping = False
+    for line in path.read_text("utf-8").splitlines():
+        stripped = line.strip()
+        if stripped.startswith("["):
+            skipping = stripped == f"[{table}]"
+        if not skipping:
+            kept.append(line)
+    while kept and not kept[-1].strip():
+        kept.pop()
+    kept += ["", f"[{table}]", *(f"{k} = {_toml(v)}" for k, v in values.items()), ""]
+    temporary = path.with_name(path.name + ".new")
+    temporary.unlink(missing_ok=True)
+    _write_private(temporary, "\n".join(kept).encode())
+    os.replace(temporary, path)
 
 
 @main.group()

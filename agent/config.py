@@ -137,6 +137,8 @@ ENDPOINT_ACCESS: dict[str, str | tuple[str, ...]] = {
     "me": "authenticated",
     "sessions": "authenticated",
     "openapi": "public",
+    "sso_issue": "authenticated",
+    "sso_exchange": "public",
     "admin": ("administrator",),
 }
 
@@ -213,6 +215,55 @@ def _networks(key: str, value: t.Any) -> tuple[ipaddress.IPv4Network | ipaddress
         return tuple(ipaddress.ip_network(str(v), strict=False) for v in value)
     except ValueError as exc:
         raise ConfigError(f"{key}: {exc}") from None
+
+
+def _federation(get: t.Callable[[str], t.Any], instance_path: str) -> dict[str, t.Any]:
+    """Hub membership settings; all three of URL, site key and secret, or none."""
+    url, site_key, secret_file = get("HUB_URL"), get("HUB_SITE_KEY"), get("HUB_SECRET_FILE")
+    values: dict[str, t.Any] = {
+        "federation_stale_window": _int(
+            PREFIX + "FEDERATION_STALE_WINDOW", get("FEDERATION_STALE_WINDOW"), 60, 30 * 86400
+        ),
+        "directory_refresh": _int(PREFIX + "DIRECTORY_REFRESH", get("DIRECTORY_REFRESH"), 1, 86400),
+        "sso_assertion_ttl": _int(PREFIX + "SSO_ASSERTION_TTL", get("SSO_ASSERTION_TTL"), 5, 60),
+        "sso_link_by_email": _bool(PREFIX + "SSO_LINK_BY_EMAIL", get("SSO_LINK_BY_EMAIL")),
+    }
+    role_map = _json_value(PREFIX + "SSO_ROLE_MAP", get("SSO_ROLE_MAP"))
+    if not isinstance(role_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in role_map.items()
+    ):
+        raise ConfigError(f"{PREFIX}SSO_ROLE_MAP: expected a table of peer role = local role")
+    values["sso_role_map"] = dict(role_map)
+    given = [v for v in (url, site_key, secret_file) if v]
+    if not given:
+        return values
+    if len(given) != 3:
+        raise ConfigError(
+            f"{PREFIX}HUB_URL, HUB_SITE_KEY and HUB_SECRET_FILE go together "
+            "(run `headlesskey-agent join`)"
+        )
+    values["hub_url"] = _url(PREFIX + "HUB_URL", url)
+    values["hub_site_key"] = _str(PREFIX + "HUB_SITE_KEY", site_key)
+    text = _read_file(PREFIX + "HUB_SECRET_FILE", _str(PREFIX + "HUB_SECRET_FILE", secret_file))
+    values["hub_secret"] = parse_hub_secret(PREFIX + "HUB_SECRET_FILE", text.decode().strip())
+    key_file = get("FEDERATION_KEY_FILE") or str(Path(instance_path) / "federation-key.pem")
+    values["federation_key_pem"] = _read_file(PREFIX + "FEDERATION_KEY_FILE", key_file)
+    return values
+
+
+def parse_hub_secret(key: str, text: str) -> bytes:
+    """The raw bytes of a hub secret in its text form ``hks_<base64url>``."""
+    import base64
+    import binascii
+
+    body = text.removeprefix("hks_")
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except (binascii.Error, ValueError):
+        raw = b""
+    if not text.startswith("hks_") or len(raw) < 32:
+        raise ConfigError(f"{key}: not a hub secret (hks_ and at least 32 bytes)")
+    return raw
 
 
 def _webhooks(key: str, value: t.Any) -> tuple[WebhookEndpoint, ...]:
@@ -306,6 +357,19 @@ class Settings:
     webhooks: tuple[WebhookEndpoint, ...] = ()
     webhook_timeout: int = 15
     audit_retention_days: int = 90
+    hub_url: str | None = None
+    hub_site_key: str | None = None
+    hub_secret: bytes | None = field(default=None, repr=False)
+    federation_key_pem: bytes | None = field(default=None, repr=False)
+    federation_stale_window: int = 86400
+    directory_refresh: int = 60
+    sso_assertion_ttl: int = 60
+    sso_link_by_email: bool = True
+    sso_role_map: t.Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def federated(self) -> bool:
+        return bool(self.hub_url and self.hub_site_key and self.hub_secret)
 
     @property
     def prefix(self) -> str:
@@ -369,10 +433,19 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
     "WEBHOOKS": ([], "Webhook endpoints: [{id, url, secret, events}]."),
     "WEBHOOK_TIMEOUT": (15, "Seconds per delivery attempt."),
     "AUDIT_RETENTION_DAYS": (90, "Activity log rows older than this are pruned."),
+    "HUB_URL": (None, "The federation hub this site joined (set by `join`)."),
+    "HUB_SITE_KEY": (None, "This site's key at the hub."),
+    "HUB_SECRET_FILE": (None, "File holding this site's hub secret (hks_...), mode 0600."),
+    "FEDERATION_KEY_FILE": (None, "PEM key signing SSO assertions; default federation-key.pem."),
+    "FEDERATION_STALE_WINDOW": (86400, "Seconds exchanges keep working from cached hub data."),
+    "DIRECTORY_REFRESH": (60, "Seconds between directory refreshes from the hub."),
+    "SSO_ASSERTION_TTL": (60, "Lifetime of an SSO assertion, seconds (at most 60)."),
+    "SSO_LINK_BY_EMAIL": (True, "Link a peer identity to a local account by verified email."),
+    "SSO_ROLE_MAP": ({}, "Peer role -> local role; unmapped remote roles grant nothing."),
 }
 
 # Tables of site.toml kept whole instead of flattened into prefixed keys.
-NESTED_TABLES = {"ACCESS"}
+NESTED_TABLES = {"ACCESS", "SSO_ROLE_MAP"}
 
 # Environment variables read without the prefix (conventional names).
 ENV_ALIASES = {"DATABASE_URL": "DATABASE_URL"}
@@ -398,7 +471,7 @@ def load_toml(path: Path) -> dict[str, t.Any]:
     if unknown:
         raise ConfigError(f"{path}: unknown setting {unknown[0].lower()!r}")
     base = path.parent
-    for key in ("SECRET_KEY_FILE", "PRIVATE_KEY_FILE"):
+    for key in ("SECRET_KEY_FILE", "PRIVATE_KEY_FILE", "HUB_SECRET_FILE", "FEDERATION_KEY_FILE"):
         if isinstance(flat.get(key), str):
             flat[key] = str((base / flat[key]).resolve())
     return {PREFIX + k: v for k, v in flat.items()}
@@ -530,6 +603,7 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
         audit_retention_days=_int(
             PREFIX + "AUDIT_RETENTION_DAYS", get("AUDIT_RETENTION_DAYS"), 1, 36500
         ),
+        **_federation(get, instance_path),
     )
 
 

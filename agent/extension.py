@@ -76,6 +76,8 @@ class State:
     refresh_key: bytes = field(default=b"", repr=False)
     reset_key: bytes = field(default=b"", repr=False)
     filters: dict[str, list[t.Callable[..., t.Any]]] = field(default_factory=dict)
+    # How hub calls are sent; None is urllib (tests and sites may hand in their own).
+    hub_transport: t.Any = None
 
     def apply_filter(self, name: str, value: t.Any, *args: t.Any) -> t.Any:
         """Pass ``value`` through every filter registered under ``name``, in order."""

@@ -212,3 +212,36 @@ class WebhookAttempt(Base):
     status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str] = mapped_column(String(200), default="")
     duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class FederationCache(Base):
+    """Hub data cached for every worker: the directory and the hub JWKS, with when and how fresh."""
+
+    __tablename__ = "hk_federation_cache"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)  # "directory", "jwks"
+    body: Mapped[dict[str, t.Any]] = mapped_column(JSON)
+    etag: Mapped[str] = mapped_column(String(128), default="")
+    fetched_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    attempted_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)  # rate-limits refetches
+
+
+class UsedAssertion(Base):
+    """An SSO assertion already exchanged: its (issuer, jti) never works twice, on any worker."""
+
+    __tablename__ = "hk_sso_used"
+
+    issuer: Mapped[str] = mapped_column(String(255), primary_key=True)
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class IdentityLink(Base):
+    """A peer site's identity (issuer, sub) linked to a local account."""
+
+    __tablename__ = "hk_identity_links"
+
+    issuer: Mapped[str] = mapped_column(String(255), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(255), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("hk_users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

@@ -35,6 +35,7 @@ def _errors(*statuses: int) -> dict[str, t.Any]:
         403: "Not allowed",
         404: "Not found",
         409: "Conflict",
+        503: "The federation hub is unreachable and the cached directory too old",
         413: "Body too large",
         415: "Body is not JSON",
         429: "Too many failed attempts (Retry-After says when to try again)",
@@ -183,6 +184,28 @@ def document(settings: Settings) -> dict[str, t.Any]:
                     {"name": "session_id", "in": "path", "required": True, "schema": _STR}
                 ],
             }
+        },
+        f"{p}/sso/issue": {
+            "post": _op(
+                "An assertion of the caller for a peer site (valid 60 s, single use)",
+                _obj({"site_key": _STR, "token": _STR, "signature": _STR, "target": _STR,
+                      "target_url": {"type": ["string", "null"]}, "expires_in": _INT},
+                     ["site_key", "token", "signature", "target"]),
+                body=_obj({"target": {**_STR, "maxLength": 64}}, ["target"]),
+                auth=True,
+                errors=(400, 404, 503),
+            )
+        },
+        f"{p}/sso/exchange": {
+            "post": _op(
+                "Exchange a peer site's assertion for a local login (full profile)",
+                _ref("TokenResponse"),
+                body=_obj({"site_key": {**_STR, "maxLength": 64},
+                           "token": {**_STR, "maxLength": 8192},
+                           "signature": {**_STR, "maxLength": 64}},
+                          ["site_key", "token", "signature"]),
+                errors=(400, 401, 403, 404, 429, 503),
+            )
         },
         f"{p}/admin/logs": {
             "get": {

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 
 from . import events
+from . import federation
 from .config import Settings
 from .errors import AgentError
 from .errors import Forbidden
@@ -188,13 +189,26 @@ def _login(full_profile: bool) -> Response:
     user = db.merge(found)
     if state.hasher.needs_rehash(user.password_hash):
         user.password_hash = state.hasher.hash(password)
+    keys = lockout.keys_for(state, user_id=user.id, login=login, ip=client.ip)
+    issued = _open_session(db, state, user, client, login=login, release=keys)
+    events.record(db, state, "login.succeeded", client=client, user_id=user.id, login=login,
+                  session_id=issued.session.id)
+    db.commit()
+    return _token_response(issued, full_profile=full_profile)
+
+
+def _open_session(
+    db: DBSession, state: State, user: User, client: ClientInfo, *, login: str,
+    release: lockout.Keys | None = None,
+) -> Issued:
+    """A new session under the device limit (evicting or refusing per policy); not committed."""
     try:
         evicted = sessions.enforce_session_limit(db, state, user)
     except sessions.SessionLimitReached:
         db.rollback()
-        # The password was right: release the reservation the rollback just undid.
-        lockout.succeeded(db, state, lockout.keys_for(state, user_id=user.id, login=login,
-                                                      ip=client.ip))
+        if release is not None:
+            # The password was right: release the reservation the rollback just undid.
+            lockout.succeeded(db, state, release)
         events.record(db, state, "session.limit_reached", outcome="blocked", client=client,
                       user_id=user.id, login=login)
         db.commit()
@@ -203,10 +217,7 @@ def _login(full_profile: bool) -> Response:
     for sid in evicted:
         events.record(db, state, "session.evicted", outcome="info", client=client,
                       user_id=user.id, session_id=sid, details={"by_session": issued.session.id})
-    events.record(db, state, "login.succeeded", client=client, user_id=user.id, login=login,
-                  session_id=issued.session.id)
-    db.commit()
-    return _token_response(issued, full_profile=full_profile)
+    return issued
 
 
 def token() -> Response:
@@ -503,6 +514,65 @@ def _end_session(session_id: str, *, owner: int | None, reason: str) -> Response
     return jsonify({"success": True, "code": "session_ended", "message": "Session ended."})
 
 
+def sso_issue() -> Response:
+    """POST /sso/issue: ``{target}`` -> a one-minute assertion of the caller for peer ``target``."""
+    identity = authenticate_request()
+    form = Form(read_json())
+    target = form.text("target", max_length=64)
+    form.done()
+    db = get_db()
+    state = get_state()
+    user = db.get(User, identity.user_id)
+    if user is None:
+        raise InvalidToken()
+    body = federation.issue(db, state, user, target)
+    events.record(db, state, "sso.issued", client=_client(), user_id=user.id,
+                  session_id=identity.session_id, details={"target": target})
+    db.commit()
+    return jsonify(body)
+
+
+def sso_exchange() -> Response:
+    """POST /sso/exchange: ``{site_key, token, signature}`` from a peer -> a local login."""
+    data = read_json()
+    db = get_db()
+    state = get_state()
+    client = _client()
+    site_key = data.get("site_key")
+    peer = site_key[:64] if isinstance(site_key, str) else ""
+    # Exchanges share the brute-force counters of the client's IP (and of the peer's user).
+    keys = lockout.keys_for(state, user_id=None, login=f"sso:{peer}", ip=client.ip)
+    try:
+        lockout.acquire(state.session_factory, state, keys)
+    except lockout.TooManyAttempts:
+        events.record(db, state, "sso.rejected", outcome="blocked", client=client,
+                      details={"peer": peer, "reason": "locked"})
+        db.commit()
+        raise
+    try:
+        claims = federation.verify(db, state, site_key, data.get("token"), data.get("signature"))
+        user, how = federation.link_identity(db, state, claims)
+    except federation.InvalidAssertion as exc:
+        db.rollback()
+        lockout.failed(db, state, keys)
+        events.record(db, state, "sso.rejected", outcome="failure", client=client,
+                      details={"peer": peer, "reason": exc.reason})
+        db.commit()
+        raise
+    except AgentError:
+        db.rollback()
+        lockout.succeeded(db, state, keys)  # not a guess: the hub is down, or similar
+        db.commit()
+        raise
+    lockout.succeeded(db, state, keys)
+    issued = _open_session(db, state, user, client, login=user.user_login)
+    events.record(db, state, "sso.exchanged", client=client, user_id=user.id,
+                  session_id=issued.session.id,
+                  details={"peer": peer, "subject": claims["sub"], "linked_by": how})
+    db.commit()
+    return _token_response(issued, full_profile=True)
+
+
 def admin_logs() -> Response:
     """GET /admin/logs: the activity log, filtered, newest first, with cursor paging."""
     filters, limit, cursor = audit.parse_filters(request.args)
@@ -580,6 +650,8 @@ ROUTES: list[tuple[str, t.Callable[..., Response], list[str], str]] = [
     ("/admin/users/<int:user_id>/unlock", admin_unlock, ["POST"], "admin"),
     ("/admin/users/<int:user_id>/sessions", admin_user_sessions, ["GET"], "admin"),
     ("/admin/sessions/<session_id>", admin_end_session, ["DELETE"], "admin"),
+    ("/sso/issue", sso_issue, ["POST"], "sso_issue"),
+    ("/sso/exchange", sso_exchange, ["POST"], "sso_exchange"),
     ("/openapi.json", openapi, ["GET"], "openapi"),
 ]
 ACCESS_OF = {view.__name__: access for _rule, view, _methods, access in ROUTES}

@@ -1,0 +1,335 @@
+"""Single sign-on between member sites: ``/sso/issue`` and ``/sso/exchange`` (DESIGN §5).
+
+No long-lived token of site A ever reaches site B. A mints, for one user and one target B, an
+assertion: a JWT with ``typ: hk-sso+jwt`` signed with A's federation key (published through the
+hub's JWKS and B's directory), ``aud`` B, at most 60 s of life, a random ``jti``; plus
+``signature`` = hex HMAC-SHA256(K_AB, token) with the pairwise key K_AB that only A, B and the
+hub can compute. B accepts only if every check below holds, and each refusal is the same
+``invalid_assertion`` (the reason goes to the activity log):
+
+1. A is an active peer in B's directory (fresh, or cached within the staleness window);
+2. the HMAC matches one of A's current exchange keys for B, compared in constant time;
+3. the JWT header: ``typ`` exactly ``hk-sso+jwt``, no ``crit``, a ``kid`` among A's own keys
+   (keys are namespaced by peer: a key of C never vouches for A), ``alg`` equal to that key's;
+4. signature, then claims: ``iss`` is A's registered issuer, ``aud`` is B, ``exp``/``nbf``/
+   ``iat`` within the leeway, a lifetime of at most 60 s, string ``sub``/``jti``;
+5. the ``jti`` was never used before, on any worker (a unique row);
+
+then the identity is linked: an existing (issuer, sub) link, else by policy a local account
+with the same email if the assertion says it is verified, else a new account with the default
+role. Remote roles grant nothing unless ``SSO_ROLE_MAP`` maps them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+import typing as t
+
+import jwt
+from sqlalchemy import select
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session as DBSession
+
+from . import signing
+from .db import rowcount
+from .errors import AgentError
+from .errors import NotFound
+from .hub_client import HubClient
+from .hub_client import HubUnavailable
+from .models import FederationCache
+from .models import IdentityLink
+from .models import UsedAssertion
+from .models import User
+from .services import accounts
+from .services.keys import SigningKey
+
+if t.TYPE_CHECKING:
+    from .extension import State
+
+SSO_TYP = "hk-sso+jwt"
+MAX_ASSERTION_LENGTH = 8192
+REFETCH_COOLDOWN = dt.timedelta(seconds=5)
+
+
+class FederationUnavailable(AgentError):
+    code = "federation_unavailable"
+    status = 503
+    message = "Single sign-on is unavailable: this site could not reach the federation hub."
+
+
+class NotFederated(AgentError):
+    code = "not_federated"
+    status = 404
+    message = "This site has not joined a federation."
+
+
+class InvalidAssertion(AgentError):
+    code = "invalid_assertion"
+    status = 401
+    message = "The sign-on assertion is invalid or has expired."
+
+    def __init__(self, reason: str, peer: str | None = None) -> None:
+        super().__init__()
+        self.reason = reason
+        self.peer = peer
+
+
+def client(state: State) -> HubClient:
+    s = state.settings
+    if not s.federated:
+        raise NotFederated()
+    assert s.hub_url and s.hub_site_key and s.hub_secret
+    return HubClient(s.hub_url, s.hub_site_key, s.hub_secret, transport=state.hub_transport)
+
+
+def federation_key(state: State) -> SigningKey:
+    """This site's federation signing key (used only for SSO assertions)."""
+    pem = state.settings.federation_key_pem
+    if pem is None:
+        raise NotFederated()
+    cached = getattr(state, "_federation_key", None)
+    if cached is None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        private = serialization.load_pem_private_key(pem, password=None)
+        alg = "RS256" if isinstance(private, rsa.RSAPrivateKey) else "ES256"
+        cached = SigningKey.from_pem(alg, pem)
+        state._federation_key = cached  # type: ignore[attr-defined]
+    return t.cast(SigningKey, cached)
+
+
+def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, t.Any]:
+    """This site's directory from the hub, cached in the database for every worker.
+
+    Refetched when older than ``DIRECTORY_REFRESH`` (or ``force``, e.g. on an unknown kid), at
+    most once per cooldown across all workers; while the hub is down the cached copy serves for
+    ``FEDERATION_STALE_WINDOW``, then :class:`FederationUnavailable`.
+    """
+    s = state.settings
+    now = state.clock()
+    row = db.get(FederationCache, "directory")
+    fresh = row is not None and now - row.fetched_at < dt.timedelta(seconds=s.directory_refresh)
+    if row is not None and fresh and not force:
+        return row.body
+    if _claim_fetch(db, state, row, now):
+        try:
+            body = client(state).directory()
+        except HubUnavailable:
+            body = None
+        if body is not None:
+            db.merge(FederationCache(name="directory", body=body, etag="", fetched_at=now,
+                                     attempted_at=now))
+            db.commit()
+            return body
+        row = db.get(FederationCache, "directory")
+    if row is None or now - row.fetched_at > dt.timedelta(seconds=s.federation_stale_window):
+        raise FederationUnavailable()
+    return row.body
+
+
+def _claim_fetch(db: DBSession, state: State, row: FederationCache | None,
+                 now: dt.datetime) -> bool:
+    """One fetch per cooldown across workers: a conditional update of ``attempted_at``."""
+    if row is None:
+        return True
+    claimed = rowcount(db.execute(
+        update(FederationCache)
+        .where(FederationCache.name == "directory",
+               FederationCache.attempted_at <= now - REFETCH_COOLDOWN)
+        .values(attempted_at=now)
+    ))
+    db.commit()
+    return claimed == 1
+
+
+def peer_of(dir_: dict[str, t.Any], site_key: str) -> dict[str, t.Any] | None:
+    for peer in dir_.get("peers", []):
+        if isinstance(peer, dict) and peer.get("site_key") == site_key:
+            return peer
+    return None
+
+
+def issue(db: DBSession, state: State, user: User, target: t.Any) -> dict[str, t.Any]:
+    """An assertion of ``user`` for the peer ``target``: ``{site_key, token, signature}``."""
+    s = state.settings
+    if not isinstance(target, str) or not target or len(target) > 64:
+        raise InvalidAssertion("bad_target")
+    peer = peer_of(directory(db, state), target)
+    if peer is None:
+        raise NotFound("No such peer site.", code="unknown_peer")
+    key = federation_key(state)
+    now = int(state.clock().timestamp())
+    claims = {
+        "iss": s.issuer,
+        "aud": target,
+        "sub": str(user.id),
+        "email": user.email,
+        "email_verified": bool(user.email_verified),
+        "name": user.display_name,
+        "roles": list(user.roles),
+        "iat": now,
+        "nbf": now,
+        "exp": now + s.sso_assertion_ttl,
+        "jti": secrets.token_urlsafe(16),
+    }
+    token = jwt.encode(claims, key.signing_key, algorithm=key.alg,
+                       headers={"kid": key.kid, "typ": SSO_TYP})
+    assert s.hub_secret is not None and s.hub_site_key is not None
+    k_ab = signing.pairwise_key(s.hub_secret, s.hub_site_key, target)
+    signature = hmac.new(k_ab, token.encode(), hashlib.sha256).hexdigest()
+    return {"site_key": s.hub_site_key, "token": token, "signature": signature,
+            "target": target, "target_url": peer.get("base_url"), "expires_in": s.sso_assertion_ttl}
+
+
+def verify(db: DBSession, state: State, site_key: t.Any, token: t.Any,
+           signature: t.Any) -> dict[str, t.Any]:
+    """The claims of a valid, unused assertion from peer ``site_key`` to this site."""
+    s = state.settings
+    if not all(isinstance(v, str) and v for v in (site_key, token, signature)):
+        raise InvalidAssertion("malformed")
+    assert isinstance(site_key, str) and isinstance(token, str) and isinstance(signature, str)
+    if len(token) > MAX_ASSERTION_LENGTH or len(signature) != 64 or len(site_key) > 64:
+        raise InvalidAssertion("malformed", site_key[:64])
+    dir_ = directory(db, state)
+    peer = peer_of(dir_, site_key)
+    if peer is None or site_key == s.hub_site_key:
+        raise InvalidAssertion("unknown_peer", site_key)
+    given = signature.lower().encode()
+    ok = False
+    for key_hex in peer.get("exchange_keys", []):
+        try:
+            k_ab = bytes.fromhex(key_hex)
+        except (TypeError, ValueError):
+            continue
+        expected = hmac.new(k_ab, token.encode(), hashlib.sha256).hexdigest().encode()
+        ok |= hmac.compare_digest(expected, given)
+    if not ok or signature != signature.lower():
+        raise InvalidAssertion("bad_signature", site_key)
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise InvalidAssertion("malformed", site_key) from None
+    if header.get("typ") != SSO_TYP or "crit" in header or not isinstance(header.get("kid"), str):
+        raise InvalidAssertion("bad_header", site_key)
+    jwk = _peer_key(peer, header["kid"])
+    if jwk is None:
+        # Perhaps the peer rotated keys since the last refresh: refetch once (rate-limited).
+        peer = peer_of(directory(db, state, force=True), site_key) or {}
+        jwk = _peer_key(peer, header["kid"])
+    if jwk is None:
+        raise InvalidAssertion("unknown_kid", site_key)
+    alg = jwk.get("alg")
+    if alg not in ("ES256", "RS256") or header.get("alg") != alg:
+        raise InvalidAssertion("bad_alg", site_key)
+    try:
+        public = jwt.PyJWK(jwk, algorithm=alg).key
+        claims: dict[str, t.Any] = jwt.decode(
+            token,
+            public,
+            algorithms=[alg],  # the key's own algorithm, never the token's say-so
+            audience=s.hub_site_key,  # addressed to this site, by its site key
+            issuer=peer.get("issuer"),  # exactly the peer's registered issuer
+            leeway=s.leeway,
+            options={"require": ["iss", "aud", "sub", "iat", "exp", "jti"], "strict_aud": True,
+                     "verify_signature": True, "verify_exp": True, "verify_nbf": True,
+                     "verify_iat": True, "verify_iss": True, "verify_aud": True,
+                     "verify_sub": True, "verify_jti": True},
+        )
+    except (jwt.PyJWTError, ValueError, TypeError):
+        raise InvalidAssertion("bad_token", site_key) from None
+    if claims["exp"] - claims["iat"] > 60 or not isinstance(claims["jti"], str) or len(
+        claims["jti"]
+    ) > 64:
+        raise InvalidAssertion("bad_token", site_key)
+    _use_once(db, state, claims)
+    return claims
+
+
+def _peer_key(peer: dict[str, t.Any], kid: str) -> dict[str, t.Any] | None:
+    for jwk in peer.get("keys", []):
+        if isinstance(jwk, dict) and jwk.get("kid") == kid:
+            return jwk
+    return None
+
+
+def _use_once(db: DBSession, state: State, claims: dict[str, t.Any]) -> None:
+    """Record the assertion's jti; a second use anywhere is refused (a unique key)."""
+    expires = dt.datetime.fromtimestamp(claims["exp"], dt.UTC) + dt.timedelta(
+        seconds=state.settings.leeway)
+    db.add(UsedAssertion(issuer=claims["iss"][:255], jti=claims["jti"], expires_at=expires))
+    try:
+        db.commit()
+    except IntegrityError:
+        db.rollback()
+        raise InvalidAssertion("replayed") from None
+
+
+def link_identity(db: DBSession, state: State, claims: dict[str, t.Any]) -> tuple[User, str]:
+    """The local account for a verified assertion, and how it was found (link/email/new)."""
+    s = state.settings
+    issuer, subject = claims["iss"][:255], claims["sub"][:255]
+    link = db.get(IdentityLink, (issuer, subject))
+    if link is not None:
+        user = db.get(User, link.user_id)
+        if user is None or user.status != "active":
+            raise InvalidAssertion("account_disabled")
+        return user, "link"
+    email = claims.get("email")
+    if not isinstance(email, str) or not accounts.valid_email(email):
+        raise InvalidAssertion("no_email")
+    existing = accounts.find_user(db, email)
+    if existing is not None:
+        if not (s.sso_link_by_email and claims.get("email_verified") is True
+                and existing.email_key == accounts.key_of(email)):
+            raise InvalidAssertion("identity_conflict")
+        if existing.status != "active":
+            raise InvalidAssertion("account_disabled")
+        user, how = existing, "email"
+    else:
+        remote = claims.get("roles")
+        if not isinstance(remote, list):
+            remote = []
+        mapped = sorted({s.sso_role_map[r] for r in remote if isinstance(r, str)
+                         and r in s.sso_role_map})
+        user = _new_account(db, state, claims, email, mapped or [s.default_role])
+        how = "new"
+    db.add(IdentityLink(issuer=issuer, subject=subject, user_id=user.id,
+                        created_at=state.clock()))
+    db.flush()
+    return user, how
+
+
+def _new_account(db: DBSession, state: State, claims: dict[str, t.Any], email: str,
+                 roles: list[str]) -> User:
+    base = accounts.key_of(email.partition("@")[0])
+    base = "".join(c for c in base if c.isalnum() or c in "_.-")[:40] or "user"
+    name = claims.get("name") if isinstance(claims.get("name"), str) else None
+    now = state.clock()
+    for attempt in range(20):
+        login = base if attempt == 0 else f"{base}-{secrets.token_hex(3)}"
+        if len(login) < 3:
+            login = f"{login}-{secrets.token_hex(3)}"
+        if db.scalar(select(User.id).where(User.login_key == accounts.key_of(login))) is None:
+            break
+    user = User(
+        user_login=login,
+        login_key=accounts.key_of(login),
+        email=email,
+        email_key=accounts.key_of(email),
+        display_name=(name or login).strip()[:250] or login,
+        # No local password: the account signs in through its peer, or after a reset.
+        password_hash="!sso-only",
+        roles=roles,
+        status="active",
+        email_verified=claims.get("email_verified") is True,
+        created_at=now,
+        password_changed_at=now,
+    )
+    db.add(user)
+    db.flush()
+    return user

@@ -1,0 +1,99 @@
+"""A small client for the hub's signed site API (DESIGN §4).
+
+Every call goes through one replaceable ``transport`` (``urllib`` by default), so tests and
+sites can hand in canned answers without sockets, the way ``httpx.MockTransport`` works.
+"""
+
+from __future__ import annotations
+
+import json
+import typing as t
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from . import signing
+
+Transport = t.Callable[[str, str, dict[str, str], bytes, float], "Reply"]
+MAX_REPLY = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> t.Any:
+        return json.loads(self.body)
+
+
+class HubUnavailable(Exception):
+    """The hub did not answer, or answered with an error; ``status`` is 0 when unreachable."""
+
+    def __init__(self, message: str, status: int = 0, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: t.Any, **kwargs: t.Any) -> None:
+        return None  # a redirect is an answer, never followed with our signature
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def urllib_transport(method: str, url: str, headers: dict[str, str], body: bytes,
+                     timeout: float) -> Reply:
+    request = urllib.request.Request(url, data=body or None, headers=headers, method=method)
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            return Reply(response.status, dict(response.headers), response.read(MAX_REPLY))
+    except urllib.error.HTTPError as exc:
+        return Reply(exc.code, dict(exc.headers or {}), exc.read(MAX_REPLY))
+
+
+class HubClient:
+    """Signed calls from this site to its hub."""
+
+    def __init__(self, url: str, site_key: str, secret: bytes, *,
+                 transport: Transport | None = None, timeout: float = 10.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"not a hub URL: {url!r}")
+        self.url = url.rstrip("/")
+        self.site_key = site_key
+        self._secret = secret
+        self._transport = transport or urllib_transport
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, payload: t.Any = None) -> Reply:
+        """Send one signed request; raise :class:`HubUnavailable` unless the hub answered 2xx."""
+        body = json.dumps(payload, separators=(",", ":")).encode() if payload is not None else b""
+        full_path = urlsplit(self.url).path.rstrip("/") + path
+        headers = signing.sign_request(self._secret, self.site_key, method, full_path, "", body)
+        headers["User-Agent"] = "HeadlessKey-agent"
+        if body:
+            headers["Content-Type"] = "application/json"
+        try:
+            reply = self._transport(method, self.url + path, headers, body, self.timeout)
+        except OSError as exc:
+            raise HubUnavailable(f"hub unreachable: {type(exc).__name__}") from None
+        if not 200 <= reply.status < 300:
+            code = ""
+            try:
+                code = str(reply.json().get("code", ""))
+            except (ValueError, AttributeError):
+                pass
+            raise HubUnavailable(f"hub answered {reply.status} {code}".strip(), reply.status, code)
+        return reply
+
+    def directory(self) -> dict[str, t.Any]:
+        return t.cast(dict[str, t.Any], self.call("GET", "/api/v1/directory").json())
+
+    def register_key(self, jwk: dict[str, t.Any], status: str = "active") -> dict[str, t.Any]:
+        return t.cast(dict[str, t.Any],
+                      self.call("POST", "/api/v1/keys", {"jwk": jwk, "status": status}).json())
