@@ -125,8 +125,7 @@ def _toml(value: str) -> str:
               help="Do not start the jobs process (run `headlesskey-agent jobs` yourself).")
 def serve(instance: Path, host: str, port: int, workers: int, no_jobs: bool = False) -> None:
     """Serve the API with gunicorn (migrations run first) and, beside it, the jobs process."""
-    from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
-
+    from . import serving
     from .db import upgrade
 
     app = _app(instance)
@@ -136,31 +135,9 @@ def serve(instance: Path, host: str, port: int, workers: int, no_jobs: bool = Fa
         _publish_federation_key(state)
     state.engine.dispose()  # no connection may cross the fork into the workers
 
-    class _Server(BaseApplication):  # type: ignore[misc]
-        def load_config(self) -> None:
-            self.cfg.set("bind", f"{host}:{port}")
-            self.cfg.set("workers", workers)
-            self.cfg.set("worker_class", "sync")
-            self.cfg.set("accesslog", "-")
-            # Query strings can carry secrets (reset links): log the path only.
-            self.cfg.set("access_log_format", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss')
-            self.cfg.set("timeout", 30)
-            self.cfg.set("graceful_timeout", 5)
-            # One shared control socket per user would let sites on one host collide.
-            self.cfg.set("control_socket_disable", True)
-
-        def load(self) -> t.Any:
-            return app
-
     click.echo(f"Serving {state.settings.site_name} at http://{host}:{port}{state.settings.prefix}")
-    jobs_process = None if no_jobs else _start_jobs_process(instance)
-    arbiter = os.getpid()
-    try:
-        _Server().run()
-    finally:
-        # gunicorn forks its workers inside run(): only the arbiter owns the jobs process.
-        if os.getpid() == arbiter:
-            _stop_jobs_process(jobs_process)
+    serving.serve(app, host=host, port=port, workers=workers,
+                  jobs_module=None if no_jobs else "agent.cli", instance=str(instance.resolve()))
 
 
 @main.group()
@@ -421,30 +398,6 @@ def jobs_command(
         scheduler.shutdown(wait=True)
         state.engine.dispose()
     click.echo("Jobs stopped.")
-
-
-def _start_jobs_process(instance: Path) -> t.Any:
-    """``headlesskey-agent jobs`` for ``instance`` as a child of this process (serve)."""
-    import subprocess
-
-    return subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-m", "agent.cli", "jobs", "--instance", str(instance.resolve()),
-         "--parent-pid", str(os.getpid())],
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def _stop_jobs_process(process: t.Any) -> None:
-    import subprocess
-
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(30)  # the jobs finish the delivery in flight
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
 
 
 if __name__ == "__main__":

@@ -209,36 +209,14 @@ def _protect_sqlite(state: HubState) -> None:
               help="Do not start the jobs process (run `headlesskey-hub jobs` yourself).")
 def serve(instance: Path, host: str, port: int, workers: int, no_jobs: bool = False) -> None:
     """Serve the hub with gunicorn (migrations run first) and, beside it, the jobs process."""
-    from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
+    from agent import serving
 
     app, state = _open(instance)
     state.engine.dispose()  # no connection may cross the fork into the workers
 
-    class _Server(BaseApplication):  # type: ignore[misc]
-        def load_config(self) -> None:
-            self.cfg.set("bind", f"{host}:{port}")
-            self.cfg.set("workers", workers)
-            self.cfg.set("worker_class", "sync")
-            self.cfg.set("accesslog", "-")
-            # Log the path only: a query string is no place for secrets, but never log one.
-            self.cfg.set("access_log_format", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss')
-            self.cfg.set("timeout", 30)
-            self.cfg.set("graceful_timeout", 5)
-            # One shared control socket per user would let two services on one host collide.
-            self.cfg.set("control_socket_disable", True)
-
-        def load(self) -> t.Any:
-            return app
-
     click.echo(f"Serving the hub {state.setting('URL')} on http://{host}:{port}")
-    jobs_process = None if no_jobs else _start_jobs_process(instance)
-    arbiter = os.getpid()
-    try:
-        _Server().run()
-    finally:
-        # gunicorn forks its workers inside run(): only the arbiter owns the jobs process.
-        if os.getpid() == arbiter:
-            _stop_jobs_process(jobs_process)
+    serving.serve(app, host=host, port=port, workers=workers,
+                  jobs_module=None if no_jobs else "hub.cli", instance=str(instance.resolve()))
 
 
 @main.command("jobs")
@@ -264,30 +242,6 @@ def jobs_command(instance: Path, parent_pid: int | None) -> None:
     click.echo(f"Hub jobs running (pid {os.getpid()}).")
     jobs.run_forever(app, parent_pid=parent_pid)
     click.echo("Hub jobs stopped.")
-
-
-def _start_jobs_process(instance: Path) -> t.Any:
-    """``headlesskey-hub jobs`` for ``instance`` as a child of this process (serve)."""
-    import subprocess
-
-    return subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-m", "hub.cli", "jobs", "--instance", str(instance.resolve()),
-         "--parent-pid", str(os.getpid())],
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def _stop_jobs_process(process: t.Any) -> None:
-    import subprocess
-
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(30)  # the jobs finish the run in flight
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
 
 
 # ---------------------------------------------------------------------------------------------
