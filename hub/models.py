@@ -105,6 +105,9 @@ class Admin(Base):
     locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     last_login_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Console sessions carry the epoch they began in; signing out bumps it, so a copied
+    # session cookie stops working at once, although it is a signed cookie and not a row.
+    session_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Nonce(Base):

@@ -189,7 +189,7 @@ def _signed_in_admin() -> Admin | None:
               "Please sign in again.", "info")
         return None
     admin = get_db().get(Admin, admin_id)
-    if admin is None or not admin.active:
+    if admin is None or not admin.active or session.get("epoch") != admin.session_epoch:
         session.clear()
         return None
     session["seen_at"] = now
@@ -258,12 +258,15 @@ def login() -> ResponseReturnValue:
     db.commit()
     now = state.clock().timestamp()
     session.clear()  # a new session: nothing from before the login is kept
-    session.update(admin_id=admin.id, login_at=now, seen_at=now)
+    session.update(admin_id=admin.id, login_at=now, seen_at=now, epoch=admin.session_epoch)
     return redirect(_safe_next(next_page))
 
 
 @bp.post("/console/logout")
 def logout() -> ResponseReturnValue:
+    admin = g.hub_admin
+    if admin is not None:
+        admin.session_epoch += 1  # every cookie of this admin's sessions stops working
     _log("admin.logout")
     _commit()
     session.clear()

@@ -184,6 +184,19 @@ def test_login_starts_a_new_session_and_next_stays_on_the_hub(hub: Hub) -> None:
     assert location(c.login(next="//evil.example/console/")) == "/"
 
 
+def test_a_copied_session_cookie_dies_at_sign_out(console: Console) -> None:
+    thief = requests.Session()
+    thief.cookies.update(console.http.cookies)  # a copy of the signed-in cookie
+    assert thief.get(console.hub.url + "/", allow_redirects=False, timeout=30).status_code == 200
+    assert location(console.post("/console/logout")) == "/console/login"
+    stale = thief.get(console.hub.url + "/", allow_redirects=False, timeout=30)
+    assert location(stale).startswith("/console/login")
+    # Signing in again works, and only the new session counts.
+    assert location(console.login()) == "/"
+    assert location(thief.get(console.hub.url + "/", allow_redirects=False,
+                              timeout=30)).startswith("/console/login")
+
+
 def test_logout_ends_the_session(console: Console) -> None:
     r = console.post("/console/logout")
     assert location(r) == "/console/login"
