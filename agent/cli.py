@@ -253,10 +253,11 @@ def logs(instance: Path, as_json: bool, follow: bool, **filters: str | None) -> 
         for row in reversed(rows) if follow else rows:
             show(row)
         last = max((r.id for r in rows), default=0)
+        db.rollback()  # never hold a transaction (SQLite: the write lock) while waiting
         while follow:
             time.sleep(1)
-            db.rollback()  # see rows committed by other processes
             newer = [r for r in audit.query(db, parsed, 500)[0] if r.id > last]
+            db.rollback()
             for row in reversed(newer):
                 show(row)
                 last = max(last, row.id)

@@ -11,6 +11,7 @@ from sqlalchemy import CursorResult
 from sqlalchemy import Engine
 from sqlalchemy import create_engine
 from sqlalchemy import event
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
 from .errors import ConfigError
@@ -22,8 +23,9 @@ VERSION_TABLE = "hk_alembic_version"
 
 def make_engine(url: str) -> Engine:
     """Create the engine; SQLite gets WAL, foreign keys and a busy timeout."""
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    for alias in ("postgresql://", "postgres://"):
+        if url.startswith(alias):
+            url = "postgresql+psycopg://" + url.removeprefix(alias)
     if url.startswith("sqlite"):
         if url in {"sqlite://", "sqlite:///:memory:"}:
             raise ConfigError(
@@ -56,7 +58,10 @@ def make_engine(url: str) -> Engine:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    try:
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    except (ArgumentError, ImportError, ValueError) as exc:
+        raise ConfigError(f"HEADLESSKEY_DATABASE_URL: not a usable database URL ({exc})") from None
 
 
 def rowcount(result: t.Any) -> int:

@@ -27,6 +27,7 @@ from .models import PasswordReset
 from .models import RefreshToken
 from .models import Session
 from .models import Throttle
+from .models import UsedAssertion
 from .models import WebhookAttempt
 from .models import WebhookMessage
 from .services import audit
@@ -91,6 +92,12 @@ def prune(state: State) -> dict[str, int]:
                     )
                 )
             )
+        )
+        db.commit()
+
+    with state.session_factory() as db:
+        counts["sso_assertions"] = rowcount(
+            db.execute(delete(UsedAssertion).where(UsedAssertion.expires_at < now))
         )
         db.commit()
 

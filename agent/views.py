@@ -540,8 +540,9 @@ def sso_exchange() -> Response:
     client = _client()
     site_key = data.get("site_key")
     peer = site_key[:64] if isinstance(site_key, str) else ""
-    # Exchanges share the brute-force counters of the client's IP (and of the peer's user).
-    keys = lockout.keys_for(state, user_id=None, login=f"sso:{peer}", ip=client.ip)
+    # Failed exchanges count toward the client IP's brute-force counter, shared with logins.
+    # Not per peer: junk naming a peer must not block sign-on from that peer for everyone.
+    keys = lockout.keys_for_ip(state, client.ip)
     try:
         lockout.acquire(state.session_factory, state, keys)
     except lockout.TooManyAttempts:

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import secrets
 import typing as t
 from dataclasses import dataclass
 from dataclasses import field
@@ -44,12 +45,21 @@ def ensure_key_file(path: Path, make: t.Callable[[], bytes]) -> Path:
     Several workers starting at once all end up with the content of whichever created it.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    if path.exists():
         return path
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(make())
+    # Written under a private name, then linked into place: the file appears whole or not at
+    # all, so a process starting meanwhile never reads it half written.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(make())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another process won: keep its key
+    finally:
+        temporary.unlink(missing_ok=True)
     return path
 
 

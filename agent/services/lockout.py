@@ -73,6 +73,14 @@ def keys_for(state: State, *, user_id: int | None, login: str, ip: str) -> Keys:
     return Keys(tuple(items))
 
 
+def keys_for_ip(state: State, ip: str) -> Keys:
+    """The client IP's counter alone (for attempts that name no account)."""
+    s = state.settings
+    if not ip or _allowlisted(ip, s.lockout_allowlist):
+        return Keys(())
+    return Keys(((f"ip:{ip}", s.lockout_ip_max_failures),))
+
+
 def _allowlisted(ip: str, networks: t.Sequence[t.Any]) -> bool:
     try:
         address = ipaddress.ip_address(ip)
