@@ -116,7 +116,11 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
     fresh = row is not None and now - row.fetched_at < dt.timedelta(seconds=s.directory_refresh)
     if row is not None and fresh and not force:
         return row.body
-    if _claim_fetch(db, state, row, now):
+    # An unknown kid may force a refetch at most once per cooldown; a due refresh at most once
+    # per refresh interval. Either way, one worker fetches.
+    cooldown = REFETCH_COOLDOWN if force and fresh else min(
+        REFETCH_COOLDOWN, dt.timedelta(seconds=s.directory_refresh))
+    if _claim_fetch(db, state, row, now, cooldown):
         try:
             body = client(state).directory()
         except HubUnavailable:
@@ -133,14 +137,14 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
 
 
 def _claim_fetch(db: DBSession, state: State, row: FederationCache | None,
-                 now: dt.datetime) -> bool:
+                 now: dt.datetime, cooldown: dt.timedelta) -> bool:
     """One fetch per cooldown across workers: a conditional update of ``attempted_at``."""
     if row is None:
         return True
     claimed = rowcount(db.execute(
         update(FederationCache)
         .where(FederationCache.name == "directory",
-               FederationCache.attempted_at <= now - REFETCH_COOLDOWN)
+               FederationCache.attempted_at <= now - cooldown)
         .values(attempted_at=now)
     ))
     db.commit()
