@@ -352,10 +352,14 @@ def db_upgrade(instance: Path) -> None:
               type=click.FloatRange(0.1, 3600), help="Seconds between webhook delivery runs.")
 @click.option("--prune-interval", default=3600, show_default=True,
               type=click.IntRange(1, 7 * 86400), help="Seconds between prunings of old rows.")
+@click.option("--uplink-interval", default=5.0, show_default=True,
+              type=click.FloatRange(0.1, 3600),
+              help="Seconds between uploads of activity to the hub (federated sites only).")
 @click.option("--parent-pid", type=int, default=None, hidden=True,
               help="Stop when this process (serve) is gone.")
 def jobs_command(
-    instance: Path, webhook_interval: float, prune_interval: int, parent_pid: int | None
+    instance: Path, webhook_interval: float, prune_interval: int, parent_pid: int | None,
+    uplink_interval: float = 5.0,
 ) -> None:
     """Run the background jobs (webhook delivery, pruning) until SIGTERM or Ctrl-C.
 
@@ -384,7 +388,8 @@ def jobs_command(
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     scheduler = run_scheduler(
-        app, webhook_interval=webhook_interval, prune_interval=prune_interval
+        app, webhook_interval=webhook_interval, prune_interval=prune_interval,
+        uplink_interval=uplink_interval,
     )
     click.echo(
         f"Jobs of {state.settings.site_name} running: {len(state.settings.webhooks)} webhook "

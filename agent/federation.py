@@ -34,6 +34,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DBSession
 
+from . import events
 from . import signing
 from .db import rowcount
 from .errors import AgentError
@@ -45,6 +46,7 @@ from .models import IdentityLink
 from .models import UsedAssertion
 from .models import User
 from .services import accounts
+from .services import sessions as session_service
 from .services.keys import SigningKey
 
 if t.TYPE_CHECKING:
@@ -53,6 +55,7 @@ if t.TYPE_CHECKING:
 SSO_TYP = "hk-sso+jwt"
 MAX_ASSERTION_LENGTH = 8192
 REFETCH_COOLDOWN = dt.timedelta(seconds=5)
+LOGOUTS_APPLIED = "logouts-applied"  # FederationCache row: ids of the hub logouts applied here
 
 
 class FederationUnavailable(AgentError):
@@ -129,6 +132,7 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
             db.merge(FederationCache(name="directory", body=body, etag="", fetched_at=now,
                                      attempted_at=now))
             db.commit()
+            apply_logouts(db, state, body)
             return body
         row = db.get(FederationCache, "directory")
     if row is None or now - row.fetched_at > dt.timedelta(seconds=s.federation_stale_window):
@@ -149,6 +153,79 @@ def _claim_fetch(db: DBSession, state: State, row: FederationCache | None,
     ))
     db.commit()
     return claimed == 1
+
+
+def apply_logouts(db: DBSession, state: State, dir_: dict[str, t.Any]) -> int:
+    """End the sessions named by the directory's logouts-everywhere; returns how many ended.
+
+    A logout names an identity (issuer, subject) as its own site knows it. This site applies it
+    to the local account linked to that identity, or, when the logout is this site's own (an
+    admin action in the hub console), to its own user ``subject``. Only sessions begun before
+    the logout end: logging in again afterwards works. Each logout is applied once (its id is
+    kept in the ``logouts-applied`` cache row for as long as the directory lists it); the
+    directory is fetched by one worker at a time, so two workers do not apply it together.
+    """
+    s = state.settings
+    listed = [lo for lo in dir_.get("logouts", []) if isinstance(lo, dict)
+              and isinstance(lo.get("id"), int) and isinstance(lo.get("issuer"), str)
+              and isinstance(lo.get("subject"), str)]
+    row = db.get(FederationCache, LOGOUTS_APPLIED)
+    done: set[int] = set(row.body.get("ids", [])) if row is not None else set()
+    now = state.clock()
+    ended = 0
+    applied: list[int] = []
+    for lo in listed:
+        if lo["id"] in done:
+            continue
+        applied.append(lo["id"])
+        try:
+            started = dt.datetime.fromisoformat(
+                str(lo.get("created_at", "")).replace("Z", "+00:00"))
+        except ValueError:
+            started = now
+        if started.tzinfo is None:
+            started = started.replace(tzinfo=dt.UTC)
+        user_ids: set[int] = set()
+        link = db.get(IdentityLink, (lo["issuer"][:255], lo["subject"][:255]))
+        if link is not None:
+            user_ids.add(link.user_id)
+        if lo.get("site_key") == s.hub_site_key and lo["subject"].isascii() \
+                and lo["subject"].isdigit() and len(lo["subject"]) <= 18:
+            user_ids.add(int(lo["subject"]))  # one of this site's own users
+        for user_id in sorted(user_ids):
+            if db.get(User, user_id) is None:
+                continue
+            count = session_service.revoke_user_sessions(
+                db, user_id, now, "global_logout", started_before=min(started, now))
+            ended += count
+            if count:
+                events.record(db, state, "token.revoked", user_id=user_id,
+                              details={"scope": "global",
+                                       "from": str(lo.get("site_key", ""))[:64],
+                                       "sessions": count})
+    if applied or (row is not None and done - {lo["id"] for lo in listed}):
+        still_listed = {lo["id"] for lo in listed}
+        ids = sorted((done & still_listed) | set(applied))
+        db.merge(FederationCache(name=LOGOUTS_APPLIED, body={"ids": ids}, etag="",
+                                 fetched_at=now, attempted_at=now))
+    db.commit()
+    return ended
+
+
+def refresh_job(app: t.Any) -> None:
+    """The scheduler's directory refresh (federated sites): fetch it when due, which applies
+    new logouts-everywhere without waiting for SSO traffic."""
+    from .extension import get_db
+    from .extension import get_state
+
+    with app.app_context():
+        state = get_state(app)
+        if not state.settings.federated:
+            return
+        try:
+            directory(get_db(), state)
+        except FederationUnavailable:
+            pass  # the hub is down: the next run tries again
 
 
 def peer_of(dir_: dict[str, t.Any], site_key: str) -> dict[str, t.Any] | None:

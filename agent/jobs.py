@@ -1,4 +1,5 @@
-"""Background jobs of the agent: webhook delivery and pruning, and the scheduler that runs them.
+"""Background jobs of the agent: webhook delivery, pruning, activity upload to the hub, and the
+scheduler that runs them.
 
 The job bodies are plain functions of the app's :class:`~agent.extension.State`; tests call them
 directly. :func:`run_scheduler` runs them periodically with APScheduler 3.x, in the process
@@ -6,7 +7,8 @@ started by ``headlesskey-agent jobs`` (which ``serve`` starts beside gunicorn). 
 scheduled on import, nor by ``create_app``: gunicorn workers never run jobs.
 
 Every job is safe to run on every instance at once: deliveries claim each message with a
-conditional update (:mod:`agent.webhooks`); pruning is a set of idempotent DELETEs.
+conditional update (:mod:`agent.webhooks`); pruning is a set of idempotent DELETEs; the upload
+of activity to the hub is leased to one process at a time (:mod:`agent.uplink`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sqlalchemy import delete
 from sqlalchemy import or_
 from sqlalchemy import select
 
+from . import uplink
 from . import webhooks
 from .db import rowcount
 from .extension import get_state
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 
 DELIVER_JOB_ID = "headlesskey.deliver_webhooks"
 PRUNE_JOB_ID = "headlesskey.prune"
+UPLINK_JOB_ID = "headlesskey.upload_activity"
 SESSION_KEEP = dt.timedelta(days=7)  # ended sessions stay listed this long after their end
 RESET_KEEP = dt.timedelta(days=1)
 THROTTLE_KEEP = dt.timedelta(days=1)  # past the window and the lock (a lock is at most 24 h)
@@ -149,12 +153,19 @@ def prune_job(app: Flask) -> dict[str, int]:
         return prune(get_state(app))
 
 
+def upload_activity(app: Flask) -> int:
+    """The uplink job: send the activity the hub has not acknowledged yet (:mod:`agent.uplink`)."""
+    with app.app_context():
+        return uplink.upload_pending(get_state(app))
+
+
 @t.overload
 def run_scheduler(
     app: Flask,
     *,
     webhook_interval: float = ...,
     prune_interval: float = ...,
+    uplink_interval: float = ...,
     blocking: t.Literal[False] = ...,
 ) -> BackgroundScheduler: ...
 
@@ -165,6 +176,7 @@ def run_scheduler(
     *,
     webhook_interval: float = ...,
     prune_interval: float = ...,
+    uplink_interval: float = ...,
     blocking: t.Literal[True],
 ) -> BlockingScheduler: ...
 
@@ -174,6 +186,7 @@ def run_scheduler(
     *,
     webhook_interval: float = 2.0,
     prune_interval: float = 3600,
+    uplink_interval: float = 5.0,
     blocking: bool = False,
 ) -> BackgroundScheduler | BlockingScheduler:
     """Schedule the jobs of ``app`` and start the scheduler.
@@ -184,6 +197,7 @@ def run_scheduler(
 
     Each job has a fixed id, never overlaps itself (``max_instances=1``) and runs once after a
     delay however many runs it missed (``coalesce=True``). Pruning also runs once at start.
+    The activity upload to the hub is scheduled only when the site is federated.
     """
     from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.schedulers.blocking import BlockingScheduler
@@ -218,6 +232,46 @@ def run_scheduler(
         misfire_grace_time=max(1, int(prune_interval)),
         replace_existing=True,
     )
+    if get_state(app).settings.federated:
+        scheduler.add_job(
+            upload_activity,
+            "interval",
+            args=[app],
+            id=UPLINK_JOB_ID,
+            name="Upload activity to the hub",
+            seconds=uplink_interval,
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=max(1, int(uplink_interval * 2)),
+            replace_existing=True,
+        )
+        log.info("jobs: activity upload to the hub every %ss", uplink_interval)
+    if get_state(app).settings.federated:
+        from . import health  # fleet health: version, clock, key and sync state, every minute
+
+        scheduler.add_job(
+            health.report_job,
+            "interval",
+            args=[app],
+            id=health.HEALTH_JOB_ID,
+            name="Report health to the hub",
+            seconds=health.HEALTH_INTERVAL,
+            next_run_time=dt.datetime.now(dt.UTC),
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=int(health.HEALTH_INTERVAL),
+            replace_existing=True,
+        )
+    if get_state(app).settings.federated:
+        # Logout everywhere: refresh the directory when due, so the hub's logouts apply here
+        # without waiting for SSO traffic (agent.federation.refresh_job).
+        from .federation import refresh_job
+
+        refresh = max(1.0, get_state(app).settings.directory_refresh / 2)
+        scheduler.add_job(refresh_job, "interval", args=[app], id="headlesskey.refresh_directory",
+                          name="Refresh the federation directory", seconds=refresh,
+                          next_run_time=dt.datetime.now(dt.UTC), coalesce=True, max_instances=1,
+                          misfire_grace_time=max(1, int(refresh * 2)), replace_existing=True)
     log.info(
         "jobs: webhook delivery every %ss, pruning every %ss", webhook_interval, prune_interval
     )

@@ -107,9 +107,10 @@ def document(settings: Settings) -> dict[str, t.Any]:
         },
         f"{p}/token/revoke": {
             "post": _op(
-                "End the session of an access or refresh token (always 200, RFC 7009)",
+                "End sessions: this one, the user's others, or everywhere (scope; 200, RFC 7009)",
                 success,
-                body=_obj({"token": _STR, "refresh_token": _STR}),
+                body=_obj({"token": _STR, "refresh_token": _STR,
+                           "scope": {**_STR, "enum": ["local", "others", "global"]}}),
                 errors=(400,),
             )
         },

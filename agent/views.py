@@ -34,6 +34,7 @@ from .extension import enforce_access
 from .extension import get_db
 from .extension import get_state
 from .extension import read_json
+from .hub_client import HubUnavailable
 from .models import Session
 from .models import User
 from .services import accounts
@@ -265,40 +266,98 @@ def token_refresh() -> Response:
     return _token_response(issued)
 
 
+REVOKE_SCOPES = ("local", "others", "global")
+
+
 def token_revoke() -> Response:
-    """POST /token/revoke: end the session of an access or refresh token (RFC 7009: always 200)."""
+    """POST /token/revoke: end sessions (RFC 7009: 200 whether or not the token was valid).
+
+    ``scope`` (body, or query string), as Supabase Auth's logout scopes: ``local`` (default)
+    ends the session of the token, access or refresh; ``others`` ends every other session of
+    the user at this site and keeps this one; ``global`` ends every session of the user here
+    and, through the hub, at every member site where the identity is linked (within their
+    directory refresh interval). ``others`` and ``global`` need the access token.
+    """
     data = read_json()
+    scope = data.get("scope", request.args.get("scope", "local"))
+    if scope not in REVOKE_SCOPES:
+        raise ValidationFailed(fields={"scope": ["One of local, others, global."]})
     presented = data.get("refresh_token", data.get("token"))
     if presented is None:
         presented = bearer_token()
     db = get_db()
     state = get_state()
+    body: dict[str, t.Any] = {"success": True, "code": "jwt_auth_token_revoked",
+                              "message": "Token revoked.", "scope": scope}
+    if scope != "local":
+        if isinstance(presented, str) and presented.startswith(sessions.REFRESH_PREFIX):
+            raise ValidationFailed(
+                fields={"token": [f"Scope {scope} needs the access token, not a refresh token."]})
+        sess = _live_session(db, state, presented)
+        published = False
+        if sess is not None:
+            now = state.clock()
+            keep = sess.id if scope == "others" else None
+            reason = "revoked_others" if scope == "others" else "global_logout"
+            count = sessions.revoke_user_sessions(db, sess.user_id, now, reason, keep=keep)
+            db.commit()  # ended here whatever the hub says
+            details: dict[str, t.Any] = {"scope": scope, "sessions": count}
+            if scope == "global":
+                published = _publish_logout(state, sess.user_id)
+                details["federation"] = "sent" if published else "not_sent"
+            events.record(db, state, "token.revoked", client=_client(), user_id=sess.user_id,
+                          session_id=sess.id, details=details)
+            db.commit()
+        if scope == "global":
+            body["global"] = published
+        return jsonify(body)
     ended: Session | None = None
     if isinstance(presented, str) and len(presented) <= 8192:
         if presented.startswith(sessions.REFRESH_PREFIX):
             ended = sessions.revoke_by_refresh_token(db, state, presented)
         else:
-            s = state.settings
-            try:
-                claims = verify_access_token(
-                    presented, state.ring, issuer=s.issuer, audience=s.audience, leeway=s.leeway
-                )
-            except InvalidToken:
-                claims = None
-            sess = db.get(Session, claims["sid"]) if claims else None
-            if (
-                sess is not None
-                and claims is not None
-                and str(sess.user_id) == claims["sub"]
-                and sess.revoked_at is None
-            ):
+            sess = _live_session(db, state, presented, current=False)
+            if sess is not None:
                 sessions.revoke_session(db, sess, state.clock(), "revoked")
                 ended = sess
     if ended is not None:
         events.record(db, state, "token.revoked", client=_client(), user_id=ended.user_id,
                       session_id=ended.id)
     db.commit()
-    return jsonify({"success": True, "code": "jwt_auth_token_revoked", "message": "Token revoked."})
+    return jsonify(body)
+
+
+def _live_session(db: DBSession, state: State, presented: t.Any, *,
+                  current: bool = True) -> Session | None:
+    """The live session of a valid access token, else None; ``current``: the token must also
+    pass the per-request revocation check (the session's current access token)."""
+    if not isinstance(presented, str) or len(presented) > 8192:
+        return None
+    s = state.settings
+    try:
+        claims = verify_access_token(
+            presented, state.ring, issuer=s.issuer, audience=s.audience, leeway=s.leeway
+        )
+        if current:
+            sessions.check_session(state, claims)
+    except InvalidToken:
+        return None
+    sess = db.get(Session, claims["sid"])
+    if sess is None or str(sess.user_id) != claims["sub"] or sess.revoked_at is not None:
+        return None
+    return sess
+
+
+def _publish_logout(state: State, user_id: int) -> bool:
+    """Ask the hub to log this user out on every linked site; False if not federated or the
+    hub could not be reached (this site's sessions are already ended either way)."""
+    if not state.settings.federated:
+        return False
+    try:
+        federation.client(state).call("POST", "/api/v1/logouts", {"subject": str(user_id)})
+    except (HubUnavailable, federation.NotFederated):
+        return False
+    return True
 
 
 def register() -> Response:

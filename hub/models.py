@@ -7,6 +7,7 @@ import typing as t
 
 from sqlalchemy import JSON
 from sqlalchemy import Boolean
+from sqlalchemy import Float
 from sqlalchemy import ForeignKey
 from sqlalchemy import Index
 from sqlalchemy import Integer
@@ -75,6 +76,21 @@ class SiteKey(Base):
     status: Mapped[str] = mapped_column(String(16))  # next, active, retiring, retired
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     retired_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class SiteHealth(Base):
+    """The last health report of a member's agent (one row per site, replaced by each report)."""
+
+    __tablename__ = "hub_site_health"
+
+    site_id: Mapped[int] = mapped_column(ForeignKey("hub_sites.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    reported_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)  # by the hub's clock
+    agent_version: Mapped[str] = mapped_column(String(64))
+    clock_skew_seconds: Mapped[float] = mapped_column(Float)  # agent time - hub time
+    key_fingerprint: Mapped[str] = mapped_column(String(128))  # the federation key's kid
+    last_exchange_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_sync_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class HubKey(Base):
@@ -161,3 +177,20 @@ class JobRun(Base):
 
     job: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_run_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class Logout(Base):
+    """A "log out everywhere" of one identity (issuer, subject), published in every directory.
+
+    Recorded by the identity's own site (signed API) or by an admin in the console; each member
+    ends the sessions of the local account linked to (issuer, subject). Kept for 24 hours.
+    """
+
+    __tablename__ = "hub_logouts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    site_key: Mapped[str] = mapped_column(String(64))  # the origin site
+    issuer: Mapped[str] = mapped_column(String(2048))
+    subject: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)

@@ -268,9 +268,11 @@ def revoke_session(db: DBSession, sess: Session, now: dt.datetime, reason: str) 
 
 
 def revoke_user_sessions(
-    db: DBSession, user_id: int, now: dt.datetime, reason: str, keep: str | None = None
+    db: DBSession, user_id: int, now: dt.datetime, reason: str, keep: str | None = None,
+    *, started_before: dt.datetime | None = None,
 ) -> int:
-    """End every live session of a user, except ``keep``; returns how many."""
+    """End every live session of a user, except ``keep`` (and, given ``started_before``, except
+    the sessions begun at or after that moment); returns how many."""
     stmt = (
         update(Session)
         .where(Session.user_id == user_id, Session.revoked_at.is_(None))
@@ -278,6 +280,8 @@ def revoke_user_sessions(
     )
     if keep is not None:
         stmt = stmt.where(Session.id != keep)
+    if started_before is not None:
+        stmt = stmt.where(Session.created_at < started_before)
     return rowcount(db.execute(stmt))
 
 

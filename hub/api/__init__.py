@@ -29,6 +29,7 @@ from ..models import Site
 from ..services import directory as directory_service
 from ..services import events
 from ..services import keys as key_service
+from ..services import logouts as logout_service
 from ..services import settings as settings_service
 from ..services import sites as site_service
 from ..state import get_db
@@ -158,3 +159,22 @@ def upload_events() -> Response:
     accepted = events.upload(db, get_state(), g.hub_site.site_key, data.get("events"))
     db.commit()
     return jsonify({"accepted": accepted})
+
+
+from . import health  # noqa: E402,F401  (registers POST /health on bp)
+
+
+@bp.post("/logouts")
+def record_logout() -> tuple[Response, int]:
+    """Log one of this site's users out everywhere: ``{"subject": "<user id at this site>"}``.
+
+    The issuer is always the calling site's registered issuer: a site can only log out its own
+    identities. Every directory lists the logout for 24 hours.
+    """
+    data = _json()
+    db = get_db()
+    site = g.hub_site
+    row = logout_service.record(db, get_state(), site, data.get("subject"),
+                                actor=site.site_key, via="api", ip=request.remote_addr or "")
+    db.commit()
+    return jsonify(logout_service.as_dict(row)), 201

@@ -58,7 +58,9 @@ from ..models import SiteKey
 from ..models import SiteSecret
 from ..services import admins
 from ..services import events
+from ..services import health as health_service
 from ..services import keys as key_service
+from ..services import logouts as logout_service
 from ..services import sites
 from ..state import get_db
 from ..state import get_state
@@ -294,8 +296,12 @@ def dashboard() -> ResponseReturnValue:
     ).all()
     hub_key = db.scalar(select(HubKey).where(HubKey.status == "active").order_by(HubKey.id.desc()))
     recent, _ = events.query(db, limit=10)
+    health = health_service.flags(db, state)
+    flagged = [(site, health[site.site_key]) for site in sites.list_sites(db)
+               if health.get(site.site_key)]
     return render_template(
         "console/dashboard.html",
+        flagged=flagged,
         active=counts.get("active", 0),
         suspended=counts.get("suspended", 0),
         due=due,
@@ -317,7 +323,7 @@ def site_list() -> ResponseReturnValue:
         .group_by(SiteKey.site_id)
     ).all())
     return render_template("console/sites.html", sites=sites.list_sites(db),
-                           key_counts=key_counts)
+                           key_counts=key_counts, health=health_service.flags(db, get_state()))
 
 
 @bp.route("/console/sites/new", methods=["GET", "POST"])
@@ -344,10 +350,11 @@ def _site(site_key: str) -> Site:
     return sites.get(get_db(), site_key)
 
 
-def _render_site(site: Site, *, status: int = 200, remove_error: str | None = None
-                 ) -> ResponseReturnValue:
+def _render_site(site: Site, *, status: int = 200, remove_error: str | None = None,
+                 logout_error: str | None = None) -> ResponseReturnValue:
     db = get_db()
-    now = get_state().clock()
+    state = get_state()
+    now = state.clock()
     secrets = db.scalars(
         select(SiteSecret).where(SiteSecret.site_id == site.id)
         .order_by(SiteSecret.version.desc())
@@ -360,7 +367,10 @@ def _render_site(site: Site, *, status: int = 200, remove_error: str | None = No
         secrets=secrets,
         recent=recent,
         now=now,
+        health=health_service.get(db, site),
+        health_flags=health_service.flags_for(db, state, site),
         remove_error=remove_error,
+        logout_error=logout_error,
     ), status
 
 
@@ -400,6 +410,22 @@ def site_rotate_secret(site_key: str) -> ResponseReturnValue:
     return render_template("console/rotated.html", site=site, secret=secret, grace=grace,
                            until=state.clock() + dt.timedelta(seconds=grace),
                            hub_url=state.setting("URL"))
+
+
+@bp.post("/console/sites/<site_key>/logout-user")
+def site_logout_user(site_key: str) -> ResponseReturnValue:
+    """Log a user of this site out everywhere: a logout row every member applies (24 h)."""
+    site = _site(site_key)
+    subject = request.form.get("subject", "").strip()
+    if not subject or len(subject) > logout_service.MAX_SUBJECT:
+        return _render_site(site, status=400,
+                            logout_error="Enter the user's id at this site (1-255 characters).")
+    logout_service.record(get_db(), get_state(), site, subject, actor=_actor(), via="console",
+                          ip=_ip())
+    _commit()
+    flash(f"User {subject} of {site.name} will be logged out on every site where the identity "
+          "is linked, within each site's directory refresh interval.", "ok")
+    return redirect(url_for("console.site_detail", site_key=site.site_key))
 
 
 @bp.post("/console/sites/<site_key>/remove")

@@ -17,6 +17,7 @@ from agent.signing import pairwise_key
 
 from ..models import Site
 from . import keys as key_service
+from . import logouts as logout_service
 from . import sites as site_service
 
 if t.TYPE_CHECKING:
@@ -47,5 +48,8 @@ def directory_for(db: DBSession, state: HubState, me: Site) -> dict[str, t.Any]:
                  "status": me.status},
         "hub": {"issuer": hub_url, "jwks_uri": f"{hub_url}/.well-known/jwks.json"},
         "peers": peers,
+        # Logouts everywhere of the last 24 h, of every site: each member applies those that
+        # match its identity links (see hub.services.logouts).
+        "logouts": logout_service.active(db, state),
         "generated_at": state.clock().isoformat().replace("+00:00", "Z"),
     }

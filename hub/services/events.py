@@ -68,7 +68,15 @@ def upload(db: DBSession, state: HubState, site_key: str, items: t.Any) -> int:
             at = dt.datetime.fromisoformat(str(item.get("time", "")).replace("Z", "+00:00"))
         except ValueError:
             raise BadRequest(fields={f"events[{index}].time": ["ISO 8601 time."]}) from None
-        details = item.get("details") if isinstance(item.get("details"), dict) else {}
+        details = dict(item["details"]) if isinstance(item.get("details"), dict) else {}
+        raw_user = item.get("user_id")
+        user_id = str(raw_user)[:64] if isinstance(raw_user, (int, str)) and not isinstance(
+            raw_user, bool) else ""
+        login = _text(item, "login", 120)
+        if user_id and login:
+            details.setdefault("user_id", user_id)  # the actor column shows the login
+        if _text(item, "device", 128):
+            details["device"] = _text(item, "device", 128)
         rows.append(
             {
                 "created_at": at if at.tzinfo else at.replace(tzinfo=dt.UTC),
@@ -77,9 +85,10 @@ def upload(db: DBSession, state: HubState, site_key: str, items: t.Any) -> int:
                 "remote_id": str(item["id"])[:64],
                 "event": item["event"][:48],
                 "outcome": _text(item, "outcome", 16),
-                "actor": str(item.get("user_id") or item.get("login") or "")[:120],
+                # A site's user ids mean nothing at the hub: its login names do.
+                "actor": login or user_id,
                 "ip": _text(item, "ip", 64),
-                "details": {**details, "device": _text(item, "device", 128)},
+                "details": details,
             }
         )
     if not rows:

@@ -98,8 +98,8 @@ class Service:
     def __init__(self, argv: list[str], env: dict[str, str], log: Path, ready_url: str) -> None:
         self.ready_url = ready_url
         self.log = log.open("w+")
-        self.proc = subprocess.Popen(argv,  # noqa: S603 - our own executables stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env)
+        self.proc = subprocess.Popen(  # noqa: S603 - our own executables
+            argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
     def logs(self) -> str:
         if not self.log.closed:

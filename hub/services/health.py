@@ -1,0 +1,139 @@
+"""Fleet health: what each member's agent last reported, and the problems it shows.
+
+An agent reports every minute (``POST /api/v1/health``): its version, its clock, the kid of its
+federation key, its last successful SSO exchange and its last directory sync. The hub keeps the
+last report of each site (``hub_site_health``) and flags an active site when
+
+- **clock drift**: the agent's clock is more than 30 s away from the hub's;
+- **not synced**: it never reported, its last report or its last directory sync is more than
+  15 minutes old (or it never synced);
+- **key overdue**: its active federation key is older than the *Member key rotation* setting
+  (``KEY_ROTATION_DAYS``), or the key it reports is not one of its registered, unretired keys.
+
+Suspended sites are not checked: the hub refuses their requests anyway.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing as t
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session as DBSession
+
+from ..errors import BadRequest
+from ..models import Site
+from ..models import SiteHealth
+from ..models import SiteKey
+from . import settings as settings_service
+
+if t.TYPE_CHECKING:
+    from ..state import HubState
+
+CLOCK_DRIFT = "clock drift"
+NOT_SYNCED = "not synced"
+KEY_OVERDUE = "key overdue"
+MAX_SKEW = 30.0  # seconds, either way
+SYNC_STALE = dt.timedelta(minutes=15)
+
+
+def _time(data: dict[str, t.Any], name: str, *, required: bool = False) -> dt.datetime | None:
+    value = data.get(name)
+    if value is None and not required:
+        return None
+    try:
+        if not isinstance(value, str) or len(value) > 64:
+            raise ValueError(name)
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(fields={name: ["ISO 8601 time" + ("." if required else " or null.")]}
+                         ) from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.UTC)
+
+
+def _text(data: dict[str, t.Any], name: str, limit: int, *, required: bool = False) -> str:
+    value = data.get(name)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or len(value) > limit or not value.isprintable() or (
+            required and not value):
+        raise BadRequest(fields={name: [f"Up to {limit} printable characters."]})
+    return value
+
+
+def store(db: DBSession, state: HubState, site: Site, data: dict[str, t.Any]) -> SiteHealth:
+    """Validate one report and keep it as the site's last (clock skew = agent − hub time)."""
+    agent_time = _time(data, "time", required=True)
+    assert agent_time is not None
+    values: dict[str, t.Any] = {
+        "agent_version": _text(data, "version", 64, required=True),
+        "key_fingerprint": _text(data, "key_fingerprint", 128),
+        "last_exchange_at": _time(data, "last_exchange_at"),
+        "last_sync_at": _time(data, "last_sync_at"),
+    }
+    now = state.clock()
+    values["reported_at"] = now
+    values["clock_skew_seconds"] = round((agent_time - now).total_seconds(), 3)
+    for attempt in (1, 2):
+        row = db.get(SiteHealth, site.id)
+        if row is None:
+            row = SiteHealth(site_id=site.id, **values)
+            db.add(row)
+        else:
+            for name, value in values.items():
+                setattr(row, name, value)
+        try:
+            db.flush()
+        except IntegrityError:  # another worker stored this site's first report meanwhile
+            db.rollback()
+            if attempt == 2:
+                raise
+            continue
+        return row
+    raise AssertionError("unreachable")
+
+
+def get(db: DBSession, site: Site) -> SiteHealth | None:
+    return db.get(SiteHealth, site.id)
+
+
+def site_flags(site: Site, health: SiteHealth | None, keys: t.Iterable[SiteKey],
+               now: dt.datetime, rotation_days: int) -> list[str]:
+    """The problems of one site, given its last report and its unretired keys."""
+    if site.status != "active":
+        return []
+    keys = list(keys)
+    found: list[str] = []
+    if health is not None and abs(health.clock_skew_seconds) > MAX_SKEW:
+        found.append(CLOCK_DRIFT)
+    if (health is None or health.last_sync_at is None or now - health.reported_at > SYNC_STALE
+            or now - health.last_sync_at > SYNC_STALE):
+        found.append(NOT_SYNCED)
+    cutoff = now - dt.timedelta(days=rotation_days)
+    old_key = any(k.status == "active" and k.created_at <= cutoff for k in keys)
+    unknown_key = health is not None and health.key_fingerprint not in {
+        k.kid for k in keys if k.status != "retired"}
+    if old_key or unknown_key:
+        found.append(KEY_OVERDUE)
+    return found
+
+
+def flags(db: DBSession, state: HubState) -> dict[str, list[str]]:
+    """Every site's problems by site key (an empty list for a healthy or suspended site)."""
+    now = state.clock()
+    days = settings_service.effective(db, state, "KEY_ROTATION_DAYS")
+    reports = {h.site_id: h for h in db.scalars(select(SiteHealth))}
+    keys: dict[int, list[SiteKey]] = {}
+    for key in db.scalars(select(SiteKey).where(SiteKey.status != "retired")):
+        keys.setdefault(key.site_id, []).append(key)
+    return {site.site_key: site_flags(site, reports.get(site.id), keys.get(site.id, []), now, days)
+            for site in db.scalars(select(Site).order_by(Site.name))}
+
+
+def flags_for(db: DBSession, state: HubState, site: Site) -> list[str]:
+    """One site's problems (see :func:`flags`)."""
+    keys = db.scalars(select(SiteKey).where(SiteKey.site_id == site.id,
+                                            SiteKey.status != "retired"))
+    return site_flags(site, get(db, site), keys, state.clock(),
+                      settings_service.effective(db, state, "KEY_ROTATION_DAYS"))
