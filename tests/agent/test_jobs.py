@@ -27,7 +27,6 @@ from agent.models import RefreshToken
 from agent.models import Session
 from agent.models import Throttle
 from agent.models import WebhookAttempt
-from agent.models import WebhookMessage
 from agent.webhooks import deliver_due
 from tests.agent.test_webhooks import Receiver
 from tests.agent.test_webhooks import endpoint
