@@ -207,71 +207,32 @@ def run_scheduler(
         timezone=dt.UTC,
         job_defaults={"coalesce": True, "max_instances": 1},
     )
-    scheduler.add_job(
-        deliver_webhooks,
-        "interval",
-        args=[app],
-        id=DELIVER_JOB_ID,
-        name="Deliver due webhook messages",
-        seconds=webhook_interval,
-        coalesce=True,
-        max_instances=1,
-        misfire_grace_time=max(1, int(webhook_interval * 2)),
-        replace_existing=True,
-    )
-    scheduler.add_job(
-        prune_job,
-        "interval",
-        args=[app],
-        id=PRUNE_JOB_ID,
-        name="Prune old rows",
-        seconds=prune_interval,
-        next_run_time=dt.datetime.now(dt.UTC),
-        coalesce=True,
-        max_instances=1,
-        misfire_grace_time=max(1, int(prune_interval)),
-        replace_existing=True,
-    )
-    if get_state(app).settings.federated:
+    def every(job: t.Callable[[Flask], t.Any], job_id: str, name: str, seconds: float, *,
+              now: bool = False) -> None:
+        # next_run_time only when asked: APScheduler reads an explicit None as "paused".
+        first = {"next_run_time": dt.datetime.now(dt.UTC)} if now else {}
         scheduler.add_job(
-            upload_activity,
-            "interval",
-            args=[app],
-            id=UPLINK_JOB_ID,
-            name="Upload activity to the hub",
-            seconds=uplink_interval,
-            coalesce=True,
-            max_instances=1,
-            misfire_grace_time=max(1, int(uplink_interval * 2)),
-            replace_existing=True,
+            job, "interval", args=[app], id=job_id, name=name, seconds=seconds,
+            coalesce=True, max_instances=1, misfire_grace_time=max(1, int(seconds * 2)),
+            replace_existing=True, **first,
         )
-        log.info("jobs: activity upload to the hub every %ss", uplink_interval)
-    if get_state(app).settings.federated:
-        from . import health  # fleet health: version, clock, key and sync state, every minute
 
-        scheduler.add_job(
-            health.report_job,
-            "interval",
-            args=[app],
-            id=health.HEALTH_JOB_ID,
-            name="Report health to the hub",
-            seconds=health.HEALTH_INTERVAL,
-            next_run_time=dt.datetime.now(dt.UTC),
-            coalesce=True,
-            max_instances=1,
-            misfire_grace_time=int(health.HEALTH_INTERVAL),
-            replace_existing=True,
-        )
-    if get_state(app).settings.federated:
-        # Logout everywhere: refresh the directory when due, so the hub's logouts apply here
-        # without waiting for SSO traffic (agent.federation.refresh_job).
+    every(deliver_webhooks, DELIVER_JOB_ID, "Deliver due webhook messages", webhook_interval)
+    every(prune_job, PRUNE_JOB_ID, "Prune old rows", prune_interval, now=True)
+    settings = get_state(app).settings
+    if settings.federated:
+        from . import health
         from .federation import refresh_job
 
-        refresh = max(1.0, get_state(app).settings.directory_refresh / 2)
-        scheduler.add_job(refresh_job, "interval", args=[app], id="headlesskey.refresh_directory",
-                          name="Refresh the federation directory", seconds=refresh,
-                          next_run_time=dt.datetime.now(dt.UTC), coalesce=True, max_instances=1,
-                          misfire_grace_time=max(1, int(refresh * 2)), replace_existing=True)
+        every(upload_activity, UPLINK_JOB_ID, "Upload activity to the hub", uplink_interval)
+        # Fleet health: version, clock, key and sync state for the hub's console.
+        every(health.report_job, health.HEALTH_JOB_ID, "Report health to the hub",
+              health.HEALTH_INTERVAL, now=True)
+        # Refresh the directory when due, so logouts recorded at the hub apply here without
+        # waiting for single sign-on traffic.
+        every(refresh_job, "headlesskey.refresh_directory", "Refresh the federation directory",
+              max(1.0, settings.directory_refresh / 2), now=True)
+        log.info("jobs: activity upload to the hub every %ss", uplink_interval)
     log.info(
         "jobs: webhook delivery every %ss, pruning every %ss", webhook_interval, prune_interval
     )
