@@ -19,7 +19,9 @@ import jwt
 from cryptography.fernet import Fernet
 from cryptography.fernet import InvalidToken
 from cryptography.fernet import MultiFernet
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent.services.keys import generate_private_key_pem
 from agent.services.keys import jwk_thumbprint
@@ -51,8 +53,13 @@ class Vault:
             raise MasterKeyError("no master key")
         try:
             self._fernet = MultiFernet([Fernet(k) for k in keys])
+            self._first = base64.urlsafe_b64decode(keys[0])
         except (ValueError, TypeError) as exc:
             raise MasterKeyError(f"not a Fernet key ({exc})") from None
+
+    def derive(self, info: bytes) -> bytes:
+        """A 32-byte key for one purpose, derived (HKDF-SHA256) from the current master key."""
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(self._first)
 
     def encrypt(self, plaintext: bytes) -> bytes:
         return self._fernet.encrypt(plaintext)

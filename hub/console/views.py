@@ -18,14 +18,10 @@ How it is kept safe (SECURITY.md §9, B-08 to B-11):
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import typing as t
-from pathlib import Path
 from urllib.parse import urlsplit
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flask import Blueprint
 from flask import Flask
 from flask import Response
@@ -46,9 +42,7 @@ from sqlalchemy import select
 from werkzeug.exceptions import HTTPException
 
 from agent.errors import AgentError
-from agent.errors import ConfigError
 
-from .. import config as config_module
 from ..models import Admin
 from ..models import Event
 from ..models import HubKey
@@ -115,25 +109,11 @@ def _flag(value: t.Any) -> bool:
 
 
 def session_key(app: Flask) -> bytes:
-    """The session signing key: HKDF-SHA256 over the first master key, never a constant.
+    """The session signing key: derived from the current master key, never a constant.
 
-    The master key is read from the same places as in ``create_app`` (the MASTER_KEY setting,
-    else the instance's master.key file). Rotating the master key ends every console session.
+    Rotating the master key ends every console session.
     """
-    from .. import MASTER_KEY_FILE
-
-    master = app.config[config_module.PREFIX + "MASTER_KEY"]
-    if master:
-        candidates = str(master).split(",")
-    else:
-        key_file = Path(app.instance_path) / MASTER_KEY_FILE
-        candidates = key_file.read_text().splitlines() if key_file.is_file() else []
-    first = next((c.strip() for c in candidates if c.strip()), None)
-    if first is None:
-        raise ConfigError(f"{config_module.PREFIX}MASTER_KEY: no master key for the console")
-    material = base64.urlsafe_b64decode(first.encode())
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=SESSION_INFO)
-    return hkdf.derive(material)
+    return get_state(app).vault.derive(SESSION_INFO)
 
 
 # --- request guard ---------------------------------------------------------------------------
