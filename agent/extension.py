@@ -199,9 +199,14 @@ def read_json() -> dict[str, t.Any]:
         raise PayloadTooLarge() from None
     if len(raw) > state.settings.max_body:
         raise PayloadTooLarge()
+    return parse_json_object(raw, request.mimetype)
+
+
+def parse_json_object(raw: bytes, mimetype: str) -> dict[str, t.Any]:
+    """A request body as a JSON object (``{}`` when empty), or 415/400 (agent and hub alike)."""
     if not raw.strip():
         return {}
-    if request.mimetype != "application/json":
+    if mimetype != "application/json":
         raise UnsupportedMediaType()
     try:
         data = json.loads(raw)
@@ -214,7 +219,7 @@ def read_json() -> dict[str, t.Any]:
         json.dumps(data, ensure_ascii=False).encode()
     except (UnicodeEncodeError, RecursionError, ValueError):
         raise InvalidJSON() from None
-    return data
+    return t.cast(dict[str, t.Any], data)
 
 
 def error_response(error: AgentError) -> Response:

@@ -6,8 +6,10 @@
     ├── Forbidden         403 site_suspended
     ├── NotFound          404 not_found
     ├── Conflict          409 conflict (duplicate name, key, kid)
-    ├── PayloadTooLarge   413 payload_too_large
-    └── UnsupportedMediaType 415 unsupported_media_type
+    └── PayloadTooLarge   413 payload_too_large
+
+Request bodies are parsed by ``agent.extension.parse_json_object``, whose 400 ``invalid_json``
+and 415 ``unsupported_media_type`` (AgentError subclasses) leave the API in the same shape.
 """
 
 from __future__ import annotations
@@ -53,9 +55,3 @@ class PayloadTooLarge(HubError):
     code = "payload_too_large"
     status = 413
     message = "The request body is too large."
-
-
-class UnsupportedMediaType(HubError):
-    code = "unsupported_media_type"
-    status = 415
-    message = "Send the request body as application/json."
