@@ -69,13 +69,14 @@ def rowcount(result: t.Any) -> int:
     return int(t.cast(CursorResult[t.Any], result).rowcount)
 
 
-def alembic_config(engine: Engine) -> AlembicConfig:
+def alembic_config(engine: Engine, migrations: Path = MIGRATIONS) -> AlembicConfig:
+    """Alembic run on ``engine`` with the revisions in ``migrations`` (the agent's by default)."""
     cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("script_location", str(migrations))
     cfg.attributes["engine"] = engine
     return cfg
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the agent's schema to ``revision`` (idempotent)."""
-    command.upgrade(alembic_config(engine), revision)
+def upgrade(engine: Engine, revision: str = "head", migrations: Path = MIGRATIONS) -> None:
+    """Bring the schema of ``migrations`` (the agent's by default) to ``revision`` (idempotent)."""
+    command.upgrade(alembic_config(engine, migrations), revision)
