@@ -6,7 +6,6 @@ with two workers, reached over HTTP, sending mail to the real ``smtp`` fixture.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import sqlite3
@@ -23,6 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+from tests.conftest import process_env as clean_env
 from tests.conftest import PASSWORD
 from tests.conftest import free_port
 
@@ -32,23 +32,6 @@ AGENT = shutil.which("headlesskey-agent", path=str(Path(sys.executable).parent))
 PREFIX = "/wp-json/headlesskey/v1"
 SECOND_PASSWORD = "violet lantern orbit 42"
 THIRD_PASSWORD = "quiet maple harbour 77"
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without any HEADLESSKEY_* of its own, with cheap argon2."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("HEADLESSKEY_") and k != "DATABASE_URL"
-    }
-    env.update(
-        HEADLESSKEY_ARGON2_TIME_COST="1",
-        HEADLESSKEY_ARGON2_MEMORY_COST="8",
-        HEADLESSKEY_ARGON2_PARALLELISM="1",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
 
 
 def agent(

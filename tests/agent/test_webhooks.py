@@ -44,6 +44,7 @@ from agent.webhooks import InvalidSignature
 from agent.webhooks import deliver_due
 from agent.webhooks import redeliver
 from agent.webhooks import verify
+from tests.conftest import process_env as clean_env
 from tests.conftest import PASSWORD
 from tests.conftest import Clock
 from tests.conftest import Mailbox
@@ -901,14 +902,6 @@ def test_verify_helper_accepts_good_deliveries_and_refuses_the_rest() -> None:
 
 
 AGENT = shutil.which("headlesskey-agent", path=str(Path(sys.executable).parent))
-
-
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("HEADLESSKEY_") and k != "DATABASE_URL"}
-    env.update(HEADLESSKEY_ARGON2_TIME_COST="1", HEADLESSKEY_ARGON2_MEMORY_COST="8",
-               HEADLESSKEY_ARGON2_PARALLELISM="1", PYTHONUNBUFFERED="1")
-    return env
 
 
 def webhook_instance(tmp_path: Path, receiver: Receiver, secret: str) -> Path:

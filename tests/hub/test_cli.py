@@ -31,6 +31,7 @@ from agent import signing
 from hub import create_app
 from hub.cli import main
 from hub.crypto import parse_site_secret
+from tests.conftest import process_env as clean_env
 from tests.conftest import free_port
 
 HUB = shutil.which("headlesskey-hub", path=str(Path(sys.executable).parent)) or shutil.which(
@@ -39,13 +40,6 @@ HUB = shutil.which("headlesskey-hub", path=str(Path(sys.executable).parent)) or 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "correct horse battery staple"  # noqa: S105 - a test account's
 DIRECTORY = "/api/v1/directory"
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without any HEADLESSKEY_* of the test run."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADLESSKEY_")}
-    env.update(PYTHONUNBUFFERED="1", **extra)
-    return env
 
 
 def hub_cmd(

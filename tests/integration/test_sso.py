@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import json
 import math
-import os
 import secrets
 import shutil
 import sqlite3
@@ -41,6 +40,7 @@ from requests.adapters import HTTPAdapter
 
 from agent.config import parse_hub_secret
 from agent.signing import pairwise_key
+from tests.conftest import process_env
 from tests.conftest import PASSWORD
 from tests.conftest import free_port
 
@@ -60,21 +60,8 @@ SHARED_SETTINGS = {
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without any HEADLESSKEY_* of its own, with cheap argon2 and no mail."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("HEADLESSKEY_") and k != "DATABASE_URL"
-    }
-    env.update(
-        HEADLESSKEY_ARGON2_TIME_COST="1",
-        HEADLESSKEY_ARGON2_MEMORY_COST="8",
-        HEADLESSKEY_ARGON2_PARALLELISM="1",
-        HEADLESSKEY_MAIL_BACKEND="null",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
+    """The processes' environment (see tests.conftest.process_env), with no mail."""
+    return process_env(HEADLESSKEY_MAIL_BACKEND="null", **extra)
 
 
 def run(command: str | None, *args: str, stdin: str | None = None,
