@@ -37,6 +37,7 @@ def _app(instance: Path) -> t.Any:
 
     app = create_app(instance)
     upgrade(app.extensions["headlesskey"].engine)
+    app.extensions["headlesskey"].keys.seed()
     return app
 
 
@@ -344,6 +345,57 @@ def db_upgrade(instance: Path) -> None:
     app = _app(instance)
     upgrade(app.extensions["headlesskey"].engine)
     click.echo("Database is up to date.")
+
+
+@main.group()
+def keys() -> None:
+    """Signing keys and the hub secret."""
+
+
+@keys.command("list")
+@INSTANCE
+def keys_list(instance: Path) -> None:
+    """The stored keys: purpose, kid, algorithm, when each signs and retires (never secrets)."""
+    from .services.keystore import ACCESS
+    from .services.keystore import FEDERATION
+    from .services.keystore import HUB_SECRET
+
+    store = _app(instance).extensions["headlesskey"].keys
+    store.reload()
+    for purpose in (ACCESS, FEDERATION, HUB_SECRET):
+        signer = store.signing(purpose)
+        for e in store.entries(purpose):
+            alg = e.key.alg if e.key else "-"
+            starts = e.active_from.strftime("%Y-%m-%d %H:%M:%S") if e.active_from else "unpublished"
+            ends = e.retire_at.strftime("%Y-%m-%d %H:%M:%S") if e.retire_at else "-"
+            mark = "*" if signer is not None and e.id == signer.id else " "
+            click.echo(f"{mark} {purpose:<10} {e.kid:<44} {alg:<5} from {starts}  until {ends}"
+                       + (f"  hub: {e.hub_status}" if e.hub_status else ""))
+
+
+@keys.command("rotate")
+@INSTANCE
+@click.option("--what", "what", multiple=True, default=("access",), show_default=True,
+              type=click.Choice(["access", "federation", "hub-secret", "all"]),
+              help="Which to rotate now; repeat the option for several.")
+def keys_rotate(instance: Path, what: tuple[str, ...]) -> None:
+    """Rotate now. The new key is published first and signs after the publication delay;
+    the old one verifies until its last token expires, so no request fails."""
+    from .hub_client import HubUnavailable
+    from .rotation import rotate
+
+    state = _app(instance).extensions["headlesskey"]
+    forced = {"access", "federation", "hub-secret"} if "all" in what else set(what)
+    if forced - {"access"} and not state.settings.federated:
+        raise click.UsageError("this site has not joined a hub (`headlesskey-agent join`)")
+    try:
+        done = rotate(state, force=forced)
+    except HubUnavailable as exc:
+        raise click.ClickException(f"the hub did not answer: {exc}") from None
+    for line in done:
+        click.echo(line)
+    if any(line.startswith("hub unavailable") for line in done):
+        raise SystemExit(1)
 
 
 @main.command("jobs")

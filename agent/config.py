@@ -205,6 +205,14 @@ def _access(key: str, value: t.Any) -> dict[str, str | tuple[str, ...]]:
     return rules
 
 
+def _rotation(key: str, value: t.Any) -> int:
+    """A rotation period in seconds: 0 (never) or at least 5 s, at most 10 years."""
+    seconds = _int(key, value, 0, 3650 * 86400)
+    if 0 < seconds < 5:
+        raise ConfigError(f"{key}: 0 (never) or at least 5 seconds")
+    return seconds
+
+
 def _networks(key: str, value: t.Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     value = _json_value(key, value)
     if isinstance(value, str):
@@ -227,6 +235,9 @@ def _federation(get: t.Callable[[str], t.Any], instance_path: str) -> dict[str, 
         "directory_refresh": _int(PREFIX + "DIRECTORY_REFRESH", get("DIRECTORY_REFRESH"), 1, 86400),
         "sso_assertion_ttl": _int(PREFIX + "SSO_ASSERTION_TTL", get("SSO_ASSERTION_TTL"), 5, 60),
         "sso_link_by_email": _bool(PREFIX + "SSO_LINK_BY_EMAIL", get("SSO_LINK_BY_EMAIL")),
+        "federation_key_rotation": _rotation(
+            PREFIX + "FEDERATION_KEY_ROTATION", get("FEDERATION_KEY_ROTATION")),
+        "hub_secret_rotation": _rotation(PREFIX + "HUB_SECRET_ROTATION", get("HUB_SECRET_ROTATION")),
     }
     role_map = _json_value(PREFIX + "SSO_ROLE_MAP", get("SSO_ROLE_MAP"))
     if not isinstance(role_map, dict) or not all(
@@ -357,6 +368,8 @@ class Settings:
     webhooks: tuple[WebhookEndpoint, ...] = ()
     webhook_timeout: int = 15
     audit_retention_days: int = 90
+    key_rotation: int = 30 * 86400  # seconds; 0 = never
+    jwks_max_age: int = 300
     hub_url: str | None = None
     hub_site_key: str | None = None
     hub_secret: bytes | None = field(default=None, repr=False)
@@ -366,6 +379,8 @@ class Settings:
     sso_assertion_ttl: int = 60
     sso_link_by_email: bool = True
     sso_role_map: t.Mapping[str, str] = field(default_factory=dict)
+    federation_key_rotation: int = 30 * 86400
+    hub_secret_rotation: int = 90 * 86400
 
     @property
     def federated(self) -> bool:
@@ -433,6 +448,8 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
     "WEBHOOKS": ([], "Webhook endpoints: [{id, url, secret, events}]."),
     "WEBHOOK_TIMEOUT": (15, "Seconds per delivery attempt."),
     "AUDIT_RETENTION_DAYS": (90, "Activity log rows older than this are pruned."),
+    "KEY_ROTATION": (30 * 86400, "Seconds between rotations of the access-token key; 0 = never."),
+    "JWKS_MAX_AGE": (300, "Cache lifetime of the JWKS; a new key is published this long first."),
     "HUB_URL": (None, "The federation hub this site joined (set by `join`)."),
     "HUB_SITE_KEY": (None, "This site's key at the hub."),
     "HUB_SECRET_FILE": (None, "File holding this site's hub secret (hks_...), mode 0600."),
@@ -442,6 +459,8 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
     "SSO_ASSERTION_TTL": (60, "Lifetime of an SSO assertion, seconds (at most 60)."),
     "SSO_LINK_BY_EMAIL": (True, "Link a peer identity to a local account by verified email."),
     "SSO_ROLE_MAP": ({}, "Peer role -> local role; unmapped remote roles grant nothing."),
+    "FEDERATION_KEY_ROTATION": (30 * 86400, "Seconds between rotations of the SSO key; 0 = never."),
+    "HUB_SECRET_ROTATION": (90 * 86400, "Seconds between rotations of the hub secret; 0 = never."),
 }
 
 # Tables of site.toml kept whole instead of flattened into prefixed keys.
@@ -603,6 +622,8 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
         audit_retention_days=_int(
             PREFIX + "AUDIT_RETENTION_DAYS", get("AUDIT_RETENTION_DAYS"), 1, 36500
         ),
+        key_rotation=_rotation(PREFIX + "KEY_ROTATION", get("KEY_ROTATION")),
+        jwks_max_age=_int(PREFIX + "JWKS_MAX_AGE", get("JWKS_MAX_AGE"), 0, 86400),
         **_federation(get, instance_path),
     )
 

@@ -23,6 +23,8 @@ from flask import g
 from flask import jsonify
 from flask import request
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session as DBSession
 from sqlalchemy.orm import sessionmaker
 from werkzeug.exceptions import HTTPException
@@ -40,10 +42,10 @@ from .errors import PayloadTooLarge
 from .errors import Unauthorized
 from .errors import UnsupportedMediaType
 from .services.keys import KeyRing
-from .services.keys import build_keyring
 from .services.keys import derive_key
 from .services.keys import ensure_key_file
 from .services.keys import generate_private_key_pem
+from .services.keystore import KeyStore
 from .services.mail import Mailer
 from .services.passwords import Hasher
 from .services.sessions import check_session
@@ -69,7 +71,8 @@ class State:
     settings: config_module.Settings
     engine: Engine
     session_factory: sessionmaker[DBSession]
-    ring: KeyRing
+    ring: KeyRing  # the access-token keys (``keys.ring``)
+    keys: KeyStore  # every stored key: access tokens, SSO, the hub secret
     hasher: Hasher
     mailer: Mailer
     clock: t.Callable[[], dt.datetime] = utcnow
@@ -275,18 +278,28 @@ class HeadlessKey:
         values = _configured_values(app)
         settings = config_module.build_settings(values, app.instance_path)
         engine = make_engine(settings.database_url)
+        session_factory = sessionmaker(engine, expire_on_commit=False)
+        clock = self._clock or utcnow
         if config_module.parse_bool(PREFIX + "AUTO_MIGRATE", values.get(PREFIX + "AUTO_MIGRATE", True)):
             upgrade(engine)
+        # The instance's key files seed the shared key table now, or, when the schema is not
+        # there yet (`headlesskey-agent db upgrade` comes next), once it is.
+        keys = KeyStore(session_factory, settings, clock)
+        try:
+            keys.seed()
+        except (OperationalError, ProgrammingError):
+            engine.dispose()
         state = State(
             settings=settings,
             engine=engine,
-            session_factory=sessionmaker(engine, expire_on_commit=False),
-            ring=build_keyring(settings.algorithm, settings.secret_key, settings.private_key_pem),
+            session_factory=session_factory,
+            ring=keys.ring,
+            keys=keys,
             hasher=Hasher(
                 settings.argon2_time_cost, settings.argon2_memory_cost, settings.argon2_parallelism
             ),
             mailer=Mailer(settings),
-            clock=self._clock or utcnow,
+            clock=clock,
             refresh_key=derive_key(settings.secret_key, "refresh-token"),
             reset_key=derive_key(settings.secret_key, "password-reset"),
             filters=self._filters,

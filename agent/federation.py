@@ -46,6 +46,7 @@ from .models import IdentityLink
 from .models import UsedAssertion
 from .models import User
 from .services import accounts
+from .services import keystore
 from .services import sessions as session_service
 from .services.keys import SigningKey
 
@@ -85,25 +86,19 @@ def client(state: State) -> HubClient:
     s = state.settings
     if not s.federated:
         raise NotFederated()
-    assert s.hub_url and s.hub_site_key and s.hub_secret
-    return HubClient(s.hub_url, s.hub_site_key, s.hub_secret, transport=state.hub_transport)
+    secret = state.keys.hub_secret()  # the newest: the hub accepts it at once
+    assert s.hub_url and s.hub_site_key and secret
+    return HubClient(s.hub_url, s.hub_site_key, secret, transport=state.hub_transport)
 
 
 def federation_key(state: State) -> SigningKey:
-    """This site's federation signing key (used only for SSO assertions)."""
-    pem = state.settings.federation_key_pem
-    if pem is None:
+    """The key that signs this site's SSO assertions now (see :mod:`agent.services.keystore`)."""
+    if not state.settings.federated:
         raise NotFederated()
-    cached = getattr(state, "_federation_key", None)
-    if cached is None:
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-
-        private = serialization.load_pem_private_key(pem, password=None)
-        alg = "RS256" if isinstance(private, rsa.RSAPrivateKey) else "ES256"
-        cached = SigningKey.from_pem(alg, pem)
-        state._federation_key = cached  # type: ignore[attr-defined]
-    return t.cast(SigningKey, cached)
+    entry = state.keys.signing(keystore.FEDERATION)
+    if entry is None or entry.key is None:
+        raise NotFederated()
+    return entry.key
 
 
 def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, t.Any]:
@@ -260,8 +255,10 @@ def issue(db: DBSession, state: State, user: User, target: t.Any) -> dict[str, t
     }
     token = jwt.encode(claims, key.signing_key, algorithm=key.alg,
                        headers={"kid": key.kid, "typ": SSO_TYP})
-    assert s.hub_secret is not None and s.hub_site_key is not None
-    k_ab = signing.pairwise_key(s.hub_secret, s.hub_site_key, target)
+    # The secret peers have had time to learn from their directory (a rotated one waits).
+    secret = state.keys.sso_secret()
+    assert secret is not None and s.hub_site_key is not None
+    k_ab = signing.pairwise_key(secret, s.hub_site_key, target)
     signature = hmac.new(k_ab, token.encode(), hashlib.sha256).hexdigest()
     return {"site_key": s.hub_site_key, "token": token, "signature": signature,
             "target": target, "target_url": peer.get("base_url"), "expires_in": s.sso_assertion_ttl}

@@ -11,6 +11,7 @@ import typing as t
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from urllib.parse import quote
 from urllib.parse import urlsplit
 
 from . import signing
@@ -97,3 +98,10 @@ class HubClient:
     def register_key(self, jwk: dict[str, t.Any], status: str = "active") -> dict[str, t.Any]:
         return t.cast(dict[str, t.Any],
                       self.call("POST", "/api/v1/keys", {"jwk": jwk, "status": status}).json())
+
+    def retire_key(self, kid: str) -> None:
+        self.call("DELETE", "/api/v1/keys/" + quote(kid, safe=""))
+
+    def rotate_secret(self) -> dict[str, t.Any]:
+        """A new secret for this site; the hub keeps the old ones for ``grace_seconds``."""
+        return t.cast(dict[str, t.Any], self.call("POST", "/api/v1/secret/rotate", {}).json())

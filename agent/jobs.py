@@ -1,5 +1,5 @@
-"""Background jobs of the agent: webhook delivery, pruning, activity upload to the hub, and the
-scheduler that runs them.
+"""Background jobs of the agent: webhook delivery, pruning, key rotation, activity upload to the
+hub, and the scheduler that runs them.
 
 The job bodies are plain functions of the app's :class:`~agent.extension.State`; tests call them
 directly. :func:`run_scheduler` runs them periodically with APScheduler 3.x, in the process
@@ -7,7 +7,8 @@ started by ``headlesskey-agent jobs`` (which ``serve`` starts beside gunicorn). 
 scheduled on import, nor by ``create_app``: gunicorn workers never run jobs.
 
 Every job is safe to run on every instance at once: deliveries claim each message with a
-conditional update (:mod:`agent.webhooks`); pruning is a set of idempotent DELETEs; the upload
+conditional update (:mod:`agent.webhooks`); pruning is a set of idempotent DELETEs; a key
+rotation claims the current key with a conditional update (:mod:`agent.rotation`); the upload
 of activity to the hub is leased to one process at a time (:mod:`agent.uplink`).
 """
 
@@ -34,6 +35,7 @@ from .models import UsedAssertion
 from .models import WebhookAttempt
 from .models import WebhookMessage
 from .services import audit
+from .services import keystore
 
 if t.TYPE_CHECKING:
     from apscheduler.schedulers.background import (  # type: ignore[import-untyped]
@@ -61,6 +63,7 @@ def prune(state: State) -> dict[str, int]:
     - sessions revoked, or expired, more than 7 days ago, with their refresh tokens;
     - password resets used or expired more than a day ago;
     - brute-force counters whose window and lock ended more than a day ago;
+    - keys whose last token has expired (and, at the hub, been retired);
     - delivered webhook messages (and their attempts) older than ``AUDIT_RETENTION_DAYS``.
 
     Each is one idempotent DELETE in its own short transaction.
@@ -97,6 +100,10 @@ def prune(state: State) -> dict[str, int]:
                 )
             )
         )
+        db.commit()
+
+    with state.session_factory() as db:
+        counts["keys"] = keystore.prune(db, now)
         db.commit()
 
     with state.session_factory() as db:
@@ -220,6 +227,12 @@ def run_scheduler(
     every(deliver_webhooks, DELIVER_JOB_ID, "Deliver due webhook messages", webhook_interval)
     every(prune_job, PRUNE_JOB_ID, "Prune old rows", prune_interval, now=True)
     settings = get_state(app).settings
+    from . import rotation
+
+    # Key rotation: each rotation claims its key with a conditional update, so it happens once
+    # however many instances run this job.
+    every(rotation.rotate_job, rotation.JOB_ID, "Rotate keys and the hub secret",
+          rotation.job_interval(settings), now=True)
     if settings.federated:
         from . import health
         from .federation import refresh_job

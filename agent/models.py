@@ -15,10 +15,12 @@ from sqlalchemy import DateTime
 from sqlalchemy import ForeignKey
 from sqlalchemy import Index
 from sqlalchemy import Integer
+from sqlalchemy import LargeBinary
 from sqlalchemy import MetaData
 from sqlalchemy import String
 from sqlalchemy import Text
 from sqlalchemy import TypeDecorator
+from sqlalchemy import UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.orm import Mapped
 from sqlalchemy.orm import mapped_column
@@ -245,3 +247,29 @@ class IdentityLink(Base):
     subject: Mapped[str] = mapped_column(String(255), primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("hk_users.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class StoredKey(Base):
+    """A key this site signs with: access-token keys, the SSO key, and the hub secret.
+
+    The material is encrypted with a key derived from the site secret. Which key signs is a
+    matter of timestamps, so every worker and instance agrees without talking to the others: a
+    key signs from ``active_from`` until a successor's ``active_from`` comes, and keeps verifying
+    until ``retire_at``, when the last token it signed has expired. ``rotated_at`` is the claim
+    a rotation takes (a conditional update), so one rotation happens however many run at once.
+    """
+
+    __tablename__ = "hk_keys"
+    __table_args__ = (UniqueConstraint("purpose", "kid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    purpose: Mapped[str] = mapped_column(String(16))  # "access", "federation", "hub-secret"
+    kid: Mapped[str] = mapped_column(String(128))
+    alg: Mapped[str] = mapped_column(String(8), default="")
+    material: Mapped[bytes] = mapped_column(LargeBinary)  # Fernet token
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    active_from: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    rotated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    retire_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The SSO key's state at the hub: "" (not sent), "next", "active" or "retired".
+    hub_status: Mapped[str] = mapped_column(String(16), default="")

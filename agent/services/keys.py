@@ -132,8 +132,13 @@ class KeyRing:
     """The keys that verify access tokens, and the one that signs new ones."""
 
     def __init__(self, active: SigningKey, others: t.Iterable[SigningKey] = ()) -> None:
-        self.active = active
+        self._active = active
         self._by_kid = {k.kid: k for k in (active, *others)}
+
+    @property
+    def active(self) -> SigningKey:
+        """The key that signs new tokens."""
+        return self._active
 
     def get(self, kid: str) -> SigningKey | None:
         return self._by_kid.get(kid)
@@ -141,10 +146,3 @@ class KeyRing:
     def jwks(self) -> dict[str, t.Any]:
         """RFC 7517 JWK Set of the public keys (HMAC keys are never published)."""
         return {"keys": [k.public_jwk for k in self._by_kid.values() if k.public_jwk]}
-
-
-def build_keyring(algorithm: str, secret: bytes, private_key_pem: bytes | None) -> KeyRing:
-    if algorithm == "HS256":
-        return KeyRing(SigningKey.hmac(secret))
-    assert private_key_pem is not None
-    return KeyRing(SigningKey.from_pem(algorithm, private_key_pem))

@@ -21,6 +21,7 @@ from agent.jobs import DELIVER_JOB_ID
 from agent.jobs import PRUNE_JOB_ID
 from agent.jobs import prune
 from agent.jobs import run_scheduler
+from agent.rotation import JOB_ID as ROTATE_JOB_ID
 from agent.models import AuditEvent
 from agent.models import PasswordReset
 from agent.models import RefreshToken
@@ -151,7 +152,7 @@ def test_the_scheduler_runs_the_jobs_and_stops(
     scheduler = run_scheduler(site.app, webhook_interval=0.2, prune_interval=3600)
     try:
         jobs = {job.id: job for job in scheduler.get_jobs()}
-        assert set(jobs) == {DELIVER_JOB_ID, PRUNE_JOB_ID}
+        assert set(jobs) == {DELIVER_JOB_ID, PRUNE_JOB_ID, ROTATE_JOB_ID}
         for job in jobs.values():
             assert job.coalesce is True and job.max_instances == 1
         register(site, "olga")
