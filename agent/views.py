@@ -686,9 +686,13 @@ def openapi() -> Response:
 
 
 def jwks() -> Response:
-    """GET /.well-known/jwks.json: the public keys of this site's access tokens (RFC 7517)."""
-    response = jsonify(get_state().ring.jwks())
-    response.headers["Cache-Control"] = "public, max-age=300"
+    """GET /.well-known/jwks.json: the public keys of this site's access tokens (RFC 7517).
+
+    A new key is listed ``JWKS_MAX_AGE`` before it signs, so a cached copy always has it.
+    """
+    state = get_state()
+    response = jsonify(state.ring.jwks())
+    response.headers["Cache-Control"] = f"public, max-age={state.settings.jwks_max_age}"
     return response
 
 

@@ -192,6 +192,8 @@ class Agent:
         self.secret = ""
         self.service: Service | None = None
         self.http = requests.Session()
+        self.algorithm = "ES256"  # of its access tokens (`init`'s default)
+        self.jobs = False  # serve with the jobs process (rotation, uplink, ...)
 
     @property
     def raw_secret(self) -> bytes:
@@ -207,7 +209,8 @@ class Agent:
 
     def init(self) -> None:
         run(AGENT, "init", "--instance", str(self.instance), "--site-url", self.base,
-            "--site-name", f"Site {self.name.upper()}", env=self.env)
+            "--site-name", f"Site {self.name.upper()}", "--algorithm", self.algorithm,
+            env=self.env)
 
     def join(self, hub: Hub) -> None:
         run(AGENT, "join", "--instance", str(self.instance), "--hub", hub.url,
@@ -217,7 +220,7 @@ class Agent:
         assert AGENT
         self.service = Service(
             [AGENT, "serve", "--instance", str(self.instance), "--port", str(self.port),
-             "--workers", "2", "--no-jobs"],
+             "--workers", "2", *([] if self.jobs else ["--no-jobs"])],
             self.env, self.root / f"{self.name}.log", f"{self.base}/",
         )
 
@@ -285,8 +288,12 @@ class Federation:
         return self.agents[name]
 
     @classmethod
-    def build(cls, root: Path, names: list[str], **settings: str) -> Federation:
+    def build(cls, root: Path, names: list[str], *, jobs: bool = False,
+              algorithms: t.Mapping[str, str] | None = None, **settings: str) -> Federation:
         fed = cls(root, names, settings)
+        for name, agent in fed.agents.items():
+            agent.jobs = jobs
+            agent.algorithm = (algorithms or {}).get(name, agent.algorithm)
         try:
             fed._build()
         except BaseException:
