@@ -318,17 +318,20 @@ def access_retire_after(settings: Settings) -> dt.timedelta:
     return dt.timedelta(seconds=settings.access_token_ttl + settings.leeway + 2 * RELOAD)
 
 
-def rotate_local(store: KeyStore, algorithm: str | None = None) -> SigningKey | None:
+def rotate_local(store: KeyStore, algorithm: str | None = None, *,
+                 succeeding: Entry | None = None) -> SigningKey | None:
     """Make the next access-token key (of ``algorithm``, default the current one's).
 
     The key is published at once and signs after :func:`access_publish_delay`; the current key
     verifies until the last token it may sign has expired. Returns the new key, or None when
     another process is rotating at the same moment (its key is the one that will sign).
+    ``succeeding`` names the key found due, so a run that read the table before another
+    process rotated does not rotate the fresh key again.
     """
     s = store.settings
     now = store.now()
     store.reload()
-    current = store.newest(ACCESS)
+    current = succeeding or store.newest(ACCESS)
     assert current is not None and current.key is not None, "no access-token key stored"
     algorithm = algorithm or current.key.alg
     key, material = new_material(algorithm)
@@ -368,7 +371,7 @@ def rotate_local_if_due(store: KeyStore) -> SigningKey | None:
     if not rotation_due(current, s.key_rotation, access_publish_delay(s, current.key.alg),
                         store.now()):
         return None
-    return rotate_local(store)
+    return rotate_local(store, succeeding=current)
 
 
 def prune(db: DBSession, now: dt.datetime) -> int:

@@ -20,7 +20,6 @@ from tests.conftest import PASSWORD
 from tests.integration.test_sso import Federation
 from tests.integration.test_sso import db_rows
 from tests.integration.test_sso import exchange
-from tests.integration.test_sso import issue
 from tests.integration.test_sso import new_user
 
 RUN = 55.0  # seconds of traffic: long enough for a superseded access-token key to retire

@@ -1,0 +1,106 @@
+"""Rotation through the hub: the SSO key's four steps and the hub secret, with the hub up and
+down (a real hub app on a port of its own; the agent talks to it over HTTP)."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from agent import rotation
+from agent.services import keystore
+from tests.agent.test_rotation import age_keys
+from tests.agent.test_uplink import Member
+from tests.agent.test_uplink import member  # noqa: F401, F811 - the fixture, for this module
+from tests.hub.conftest import make_hub  # noqa: F401 - the fixture, for this module
+
+
+def hub_keys(m: Member) -> dict[str, str]:
+    """kid -> status of the member's keys at the hub."""
+    with m.hub.state.engine.connect() as conn:
+        found = conn.execute(text(
+            "SELECT k.kid, k.status FROM hub_site_keys k JOIN hub_sites s ON s.id = k.site_id "
+            "WHERE s.site_key = :k"), {"k": m.site_key}).fetchall()
+    return {kid: status for kid, status in found}
+
+
+def secret_versions(m: Member) -> int:
+    return int(m.hub.scalar(
+        "SELECT count(*) FROM hub_site_secrets x JOIN hub_sites s ON s.id = x.site_id "
+        "WHERE s.site_key = :k", k=m.site_key))
+
+
+def test_the_sso_key_is_published_activated_and_retired_at_the_hub(member: Member) -> None:  # noqa: F811
+    m, state = member, member.site.state
+    old = state.keys.signing(keystore.FEDERATION)
+    assert old is not None
+    from agent.cli import _publish_federation_key  # what `serve` does at start
+
+    _publish_federation_key(state)
+    assert hub_keys(m) == {old.kid: "active"}
+
+    done = rotation.rotate_federation_key(state, force=True)
+    new = state.keys.newest(keystore.FEDERATION)
+    assert new is not None and new.kid != old.kid
+    assert done[0].startswith("new SSO key") and "published" in done[1]
+    assert hub_keys(m) == {old.kid: "active", new.kid: "next"}  # peers learn it first
+    assert state.keys.signing(keystore.FEDERATION).kid == old.kid  # type: ignore[union-attr]
+
+    age_keys(m.site, rotation.sso_publish_delay(state.settings).total_seconds() + 1)
+    assert state.keys.signing(keystore.FEDERATION).kid == new.kid  # type: ignore[union-attr]
+    assert rotation.rotate_federation_key(state) == [f"SSO key {new.kid} active"]
+    assert hub_keys(m) == {old.kid: "retiring", new.kid: "active"}
+
+    age_keys(m.site, rotation.sso_retire_after(state.settings).total_seconds() + 1)
+    assert rotation.rotate_federation_key(state) == [f"SSO key {old.kid} retired"]
+    assert hub_keys(m) == {old.kid: "retired", new.kid: "active"}
+    assert rotation.rotate_federation_key(state) == []  # nothing more to do
+
+
+def test_the_sso_key_waits_for_the_hub(member: Member) -> None:  # noqa: F811
+    m, state = member, member.site.state
+    m.port.close()
+    done = rotation.rotate(state, force={"federation"})
+    assert any(line.startswith("hub unavailable") for line in done)
+    pending = [e for e in state.keys.entries(keystore.FEDERATION) if e.active_from is None]
+    assert len(pending) == 1  # stored, not published: it cannot sign
+    m.port.open()
+    done = rotation.rotate(state)
+    assert any("published" in line for line in done)
+    assert hub_keys(m)[pending[0].kid] == "next"
+
+
+def test_the_hub_secret_rotates_and_the_old_one_keeps_working(member: Member) -> None:  # noqa: F811
+    m, state = member, member.site.state
+    first = state.keys.hub_secret()
+    assert rotation.rotate_hub_secret(state, force=True) == ["hub secret rotated"]
+    assert secret_versions(m) == 2
+    second = state.keys.hub_secret()
+    assert second is not None and second != first
+    # Calls to the hub use the new secret at once; SSO signatures wait for the peers.
+    assert state.keys.sso_secret() == first
+    from agent import federation
+
+    with state.session_factory() as db:
+        federation.directory(db, state, force=True)  # a signed call, accepted
+    age_keys(m.site, rotation.sso_publish_delay(state.settings).total_seconds() + 1)
+    assert state.keys.sso_secret() == second
+
+
+def test_a_hub_secret_rotation_the_hub_refuses_is_retried(member: Member) -> None:  # noqa: F811
+    m, state = member, member.site.state
+    m.port.close()
+    assert rotation.rotate_hub_secret(state, force=True) == []
+    m.port.open()
+    assert secret_versions(m) == 1
+    # The claim was given back: the next run rotates.
+    assert rotation.rotate_hub_secret(state, force=True) == ["hub secret rotated"]
+    assert secret_versions(m) == 2
+
+
+def test_rotation_is_due_by_the_configured_period(member: Member) -> None:  # noqa: F811
+    state = member.site.state
+    assert rotation.rotate(state) == []  # fresh keys: nothing due
+    age_keys(member.site, 31 * 86400)
+    done = rotation.rotate(state)
+    assert any(line.startswith("new access-token key") for line in done)
+    assert any(line.startswith("new SSO key") for line in done)
+    assert "hub secret rotated" not in done  # 90 days
