@@ -48,6 +48,7 @@ from .models import JobRun
 from .models import Nonce
 from .services import events
 from .services import keys as key_service
+from .services import logouts as logout_service
 from .services import settings as settings_service
 from .services import sites as site_service
 from .state import HubState
@@ -129,6 +130,10 @@ def prune_nonces(app: Flask) -> int | None:
         count = rowcount(db.execute(delete(Nonce).where(Nonce.seen_at < cutoff)))
         if count:
             log.info("pruned %d nonce(s)", count)
+        # Logouts everywhere leave the directory after 24 h; their record stays in the events.
+        logouts = logout_service.prune(db, state)
+        if logouts:
+            log.info("pruned %d expired logout(s)", logouts)
         return count
 
     return _run_claimed(app, "prune_nonces", NONCE_INTERVAL, work)

@@ -60,3 +60,12 @@ def active(db: DBSession, state: HubState) -> list[dict[str, t.Any]]:
     rows = db.scalars(select(Logout).where(Logout.expires_at > state.clock())
                       .order_by(Logout.id))
     return [as_dict(r) for r in rows]
+
+
+def prune(db: DBSession, state: HubState) -> int:
+    """Delete logouts no directory lists any more (past their 24 h); returns how many."""
+    from sqlalchemy import delete
+
+    from agent.db import rowcount
+
+    return rowcount(db.execute(delete(Logout).where(Logout.expires_at <= state.clock())))

@@ -11,6 +11,7 @@ import typing as t
 
 import pytest
 
+from hub import jobs
 from tests.hub.conftest import Hub
 from tests.hub.test_console import Console
 from tests.hub.test_console import count
@@ -82,6 +83,11 @@ def test_logouts_leave_the_directory_after_24_hours(hub: Hub) -> None:
     assert len(hub.signed("GET", DIRECTORY, shop, secret).json()["logouts"]) == 1
     hub.clock.advance(120)
     assert hub.signed("GET", DIRECTORY, shop, secret).json()["logouts"] == []
+    # The pruning job then deletes the row; the event stays in the log.
+    assert hub.scalar("SELECT count(*) FROM hub_logouts") == 1
+    jobs.prune_nonces(hub.app)
+    assert hub.scalar("SELECT count(*) FROM hub_logouts") == 0
+    assert hub.scalar("SELECT count(*) FROM hub_events WHERE event = 'logout.global'") == 1
 
 
 @pytest.fixture
