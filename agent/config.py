@@ -5,7 +5,7 @@ Load order for the standalone server (``headlesskey-agent serve``):
 1. the defaults below;
 2. ``site.toml`` in the instance folder (keys without the prefix, lower case; a table
    ``[mail]`` with ``host = ...`` sets ``HEADLESSKEY_MAIL_HOST``);
-3. environment variables ``HEADLESSKEY_*`` (and ``DATABASE_URL``);
+3. environment variables ``HEADLESSKEY_*`` (and ``DATABASE_URL``, ``REDIS_URL``);
 4. for a site mounting the extension, whatever the host put in ``app.config``.
 
 Every value is checked once at start-up; a bad one raises :class:`ConfigError` naming the key.
@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .store import check_url as check_redis_url
 
 PREFIX = "HEADLESSKEY_"
 ALGORITHMS = ("HS256", "RS256", "ES256")
@@ -326,6 +327,7 @@ class Settings:
     secret_key: bytes  # master secret; every purpose derives its own key from it (HKDF)
     private_key_pem: bytes | None  # PEM private key for RS256/ES256
     database_url: str
+    redis_url: str | None  # replay caches (SSO assertion ids) in Redis; None: the database
     api_root: str  # "wp-json"
     namespace: str  # "headlesskey"
     version: str  # "v1"
@@ -405,6 +407,7 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
     "SECRET_KEY_FILE": (None, "File holding the master secret."),
     "PRIVATE_KEY_FILE": (None, "PEM private key for RS256/ES256."),
     "DATABASE_URL": (None, "SQLAlchemy URL; default SQLite in the instance folder."),
+    "REDIS_URL": (None, "Redis for replay caches (SSO assertion ids); unset: the database."),
     "API_ROOT": ("wp-json", "First path segment of the API."),
     "REST_NAMESPACE": ("headlesskey", "Namespace segment, as the plugin's constant."),
     "REST_VERSION": ("v1", "Version segment, as the plugin's constant."),
@@ -467,7 +470,7 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
 NESTED_TABLES = {"ACCESS", "SSO_ROLE_MAP"}
 
 # Environment variables read without the prefix (conventional names).
-ENV_ALIASES = {"DATABASE_URL": "DATABASE_URL"}
+ENV_ALIASES = {"DATABASE_URL": "DATABASE_URL", "REDIS_URL": "REDIS_URL"}
 
 
 def load_toml(path: Path) -> dict[str, t.Any]:
@@ -497,7 +500,8 @@ def load_toml(path: Path) -> dict[str, t.Any]:
 
 
 def from_environ(environ: t.Mapping[str, str]) -> dict[str, t.Any]:
-    """Collect ``HEADLESSKEY_*`` variables (and ``DATABASE_URL``) from the environment."""
+    """Collect ``HEADLESSKEY_*`` variables (and ``DATABASE_URL``, ``REDIS_URL``) from the
+    environment."""
     found: dict[str, t.Any] = {}
     for key in DEFAULTS:
         if PREFIX + key in environ:
@@ -566,6 +570,7 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
         secret_key=secret,
         private_key_pem=private_key_pem,
         database_url=_str(PREFIX + "DATABASE_URL", database_url),
+        redis_url=check_redis_url(PREFIX + "REDIS_URL", get("REDIS_URL")),
         api_root=_path_segment(PREFIX + "API_ROOT", get("API_ROOT"), allow_empty=True),
         namespace=_path_segment(PREFIX + "REST_NAMESPACE", get("REST_NAMESPACE")),
         version=_path_segment(PREFIX + "REST_VERSION", get("REST_VERSION")),

@@ -28,6 +28,7 @@ Hierarchy::
     ├── PayloadTooLarge           413 payload_too_large
     ├── UnsupportedMediaType      415 unsupported_media_type
     └── ServiceUnavailable        503 service_unavailable
+        └── StoreUnavailable      503 store_unavailable (Redis down; agent.store)
 
 ConfigError is separate: it stops start-up with one line naming the setting.
 """

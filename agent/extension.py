@@ -33,6 +33,7 @@ from werkzeug.local import LocalProxy
 
 from . import config as config_module
 from . import events
+from . import store
 from .db import make_engine
 from .db import upgrade
 from .errors import AgentError
@@ -81,6 +82,8 @@ class State:
     filters: dict[str, list[t.Callable[..., t.Any]]] = field(default_factory=dict)
     # How hub calls are sent; None is urllib (tests and sites may hand in their own).
     hub_transport: t.Any = None
+    # Redis client for replay caches when HEADLESSKEY_REDIS_URL is set (agent.store).
+    redis: t.Any = None
 
     def apply_filter(self, name: str, value: t.Any, *args: t.Any) -> t.Any:
         """Pass ``value`` through every filter registered under ``name``, in order."""
@@ -303,6 +306,8 @@ class HeadlessKey:
             refresh_key=derive_key(settings.secret_key, "refresh-token"),
             reset_key=derive_key(settings.secret_key, "password-reset"),
             filters=self._filters,
+            redis=store.connect(PREFIX + "REDIS_URL", settings.redis_url)
+            if settings.redis_url else None,
         )
         events.install(state.session_factory)
         app.extensions[EXTENSION_KEY] = state

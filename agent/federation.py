@@ -13,7 +13,8 @@ hub can compute. B accepts only if every check below holds, and each refusal is 
    (keys are namespaced by peer: a key of C never vouches for A), ``alg`` equal to that key's;
 4. signature, then claims: ``iss`` is A's registered issuer, ``aud`` is B, ``exp``/``nbf``/
    ``iat`` within the leeway, a lifetime of at most 60 s, string ``sub``/``jti``;
-5. the ``jti`` was never used before, on any worker (a unique row);
+5. the ``jti`` was never used before, on any worker or instance (a unique row, or a
+   ``SET NX`` in Redis when ``REDIS_URL`` is set);
 
 then the identity is linked: an existing (issuer, sub) link, else by policy a local account
 with the same email if the assertion says it is verified, else a new account with the default
@@ -25,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import math
 import secrets
 import typing as t
 
@@ -36,6 +38,7 @@ from sqlalchemy.orm import Session as DBSession
 
 from . import events
 from . import signing
+from . import store
 from .db import rowcount
 from .errors import AgentError
 from .errors import NotFound
@@ -336,9 +339,19 @@ def _peer_key(peer: dict[str, t.Any], kid: str) -> dict[str, t.Any] | None:
 
 
 def _use_once(db: DBSession, state: State, claims: dict[str, t.Any]) -> None:
-    """Record the assertion's jti; a second use anywhere is refused (a unique key)."""
+    """Record the assertion's jti; a second use anywhere is refused (a unique key).
+
+    With Redis configured the jti is kept there until the assertion's end (``SET NX EX``;
+    Redis down is a 503, never an accepted replay), else as a row of ``hk_sso_used``.
+    """
     expires = dt.datetime.fromtimestamp(claims["exp"], dt.UTC) + dt.timedelta(
         seconds=state.settings.leeway)
+    if state.redis is not None:
+        name = store.key("sso", state.settings.issuer, claims["iss"], claims["jti"])
+        ttl = math.ceil((expires - state.clock()).total_seconds()) + 1
+        if not store.use_once(state.redis, name, ttl):
+            raise InvalidAssertion("replayed")
+        return
     db.add(UsedAssertion(issuer=claims["iss"][:255], jti=claims["jti"], expires_at=expires))
     try:
         db.commit()

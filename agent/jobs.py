@@ -6,27 +6,38 @@ directly. :func:`run_scheduler` runs them periodically with APScheduler 3.x, in 
 started by ``headlesskey-agent jobs`` (which ``serve`` starts beside gunicorn). Nothing is
 scheduled on import, nor by ``create_app``: gunicorn workers never run jobs.
 
-Every job is safe to run on every instance at once: deliveries claim each message with a
-conditional update (:mod:`agent.webhooks`); pruning is a set of idempotent DELETEs; a key
+Every job is safe to run on every instance at once, and the periodic ones run once per period
+across all of them: pruning and the health report claim each period with a row of
+``hk_job_runs`` keyed by (job, start time // interval), inserted only if absent (one atomic
+statement: exactly one of the processes that try gets the row, and only it runs the job);
+deliveries claim each message with a conditional update (:mod:`agent.webhooks`); a key
 rotation claims the current key with a conditional update (:mod:`agent.rotation`); the upload
-of activity to the hub is leased to one process at a time (:mod:`agent.uplink`).
+of activity to the hub is leased to one process at a time (:mod:`agent.uplink`); the directory
+refresh claims each fetch with a conditional update (:mod:`agent.federation`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
+import os
+import socket
 import typing as t
 
 from sqlalchemy import and_
 from sqlalchemy import delete
 from sqlalchemy import or_
 from sqlalchemy import select
+from sqlalchemy import update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from . import uplink
 from . import webhooks
 from .db import rowcount
 from .extension import get_state
+from .models import JobRun
 from .models import PasswordReset
 from .models import RefreshToken
 from .models import Session
@@ -47,6 +58,7 @@ if t.TYPE_CHECKING:
     from .extension import State
 
 log = logging.getLogger(__name__)
+T = t.TypeVar("T")
 
 DELIVER_JOB_ID = "headlesskey.deliver_webhooks"
 PRUNE_JOB_ID = "headlesskey.prune"
@@ -54,6 +66,56 @@ UPLINK_JOB_ID = "headlesskey.upload_activity"
 SESSION_KEEP = dt.timedelta(days=7)  # ended sessions stay listed this long after their end
 RESET_KEEP = dt.timedelta(days=1)
 THROTTLE_KEEP = dt.timedelta(days=1)  # past the window and the lock (a lock is at most 24 h)
+
+
+JOB_RUN_KEEP = dt.timedelta(days=1)
+
+
+def runner_name() -> str:
+    """``host:pid`` of this process, as written in the job runs it claims."""
+    return f"{socket.gethostname()[:100]}:{os.getpid()}"
+
+
+def claim(state: State, job: str, interval: float) -> int | None:
+    """Claim this period of ``job`` (``interval`` seconds long); its slot, or None if taken.
+
+    One ``INSERT ... ON CONFLICT DO NOTHING`` of the row (job, slot), committed at once: of
+    every process on every instance trying the same period, exactly one inserts the row.
+    """
+    now = state.clock()
+    slot = int(now.timestamp() // interval)
+    with state.session_factory() as db:
+        insert = pg_insert if db.get_bind().dialect.name == "postgresql" else sqlite_insert
+        result = db.execute(
+            insert(JobRun)
+            .values(job=job, slot=slot, runner=runner_name(), started_at=now)
+            .on_conflict_do_nothing(index_elements=["job", "slot"])
+        )
+        db.commit()
+    return slot if rowcount(result) == 1 else None
+
+
+def _finish(state: State, job: str, slot: int) -> None:
+    with state.session_factory() as db:
+        db.execute(update(JobRun).where(JobRun.job == job, JobRun.slot == slot)
+                   .values(finished_at=state.clock()))
+        db.commit()
+
+
+def once_per_period(app: Flask, job: str, interval: float,
+                    work: t.Callable[[Flask], T]) -> T | None:
+    """``work(app)`` if this process claims the current period of ``job``, else None.
+
+    A run that fails keeps its claim (its row has no ``finished_at``): the next period tries
+    again, rather than every other process retrying at once.
+    """
+    state = get_state(app)
+    slot = claim(state, job, interval)
+    if slot is None:
+        return None
+    result = work(app)
+    _finish(state, job, slot)
+    return result
 
 
 def prune(state: State) -> dict[str, int]:
@@ -64,6 +126,7 @@ def prune(state: State) -> dict[str, int]:
     - password resets used or expired more than a day ago;
     - brute-force counters whose window and lock ended more than a day ago;
     - keys whose last token has expired (and, at the hub, been retired);
+    - job runs (``hk_job_runs``) more than a day old;
     - delivered webhook messages (and their attempts) older than ``AUDIT_RETENTION_DAYS``.
 
     Each is one idempotent DELETE in its own short transaction.
@@ -124,6 +187,12 @@ def prune(state: State) -> dict[str, int]:
                     ),
                 )
             )
+        )
+        db.commit()
+
+    with state.session_factory() as db:
+        counts["job_runs"] = rowcount(
+            db.execute(delete(JobRun).where(JobRun.started_at < now - JOB_RUN_KEEP))
         )
         db.commit()
 
@@ -204,7 +273,8 @@ def run_scheduler(
 
     Each job has a fixed id, never overlaps itself (``max_instances=1``) and runs once after a
     delay however many runs it missed (``coalesce=True``). Pruning also runs once at start.
-    The activity upload to the hub is scheduled only when the site is federated.
+    Pruning and the health report run once per period across every process sharing the
+    database (:func:`once_per_period`). The activity upload to the hub is scheduled only when the site is federated.
     """
     from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.schedulers.blocking import BlockingScheduler
@@ -215,9 +285,11 @@ def run_scheduler(
         job_defaults={"coalesce": True, "max_instances": 1},
     )
     def every(job: t.Callable[[Flask], t.Any], job_id: str, name: str, seconds: float, *,
-              now: bool = False) -> None:
+              now: bool = False, once: bool = False) -> None:
         # next_run_time only when asked: APScheduler reads an explicit None as "paused".
         first = {"next_run_time": dt.datetime.now(dt.UTC)} if now else {}
+        if once:  # one run per period across every process sharing the database
+            job = functools.partial(once_per_period, job=job_id, interval=seconds, work=job)
         scheduler.add_job(
             job, "interval", args=[app], id=job_id, name=name, seconds=seconds,
             coalesce=True, max_instances=1, misfire_grace_time=max(1, int(seconds * 2)),
@@ -225,7 +297,7 @@ def run_scheduler(
         )
 
     every(deliver_webhooks, DELIVER_JOB_ID, "Deliver due webhook messages", webhook_interval)
-    every(prune_job, PRUNE_JOB_ID, "Prune old rows", prune_interval, now=True)
+    every(prune_job, PRUNE_JOB_ID, "Prune old rows", prune_interval, now=True, once=True)
     settings = get_state(app).settings
     from . import rotation
 
@@ -240,7 +312,7 @@ def run_scheduler(
         every(upload_activity, UPLINK_JOB_ID, "Upload activity to the hub", uplink_interval)
         # Fleet health: version, clock, key and sync state for the hub's console.
         every(health.report_job, health.HEALTH_JOB_ID, "Report health to the hub",
-              health.HEALTH_INTERVAL, now=True)
+              health.HEALTH_INTERVAL, now=True, once=True)
         # Refresh the directory when due, so logouts recorded at the hub apply here without
         # waiting for single sign-on traffic.
         every(refresh_job, "headlesskey.refresh_directory", "Refresh the federation directory",

@@ -10,6 +10,7 @@ import datetime as dt
 import typing as t
 
 from sqlalchemy import JSON
+from sqlalchemy import BigInteger
 from sqlalchemy import Boolean
 from sqlalchemy import DateTime
 from sqlalchemy import ForeignKey
@@ -273,3 +274,16 @@ class StoredKey(Base):
     retire_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # The SSO key's state at the hub: "" (not sent), "next", "active" or "retired".
     hub_status: Mapped[str] = mapped_column(String(16), default="")
+
+
+class JobRun(Base):
+    """One run of a scheduled job: the job's period ``slot`` (start time // interval) is its key,
+    so one process in all the workers and instances sharing the database runs each period."""
+
+    __tablename__ = "hk_job_runs"
+
+    job: Mapped[str] = mapped_column(String(64), primary_key=True)
+    slot: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    runner: Mapped[str] = mapped_column(String(128))  # host:pid of the process that ran it
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)

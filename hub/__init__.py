@@ -131,11 +131,15 @@ def _build_state(app: Flask) -> HubState:
         from .db import upgrade
 
         upgrade(engine)
+    from agent import store
+
+    redis_url = store.check_url(prefix + "REDIS_URL", app.config[prefix + "REDIS_URL"])
     return HubState(
         config=app.config,
         engine=engine,
         session_factory=sessionmaker(engine, expire_on_commit=False),
         vault=vault,
+        redis=store.connect(prefix + "REDIS_URL", redis_url) if redis_url else None,
     )
 
 

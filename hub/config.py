@@ -17,6 +17,7 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
     "DATABASE_URL": (None, "SQLAlchemy URL; default SQLite in the instance folder."),
     "MASTER_KEY": (None, "Fernet key encrypting site secrets at rest; default master.key file."),
     "SECRET_GRACE": (86400, "Seconds an old site secret stays valid after a rotation."),
+    "REDIS_URL": (None, "Redis for request nonces (SET NX EX); unset: the database."),
     "NONCE_TTL": (900, "Seconds a request nonce is remembered (more than twice the 300 s skew)."),
     "JWKS_MAX_AGE": (300, "Cache-Control max-age of the JWKS and the directory, seconds."),
     "KEY_ROTATION_DAYS": (90, "Age at which a member's key is flagged for rotation."),

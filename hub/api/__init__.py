@@ -2,7 +2,8 @@
 
 Every request is verified over its raw body before anything is parsed: signature headers, a
 clock skew of at most 300 s, the site's still-valid secrets (old and new during a rotation,
-constant-time compare), the site's status, and a nonce never seen before on any worker. Each
+constant-time compare), the site's status, and a nonce never seen before on any worker (a unique
+row, or ``SET NX`` in Redis when ``REDIS_URL`` is set). Each
 refusal is a JSON error and an event in the federation log.
 """
 
@@ -16,8 +17,10 @@ from flask import g
 from flask import jsonify
 from flask import request
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session as DBSession
 
 from agent import signing
+from agent import store
 from agent.extension import parse_json_object
 
 from ..errors import PayloadTooLarge
@@ -31,6 +34,7 @@ from ..services import logouts as logout_service
 from ..services import settings as settings_service
 from ..services import sites as site_service
 from ..state import get_db
+from ..state import HubState
 from ..state import get_state
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -80,16 +84,32 @@ def verify_signature() -> None:
         _refuse("bad" if site else "unknown", signed.site_key)
     assert site is not None
     site_key = site.site_key
-    db.add(Nonce(site_key=site_key, nonce=signed.nonce, seen_at=state.clock()))
-    try:
-        db.commit()
-    except IntegrityError:
-        db.rollback()
+    if not _first_use(state, db, site_key, signed.nonce):
         _refuse("replay", site_key)
     if site.status != "active":
         # The same answer as a bad signature (SECURITY.md H-10); the reason is in the log.
         _refuse("suspended", site_key)
     g.hub_site = site
+
+
+def _first_use(state: HubState, db: DBSession, site_key: str, nonce: str) -> bool:
+    """Remember ``nonce`` of ``site_key``; False if it was seen before, on any worker or host.
+
+    In Redis (``SET NX EX`` for ``NONCE_TTL``, at least twice the 300 s skew) when configured,
+    where a Redis that does not answer is a 503; else a unique row of ``hub_nonces``.
+    """
+    if state.redis is not None:
+        db.commit()  # nothing written: end the transaction (on SQLite, a lock) before Redis
+        ttl = max(int(state.setting("NONCE_TTL")), 2 * signing.MAX_SKEW)
+        name = store.key("nonce", str(state.setting("URL")), site_key, nonce)
+        return store.use_once(state.redis, name, ttl)
+    db.add(Nonce(site_key=site_key, nonce=nonce, seen_at=state.clock()))
+    try:
+        db.commit()
+    except IntegrityError:
+        db.rollback()
+        return False
+    return True
 
 
 def _json() -> dict[str, t.Any]:
