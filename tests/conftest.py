@@ -44,9 +44,9 @@ FAST_HASH = {
 
 def process_env(**extra: str) -> dict[str, str]:
     """The environment for our commands run as processes: none of this run's HEADLESSKEY_*
-    or DATABASE_URL, cheap argon2, unbuffered output, plus ``extra``."""
+    or DATABASE_URL / REDIS_URL, cheap argon2, unbuffered output, plus ``extra``."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("HEADLESSKEY_") and k != "DATABASE_URL"}
+           if not k.startswith("HEADLESSKEY_") and k not in ("DATABASE_URL", "REDIS_URL")}
     env.update(HEADLESSKEY_ARGON2_TIME_COST="1", HEADLESSKEY_ARGON2_MEMORY_COST="8",
                HEADLESSKEY_ARGON2_PARALLELISM="1", PYTHONUNBUFFERED="1")
     env.update(extra)
