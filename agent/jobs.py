@@ -86,13 +86,15 @@ def claim(state: State, job: str, interval: float) -> int | None:
     slot = int(now.timestamp() // interval)
     with state.session_factory() as db:
         insert = pg_insert if db.get_bind().dialect.name == "postgresql" else sqlite_insert
-        result = db.execute(
+        # RETURNING, not the row count: drivers differ in the count of an ignored insert.
+        claimed = db.scalar(
             insert(JobRun)
             .values(job=job, slot=slot, runner=runner_name(), started_at=now)
             .on_conflict_do_nothing(index_elements=["job", "slot"])
+            .returning(JobRun.slot)
         )
         db.commit()
-    return slot if rowcount(result) == 1 else None
+    return slot if claimed is not None else None
 
 
 def _finish(state: State, job: str, slot: int) -> None:

@@ -7,6 +7,7 @@ a short interval, against a served agent and a loopback receiver.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import subprocess
 import sys
 import threading
@@ -19,10 +20,12 @@ from sqlalchemy import select
 
 from agent.jobs import DELIVER_JOB_ID
 from agent.jobs import PRUNE_JOB_ID
+from agent.jobs import once_per_period
 from agent.jobs import prune
 from agent.jobs import run_scheduler
 from agent.rotation import JOB_ID as ROTATE_JOB_ID
 from agent.models import AuditEvent
+from agent.models import JobRun
 from agent.models import PasswordReset
 from agent.models import RefreshToken
 from agent.models import Session
@@ -177,3 +180,44 @@ def test_nothing_is_scheduled_on_import() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_period_is_claimed_once_by_many_apps_and_threads(
+    make_site: t.Callable[..., Site]
+) -> None:
+    first = make_site()
+    # Another app on the same database: another worker or instance.
+    second = make_site(HEADLESSKEY_DATABASE_URL=first.state.settings.database_url,
+                       HEADLESSKEY_SECRET_KEY=first.app.config["HEADLESSKEY_SECRET_KEY"])
+    second.clock.offset = first.clock.offset
+    ran: list[str] = []
+    lock = threading.Lock()
+
+    def work(app: t.Any) -> str:
+        with lock:
+            ran.append(app.name)
+        return "done"
+
+    barrier = threading.Barrier(8)
+
+    def contender(site: Site) -> str | None:
+        barrier.wait()
+        return once_per_period(site.app, "test.job", 3600, work)
+
+    results: list[str | None] = []
+    threads = [threading.Thread(target=lambda s=s: results.append(contender(s)))
+               for s in [first, second] * 4]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert (results.count("done"), results.count(None)) == (1, 7), results
+    assert len(ran) == 1
+    with first.db() as db:
+        (row,) = db.scalars(select(JobRun).where(JobRun.job == "test.job"))
+        assert row.finished_at is not None and row.runner.endswith(f":{os.getpid()}")
+    # The next period is a new claim.
+    first.clock.advance(3600)
+    assert once_per_period(first.app, "test.job", 3600, work) == "done"
+    assert once_per_period(second.app, "test.job", 3600, work) is None
+    assert count(first, JobRun, JobRun.job == "test.job") == 2
