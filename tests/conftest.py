@@ -201,11 +201,18 @@ class Site:
             return user.id
 
 
+_SCHEMAS: set[str] = set()  # made by this test process; dropped when it ends
+
+
 def _fresh_schema(url: str, index: int) -> str:
-    """An empty PostgreSQL schema for site ``index``; returns a URL whose search_path is it."""
+    """An empty PostgreSQL schema for site ``index``; returns a URL whose search_path is it.
+
+    Named after this process, so test runs sharing the database never touch each other's.
+    """
     from agent.db import make_engine
 
-    schema = f"hk_test_site{index}"
+    schema = f"hk_test_{os.getpid()}_site{index}"
+    _SCHEMAS.add(schema)
     engine = make_engine(url)
     with engine.begin() as conn:
         conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
@@ -213,6 +220,21 @@ def _fresh_schema(url: str, index: int) -> str:
     engine.dispose()
     separator = "&" if "?" in url else "?"
     return f"{url}{separator}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_test_schemas() -> t.Iterator[None]:
+    yield
+    url = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL")
+    if not url or not _SCHEMAS:
+        return
+    from agent.db import make_engine
+
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        for schema in sorted(_SCHEMAS):
+            conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    engine.dispose()
 
 
 @pytest.fixture
