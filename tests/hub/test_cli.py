@@ -440,14 +440,16 @@ def test_a_missing_instance_is_a_usage_error(tmp_path: Path) -> None:
 class Served:
     """``headlesskey-hub serve`` (or ``jobs``) in a subprocess; always stopped by the fixture."""
 
-    def __init__(self, args: list[str], log_dir: Path) -> None:
+    def __init__(self, args: list[str], log_dir: Path, command: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = (log_dir / f"proc-{self.port}.log").open("w+")
         assert HUB
         self.proc = subprocess.Popen(  # noqa: S603 - our own executable
-            [HUB, *[a.replace("{port}", str(self.port)) for a in args]],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_env(),
+            [*(command or [HUB]), *[a.replace("{port}", str(self.port)) for a in args]],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env or clean_env(),
         )
 
     def logs(self) -> str:
@@ -462,8 +464,8 @@ class Served:
             try:
                 if check():
                     return
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or its workers still starting
             time.sleep(0.1)
         raise AssertionError(f"not ready within {timeout}s:\n{self.logs()}")
 
@@ -480,11 +482,11 @@ class Served:
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> t.Iterator[t.Callable[[list[str]], Served]]:
+def start(tmp_path: Path) -> t.Iterator[t.Callable[..., Served]]:
     started: list[Served] = []
 
-    def run(args: list[str]) -> Served:
-        served = Served(args, tmp_path)
+    def run(args: list[str], **kw: t.Any) -> Served:
+        served = Served(args, tmp_path, **kw)
         started.append(served)
         return served
 
@@ -517,6 +519,20 @@ def test_serve_without_jobs(instance: Path, start: t.Callable[[list[str]], Serve
     assert "Hub jobs running" not in logs
     with sqlite3.connect(instance / "hub.db") as conn:
         assert conn.execute("SELECT count(*) FROM hub_job_runs").fetchone()[0] == 0
+
+
+def test_gunicorn_serves_the_hub_of_the_instance_in_the_environment(
+    instance: Path, start: t.Callable[..., Served]
+) -> None:
+    server = start(["--workers", "2", "--bind", "127.0.0.1:{port}", "--no-control-socket",
+                    "hub:create_app()"], command=[sys.executable, "-m", "gunicorn"],
+                   env=clean_env(HEADLESSKEY_HUB_INSTANCE=str(instance)))
+    server.wait_for(lambda: _jwks_ready(server))
+    meta = requests.get(server.base + "/.well-known/headlesskey-federation", timeout=10)
+    assert meta.status_code == 200 and meta.json()["issuer"] == "https://hub.example.com"
+    unsigned = requests.get(server.base + DIRECTORY, timeout=10)
+    assert unsigned.status_code == 401 and unsigned.json()["code"] == "unsigned_request"
+    assert server.stop() == 0
 
 
 def _pid_alive(pid: int) -> bool:

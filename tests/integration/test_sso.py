@@ -102,8 +102,8 @@ class Service:
             try:
                 if requests.get(self.ready_url, timeout=2).status_code == 200:
                     return
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or its workers still starting
             time.sleep(0.1)
         raise AssertionError(f"{self.ready_url} did not answer within {timeout}s:\n{self.logs()}")
 
