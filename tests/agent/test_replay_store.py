@@ -22,6 +22,10 @@ from sqlalchemy import select
 
 from agent import federation
 from agent import store
+from agent.config import build_settings
+from agent.config import from_environ
+from agent.config import load_toml
+from agent.errors import ConfigError
 from agent.models import AuditEvent
 from agent.services.keys import generate_private_key_pem
 from tests.conftest import PASSWORD
@@ -192,3 +196,27 @@ def test_a_hub_whose_redis_is_down_refuses_signed_calls(make_hub: t.Callable[...
     assert r.status_code == 503, r.text
     assert r.json()["code"] == "store_unavailable"
     assert hub.scalar("SELECT count(*) FROM hub_nonces") == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the setting
+
+
+@pytest.mark.parametrize("value", ["http://127.0.0.1:6379", "127.0.0.1:6379", 6379, "redis://"])
+def test_a_bad_redis_url_stops_the_start_naming_the_setting(
+    tmp_path: Path, value: t.Any
+) -> None:
+    with pytest.raises(ConfigError, match="HEADLESSKEY_REDIS_URL"):
+        build_settings({"HEADLESSKEY_SECRET_KEY": "s" * 40, "HEADLESSKEY_REDIS_URL": value},
+                       str(tmp_path))
+
+
+def test_the_redis_url_comes_from_site_toml_or_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "site.toml").write_text('secret_key = "' + "s" * 40 + '"\n\n[redis]\n'
+                                        'url = "redis://10.0.0.5:6379/2"\n')
+    values = load_toml(tmp_path / "site.toml")
+    assert build_settings(values, str(tmp_path)).redis_url == "redis://10.0.0.5:6379/2"
+    values.update(from_environ({"REDIS_URL": "rediss://cache.internal:6380/0"}))
+    assert build_settings(values, str(tmp_path)).redis_url == "rediss://cache.internal:6380/0"
+    values.update(from_environ({"REDIS_URL": "redis://ignored", "HEADLESSKEY_REDIS_URL": ""}))
+    assert build_settings(values, str(tmp_path)).redis_url is None
