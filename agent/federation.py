@@ -127,15 +127,28 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
         except HubUnavailable:
             body = None
         if body is not None:
-            db.merge(FederationCache(name="directory", body=body, etag="", fetched_at=now,
-                                     attempted_at=now))
-            db.commit()
+            _store_directory(db, body, now)
             apply_logouts(db, state, body)
             return body
         row = db.get(FederationCache, "directory")
     if row is None or now - row.fetched_at > dt.timedelta(seconds=s.federation_stale_window):
         raise FederationUnavailable()
     return row.body
+
+
+def _store_directory(db: DBSession, body: dict[str, t.Any], now: dt.datetime) -> None:
+    """Save the fetched directory. With no cached copy yet, every process may fetch the first
+    one at once: the insert of all but one fails on the key, and they update it instead."""
+    for attempt in range(2):
+        db.merge(FederationCache(name="directory", body=body, etag="", fetched_at=now,
+                                 attempted_at=now))
+        try:
+            db.commit()
+            return
+        except IntegrityError:
+            db.rollback()
+            if attempt:
+                raise
 
 
 def _claim_fetch(db: DBSession, state: State, row: FederationCache | None,

@@ -178,3 +178,34 @@ def test_the_scheduler_reports_when_federated(hub: Hub, member: Site,
         assert health.HEALTH_JOB_ID not in {job.id for job in lone.get_jobs()}
     finally:
         lone.shutdown()
+
+
+def test_workers_fetching_the_first_directory_at_once_all_get_it(member: Site) -> None:
+    import threading
+
+    from agent import federation
+
+    state = member.state
+    with state.session_factory() as db:
+        db.query(FederationCache).delete()
+        db.commit()
+    barrier = threading.Barrier(6)
+    results: list[t.Any] = []
+
+    def fetch() -> None:
+        barrier.wait()
+        try:
+            with state.session_factory() as db:
+                results.append(federation.directory(db, state)["site"]["site_key"])
+        except Exception as exc:  # noqa: BLE001 - any failure is the finding
+            results.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    site_key = state.settings.hub_site_key
+    assert results == [site_key] * 6
+    with state.session_factory() as db:
+        assert db.scalars(select(FederationCache.name)).all().count("directory") == 1
