@@ -68,7 +68,7 @@ def utcnow() -> dt.datetime:
 class State:
     """Everything the agent needs for one app, built once in :meth:`HeadlessKey.init_app`."""
 
-    settings: config_module.Settings
+    base_settings: config_module.Settings  # from the site's own configuration alone
     engine: Engine
     session_factory: sessionmaker[DBSession]
     ring: KeyRing  # the access-token keys (``keys.ring``)
@@ -81,6 +81,16 @@ class State:
     filters: dict[str, list[t.Callable[..., t.Any]]] = field(default_factory=dict)
     # How hub calls are sent; None is urllib (tests and sites may hand in their own).
     hub_transport: t.Any = None
+    # The HEADLESSKEY_* values the site set itself (file, environment, app.config): pinned.
+    configured: dict[str, t.Any] = field(default_factory=dict, repr=False)
+    instance_path: str = ""
+
+    @property
+    def settings(self) -> config_module.Settings:
+        """The settings in force: the site's own, overlaid on its hub policy (agent.policy)."""
+        from . import policy
+
+        return policy.effective(self)
 
     def apply_filter(self, name: str, value: t.Any, *args: t.Any) -> t.Any:
         """Pass ``value`` through every filter registered under ``name``, in order."""
@@ -290,7 +300,7 @@ class HeadlessKey:
         except (OperationalError, ProgrammingError):
             engine.dispose()
         state = State(
-            settings=settings,
+            base_settings=settings,
             engine=engine,
             session_factory=session_factory,
             ring=keys.ring,
@@ -303,6 +313,8 @@ class HeadlessKey:
             refresh_key=derive_key(settings.secret_key, "refresh-token"),
             reset_key=derive_key(settings.secret_key, "password-reset"),
             filters=self._filters,
+            configured=values,
+            instance_path=app.instance_path,
         )
         events.install(state.session_factory)
         app.extensions[EXTENSION_KEY] = state

@@ -128,6 +128,11 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
                                      attempted_at=now))
             db.commit()
             apply_logouts(db, state, body)
+            from . import policy
+            from . import webhooks
+
+            policy.apply(db, state, body)
+            webhooks.apply_redeliveries(db, state, body)
             return body
         row = db.get(FederationCache, "directory")
     if row is None or now - row.fetched_at > dt.timedelta(seconds=s.federation_stale_window):

@@ -563,3 +563,6 @@ def _duration_filter(seconds: int | float) -> str:
 @bp.app_template_filter("age_days")
 def _age_days(value: dt.datetime) -> int:
     return max(0, (get_state().clock() - value).days)
+
+
+from . import policy_views  # noqa: E402,F401  (registers the site settings pages on bp)
