@@ -126,7 +126,12 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
         if body is not None:
             db.merge(FederationCache(name="directory", body=body, etag="", fetched_at=now,
                                      attempted_at=now))
-            db.commit()
+            try:
+                db.commit()
+            except IntegrityError:
+                # The very first fetch, made by two workers at once: the other one stored it.
+                db.rollback()
+                return db.get(FederationCache, "directory").body  # type: ignore[union-attr]
             apply_logouts(db, state, body)
             from . import policy
             from . import webhooks
