@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from flask import g
 from flask import has_app_context
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session as DBSession
 
@@ -139,6 +140,15 @@ def stored(db: DBSession) -> dict[str, t.Any]:
     return dict(row.body) if row is not None else {}
 
 
+def read(state: State) -> dict[str, t.Any]:
+    """The ``policy`` row as committed, read on a read-only connection of its own: it never
+    waits for a writer (SQLite WAL), not even one held by a session of this very thread."""
+    with state.engine.connect().execution_options(hk_readonly=True) as conn:
+        found = conn.execute(select(FederationCache.body)
+                             .where(FederationCache.name == POLICY_ROW)).scalar()
+    return dict(found) if found is not None else {}
+
+
 def overlay(state: State, values: t.Mapping[str, t.Any]) -> config_module.Settings:
     """The site's settings with the policy ``values`` under its pinned keys."""
     keep = set(pinned(state))
@@ -176,8 +186,7 @@ def effective(state: State) -> config_module.Settings:
 
 def _reload(state: State, copy: _Copy | None, now: float) -> _Copy:
     try:
-        with state.session_factory() as db:
-            body = stored(db)
+        body = read(state)
     except SQLAlchemyError:
         log.warning("policy: the database did not answer; keeping the settings in force")
         body = None
@@ -241,8 +250,7 @@ def apply(db: DBSession, state: State, directory: dict[str, t.Any]) -> bool:
 
 def report(state: State) -> dict[str, t.Any]:
     """What the health report says about the policy: applied version, pinned keys, refusal."""
-    with state.session_factory() as db:
-        body = stored(db)
+    body = read(state)
     rejected = body.get("rejected")
     return {
         "policy_version": body.get("version"),
