@@ -295,10 +295,6 @@ class HeadlessKey:
         # The instance's key files seed the shared key table now, or, when the schema is not
         # there yet (`headlesskey-agent db upgrade` comes next), once it is.
         keys = KeyStore(session_factory, settings, clock)
-        try:
-            keys.seed()
-        except (OperationalError, ProgrammingError):
-            engine.dispose()
         state = State(
             base_settings=settings,
             engine=engine,
@@ -316,6 +312,13 @@ class HeadlessKey:
             configured=values,
             instance_path=app.instance_path,
         )
+        # Rotations follow the settings in force: a hub policy may choose the algorithm and the
+        # token lifetime (which decides how long a superseded key keeps verifying).
+        keys.follow(lambda: state.settings)
+        try:
+            keys.seed()
+        except (OperationalError, ProgrammingError):
+            engine.dispose()
         events.install(state.session_factory)
         app.extensions[EXTENSION_KEY] = state
 

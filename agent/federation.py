@@ -238,6 +238,7 @@ def refresh_job(app: t.Any) -> None:
             return  # the hub is down: the next run tries again
         finally:
             db.commit()  # end the transaction: on SQLite it holds the write lock
+        policy.ensure_algorithm(state)
         if policy.read(state) != before:
             # A new site policy (applied or refused): tell the hub now, not at the next report.
             health.report(state)

@@ -248,6 +248,27 @@ def apply(db: DBSession, state: State, directory: dict[str, t.Any]) -> bool:
     return True
 
 
+def ensure_algorithm(state: State) -> bool:
+    """Switch the access-token key when the algorithm in force is not the newest key's.
+
+    The new key is made by :func:`agent.services.keystore.rotate_local`: published at once,
+    signing after the publication delay, while the old key verifies until its last token has
+    expired. One process makes it however many try (the rotation claims the current key).
+    True if this call made the key.
+    """
+    from .services import keystore
+
+    wanted = state.settings.algorithm
+    current = state.keys.newest(keystore.ACCESS)
+    if current is None or current.key is None or current.key.alg == wanted:
+        return False
+    made = keystore.rotate_local(state.keys, wanted)
+    if made is not None:
+        log.info("access-token algorithm switched from %s to %s (new key %s)",
+                 current.key.alg, wanted, made.kid)
+    return made is not None
+
+
 def report(state: State) -> dict[str, t.Any]:
     """What the health report says about the policy: applied version, pinned keys, refusal."""
     body = read(state)

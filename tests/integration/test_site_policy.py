@@ -32,6 +32,7 @@ from tests.integration.test_sso import run
 ADMIN_PASSWORD = "Tidy-console-Passphrase-2024"  # noqa: S105 (a test admin's)
 SETTINGS = {
     "HEADLESSKEY_DIRECTORY_REFRESH": "1",
+    "HEADLESSKEY_JWKS_MAX_AGE": "0",  # a new key signs 4 s after it is made, not 5 minutes
     # Pinned at the site: every request of these tests comes from 127.0.0.1.
     "HEADLESSKEY_LOCKOUT_IP_MAX_FAILURES": "1000",
     "HEADLESSKEY_REGISTRATION": "open",
