@@ -161,3 +161,18 @@ def _walk_through(page: Page, fleet: Fleet, a: Agent, shots: Path) -> None:
     expect(page.locator("#applied-version")).to_have_text("3")
     _snap(page, shots, "05-rolled-back")
     assert re.search(r"v3", page.locator("#history").inner_text())
+
+    # Webhooks: the signing secret of a new endpoint is shown once.
+    page.get_by_role("link", name="Webhooks").click()
+    page.fill("#url", "https://hooks.example.com/in")
+    page.check("input[value='login.failed']")
+    page.click("#add-webhook")
+    secret = page.locator("#webhook-secret").inner_text().strip()
+    assert secret.startswith("whsec_") and len(secret) > 40
+    _snap(page, shots, "06-webhook-secret-once")
+    page.get_by_role("link", name="Webhooks").click()
+    expect(page.locator("#webhooks")).to_contain_text("https://hooks.example.com/in")
+    assert secret not in page.content()
+    page.get_by_role("link", name="Endpoint access").click()
+    expect(page.locator("#access")).to_contain_text("sso_exchange")
+    _snap(page, shots, "07-endpoint-access")
