@@ -161,5 +161,7 @@ def test_health_report_shows_applied_version_and_pinned_keys(
     assert re.search(r'id="applied-version">1<', shown) and "in force" in shown
     assert 'id="pinned-REGISTRATION"' in shown and 'id="pinned-ACCESS_TOKEN_TTL"' not in shown
     assert "Redeliver" in console.get(page("shop", "webhooks")).text
+    listing = console.get("/console/sites").text
+    assert ">v1</a>" in listing and "applied v1" in listing and "1 pinned" in listing
     bad = dict(report, pinned=["SECRET_KEY"])
     assert hub.signed("POST", "/api/v1/health", *shop, json=bad).status_code == 400
