@@ -177,7 +177,7 @@ class WebhookEndpoint:
         return not self.events or event in self.events
 
 
-def _json_value(key: str, value: t.Any) -> t.Any:
+def json_value(key: str, value: t.Any) -> t.Any:
     """Values from the environment are strings; lists and tables come as JSON."""
     if isinstance(value, str) and value.strip()[:1] in {"[", "{"}:
         try:
@@ -188,7 +188,7 @@ def _json_value(key: str, value: t.Any) -> t.Any:
 
 
 def _access(key: str, value: t.Any) -> dict[str, str | tuple[str, ...]]:
-    value = _json_value(key, value)
+    value = json_value(key, value)
     if not isinstance(value, dict):
         raise ConfigError(f"{key}: expected a table of endpoint = rule, got {value!r}")
     rules = dict(ENDPOINT_ACCESS)
@@ -215,7 +215,7 @@ def _rotation(key: str, value: t.Any) -> int:
 
 
 def _networks(key: str, value: t.Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    value = _json_value(key, value)
+    value = json_value(key, value)
     if isinstance(value, str):
         value = [v for v in value.replace(",", " ").split() if v]
     if not isinstance(value, list):
@@ -235,12 +235,13 @@ def _federation(get: t.Callable[[str], t.Any], instance_path: str) -> dict[str, 
         ),
         "directory_refresh": _int(PREFIX + "DIRECTORY_REFRESH", get("DIRECTORY_REFRESH"), 1, 86400),
         "sso_assertion_ttl": _int(PREFIX + "SSO_ASSERTION_TTL", get("SSO_ASSERTION_TTL"), 5, 60),
-        "sso_link_by_email": _bool(PREFIX + "SSO_LINK_BY_EMAIL", get("SSO_LINK_BY_EMAIL")),
+        "sso_link_by_email": CHECKS["SSO_LINK_BY_EMAIL"](
+            PREFIX + "SSO_LINK_BY_EMAIL", get("SSO_LINK_BY_EMAIL")),
         "federation_key_rotation": _rotation(
             PREFIX + "FEDERATION_KEY_ROTATION", get("FEDERATION_KEY_ROTATION")),
         "hub_secret_rotation": _rotation(PREFIX + "HUB_SECRET_ROTATION", get("HUB_SECRET_ROTATION")),
     }
-    role_map = _json_value(PREFIX + "SSO_ROLE_MAP", get("SSO_ROLE_MAP"))
+    role_map = json_value(PREFIX + "SSO_ROLE_MAP", get("SSO_ROLE_MAP"))
     if not isinstance(role_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and v for k, v in role_map.items()
     ):
@@ -282,7 +283,7 @@ def _webhooks(key: str, value: t.Any) -> tuple[WebhookEndpoint, ...]:
     import base64
     import binascii
 
-    value = _json_value(key, value)
+    value = json_value(key, value)
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a list of endpoints")
     endpoints = []
@@ -313,6 +314,39 @@ def _webhooks(key: str, value: t.Any) -> tuple[WebhookEndpoint, ...]:
     if len({e.id for e in endpoints}) != len(endpoints):
         raise ConfigError(f"{key}: two endpoints share an id")
     return tuple(endpoints)
+
+
+def _text(key: str, value: t.Any) -> str:
+    """A short printable string (a role name, say)."""
+    text = _str(key, value).strip()
+    if not text or len(text) > 64 or not text.isprintable():
+        raise ConfigError(f"{key}: expected 1 to 64 printable characters, got {value!r}")
+    return text
+
+
+# The checks of the settings a federation hub may manage (see agent.policy), one per key: the
+# same function checks a value from site.toml, the environment, or the hub's console.
+CHECKS: dict[str, t.Callable[[str, t.Any], t.Any]] = {
+    "ALGORITHM": lambda k, v: _choice(k, v, ALGORITHMS),
+    "ACCESS_TOKEN_TTL": lambda k, v: _int(k, v, 30, 86400),
+    "REFRESH_TOKEN_TTL": lambda k, v: _int(k, v, 60, 365 * 86400),
+    "SESSION_MAX_AGE": lambda k, v: _int(k, v, 60, 365 * 86400),
+    "REGISTRATION": lambda k, v: _choice(k, v, ("open", "closed")),
+    "DEFAULT_ROLE": _text,
+    "PASSWORD_MIN_LENGTH": lambda k, v: _int(k, v, 6, 128),
+    "PASSWORD_MAX_LENGTH": lambda k, v: _int(k, v, 64, 4096),
+    "CORS": lambda k, v: _cors(k, v),
+    "TRUSTED_PROXIES": lambda k, v: _int(k, v, 0, 10),
+    "ACCESS": lambda k, v: _access(k, v),
+    "LOCKOUT_MAX_FAILURES": lambda k, v: _int(k, v, 1, 100),
+    "LOCKOUT_IP_MAX_FAILURES": lambda k, v: _int(k, v, 1, 10000),
+    "LOCKOUT_WINDOW": lambda k, v: _int(k, v, 1, 86400),
+    "LOCKOUT_DURATION": lambda k, v: _int(k, v, 1, 86400),
+    "MAX_SESSIONS": lambda k, v: _int(k, v, 0, 10000),
+    "SESSION_LIMIT_POLICY": lambda k, v: _choice(k, v, ("evict_oldest", "reject")),
+    "WEBHOOKS": lambda k, v: _webhooks(k, v),
+    "SSO_LINK_BY_EMAIL": lambda k, v: _bool(k, v),
+}
 
 
 @dataclass(frozen=True)
@@ -526,7 +560,10 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
         value = config.get(PREFIX + key)
         return DEFAULTS[key][0] if value is None else value
 
-    algorithm = _choice(PREFIX + "ALGORITHM", get("ALGORITHM"), ALGORITHMS)
+    def check(key: str) -> t.Any:
+        return CHECKS[key](PREFIX + key, get(key))
+
+    algorithm = check("ALGORITHM")
     secret: bytes | None = None
     if get("SECRET_KEY") is not None:
         secret = _str(PREFIX + "SECRET_KEY", get("SECRET_KEY")).encode()
@@ -558,9 +595,9 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
         f"no-reply@{urlsplit(site_url).hostname}"
     )
     leeway = _int(PREFIX + "LEEWAY", get("LEEWAY"), 0, 60)
-    access_ttl = _int(PREFIX + "ACCESS_TOKEN_TTL", get("ACCESS_TOKEN_TTL"), 30, 86400)
-    min_len = _int(PREFIX + "PASSWORD_MIN_LENGTH", get("PASSWORD_MIN_LENGTH"), 6, 128)
-    max_len = _int(PREFIX + "PASSWORD_MAX_LENGTH", get("PASSWORD_MAX_LENGTH"), 64, 4096)
+    access_ttl = check("ACCESS_TOKEN_TTL")
+    min_len = check("PASSWORD_MIN_LENGTH")
+    max_len = check("PASSWORD_MAX_LENGTH")
     return Settings(
         site_url=site_url,
         site_name=_str(PREFIX + "SITE_NAME", get("SITE_NAME")),
@@ -575,13 +612,13 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
         namespace=_path_segment(PREFIX + "REST_NAMESPACE", get("REST_NAMESPACE")),
         version=_path_segment(PREFIX + "REST_VERSION", get("REST_VERSION")),
         access_token_ttl=access_ttl,
-        refresh_token_ttl=_int(PREFIX + "REFRESH_TOKEN_TTL", get("REFRESH_TOKEN_TTL"), 60),
-        session_max_age=_int(PREFIX + "SESSION_MAX_AGE", get("SESSION_MAX_AGE"), 60),
+        refresh_token_ttl=check("REFRESH_TOKEN_TTL"),
+        session_max_age=check("SESSION_MAX_AGE"),
         refresh_grace=_int(PREFIX + "REFRESH_GRACE", get("REFRESH_GRACE"), 0, 120),
         leeway=leeway,
-        cors=_cors(PREFIX + "CORS", get("CORS")),
-        registration=_choice(PREFIX + "REGISTRATION", get("REGISTRATION"), ("open", "closed")),
-        default_role=_str(PREFIX + "DEFAULT_ROLE", get("DEFAULT_ROLE")),
+        cors=check("CORS"),
+        registration=check("REGISTRATION"),
+        default_role=check("DEFAULT_ROLE"),
         password_min_length=min_len,
         password_max_length=max(max_len, min_len),
         argon2_time_cost=_int(PREFIX + "ARGON2_TIME_COST", get("ARGON2_TIME_COST"), 1),
@@ -607,22 +644,16 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
         mail_from=mail_from,
         mail_timeout=_int(PREFIX + "MAIL_TIMEOUT", get("MAIL_TIMEOUT"), 1, 300),
         max_body=_int(PREFIX + "MAX_BODY", get("MAX_BODY"), 1024, 10 * 1024 * 1024),
-        trusted_proxies=_int(PREFIX + "TRUSTED_PROXIES", get("TRUSTED_PROXIES"), 0, 10),
-        access=_access(PREFIX + "ACCESS", get("ACCESS")),
-        lockout_max_failures=_int(
-            PREFIX + "LOCKOUT_MAX_FAILURES", get("LOCKOUT_MAX_FAILURES"), 1, 100
-        ),
-        lockout_ip_max_failures=_int(
-            PREFIX + "LOCKOUT_IP_MAX_FAILURES", get("LOCKOUT_IP_MAX_FAILURES"), 1, 10000
-        ),
-        lockout_window=_int(PREFIX + "LOCKOUT_WINDOW", get("LOCKOUT_WINDOW"), 1, 86400),
-        lockout_duration=_int(PREFIX + "LOCKOUT_DURATION", get("LOCKOUT_DURATION"), 1, 86400),
+        trusted_proxies=check("TRUSTED_PROXIES"),
+        access=check("ACCESS"),
+        lockout_max_failures=check("LOCKOUT_MAX_FAILURES"),
+        lockout_ip_max_failures=check("LOCKOUT_IP_MAX_FAILURES"),
+        lockout_window=check("LOCKOUT_WINDOW"),
+        lockout_duration=check("LOCKOUT_DURATION"),
         lockout_allowlist=_networks(PREFIX + "LOCKOUT_ALLOWLIST", get("LOCKOUT_ALLOWLIST")),
-        max_sessions=_int(PREFIX + "MAX_SESSIONS", get("MAX_SESSIONS"), 0, 10000),
-        session_limit_policy=_choice(
-            PREFIX + "SESSION_LIMIT_POLICY", get("SESSION_LIMIT_POLICY"), ("evict_oldest", "reject")
-        ),
-        webhooks=_webhooks(PREFIX + "WEBHOOKS", get("WEBHOOKS")),
+        max_sessions=check("MAX_SESSIONS"),
+        session_limit_policy=check("SESSION_LIMIT_POLICY"),
+        webhooks=check("WEBHOOKS"),
         webhook_timeout=_int(PREFIX + "WEBHOOK_TIMEOUT", get("WEBHOOK_TIMEOUT"), 1, 60),
         audit_retention_days=_int(
             PREFIX + "AUDIT_RETENTION_DAYS", get("AUDIT_RETENTION_DAYS"), 1, 36500

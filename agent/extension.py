@@ -69,7 +69,7 @@ def utcnow() -> dt.datetime:
 class State:
     """Everything the agent needs for one app, built once in :meth:`HeadlessKey.init_app`."""
 
-    settings: config_module.Settings
+    base_settings: config_module.Settings  # from the site's own configuration alone
     engine: Engine
     session_factory: sessionmaker[DBSession]
     ring: KeyRing  # the access-token keys (``keys.ring``)
@@ -84,6 +84,16 @@ class State:
     hub_transport: t.Any = None
     # Redis client for replay caches when HEADLESSKEY_REDIS_URL is set (agent.store).
     redis: t.Any = None
+    # The HEADLESSKEY_* values the site set itself (file, environment, app.config): pinned.
+    configured: dict[str, t.Any] = field(default_factory=dict, repr=False)
+    instance_path: str = ""
+
+    @property
+    def settings(self) -> config_module.Settings:
+        """The settings in force: the site's own, overlaid on its hub policy (agent.policy)."""
+        from . import policy
+
+        return policy.effective(self)
 
     def apply_filter(self, name: str, value: t.Any, *args: t.Any) -> t.Any:
         """Pass ``value`` through every filter registered under ``name``, in order."""
@@ -288,12 +298,8 @@ class HeadlessKey:
         # The instance's key files seed the shared key table now, or, when the schema is not
         # there yet (`headlesskey-agent db upgrade` comes next), once it is.
         keys = KeyStore(session_factory, settings, clock)
-        try:
-            keys.seed()
-        except (OperationalError, ProgrammingError):
-            engine.dispose()
         state = State(
-            settings=settings,
+            base_settings=settings,
             engine=engine,
             session_factory=session_factory,
             ring=keys.ring,
@@ -308,7 +314,16 @@ class HeadlessKey:
             filters=self._filters,
             redis=store.connect(PREFIX + "REDIS_URL", settings.redis_url)
             if settings.redis_url else None,
+            configured=values,
+            instance_path=app.instance_path,
         )
+        # Rotations follow the settings in force: a hub policy may choose the algorithm and the
+        # token lifetime (which decides how long a superseded key keeps verifying).
+        keys.follow(lambda: state.settings)
+        try:
+            keys.seed()
+        except (OperationalError, ProgrammingError):
+            engine.dispose()
         events.install(state.session_factory)
         app.extensions[EXTENSION_KEY] = state
 

@@ -129,6 +129,11 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
         if body is not None:
             _store_directory(db, body, now)
             apply_logouts(db, state, body)
+            from . import policy
+            from . import webhooks
+
+            policy.apply(db, state, body)
+            webhooks.apply_redeliveries(db, state, body)
             return body
         row = db.get(FederationCache, "directory")
     if row is None or now - row.fetched_at > dt.timedelta(seconds=s.federation_stale_window):
@@ -225,18 +230,29 @@ def apply_logouts(db: DBSession, state: State, dir_: dict[str, t.Any]) -> int:
 
 def refresh_job(app: t.Any) -> None:
     """The scheduler's directory refresh (federated sites): fetch it when due, which applies
-    new logouts-everywhere without waiting for SSO traffic."""
+    new logouts-everywhere and a new site policy without waiting for SSO traffic."""
     from .extension import get_db
     from .extension import get_state
+
+    from . import health
+    from . import policy
 
     with app.app_context():
         state = get_state(app)
         if not state.settings.federated:
             return
+        before = policy.read(state)
+        db = get_db()
         try:
-            directory(get_db(), state)
+            directory(db, state)
         except FederationUnavailable:
-            pass  # the hub is down: the next run tries again
+            return  # the hub is down: the next run tries again
+        finally:
+            db.commit()  # end the transaction: on SQLite it holds the write lock
+        policy.ensure_algorithm(state)
+        if policy.read(state) != before:
+            # A new site policy (applied or refused): tell the hub now, not at the next report.
+            health.report(state)
 
 
 def peer_of(dir_: dict[str, t.Any], site_key: str) -> dict[str, t.Any] | None:

@@ -3,8 +3,10 @@
 The report says which version of the agent runs, what time this site's clock says (the hub
 works out the skew against its own clock), the ``kid`` of the federation key (its RFC 7638
 thumbprint), the last successful SSO exchange (the newest ``sso.exchanged`` row of the activity
-log) and when the hub directory was last fetched. Before reporting, the directory is refreshed
-if it is due, so a site whose hub answers never looks unsynced merely for being idle.
+log), when the hub directory was last fetched, the version of the hub's site policy applied here
+with the keys this site pins (agent.policy), and the newest webhook deliveries. Before
+reporting, the directory is refreshed if it is due, so a site whose hub answers never looks
+unsynced merely for being idle.
 
 The hub shows the last report in its console and flags a clock drift, a key overdue for
 rotation and a site that has not synced. A hub that is down is not an error here: the report
@@ -21,6 +23,8 @@ import typing as t
 from sqlalchemy import select
 
 from . import federation
+from . import policy
+from . import webhooks
 from .hub_client import HubUnavailable
 from .models import AuditEvent
 from .models import FederationCache
@@ -64,6 +68,7 @@ def gather(state: State, *, sync: bool = True) -> dict[str, t.Any]:
         )
         cached = db.get(FederationCache, "directory")
         last_sync = cached.fetched_at if cached is not None else None
+        deliveries = webhooks.delivery_log(db)
     try:
         kid = federation.federation_key(state).kid or ""
     except federation.NotFederated:
@@ -74,6 +79,8 @@ def gather(state: State, *, sync: bool = True) -> dict[str, t.Any]:
         "key_fingerprint": kid,
         "last_exchange_at": _iso(last_exchange),
         "last_sync_at": _iso(last_sync),
+        **policy.report(state),
+        "webhook_log": deliveries,
     }
 
 

@@ -138,6 +138,47 @@ def redeliver(db: DBSession, message_id: str, *, now: dt.datetime | None = None)
     return rowcount(db.execute(stmt)) == 1
 
 
+REDELIVERED = "redelivered"  # FederationCache row: ids of the hub's redelivery requests done
+LOG_SIZE = 20  # messages in the delivery log sent to the hub
+
+
+def apply_redeliveries(db: DBSession, state: State, directory: dict[str, t.Any]) -> int:
+    """Redeliver the messages an admin asked for in the hub console, each request once.
+
+    The directory lists the requests of the last 24 h (``webhook_redeliveries``); the ids done
+    are kept in the ``redelivered`` cache row while they are listed. Returns how many messages
+    went back into the queue.
+    """
+    from .models import FederationCache
+
+    listed = [r for r in directory.get("webhook_redeliveries", []) if isinstance(r, dict)
+              and isinstance(r.get("id"), int) and isinstance(r.get("message_id"), str)]
+    row = db.get(FederationCache, REDELIVERED)
+    done: set[int] = set(row.body.get("ids", [])) if row is not None else set()
+    todo = [r for r in listed if r["id"] not in done]
+    if not todo and (row is None or done <= {r["id"] for r in listed}):
+        return 0
+    now = state.clock()
+    count = sum(redeliver(db, r["message_id"][:40], now=now) for r in todo)
+    ids = sorted((done & {r["id"] for r in listed}) | {r["id"] for r in todo})
+    db.merge(FederationCache(name=REDELIVERED, body={"ids": ids}, etag="", fetched_at=now,
+                             attempted_at=now))
+    db.commit()
+    return count
+
+
+def delivery_log(db: DBSession, limit: int = LOG_SIZE) -> list[dict[str, t.Any]]:
+    """The newest webhook messages and how their delivery went (no bodies, no secrets)."""
+    def iso(value: dt.datetime | None) -> str | None:
+        return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z") if value else None
+
+    rows = db.scalars(select(WebhookMessage).order_by(WebhookMessage.id.desc()).limit(limit))
+    return [{"message_id": m.message_id, "endpoint": m.endpoint, "event": m.event,
+             "status": m.status, "attempts": m.attempts, "last_status": m.last_status,
+             "last_error": m.last_error, "created_at": iso(m.created_at),
+             "delivered_at": iso(m.delivered_at)} for m in rows]
+
+
 @dataclass(frozen=True)
 class _Claimed:
     id: int

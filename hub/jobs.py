@@ -3,7 +3,8 @@
 The jobs are plain functions of the app; tests call them directly:
 
 - :func:`prune_nonces`: forget request nonces older than ``NONCE_TTL`` (never sooner than twice
-  the 300 s clock skew, so a nonce is remembered as long as its request could be accepted);
+  the 300 s clock skew, so a nonce is remembered as long as its request could be accepted),
+  and expired logouts and webhook redelivery requests;
 - :func:`expire_secrets`: delete site secret versions whose grace period is over;
 - :func:`prune_events`: delete federation events older than ``EVENT_RETENTION_DAYS``;
 - :func:`rotate_hub_key`: rotate the hub's own signing key once it is older than
@@ -46,6 +47,7 @@ from agent.signing import MAX_SKEW
 from .models import HubKey
 from .models import JobRun
 from .models import Nonce
+from .models import WebhookRedelivery
 from .services import events
 from .services import keys as key_service
 from .services import logouts as logout_service
@@ -134,6 +136,11 @@ def prune_nonces(app: Flask) -> int | None:
         logouts = logout_service.prune(db, state)
         if logouts:
             log.info("pruned %d expired logout(s)", logouts)
+        # Webhook redelivery requests are listed in directories for 24 h, then forgotten too.
+        done = rowcount(db.execute(delete(WebhookRedelivery)
+                                   .where(WebhookRedelivery.expires_at < state.clock())))
+        if done:
+            log.info("pruned %d webhook redelivery request(s)", done)
         return count
 
     return _run_claimed(app, "prune_nonces", NONCE_INTERVAL, work)

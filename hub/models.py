@@ -91,6 +91,12 @@ class SiteHealth(Base):
     key_fingerprint: Mapped[str] = mapped_column(String(128))  # the federation key's kid
     last_exchange_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_sync_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The site policy the agent applied, the keys it pins, a refused policy, and its recent
+    # webhook deliveries (hub.services.policies).
+    policy_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pinned: Mapped[list[str]] = mapped_column(JSON, default=list)
+    policy_error: Mapped[dict[str, t.Any] | None] = mapped_column(JSON, nullable=True)
+    webhook_log: Mapped[list[dict[str, t.Any]]] = mapped_column(JSON, default=list)
 
 
 class HubKey(Base):
@@ -193,4 +199,36 @@ class Logout(Base):
     site_key: Mapped[str] = mapped_column(String(64))  # the origin site
     issuer: Mapped[str] = mapped_column(String(2048))
     subject: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class SitePolicy(Base):
+    """One version of a member site's policy: the settings the hub manages for it.
+
+    Never updated: each change (a rollback too) adds a version. Webhook secrets in ``settings``
+    are encrypted with the hub's vault (``secret_enc``); the rest is plain JSON.
+    """
+
+    __tablename__ = "hub_site_policies"
+    __table_args__ = (UniqueConstraint("site_id", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("hub_sites.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    settings: Mapped[dict[str, t.Any]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(120))
+    note: Mapped[str] = mapped_column(String(200), default="")
+
+
+class WebhookRedelivery(Base):
+    """An admin's request to deliver one of a site's webhook messages again (listed 24 h)."""
+
+    __tablename__ = "hub_webhook_redeliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("hub_sites.id", ondelete="CASCADE"), index=True)
+    message_id: Mapped[str] = mapped_column(String(64))
+    requested_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    requested_by: Mapped[str] = mapped_column(String(120))
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)

@@ -104,7 +104,13 @@ class KeyStore:
         self._missed = -1e9
         self._parsed: dict[int, Entry] = {}  # row id -> entry: keys are parsed once per process
         self._seeded = False
+        self._current: t.Callable[[], Settings] | None = None
         self.ring = StoredKeyRing(self)
+
+    def follow(self, current: t.Callable[[], Settings]) -> None:
+        """Read the settings in force from ``current`` (the site's own overlaid by its hub
+        policy, agent.policy) instead of the configuration the store was made with."""
+        self._current = current
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -196,8 +202,9 @@ class KeyStore:
             self._seed()
             self._seeded = True  # (not when the table is missing: the next call tries again)
         current = self.newest(ACCESS)
-        if current is not None and current.key is not None and current.key.alg != self._settings.algorithm:
-            rotate_local(self, self._settings.algorithm)
+        wanted = self.settings.algorithm
+        if current is not None and current.key is not None and current.key.alg != wanted:
+            rotate_local(self, wanted)
 
     def _seed(self) -> None:
         s = self._settings
@@ -243,7 +250,7 @@ class KeyStore:
 
     @property
     def settings(self) -> Settings:
-        return self._settings
+        return self._current() if self._current is not None else self._settings
 
     def session(self) -> DBSession:
         return self._session_factory()

@@ -48,7 +48,9 @@ from ..models import Event
 from ..models import HubKey
 from ..models import Setting
 from ..models import Site
+from ..models import SiteHealth
 from ..models import SiteKey
+from ..models import SitePolicy
 from ..models import SiteSecret
 from ..services import admins
 from ..services import events
@@ -302,8 +304,13 @@ def site_list() -> ResponseReturnValue:
         select(SiteKey.site_id, func.count()).where(SiteKey.status != "retired")
         .group_by(SiteKey.site_id)
     ).all())
+    policy_versions = dict(db.execute(
+        select(SitePolicy.site_id, func.max(SitePolicy.version)).group_by(SitePolicy.site_id)
+    ).all())
+    reports = {h.site_id: h for h in db.scalars(select(SiteHealth))}
     return render_template("console/sites.html", sites=sites.list_sites(db),
-                           key_counts=key_counts, health=health_service.flags(db, get_state()))
+                           key_counts=key_counts, health=health_service.flags(db, get_state()),
+                           policy_versions=policy_versions, reports=reports)
 
 
 @bp.route("/console/sites/new", methods=["GET", "POST"])
@@ -563,3 +570,6 @@ def _duration_filter(seconds: int | float) -> str:
 @bp.app_template_filter("age_days")
 def _age_days(value: dt.datetime) -> int:
     return max(0, (get_state().clock() - value).days)
+
+
+from . import policy_views  # noqa: E402,F401  (registers the site settings pages on bp)

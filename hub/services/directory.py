@@ -18,6 +18,7 @@ from agent.signing import pairwise_key
 from ..models import Site
 from . import keys as key_service
 from . import logouts as logout_service
+from . import policies as policy_service
 from . import sites as site_service
 
 if t.TYPE_CHECKING:
@@ -51,5 +52,9 @@ def directory_for(db: DBSession, state: HubState, me: Site) -> dict[str, t.Any]:
         # Logouts everywhere of the last 24 h, of every site: each member applies those that
         # match its identity links (see hub.services.logouts).
         "logouts": logout_service.active(db, state),
+        # The settings the hub manages for this site (agent.policy) and the webhook messages an
+        # admin asked it to deliver again.
+        "policy": policy_service.for_directory(db, state, me),
+        "webhook_redeliveries": policy_service.redeliveries(db, state, me),
         "generated_at": state.clock().isoformat().replace("+00:00", "Z"),
     }

@@ -62,6 +62,59 @@ def _text(data: dict[str, t.Any], name: str, limit: int, *, required: bool = Fal
     return value
 
 
+LOG_FIELDS = {"message_id": 64, "endpoint": 64, "event": 48, "status": 16, "last_error": 200,
+              "created_at": 64, "delivered_at": 64}
+MAX_LOG = 50
+
+
+def _policy_fields(data: dict[str, t.Any]) -> dict[str, t.Any]:
+    """The policy version applied, the pinned keys, a refused policy and the delivery log.
+
+    All optional (an older agent sends none); every value is checked and bounded, since the
+    console shows them.
+    """
+    from agent.policy import MANAGED
+
+    version = data.get("policy_version")
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool)
+                                or not 0 <= version < 2**31):
+        raise BadRequest(fields={"policy_version": ["A whole number or null."]})
+    pinned = data.get("pinned", [])
+    if not isinstance(pinned, list) or not all(p in MANAGED for p in pinned):
+        raise BadRequest(fields={"pinned": ["A list of managed setting names."]})
+    error = data.get("policy_error")
+    if error is not None:
+        ok = (isinstance(error, dict) and isinstance(error.get("version"), int)
+              and isinstance(error.get("errors"), dict)
+              and all(isinstance(k, str) and isinstance(v, str) and len(k) <= 64
+                      and len(v) <= 300 for k, v in error["errors"].items())
+              and len(error["errors"]) <= 50)
+        if not ok:
+            raise BadRequest(fields={"policy_error": ["{version, errors: {key: message}}."]})
+        error = {"version": error["version"], "errors": error["errors"]}
+    log = data.get("webhook_log", [])
+    if not isinstance(log, list) or len(log) > MAX_LOG:
+        raise BadRequest(fields={"webhook_log": [f"A list of at most {MAX_LOG} deliveries."]})
+    entries = []
+    for item in log:
+        if not isinstance(item, dict):
+            raise BadRequest(fields={"webhook_log": ["Each delivery is an object."]})
+        entry: dict[str, t.Any] = {}
+        for name, limit in LOG_FIELDS.items():
+            value = item.get(name)
+            if value is not None and (not isinstance(value, str) or len(value) > limit):
+                raise BadRequest(fields={"webhook_log": [f"{name}: up to {limit} characters."]})
+            entry[name] = value
+        for name in ("attempts", "last_status"):
+            value = item.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise BadRequest(fields={"webhook_log": [f"{name}: a whole number."]})
+            entry[name] = value
+        entries.append(entry)
+    return {"policy_version": version, "pinned": sorted(set(pinned)), "policy_error": error,
+            "webhook_log": entries}
+
+
 def store(db: DBSession, state: HubState, site: Site, data: dict[str, t.Any]) -> SiteHealth:
     """Validate one report and keep it as the site's last (clock skew = agent − hub time)."""
     agent_time = _time(data, "time", required=True)
@@ -71,6 +124,7 @@ def store(db: DBSession, state: HubState, site: Site, data: dict[str, t.Any]) ->
         "key_fingerprint": _text(data, "key_fingerprint", 128),
         "last_exchange_at": _time(data, "last_exchange_at"),
         "last_sync_at": _time(data, "last_sync_at"),
+        **_policy_fields(data),
     }
     now = state.clock()
     values["reported_at"] = now

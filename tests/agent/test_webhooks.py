@@ -674,8 +674,8 @@ def test_an_unreachable_endpoint_is_retried(
     assert attempt.status_code is None and "refused" in attempt.error.lower()
 
     # The endpoint's URL is fixed in the settings; a restarted agent reads the new one.
-    settings = site.state.settings
-    site.state.settings = dataclasses.replace(
+    settings = site.state.base_settings
+    site.state.base_settings = dataclasses.replace(
         settings, webhooks=(dataclasses.replace(settings.webhooks[0], url=url),)
     )
     advance_to_next_attempt(site.state, site.clock)
@@ -689,7 +689,7 @@ def test_a_message_whose_endpoint_is_gone_is_dead(
     ops = receivers()
     site = make_site(HEADLESSKEY_WEBHOOKS=[endpoint("ops", ops, new_secret())])
     register(site, "jack")
-    site.state.settings = dataclasses.replace(site.state.settings, webhooks=())
+    site.state.base_settings = dataclasses.replace(site.state.base_settings, webhooks=())
     assert deliver_due(site.state) == 0
     (message,) = outbox(site)
     assert message.status == "dead" and "no longer configured" in message.last_error

@@ -147,6 +147,7 @@ class Hub:
         self.url = f"http://127.0.0.1:{self.port}"
         self.root = root
         self.service: Service | None = None
+        self.env = clean_env()
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         command, sub, *rest = args
@@ -157,7 +158,7 @@ class Hub:
         self.service = Service(
             [HUB, "serve", "--instance", str(self.instance), "--port", str(self.port),
              "--workers", "2", "--no-jobs"],
-            clean_env(), self.root / "hub.log", f"{self.url}/.well-known/headlesskey-federation",
+            self.env, self.root / "hub.log", f"{self.url}/.well-known/headlesskey-federation",
         )
 
     def stop(self) -> None:
@@ -312,7 +313,7 @@ class Federation:
             agent.secret = added["secret"]
         hub.start()
         with ThreadPoolExecutor(len(agents)) as pool:
-            list(pool.map(Agent.init, agents))
+            list(pool.map(lambda agent: agent.init(), agents))
             assert hub.service is not None
             hub.service.wait_ready()
             list(pool.map(lambda agent: agent.join(hub), agents))
