@@ -1,0 +1,200 @@
+"""Writes bench/RESULTS.md from the figures measured by ``bench/run.py``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import typing as t
+from pathlib import Path
+
+if t.TYPE_CHECKING:
+    from bench.run import Bench
+
+TITLES = {
+    "protected": "Protected route: agent vs bare Flask vs flask-jwt-extended",
+    "scale": "Protected route (HS256) with many revoked tokens and users",
+    "login": "Login vs the argon2id bound",
+    "sso": "/sso/exchange under 16 concurrent clients",
+    "audit": "Admin log query with filters",
+    "hub": "Hub JWKS and directory",
+    "memory": "Peak memory of one agent worker",
+}
+
+
+def fmt(x: float, digits: int = 0) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return f"{x:,.{digits}f}"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def write_report(bench: Bench, out: Path, started: dt.datetime, finished: dt.datetime) -> None:
+    from bench.run import machine
+    from bench.run import package_versions
+
+    m = machine()
+    p = bench.profile
+    versions = ", ".join(f"{k} {v}" for k, v in package_versions().items())
+    backends = ", ".join(bench.results) or "none"
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `./dev bench{' --quick' if p.label == 'quick' else ''}` "
+        f"({p.label} run) on {started:%Y-%m-%d}, {started:%H:%M}–{finished:%H:%M} UTC.",
+        "",
+        f"**Machine:** {m['cpu']}, {m['cores']} cores, {m['ram_gb']:.1f} GB RAM, "
+        f"Python {m['python']}, {m['os']}; backends: {backends}; load average at the end "
+        f"{m['loadavg'][0]:.2f}.  ",
+        f"**Packages:** {versions}.  ",
+        f"**Method:** gunicorn, 2 sync workers per app, on 127.0.0.1; load generator "
+        f"{bench.load.name} `-t2 -c16 -d{p.duration}s`; {p.rounds} alternating round(s) per "
+        "figure (each round runs every endpoint of the figure once, in a rotated order); "
+        "medians of the rounds; ratios are to bare Flask measured in the same rounds. Absolute "
+        "req/s depend on the machine and on what else runs on it; the ratios are the figures "
+        "to carry.",
+        "",
+    ]
+    lines += [f"> {note}" for note in bench.notes]
+    if bench.notes:
+        lines.append("")
+    for backend, res in bench.results.items():
+        lines += [f"## {backend}", ""]
+        for name in TITLES:
+            if name in res.get("failed", {}):
+                lines += [f"### {TITLES[name]}", "",
+                          f"Not measured: the step failed ({res['failed'][name]}).", ""]
+            elif name in res:
+                lines += [f"### {TITLES[name]}", ""] + SECTIONS[name](res[name], res, p) + [""]
+            else:
+                lines += [f"### {TITLES[name]}", "", "Not measured in this run.", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def _protected(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
+    bare = r["bare"]["rps"]
+    rows = ["| endpoint | req/s | ratio to bare | p50 ms | p99 ms | rounds (req/s) | errors |",
+            "|---|---:|---:|---:|---:|---|---:|"]
+    for name, v in r.items():
+        rows.append(f"| {LABELS.get(name, name)} | {fmt(v['rps'])} | {v['rps'] / bare:.2f} | "
+                    f"{fmt(v['p50_ms'], 2)} | {fmt(v['p99_ms'], 2)} | "
+                    f"{', '.join(map(str, v['rounds']))} | {v['errors']} |")
+    rows += ["", "| algorithm | agent / bare | agent / peer | target | |", "|---|---:|---:|---|---|"]
+    for alg in ("HS256", "RS256", "ES256"):
+        a, f = r[f"agent-{alg}"]["rps"], r[f"fje-{alg}"]["rps"]
+        if alg == "HS256":
+            target, ok = "≥ 1.25× the peer (≈ 0.70× bare)", a / f >= 1.25
+        else:
+            target, ok = "≥ 0.60× bare", a / bare >= 0.60
+        rows.append(f"| {alg} | {a / bare:.2f} | {a / f:.2f} | {target} | {verdict(ok)} |")
+    rows += ["", "The agent's route checks the signature (one key, its algorithm only), "
+             "`typ`, `kid`, every registered claim, and reads the session row on every request "
+             "(revocation, user status, current access token). The peer is configured as the "
+             "flask-jwt-extended docs show it: PEM strings for RS256/ES256, a blocklist "
+             "loader looking the jti up in a per-process dict of 10^4 entries. Both use the "
+             "same keys (RSA 2048, P-256)."]
+    return rows
+
+
+def _scale(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
+    base = r["base"]["rps"]
+    rows = ["| database holds | req/s | vs empty | rounds (req/s) | errors | within 5% |",
+            "|---|---:|---:|---|---:|---|"]
+    for name, v in r.items():
+        label = "one user, one session" if name == "base" else \
+            f"{v['rows']:,} {'revoked sessions' if 'revoked' in name else 'users'}"
+        ratio = v["rps"] / base
+        rows.append(f"| {label} | {fmt(v['rps'])} | {ratio:.2f} | "
+                    f"{', '.join(map(str, v['rounds']))} | {v['errors']} | "
+                    f"{'—' if name == 'base' else verdict(abs(ratio - 1) <= 0.05)} |")
+    rows += ["", "Rows are inserted with one `INSERT ... SELECT` over a generated series before "
+             "the server starts; revoked sessions belong to 1,000 users."]
+    return rows
+
+
+def _login(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
+    bound = r["argon2-bound"]["rps"]
+    rows = ["| endpoint | req/s | ratio to the bound | p50 ms | p99 ms | rounds | errors |",
+            "|---|---:|---:|---:|---:|---|---:|"]
+    for name, v in r.items():
+        rows.append(f"| {LABELS.get(name, name)} | {fmt(v['rps'], 1)} | {v['rps'] / bound:.2f} | "
+                    f"{fmt(v['p50_ms'], 1)} | {fmt(v['p99_ms'], 1)} | "
+                    f"{', '.join(map(str, v['rounds']))} | {v['errors']} |")
+    a = r["agent-login"]["rps"] / bound
+    rows += ["", f"Agent login / argon2id bound: **{a:.2f}** (target ≥ 0.90: {verdict(a >= 0.9)}). "
+             "The bound is a bare Flask route doing one argon2id verification at the same "
+             "parameters (m=19 MiB, t=2, p=1) and nothing else; the agent's login also runs the "
+             "lockout counters, opens a session, stores a refresh token and writes the "
+             "activity log."]
+    return rows
+
+
+def _sso(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
+    return [
+        "| exchanges/s | p50 ms | p99 ms | exchanges | refused | hub calls by the agents during "
+        "the run |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {fmt(r['rps'], 1)} | {fmt(r['p50_ms'], 1)} | {fmt(r['p99_ms'], 1)} | "
+        f"{r['requests']:,} | {r['errors']} | {r['hub_calls']} |",
+        "",
+        f"A hub and two agents (site A ES256, site B RS256; 2 workers each, directory refresh "
+        f"{r['directory_refresh']} s) run as processes made with the real commands (`init`, "
+        "`sites add`, `join`, `serve`). Site A issues the assertions beforehand through "
+        "`/sso/issue` (each is single-use); wrk posts each once to site B. Hub calls are the "
+        "signed API calls the hub recorded from both sites while the load ran (target: none "
+        "beyond directory refreshes).",
+    ]
+
+
+def _audit(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
+    rows = [f"{r['rows']:,} audit rows (8 event kinds, 5,000 users, 50,000 addresses, 30 days); "
+            f"{r['requests']} sequential requests to `/admin/logs` (one client, keep-alive), "
+            "a page of 50 unless said:", "",
+            "| filters | p50 ms | p95 ms | events returned |", "|---|---:|---:|---:|"]
+    for name, v in r["queries"].items():
+        rows.append(f"| {name} | {fmt(v['p50_ms'], 1)} | {fmt(v['p95_ms'], 1)} | {v['events']} |")
+    rows += ["", f"All filters together: p50 {fmt(r['p50_ms'], 1)} ms, **p95 "
+             f"{fmt(r['p95_ms'], 1)} ms** (target < 50 ms: {verdict(r['p95_ms'] < 50)})."]
+    return rows
+
+
+def _hub(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
+    rows = [f"{r['sites']} sites with 3 keys each (JWKS: {r['jwks_keys']} keys, "
+            f"{r['jwks_bytes']:,} bytes; directory: {r['peers']} peers, "
+            f"{r['directory_bytes']:,} bytes); hub with 2 workers.", "",
+            "| endpoint | req/s | p50 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|"]
+    for name, v in r["endpoints"].items():
+        rows.append(f"| {name} | {fmt(v['rps'], 1)} | {fmt(v['p50_ms'], 1)} | "
+                    f"{fmt(v['p99_ms'], 1)} | {v['errors']} |")
+    rows += ["", "Directory calls are signed (each with its own nonce), as agents send them."]
+    return rows
+
+
+def _memory(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
+    if not r:
+        return ["No agent worker was running."]
+    rows = ["| agent app | peak RSS of its largest worker (MB) |", "|---|---:|"]
+    for name, mb in r.items():
+        rows.append(f"| {name} | {mb:.1f} |")
+    peak = max(r.values())
+    rows += ["", f"Largest: **{peak:.1f} MB** (target < 100 MB: {verdict(peak < 100)}); VmHWM "
+             "of each gunicorn worker after all the load above."]
+    return rows
+
+
+SECTIONS: dict[str, t.Callable[[dict[str, t.Any], dict[str, t.Any], t.Any], list[str]]] = {
+    "protected": _protected, "scale": _scale, "login": _login, "sso": _sso, "audit": _audit,
+    "hub": _hub, "memory": _memory,
+}
+LABELS = {
+    "bare": "bare Flask `/hello`",
+    "fje-HS256": "flask-jwt-extended HS256", "fje-RS256": "flask-jwt-extended RS256",
+    "fje-ES256": "flask-jwt-extended ES256",
+    "agent-HS256": "agent `@hk.require()` HS256", "agent-RS256": "agent `@hk.require()` RS256",
+    "agent-ES256": "agent `@hk.require()` ES256",
+    "argon2-bound": "argon2id verification alone (the bound)",
+    "agent-login": "agent `POST /token`", "fje-login": "flask-jwt-extended `POST /token`",
+}
