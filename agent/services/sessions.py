@@ -17,10 +17,16 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import os
 import secrets
+import threading
 import typing as t
+import weakref
 from dataclasses import dataclass
 
+from sqlalchemy import Engine
+from sqlalchemy import bindparam
+from sqlalchemy import event
 from sqlalchemy import select
 from sqlalchemy import update
 from sqlalchemy.orm import Session as DBSession
@@ -295,44 +301,127 @@ def revoke_by_refresh_token(db: DBSession, state: State, presented: str) -> Sess
     return sess
 
 
+class SessionReader:
+    """The read of :func:`check_session`, made cheap enough to run on every request.
+
+    One statement (a primary-key read of the session joined to its user), compiled once per
+    engine, run on a DBAPI connection that stays open for the process: a small stack of idle
+    connections shared by the process's threads, taken and put back per read. Each read runs
+    outside any transaction (autocommit), so it sees every revocation committed before it, by
+    any worker or instance; nothing about a session is remembered between reads.
+    """
+
+    MAX_IDLE = 4
+
+    def __init__(self, engine: Engine) -> None:
+        sessions, users = Session.__table__, User.__table__
+        columns = [sessions.c.user_id, sessions.c.revoked_at, sessions.c.expires_at,
+                   sessions.c.access_jti, sessions.c.prev_access_jti, sessions.c.rotated_at,
+                   users.c.status]
+        stmt = (select(*columns).join(users, users.c.id == sessions.c.user_id)
+                .where(sessions.c.id == bindparam("sid")))
+        dialect = engine.dialect
+        compiled = stmt.compile(dialect=dialect)
+        self.engine = engine
+        self.sql = str(compiled)
+        self.positional = bool(compiled.positional)
+        self.processors = [c.type.dialect_impl(dialect).result_processor(dialect, None)
+                           for c in columns]
+        self.errors: tuple[type[BaseException], ...] = (dialect.loaded_dbapi.Error,)
+        self.sqlite = dialect.name == "sqlite"
+        self.pid = os.getpid()
+        self.idle: list[t.Any] = []
+        self.inherited: list[t.Any] = []
+        event.listen(engine, "engine_disposed", self.close)
+
+    def close(self, _engine: Engine | None = None) -> None:
+        """Close the idle connections (when the engine is disposed)."""
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.invalidate()
+
+    def _connect(self) -> t.Any:
+        # The engine's pool makes the connection, so its connect-time setup (SQLite pragmas)
+        # runs; the connection is kept here and closed, never handed back to the pool.
+        fairy = self.engine.raw_connection()
+        if not self.sqlite:  # SQLite connections already run without implicit transactions
+            fairy.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+        return fairy
+
+    def _take(self) -> t.Any:
+        if os.getpid() != self.pid:
+            # A forked child never uses its parent's connections (nor closes them).
+            self.inherited, self.idle, self.pid = self.inherited + self.idle, [], os.getpid()
+        try:
+            return self.idle.pop()
+        except IndexError:
+            return self._connect()
+
+    def fetch(self, sid: str) -> tuple[t.Any, ...] | None:
+        params: t.Any = (sid,) if self.positional else {"sid": sid}
+        for attempt in (1, 2):
+            conn = self._take()
+            try:
+                cursor = conn.cursor()
+                try:
+                    cursor.execute(self.sql, params)
+                    raw = cursor.fetchone()
+                finally:
+                    cursor.close()
+            except self.errors:
+                conn.invalidate()  # a broken connection (server restart): one retry, fresh
+                if attempt == 2:
+                    raise
+                continue
+            if len(self.idle) < self.MAX_IDLE:
+                self.idle.append(conn)
+            else:
+                conn.invalidate()
+            if raw is None:
+                return None
+            return tuple(p(v) if p is not None else v for p, v in zip(self.processors, raw))
+        return None
+
+
+_readers: weakref.WeakKeyDictionary[Engine, SessionReader] = weakref.WeakKeyDictionary()
+_readers_lock = threading.Lock()
+
+
+def session_reader(engine: Engine) -> SessionReader:
+    reader = _readers.get(engine)
+    if reader is None:
+        with _readers_lock:
+            reader = _readers.get(engine)
+            if reader is None:
+                reader = _readers[engine] = SessionReader(engine)
+    return reader
+
+
 def check_session(state: State, claims: dict[str, t.Any]) -> None:
     """The revocation check on every authenticated request: one primary-key read.
 
     The token must name a live session of its own user, and be that session's current access
     token (or the previous one, within the grace window after a refresh).
     """
-    table = Session.__table__
-    users = User.__table__
-    stmt = (
-        select(
-            table.c.user_id,
-            table.c.revoked_at,
-            table.c.expires_at,
-            table.c.access_jti,
-            table.c.prev_access_jti,
-            table.c.rotated_at,
-            users.c.status,
-        )
-        .join(users, users.c.id == table.c.user_id)
-        .where(table.c.id == claims["sid"])
-    )
-    with state.engine.connect().execution_options(hk_readonly=True) as conn:
-        row = conn.execute(stmt).first()
-    if row is None or row.revoked_at is not None or row.status != "active":
+    found = session_reader(state.engine).fetch(claims["sid"])
+    if found is None:
         raise InvalidToken()
-    if str(row.user_id) != claims["sub"]:
+    user_id, revoked_at, expires_at, access_jti, prev_access_jti, rotated_at, status = found
+    if revoked_at is not None or status != "active":
+        raise InvalidToken()
+    if str(user_id) != claims["sub"]:
         raise InvalidToken()
     now = state.clock()
-    if now >= row.expires_at:
+    if now >= expires_at:
         raise InvalidToken()
     jti = claims["jti"]
-    if hmac.compare_digest(jti, row.access_jti):
+    if hmac.compare_digest(jti, access_jti):
         return
     if (
-        row.prev_access_jti is not None
-        and row.rotated_at is not None
-        and hmac.compare_digest(jti, row.prev_access_jti)
-        and now - row.rotated_at <= dt.timedelta(seconds=state.settings.refresh_grace)
+        prev_access_jti is not None
+        and rotated_at is not None
+        and hmac.compare_digest(jti, prev_access_jti)
+        and now - rotated_at <= dt.timedelta(seconds=state.settings.refresh_grace)
     ):
         return
     raise InvalidToken()
