@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import http.client
 import json
@@ -28,7 +29,6 @@ import time
 import typing as t
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field
 from importlib import metadata
@@ -66,7 +66,7 @@ class Profile:
 
 
 FULL = Profile(duration=10, rounds=3, big=1_000_000, small=1_000, audit_rows=1_000_000,
-               audit_queries=60, hub_sites=100, sso_assertions=6000)
+               audit_queries=60, hub_sites=100, sso_assertions=3000)
 QUICK = Profile(duration=2, rounds=1, big=10_000, small=1_000, audit_rows=10_000,
                 audit_queries=10, hub_sites=10, sso_assertions=600)
 
@@ -381,7 +381,7 @@ class Backend:
     def seconds_ago(self, expr: str) -> str:
         """SQL for a UTC time ``expr`` seconds ago, as the agent stores it."""
         if self.sqlite:
-            return (f"strftime('%Y-%m-%d %H:%M:%S', 'now', '-' || ({expr}) || ' seconds') "
+            return (f"strftime('%Y-%m-%d %H:%M:%S', 'now', (-({expr})) || ' seconds') "
                     f"|| '.000000'")
         return f"(now() AT TIME ZONE 'utc') - ({expr}) * interval '1 second'"
 
@@ -429,7 +429,9 @@ class AgentSite:
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.profile = QUICK if args.quick else FULL
+        self.profile = dataclasses.replace(
+            QUICK if args.quick else FULL,
+            **{k: v for k, v in (("duration", args.duration), ("rounds", args.rounds)) if v})
         self.work = Path(args.work).resolve()
         if self.work.exists():
             shutil.rmtree(self.work)
@@ -694,7 +696,7 @@ class Bench:
         self.sql(site, (
             f"{with_}INSERT INTO hk_audit (created_at, event, outcome, user_id, login, session_id, "
             "ip, user_agent, device, details) "
-            f"SELECT {backend.seconds_ago(f'{span} - x * {span} / {n}')}, {event_case}, "
+            f"SELECT {backend.seconds_ago(f"{span} - CAST(x AS BIGINT) * {span} / {n}")}, {event_case}, "
             f"{outcome_case}, x % 5000, 'user' || (x % 5000), NULL, "
             "'10.0.' || (x % 250) || '.' || (x % 200), 'Mozilla/5.0 bench', 'Chrome on Linux', "
             f"'{{}}' FROM {source}"))
@@ -845,6 +847,8 @@ def main() -> int:
     parser.add_argument("--only", default="",
                         help="comma-separated figures: scale, login, sso, audit, hub "
                              "(the protected-route figure and memory always run)")
+    parser.add_argument("--duration", type=int, default=0, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=0, help="alternating rounds per figure")
     parser.add_argument("--out", default=None, help="report file (default bench/RESULTS.md; "
                                                     "--quick: the work folder's RESULTS.md)")
     parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder")

@@ -379,7 +379,7 @@ class SessionReader:
                 conn.invalidate()
             if raw is None:
                 return None
-            return tuple(p(v) if p is not None else v for p, v in zip(self.processors, raw))
+            return tuple(p(v) if p is not None else v for p, v in zip(self.processors, raw, strict=True))
         return None
 
 
