@@ -649,12 +649,15 @@ class Bench:
         self.serve_agent(backend, site)
         since = (dt.datetime.now(dt.UTC) - dt.timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
         until = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        day = [(dt.datetime.now(dt.UTC) - dt.timedelta(days=d)).strftime("%Y-%m-%dT%H:%M:%SZ")
+               for d in (21, 20)]
         queries = {
             "event": "event=login.failed",
             "user": "user=4242",
-            "ip": "ip=10.0.7.9",
+            "ip": "ip=10.0.7.7",
             "outcome+since": f"outcome=failure&since={since}",
-            "event+user": "event=login.succeeded&user=77",
+            "event+user": "event=login.succeeded&user=80",
+            "one day, 20 days ago": f"since={day[0]}&until={day[1]}",
             "event+until+limit=200": f"event=token.refreshed&until={until}&limit=200",
             "none (newest page)": "",
         }
@@ -693,10 +696,11 @@ class Bench:
             f"WHEN {i} THEN '{e}'" for i, e in enumerate(events)) + " END"
         outcome_case = "CASE WHEN x % 8 = 1 THEN 'failure' ELSE 'success' END"
         span = 30 * 86400
+        age = f"{span} - CAST(x AS BIGINT) * {span} / {n}"
         self.sql(site, (
             f"{with_}INSERT INTO hk_audit (created_at, event, outcome, user_id, login, session_id, "
             "ip, user_agent, device, details) "
-            f"SELECT {backend.seconds_ago(f"{span} - CAST(x AS BIGINT) * {span} / {n}")}, {event_case}, "
+            f"SELECT {backend.seconds_ago(age)}, {event_case}, "
             f"{outcome_case}, x % 5000, 'user' || (x % 5000), NULL, "
             "'10.0.' || (x % 250) || '.' || (x % 200), 'Mozilla/5.0 bench', 'Chrome on Linux', "
             f"'{{}}' FROM {source}"))
