@@ -27,6 +27,10 @@ def fmt(x: float, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
 
 
+def _load(value: t.Any) -> str:
+    return f"{value[0]:.2f}" if value else "—"
+
+
 def verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
@@ -46,8 +50,11 @@ def write_report(bench: Bench, out: Path, started: dt.datetime, finished: dt.dat
         f"({p.label} run) on {started:%Y-%m-%d}, {started:%H:%M}–{finished:%H:%M} UTC.",
         "",
         f"**Machine:** {m['cpu']}, {m['cores']} cores, {m['ram_gb']:.1f} GB RAM, "
-        f"Python {m['python']}, {m['os']}; backends: {backends}; load average at the end "
-        f"{m['loadavg'][0]:.2f}.  ",
+        f"Python {m['python']}, {m['os']}; backends: {backends}.  ",
+        f"**Conditions:** the machine's 2 cores were shared with other work during the run "
+        f"(load average {_load(getattr(bench, 'load_start', None))} at the start, "
+        f"{m['loadavg'][0]:.2f} at the end, while the benchmark itself keeps about 2 busy); wrk "
+        "runs on the same cores as the servers.  ",
         f"**Packages:** {versions}.  ",
         f"**Method:** gunicorn, 2 sync workers per app, on 127.0.0.1; load generator "
         f"{bench.load.name} `-t2 -c16 -d{p.duration}s`; {p.rounds} alternating round(s) per "
@@ -82,7 +89,8 @@ def _protected(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str
         rows.append(f"| {LABELS.get(name, name)} | {fmt(v['rps'])} | {v['rps'] / bare:.2f} | "
                     f"{fmt(v['p50_ms'], 2)} | {fmt(v['p99_ms'], 2)} | "
                     f"{', '.join(map(str, v['rounds']))} | {v['errors']} |")
-    rows += ["", "| algorithm | agent / bare | agent / peer | target | |", "|---|---:|---:|---|---|"]
+    rows += ["", "| algorithm | agent / bare | agent / peer | target | |",
+             "|---|---:|---:|---|---|"]
     for alg in ("HS256", "RS256", "ES256"):
         a, f = r[f"agent-{alg}"]["rps"], r[f"fje-{alg}"]["rps"]
         if alg == "HS256":
@@ -94,8 +102,10 @@ def _protected(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str
              "`typ`, `kid`, every registered claim, and reads the session row on every request "
              "(revocation, user status, current access token). The peer is configured as the "
              "flask-jwt-extended docs show it: PEM strings for RS256/ES256, a blocklist "
-             "loader looking the jti up in a per-process dict of 10^4 entries. Both use the "
-             "same keys (RSA 2048, P-256)."]
+             "loader looking the jti up in a per-process dict of 10^4 entries, so a token "
+             "revoked at one worker still works at the others; the agent reads the session "
+             "from the database on every request, so a revocation holds at every worker and "
+             "instance from the next request on. Both use the same keys (RSA 2048, P-256)."]
     return rows
 
 
@@ -111,7 +121,8 @@ def _scale(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
                     f"{', '.join(map(str, v['rounds']))} | {v['errors']} | "
                     f"{'—' if name == 'base' else verdict(abs(ratio - 1) <= 0.05)} |")
     rows += ["", "Rows are inserted with one `INSERT ... SELECT` over a generated series before "
-             "the server starts; revoked sessions belong to 1,000 users."]
+             "the server starts (on PostgreSQL followed by `ANALYZE`, as autovacuum does after a "
+             "bulk load); revoked sessions belong to 1,000 users."]
     return rows
 
 
@@ -129,6 +140,12 @@ def _login(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
              "parameters (m=19 MiB, t=2, p=1) and nothing else; the agent's login also runs the "
              "lockout counters, opens a session, stores a refresh token and writes the "
              "activity log."]
+    if a < 0.9:
+        rows += ["", "Where the rest goes (cProfile of logins in one process): besides the hash, "
+                 "a login runs three transactions through the ORM (the attempt reserved on the "
+                 "brute-force counters before the hash, released after it, then the session, "
+                 "its refresh token and the audit row), about 10 ms per login on this machine; "
+                 "on SQLite each transaction also opens and closes a database connection."]
     return rows
 
 
@@ -150,7 +167,8 @@ def _sso(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
 
 
 def _audit(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
-    rows = [f"{r['rows']:,} audit rows (8 event kinds, 5,000 users, 1,000 addresses, spread over 30 days); "
+    rows = [f"{r['rows']:,} audit rows (8 event kinds, 5,000 users, 1,000 addresses, "
+            "spread over 30 days; on PostgreSQL `ANALYZE` after the bulk insert); "
             f"{r['requests']} sequential requests to `/admin/logs` (one client, keep-alive), "
             "a page of 50 unless said:", "",
             "| filters | p50 ms | p95 ms | events returned |", "|---|---:|---:|---:|"]

@@ -41,7 +41,7 @@ BIN = Path(sys.executable).parent
 PREFIX = "/wp-json/headlesskey/v1"
 ISSUER = "https://auth.example.test"
 AUDIENCE = "example-api"
-PASSWORD = "correct horse battery staple"
+PASSWORD = "correct horse battery staple"  # noqa: S105 - the benchmark user's
 ALGORITHMS = ("HS256", "RS256", "ES256")
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
 PG_DB_PREFIX = "hkbench_"  # every database this command creates (and drops) starts so
@@ -65,7 +65,7 @@ class Profile:
         return "quick" if self.duration < 5 else "full"
 
 
-FULL = Profile(duration=10, rounds=3, big=1_000_000, small=1_000, audit_rows=1_000_000,
+FULL = Profile(duration=6, rounds=5, big=1_000_000, small=1_000, audit_rows=1_000_000,
                audit_queries=60, hub_sites=100, sso_assertions=3000)
 QUICK = Profile(duration=2, rounds=1, big=10_000, small=1_000, audit_rows=10_000,
                 audit_queries=10, hub_sites=10, sso_assertions=600)
@@ -265,6 +265,7 @@ class Processes:
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.servers: dict[str, Server] = {}  # gunicorn servers by name
 
     def start(self, name: str, argv: list[str], env: dict[str, str], ready: str,
               cwd: Path = ROOT) -> subprocess.Popen[bytes]:
@@ -284,7 +285,8 @@ class Processes:
                 "--chdir", str(BENCH), "--log-level", "warning", app]
         url = f"http://127.0.0.1:{port}"
         proc = self.start(name, argv, env, url + ready_path)
-        return Server(name, url, proc)
+        server = self.servers[name] = Server(name, url, proc)
+        return server
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is None:
@@ -301,6 +303,7 @@ class Processes:
         for proc in reversed(self.procs):
             self.stop(proc)
         self.procs.clear()
+        self.servers.clear()
 
 
 def children(pid: int) -> list[int]:
@@ -374,7 +377,7 @@ class Backend:
     def series(self, n: int) -> tuple[str, str]:
         """(WITH prefix, FROM source) producing rows x = 1..n in SQL."""
         if self.sqlite:
-            return (f"WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s "
+            return (f"WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s "  # noqa: S608
                     f"WHERE x < {int(n)}) ", "s")
         return "", f"generate_series(1, {int(n)}) AS s(x)"
 
@@ -488,11 +491,12 @@ class Bench:
                    HEADLESSKEY_SITE_URL=ISSUER,
                    HEADLESSKEY_ISSUER=ISSUER,
                    HEADLESSKEY_AUDIENCE=AUDIENCE,
-                   HEADLESSKEY_ACCESS_TOKEN_TTL="7200",
+                   HEADLESSKEY_ACCESS_TOKEN_TTL="7200",  # noqa: S106 - seconds
                    HEADLESSKEY_MAIL_BACKEND="null",
                    HEADLESSKEY_AUTO_MIGRATE="0")
         if algorithm != "HS256":
-            env["HEADLESSKEY_PRIVATE_KEY_FILE"] = str(self.keys / f"{algorithm.lower()}_private.pem")
+            pem = self.keys / f"{algorithm.lower()}_private.pem"
+            env["HEADLESSKEY_PRIVATE_KEY_FILE"] = str(pem)
         return env
 
     def prepare_agent(self, backend: Backend, name: str, algorithm: str,
@@ -532,6 +536,7 @@ class Bench:
         return site
 
     def sql(self, site: AgentSite, statement: str) -> None:
+        """Run one statement of ours (built from integers and constants only)."""
         from sqlalchemy import text
 
         from agent.db import make_engine
@@ -539,6 +544,11 @@ class Bench:
         engine = make_engine(site.env["HEADLESSKEY_DATABASE_URL"])
         with engine.begin() as conn:
             conn.execute(text(statement))
+        if engine.dialect.name == "postgresql":
+            # What autovacuum does soon after a bulk load: without statistics the planner
+            # would scan the whole table for filters its indexes serve.
+            with engine.connect() as conn:
+                conn.execute(text("ANALYZE"))
         engine.dispose()
 
     # -- figures --------------------------------------------------------------------------
@@ -573,8 +583,9 @@ class Bench:
         log(f"[{backend.name}] protected route (HS256) with 10^3/10^6 revoked tokens and users")
         variants = {"revoked-small": ("revoked", p.small), "revoked-big": ("revoked", p.big),
                     "users-small": ("users", p.small), "users-big": ("users", p.big)}
-        targets = {"base": (self.agents["HS256"].url, Request(
-            "GET", "/protected", headers={"Authorization": f"Bearer {self.agents['HS256'].token}"}))}
+        base = self.agents["HS256"]
+        targets = {"base": (base.url, Request(
+            "GET", "/protected", headers={"Authorization": f"Bearer {base.token}"}))}
         sizes = {}
         for name, (kind, n) in variants.items():
             site = self.prepare_agent(backend, f"scale-{name}", "HS256")
@@ -597,7 +608,7 @@ class Bench:
         with_, source = backend.series(n)
         now = backend.seconds_ago("0")
         self.sql(site, (
-            f"{with_}INSERT INTO hk_users (user_login, login_key, email, email_key, display_name, "
+            f"{with_}INSERT INTO hk_users (user_login, login_key, email, email_key, display_name, "  # noqa: S608
             "password_hash, roles, status, email_verified, created_at, password_changed_at) "
             "SELECT 'user' || x, 'user' || x, 'user' || x || '@example.com', "
             "'user' || x || '@example.com', 'User ' || x, "
@@ -610,7 +621,7 @@ class Bench:
         self.seed_users(backend, site, 1000)
         with_, source = backend.series(n)
         self.sql(site, (
-            f"{with_}INSERT INTO hk_sessions (id, user_id, created_at, last_seen_at, expires_at, "
+            f"{with_}INSERT INTO hk_sessions (id, user_id, created_at, last_seen_at, expires_at, "  # noqa: S608
             "revoked_at, revoke_reason, ip, user_agent, device, access_jti, access_iat, "
             f"access_exp) SELECT 'revoked' || x, {site.user_id} + 1 + (x % 1000), "
             f"{backend.seconds_ago('3600')}, {backend.seconds_ago('3600')}, "
@@ -632,12 +643,11 @@ class Bench:
         self.results[backend.name]["login"] = self.rounds(targets)
 
     def fje_login_url(self, backend: Backend) -> str:
-        # the HS256 peer started for the protected-route figure
-        for proc_name in ("fje-HS256",):
-            server = self.servers.get(f"{backend.name}-{proc_name}")
-            if server:
-                return server.url
-        raise RuntimeError("the flask-jwt-extended HS256 peer is not running")
+        """The HS256 peer started for the protected-route figure."""
+        server = self.procs.servers.get(f"{backend.name}-fje-HS256")
+        if server is None:
+            raise RuntimeError("the flask-jwt-extended HS256 peer is not running")
+        return server.url
 
     def audit_logs(self, backend: Backend) -> None:
         p = self.profile
@@ -698,7 +708,7 @@ class Bench:
         span = 30 * 86400
         age = f"{span} - CAST(x AS BIGINT) * {span} / {n}"
         self.sql(site, (
-            f"{with_}INSERT INTO hk_audit (created_at, event, outcome, user_id, login, session_id, "
+            f"{with_}INSERT INTO hk_audit (created_at, event, outcome, user_id, login, session_id, "  # noqa: S608
             "ip, user_agent, device, details) "
             f"SELECT {backend.seconds_ago(age)}, {event_case}, "
             f"{outcome_case}, x % 5000, 'user' || (x % 5000), NULL, "
@@ -752,20 +762,7 @@ class Bench:
         finally:
             self.procs.stop_all()
 
-    @property
-    def servers(self) -> dict[str, Server]:
-        return {s.name: s for s in self._servers}
-
     def main(self) -> int:
-        self._servers: list[Server] = []
-        original = self.procs.gunicorn
-
-        def tracked(*a: t.Any, **kw: t.Any) -> Server:
-            server = original(*a, **kw)
-            self._servers.append(server)
-            return server
-
-        self.procs.gunicorn = tracked  # type: ignore[method-assign]
         backends = []
         if "sqlite" in self.args.backends:
             backends.append(Backend("sqlite", self.work))
@@ -777,6 +774,7 @@ class Bench:
                 self.notes.append(f"PostgreSQL at {pg} was not reachable: not measured.")
                 log(self.notes[-1])
         started = dt.datetime.now(dt.UTC)
+        self.load_start = os.getloadavg()
         try:
             for backend in backends:
                 try:

@@ -60,7 +60,7 @@ password_hasher = PasswordHasher(
     parallelism=int(os.environ.get("ARGON2_PARALLELISM", "1")),
 )
 DEMO_USER = "alice"
-DEMO_PASSWORD = "correct horse battery staple"
+DEMO_PASSWORD = "correct horse battery staple"  # noqa: S105 - the benchmark user's
 USERS = {DEMO_USER: password_hasher.hash(DEMO_PASSWORD)}
 _DUMMY_HASH = password_hasher.hash("dummy-password-for-timing")
 

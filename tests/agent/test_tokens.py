@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import json
 import typing as t
 
 import jwt
@@ -353,6 +354,65 @@ def test_token_kinds_and_headers_are_checked(make_site: t.Any) -> None:
     # The same claims, signed as the site signs them, are accepted: the cases above fail
     # for their one defect, not by accident.
     assert s.api.get("/me", token=forge(claims, key, "HS256", kid=kid, typ="at+jwt")).status_code == 200
+
+
+def test_claims_are_checked_one_by_one(make_site: t.Any) -> None:
+    """Each claim rule of the access-token check refuses a token validly signed by the site."""
+    s = make_site("HS256", HEADLESSKEY_AUDIENCE="shop", HEADLESSKEY_LEEWAY="5")
+    s.create_user("alice")
+    good = s.api.login()["token"]
+    claims = claims_of(good)
+    kid = jwt.get_unverified_header(good)["kid"]
+    key = s.state.ring.active.signing_key
+    now = int(dt.datetime.now(dt.UTC).timestamp())
+
+    def signed(**changes: t.Any) -> str:
+        # Signed as bytes: PyJWT's encoder would refuse some of these claims itself.
+        payload = json.dumps({**claims, **changes}).encode()
+        return jwt.api_jws.PyJWS().encode(payload, key, "HS256", headers={"kid": kid, "typ": "at+jwt"})
+
+    def by_hand(header: dict[str, t.Any]) -> str:
+        # PyJWT drops a "b64": true header when it signs.
+        import base64
+        import hashlib
+        import hmac as hmac_mod
+
+        def seg(obj: t.Any) -> str:
+            return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+        signing_input = f"{seg(header)}.{seg(claims)}"
+        mac = hmac_mod.new(key, signing_input.encode(), hashlib.sha256).digest()
+        return signing_input + "." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+    cases = {
+        "exp passed": signed(exp=now - 10),
+        "exp a string": signed(exp=str(claims["exp"])),
+        "exp a boolean": signed(exp=True),
+        "iat ahead": signed(iat=now + 60),
+        "nbf ahead": signed(nbf=now + 60),
+        "nbf null": signed(nbf=None),
+        "iss not a string": signed(iss=[claims["iss"]]),
+        "aud a list": signed(aud=["shop"]),
+        "aud missing": forge({k: v for k, v in claims.items() if k != "aud"}, key, "HS256",
+                             kid=kid, typ="at+jwt"),
+        "jti not a string": signed(jti=123),
+        "sid empty": signed(sid=""),
+        "roles not a list": signed(roles="administrator"),
+        "b64 header": by_hand({"alg": "HS256", "kid": kid, "typ": "at+jwt", "b64": True}),
+        "payload not an object": jwt.api_jws.PyJWS().encode(
+            b'["not", "claims"]', key, "HS256", headers={"kid": kid, "typ": "at+jwt"}),
+        "payload not JSON": jwt.api_jws.PyJWS().encode(
+            b"exp=1", key, "HS256", headers={"kid": kid, "typ": "at+jwt"}),
+    }
+    for name, token in cases.items():
+        r = s.api.get("/me", token=token)
+        assert r.status_code == 401, name
+        assert r.json()["code"] == "invalid_token", name
+    # Within the leeway, and with the claims as minted, the same key is accepted.
+    assert s.api.get("/me", token=signed(iat=now + 3, nbf=now + 3)).status_code == 200
+    assert s.api.get("/me", token=signed()).status_code == 200
+    assert s.api.get("/me", token=by_hand({"alg": "HS256", "kid": kid, "typ": "at+jwt"})
+                     ).status_code == 200
 
 
 def test_audience_when_configured(make_site: t.Any) -> None:
