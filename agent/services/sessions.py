@@ -308,7 +308,8 @@ class SessionReader:
     engine, run on a DBAPI connection that stays open for the process: a small stack of idle
     connections shared by the process's threads, taken and put back per read. Each read runs
     outside any transaction (autocommit), so it sees every revocation committed before it, by
-    any worker or instance; nothing about a session is remembered between reads.
+    any worker or instance; nothing about a session is remembered between reads. On
+    PostgreSQL the kept connections count against the engine's pool (one per sync worker).
     """
 
     MAX_IDLE = 4
@@ -360,7 +361,7 @@ class SessionReader:
     def fetch(self, sid: str) -> tuple[t.Any, ...] | None:
         params: t.Any = (sid,) if self.positional else {"sid": sid}
         for attempt in (1, 2):
-            conn = self._take()
+            conn = self._take() if attempt == 1 else self._connect()
             try:
                 cursor = conn.cursor()
                 try:
@@ -369,7 +370,10 @@ class SessionReader:
                 finally:
                     cursor.close()
             except self.errors:
-                conn.invalidate()  # a broken connection (server restart): one retry, fresh
+                # A broken connection (the server restarted): drop it and the idle ones, which
+                # are likely broken too, and retry once on a fresh connection.
+                conn.invalidate()
+                self.close()
                 if attempt == 2:
                     raise
                 continue
@@ -379,7 +383,8 @@ class SessionReader:
                 conn.invalidate()
             if raw is None:
                 return None
-            return tuple(p(v) if p is not None else v for p, v in zip(self.processors, raw, strict=True))
+            return tuple(p(v) if p is not None else v
+                         for p, v in zip(self.processors, raw, strict=True))
         return None
 
 
