@@ -72,6 +72,18 @@ def rowcount(result: t.Any) -> int:
     return int(t.cast(CursorResult[t.Any], result).rowcount)
 
 
+def upsert(db: t.Any, table: t.Any, key: str, **values: t.Any) -> None:
+    """Insert a row or, if its key exists, update it: one statement, so processes writing the
+    same row at once never fail on the key (an ORM ``merge`` reads, then inserts or updates)."""
+    from sqlalchemy.dialects import postgresql
+    from sqlalchemy.dialects import sqlite
+
+    dialect = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite
+    stmt: t.Any = dialect.insert(table).values(**values)
+    db.execute(stmt.on_conflict_do_update(
+        index_elements=[key], set_={k: stmt.excluded[k] for k in values if k != key}))
+
+
 def alembic_config(engine: Engine, migrations: Path = MIGRATIONS) -> AlembicConfig:
     """Alembic run on ``engine`` with the revisions in ``migrations`` (the agent's by default)."""
     from alembic.config import Config as AlembicConfig

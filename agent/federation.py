@@ -48,6 +48,7 @@ from .models import FederationCache
 from .models import IdentityLink
 from .models import UsedAssertion
 from .models import User
+from .models import save_cache
 from .services import accounts
 from .services import keystore
 from .services import sessions as session_service
@@ -142,18 +143,9 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
 
 
 def _store_directory(db: DBSession, body: dict[str, t.Any], now: dt.datetime) -> None:
-    """Save the fetched directory. With no cached copy yet, every process may fetch the first
-    one at once: the insert of all but one fails on the key, and they update it instead."""
-    for attempt in range(2):
-        db.merge(FederationCache(name="directory", body=body, etag="", fetched_at=now,
-                                 attempted_at=now))
-        try:
-            db.commit()
-            return
-        except IntegrityError:
-            db.rollback()
-            if attempt:
-                raise
+    """Save the fetched directory (with no cached copy yet, every process may fetch it at once)."""
+    save_cache(db, "directory", body, now)
+    db.commit()
 
 
 def _claim_fetch(db: DBSession, state: State, row: FederationCache | None,
@@ -222,8 +214,7 @@ def apply_logouts(db: DBSession, state: State, dir_: dict[str, t.Any]) -> int:
     if applied or (row is not None and done - {lo["id"] for lo in listed}):
         still_listed = {lo["id"] for lo in listed}
         ids = sorted((done & still_listed) | set(applied))
-        db.merge(FederationCache(name=LOGOUTS_APPLIED, body={"ids": ids}, etag="",
-                                 fetched_at=now, attempted_at=now))
+        save_cache(db, LOGOUTS_APPLIED, {"ids": ids}, now)
     db.commit()
     return ended
 

@@ -287,3 +287,14 @@ class JobRun(Base):
     runner: Mapped[str] = mapped_column(String(128))  # host:pid of the process that ran it
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+def save_cache(db: t.Any, name: str, body: dict[str, t.Any], now: dt.datetime) -> None:
+    """Write a :class:`FederationCache` row (not committed). Every worker may write the same
+    row at once (the first directory, a policy, a logout list): an upsert, never a duplicate."""
+    from .db import upsert
+
+    upsert(db, FederationCache.__table__, "name", name=name, body=body, etag="",
+           fetched_at=now, attempted_at=now)
+    cached = db.get(FederationCache, name, populate_existing=True)
+    assert cached is not None

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session as DBSession
 from . import config as config_module
 from .errors import ConfigError
 from .models import FederationCache
+from .models import save_cache
 
 if t.TYPE_CHECKING:
     from .extension import State
@@ -235,13 +236,10 @@ def apply(db: DBSession, state: State, directory: dict[str, t.Any]) -> bool:
         if current.get("rejected", {}).get("version") != version:
             log.warning("policy version %s refused: %s", version, exc)
         body = dict(current, rejected={"version": version, "errors": exc.fields, "at": when})
-        db.merge(FederationCache(name=POLICY_ROW, body=body, etag="", fetched_at=now,
-                                 attempted_at=now))
+        save_cache(db, POLICY_ROW, body, now)
         db.commit()
         return False
-    db.merge(FederationCache(name=POLICY_ROW,
-                             body={"version": version, "settings": checked, "applied_at": when},
-                             etag="", fetched_at=now, attempted_at=now))
+    save_cache(db, POLICY_ROW, {"version": version, "settings": checked, "applied_at": when}, now)
     db.commit()
     forget(state)
     log.info("policy version %s applied (%s)", version, ", ".join(sorted(checked)) or "empty")

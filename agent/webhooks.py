@@ -42,6 +42,7 @@ from standardwebhooks.webhooks import Webhook
 from .db import rowcount
 from .models import WebhookAttempt
 from .models import WebhookMessage
+from .models import save_cache
 
 if t.TYPE_CHECKING:
     from .config import WebhookEndpoint
@@ -161,8 +162,7 @@ def apply_redeliveries(db: DBSession, state: State, directory: dict[str, t.Any])
     now = state.clock()
     count = sum(redeliver(db, r["message_id"][:40], now=now) for r in todo)
     ids = sorted((done & {r["id"] for r in listed}) | {r["id"] for r in todo})
-    db.merge(FederationCache(name=REDELIVERED, body={"ids": ids}, etag="", fetched_at=now,
-                             attempted_at=now))
+    save_cache(db, REDELIVERED, {"ids": ids}, now)
     db.commit()
     return count
 

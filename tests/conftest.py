@@ -71,6 +71,12 @@ def key_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
+def lifetime(seconds: int) -> range:
+    """The ``expires_in`` a token of ``seconds`` may show when just issued: the answer counts
+    from when it is sent, a second or more later on a loaded machine."""
+    return range(seconds - 5, seconds + 1)
+
+
 class Clock:
     """The agent's clock, movable by tests (real time plus an offset)."""
 
