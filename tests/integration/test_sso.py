@@ -60,8 +60,8 @@ SHARED_SETTINGS = {
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The processes' environment (see tests.conftest.process_env), with no mail."""
-    return process_env(HEADLESSKEY_MAIL_BACKEND="null", **extra)
+    """The processes' environment (see tests.conftest.process_env), with no mail unless set."""
+    return process_env(**{"HEADLESSKEY_MAIL_BACKEND": "null", **extra})
 
 
 def run(command: str | None, *args: str, stdin: str | None = None,
