@@ -172,6 +172,12 @@ def apply_logouts(db: DBSession, state: State, dir_: dict[str, t.Any]) -> int:
     the logout end: logging in again afterwards works. Each logout is applied once (its id is
     kept in the ``logouts-applied`` cache row for as long as the directory lists it); the
     directory is fetched by one worker at a time, so two workers do not apply it together.
+
+    A logout that reached a linked account here is passed on to the hub for that account
+    (naming the logout as its origin), so a site linked to this one, and not to the first,
+    follows: a user who went from A to B to C is logged out at C by a global logout at A. Each
+    site passes a chain on once; until the hub has it, the logout is not marked applied, and
+    the next directory fetch tries again.
     """
     s = state.settings
     listed = [lo for lo in dir_.get("logouts", []) if isinstance(lo, dict)
@@ -179,13 +185,14 @@ def apply_logouts(db: DBSession, state: State, dir_: dict[str, t.Any]) -> int:
               and isinstance(lo.get("subject"), str)]
     row = db.get(FederationCache, LOGOUTS_APPLIED)
     done: set[int] = set(row.body.get("ids", [])) if row is not None else set()
+    passed_on = {lo.get("origin") for lo in listed if lo.get("site_key") == s.hub_site_key}
     now = state.clock()
     ended = 0
     applied: list[int] = []
+    to_pass: list[tuple[int, int]] = []  # (logout id, local user id)
     for lo in listed:
         if lo["id"] in done:
             continue
-        applied.append(lo["id"])
         try:
             started = dt.datetime.fromisoformat(
                 str(lo.get("created_at", "")).replace("Z", "+00:00"))
@@ -195,14 +202,15 @@ def apply_logouts(db: DBSession, state: State, dir_: dict[str, t.Any]) -> int:
             started = started.replace(tzinfo=dt.UTC)
         user_ids: set[int] = set()
         link = db.get(IdentityLink, (lo["issuer"][:255], lo["subject"][:255]))
-        if link is not None:
+        if link is not None and db.get(User, link.user_id) is not None:
             user_ids.add(link.user_id)
+            if lo.get("origin", lo["id"]) not in passed_on:
+                to_pass.append((lo["id"], link.user_id))
         if lo.get("site_key") == s.hub_site_key and lo["subject"].isascii() \
-                and lo["subject"].isdigit() and len(lo["subject"]) <= 18:
+                and lo["subject"].isdigit() and len(lo["subject"]) <= 18 \
+                and db.get(User, int(lo["subject"])) is not None:
             user_ids.add(int(lo["subject"]))  # one of this site's own users
         for user_id in sorted(user_ids):
-            if db.get(User, user_id) is None:
-                continue
             count = session_service.revoke_user_sessions(
                 db, user_id, now, "global_logout", started_before=min(started, now))
             ended += count
@@ -211,22 +219,42 @@ def apply_logouts(db: DBSession, state: State, dir_: dict[str, t.Any]) -> int:
                               details={"scope": "global",
                                        "from": str(lo.get("site_key", ""))[:64],
                                        "sessions": count})
-    if applied or (row is not None and done - {lo["id"] for lo in listed}):
-        still_listed = {lo["id"] for lo in listed}
+        if not any(lo["id"] == pending for pending, _ in to_pass):
+            applied.append(lo["id"])
+    still_listed = {lo["id"] for lo in listed}
+    _save_applied(db, row, done, still_listed, applied, now)
+    db.commit()  # the sessions end here whatever the hub says next
+    passed: list[int] = []
+    for logout_id, user_id in to_pass:
+        try:
+            client(state).call("POST", "/api/v1/logouts",
+                               {"subject": str(user_id), "origin": logout_id})
+        except HubUnavailable:
+            continue  # not marked applied: the next directory fetch passes it on
+        passed.append(logout_id)
+    if passed:
+        row = db.get(FederationCache, LOGOUTS_APPLIED)
+        done = set(row.body.get("ids", [])) if row is not None else set()
+        _save_applied(db, row, done, still_listed, passed, now)
+        db.commit()
+    return ended
+
+
+def _save_applied(db: DBSession, row: FederationCache | None, done: set[int],
+                  still_listed: set[int], applied: list[int], now: dt.datetime) -> None:
+    """Keep the ids of the applied logouts the directory still lists (the others are gone)."""
+    if applied or (row is not None and done - still_listed):
         ids = sorted((done & still_listed) | set(applied))
         save_cache(db, LOGOUTS_APPLIED, {"ids": ids}, now)
-    db.commit()
-    return ended
 
 
 def refresh_job(app: t.Any) -> None:
     """The scheduler's directory refresh (federated sites): fetch it when due, which applies
     new logouts-everywhere and a new site policy without waiting for SSO traffic."""
-    from .extension import get_db
-    from .extension import get_state
-
     from . import health
     from . import policy
+    from .extension import get_db
+    from .extension import get_state
 
     with app.app_context():
         state = get_state(app)

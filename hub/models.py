@@ -189,7 +189,9 @@ class Logout(Base):
     """A "log out everywhere" of one identity (issuer, subject), published in every directory.
 
     Recorded by the identity's own site (signed API) or by an admin in the console; each member
-    ends the sessions of the local account linked to (issuer, subject). Kept for 24 hours.
+    ends the sessions of the local account linked to (issuer, subject). A member that ends a
+    linked account's sessions passes the logout on for its own user (``origin_id``: the first
+    logout of the chain, whose time it keeps), so sites linked through it follow. Kept for 24 h.
     """
 
     __tablename__ = "hub_logouts"
@@ -200,6 +202,7 @@ class Logout(Base):
     issuer: Mapped[str] = mapped_column(String(2048))
     subject: Mapped[str] = mapped_column(String(255))
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    origin_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class SitePolicy(Base):

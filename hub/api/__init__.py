@@ -174,15 +174,18 @@ from . import health  # noqa: E402,F401  (registers POST /health on bp)
 
 @bp.post("/logouts")
 def record_logout() -> tuple[Response, int]:
-    """Log one of this site's users out everywhere: ``{"subject": "<user id at this site>"}``.
+    """Log one of this site's users out everywhere: ``{"subject": "<user id at this site>"}``,
+    with ``"origin": <logout id>`` when the site passes on a logout of a linked identity.
 
     The issuer is always the calling site's registered issuer: a site can only log out its own
-    identities. Every directory lists the logout for 24 hours.
+    identities. Every directory lists the logout for 24 hours (a passed-on one, as long as the
+    logout it came from).
     """
     data = _json()
     db = get_db()
     site = g.hub_site
     row = logout_service.record(db, get_state(), site, data.get("subject"),
-                                actor=site.site_key, via="api", ip=request.remote_addr or "")
+                                actor=site.site_key, via="api", ip=request.remote_addr or "",
+                                origin=data.get("origin"))
     db.commit()
     return jsonify(logout_service.as_dict(row)), 201

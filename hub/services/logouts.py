@@ -37,21 +37,50 @@ def clean_subject(value: t.Any) -> str:
 
 
 def record(db: DBSession, state: HubState, site: Site, subject: t.Any, *, actor: str,
-           via: str, ip: str = "") -> Logout:
-    """Record a logout of ``subject`` at ``site`` (the caller's transaction), logged."""
+           via: str, ip: str = "", origin: t.Any = None) -> Logout:
+    """Record a logout of ``subject`` at ``site`` (the caller's transaction), logged.
+
+    ``origin``: the id of a listed logout this one passes on (a member ending the sessions of
+    an account linked to it); the new row keeps the chain's first logout as its origin and that
+    logout's time and expiry, and a site passes a chain on once (the same row is returned).
+    """
     now = state.clock()
-    row = Logout(created_at=now, site_key=site.site_key, issuer=site.issuer,
-                 subject=clean_subject(subject), expires_at=now + KEEP)
+    subject = clean_subject(subject)
+    created, expires, root = now, now + KEEP, None
+    if origin is not None:
+        first = _listed(db, state, origin)
+        root = first.origin_id or first.id
+        again = db.scalar(select(Logout).where(Logout.site_key == site.site_key,
+                                               Logout.subject == subject,
+                                               Logout.origin_id == root))
+        if again is not None:
+            return again
+        created, expires = first.created_at, first.expires_at
+    row = Logout(created_at=created, site_key=site.site_key, issuer=site.issuer,
+                 subject=subject, expires_at=expires, origin_id=root)
     db.add(row)
     db.flush()
+    details: dict[str, t.Any] = {"subject": row.subject, "via": via, "logout_id": row.id}
+    if root is not None:
+        details["origin"] = root
     events.log(db, state, "logout.global", actor=actor, site_key=site.site_key, ip=ip,
-               details={"subject": row.subject, "via": via, "logout_id": row.id})
+               details=details)
+    return row
+
+
+def _listed(db: DBSession, state: HubState, value: t.Any) -> Logout:
+    """The unexpired logout ``value`` names; else 400 invalid_request."""
+    row = None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31:
+        row = db.get(Logout, value)
+    if row is None or row.expires_at <= state.clock():
+        raise BadRequest(fields={"origin": ["The id of a logout the directory lists."]})
     return row
 
 
 def as_dict(row: Logout) -> dict[str, t.Any]:
     return {"id": row.id, "issuer": row.issuer, "subject": row.subject,
-            "site_key": row.site_key,
+            "site_key": row.site_key, "origin": row.origin_id or row.id,
             "created_at": row.created_at.isoformat().replace("+00:00", "Z")}
 
 

@@ -65,6 +65,51 @@ def test_a_bad_subject_is_refused(hub: Hub, body: dict[str, t.Any]) -> None:
     assert count(hub, "hub_logouts") == 0
 
 
+def test_a_logout_passed_on_keeps_its_origins_time_and_is_recorded_once(hub: Hub) -> None:
+    shop, shop_secret = hub.add_site("Shop", "https://shop.example.com")
+    docs, docs_secret = hub.add_site("Docs", "https://docs.example.com")
+    blog, blog_secret = hub.add_site("Blog", "https://blog.example.com")
+    first = hub.signed("POST", LOGOUTS, shop, shop_secret, json={"subject": "1"}).json()
+    assert first["origin"] == first["id"]
+    hub.clock.advance(30)
+
+    # Docs ended the sessions of its account linked to Shop's user 1 (its user 8): it passes
+    # the logout on, and the new row keeps the first one's time and id as origin.
+    r = hub.signed("POST", LOGOUTS, docs, docs_secret, json={"subject": "8", "origin": first["id"]})
+    assert r.status_code == 201, r.text
+    second = r.json()
+    assert second["origin"] == first["id"] and second["created_at"] == first["created_at"]
+    assert second["issuer"] == "https://docs.example.com" and second["subject"] == "8"
+    # Blog passes on Docs' row: the origin is still the first logout.
+    third = hub.signed("POST", LOGOUTS, blog, blog_secret,
+                       json={"subject": "3", "origin": second["id"]}).json()
+    assert third["origin"] == first["id"] and third["created_at"] == first["created_at"]
+    # Passing the same chain on again (a retry) returns the row already made.
+    again = hub.signed("POST", LOGOUTS, docs, docs_secret,
+                       json={"subject": "8", "origin": second["id"]})
+    assert again.json()["id"] == second["id"]
+    assert count(hub, "hub_logouts") == 3
+    listed = hub.signed("GET", DIRECTORY, shop, shop_secret).json()["logouts"]
+    assert [lo["origin"] for lo in listed] == [first["id"]] * 3
+
+
+@pytest.mark.parametrize("origin", [999, 0, -1, True, "1", 2**40, [1]])
+def test_a_bad_origin_is_refused(hub: Hub, origin: t.Any) -> None:
+    shop, secret = hub.add_site("Shop", "https://shop.example.com")
+    r = hub.signed("POST", LOGOUTS, shop, secret, json={"subject": "1", "origin": origin})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request", r.text
+    assert "origin" in r.json()["data"]["fields"]
+    assert count(hub, "hub_logouts") == 0
+
+
+def test_an_expired_logout_cannot_be_passed_on(hub: Hub) -> None:
+    shop, secret = hub.add_site("Shop", "https://shop.example.com")
+    first = hub.signed("POST", LOGOUTS, shop, secret, json={"subject": "1"}).json()
+    hub.clock.advance(24 * 3600 + 1)
+    r = hub.signed("POST", LOGOUTS, shop, secret, json={"subject": "2", "origin": first["id"]})
+    assert r.status_code == 400 and "origin" in r.json()["data"]["fields"], r.text
+
+
 def test_unsigned_or_forged_requests_record_nothing(hub: Hub) -> None:
     shop, secret = hub.add_site("Shop", "https://shop.example.com")
     hub.add_site("Docs", "https://docs.example.com")

@@ -1,4 +1,4 @@
-"""Logout everywhere (issue 5 item 6) across real processes: a hub and two agents A and B.
+"""Logout everywhere (issue 5 item 6) across real processes: a hub and three agents A, B, C.
 
 The agents run WITH their jobs process (``serve`` without ``--no-jobs``), which refreshes the
 directory every ``HEADLESSKEY_DIRECTORY_REFRESH`` seconds (1 s here), so a logout recorded at
@@ -60,7 +60,8 @@ class JobsFederation(Federation):
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[Federation]:
-    federation = JobsFederation.build(tmp_path_factory.mktemp("logout"), ["a", "b"], **SETTINGS)
+    federation = JobsFederation.build(tmp_path_factory.mktemp("logout"), ["a", "b", "c"],
+                                      **SETTINGS)
     try:
         yield federation
     finally:
@@ -117,8 +118,8 @@ def test_global_logout_ends_sessions_here_and_at_linked_sites(fed: Federation) -
     assert r.status_code == 200, r.text
     assert r.json()["scope"] == "global" and r.json()["global"] is True
     assert not works(a, alice.token) and not works(a, second)  # every session at A, at once
-    assert [(site, subject) for _, site, _, subject in hub_logouts(fed, alice.id)] == [
-        (a.site_key, str(alice.id))]
+    assert [(site, subject) for _, site, _, subject in hub_logouts(fed, alice.id)
+            if site == a.site_key] == [(a.site_key, str(alice.id))]
 
     waited = wait_refused(b, at_b)
     total = time.monotonic() - started
@@ -139,6 +140,42 @@ def test_global_logout_ends_sessions_here_and_at_linked_sites(fed: Federation) -
     assert works(a, again) and works(b, again_b)
     assert len([e for e in b.audit("token.revoked", mark_b)
                 if e["details"].get("scope") == "global"]) == 1
+
+
+def test_global_logout_follows_a_chain_of_links(fed: Federation) -> None:
+    """Bob went from A to B, then from B to C: C knows him as B's user, not A's. A global
+    logout at A still reaches C: B, ending the sessions of its linked account, passes the
+    logout on for that account (its origin is A's logout), and C applies that."""
+    a, b, c = fed["a"], fed["b"], fed["c"]
+    bob = new_user(a, "bob-chain")
+    at_b = continue_to(fed, bob.token)
+    at_c = continue_to(fed, at_b, src="b", dst="c")
+    assert works(b, at_b) and works(c, at_c)
+    b_user = int(b.rows("SELECT user_id FROM hk_identity_links WHERE issuer = ? AND subject = ?",
+                        a.issuer, str(bob.id))[0][0])
+
+    started = time.monotonic()
+    assert revoke(a, bob.token, scope="global").json()["global"] is True
+    wait_refused(b, at_b)
+    wait_refused(c, at_c)
+    print(f"\nglobal logout reached C, two links away, in {time.monotonic() - started:.2f}s")
+    rows = db_rows(fed.hub.instance / "hub.db",
+                   "SELECT id, site_key, subject, origin_id FROM hub_logouts "
+                   "WHERE id = (SELECT max(id) FROM hub_logouts WHERE site_key = ? AND subject = ?) "
+                   "OR origin_id = (SELECT max(id) FROM hub_logouts WHERE site_key = ? "
+                   "AND subject = ?) ORDER BY id",
+                   (a.site_key, str(bob.id), a.site_key, str(bob.id)))
+    first = rows[0][0]
+    assert [(site, subject, origin) for _, site, subject, origin in rows][:2] == [
+        (a.site_key, str(bob.id), None), (b.site_key, str(b_user), first)]
+    # C passed it on too (someone may know C's account), once; nobody passes it on twice.
+    assert {site for _, site, _, _ in rows} <= {a.site_key, b.site_key, c.site_key}
+    assert len(rows) == len({site for _, site, _, _ in rows})
+    # A new login at A and the way to C again work: only older sessions ended.
+    again_b = continue_to(fed, login(a, "bob-chain").token)
+    again_c = continue_to(fed, again_b, src="b", dst="c")
+    time.sleep(REFRESH * 3 + 0.5)
+    assert works(b, again_b) and works(c, again_c)
 
 
 def test_local_logout_leaves_other_sessions_and_sites_alone(fed: Federation) -> None:
