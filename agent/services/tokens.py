@@ -10,7 +10,7 @@ Verification order, each step refusing with the same generic ``invalid_token``:
 3. signature with that key and only its algorithm (PyJWT's primitive for it), canonical
    base64url (RFC 7515 §2);
 4. claims: a JSON object; ``exp``, ``nbf``, ``iat`` numbers (with leeway), ``iss`` exact,
-   ``aud`` the one configured string (and absent when none is), string ``sub``, ``jti``,
+   ``aud`` the one configured string (and absent, not even empty, when none is), string ``sub``, ``jti``,
    ``sid``. These are PyJWT's checks with the options we used to pass it, written out so
    that a request pays for one base64 pass and one JSON parse.
 
@@ -168,7 +168,9 @@ def verify_access_token(
         raise InvalidToken()
     aud = claims.get("aud")
     if audience is None:
-        if aud:  # a token meant for some audience is refused when none is configured
+        # A token naming any audience, even an empty or null one, is not one of ours: we
+        # mint no ``aud`` when none is configured.
+        if "aud" in claims:
             raise InvalidToken()
     elif not isinstance(aud, str) or aud != audience:  # the one string, not a list holding it
         raise InvalidToken()

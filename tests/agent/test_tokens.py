@@ -342,6 +342,9 @@ def test_token_kinds_and_headers_are_checked(make_site: t.Any) -> None:
         forge(claims, key, "HS256", kid=kid, typ="at+jwt", crit=["exp"]),
         forge({**claims, "iss": claims["iss"] + "/"}, key, "HS256", kid=kid, typ="at+jwt"),
         forge({**claims, "aud": "someone"}, key, "HS256", kid=kid, typ="at+jwt"),
+        forge({**claims, "aud": ""}, key, "HS256", kid=kid, typ="at+jwt"),
+        forge({**claims, "aud": []}, key, "HS256", kid=kid, typ="at+jwt"),
+        forge({**claims, "aud": None}, key, "HS256", kid=kid, typ="at+jwt"),
         forge({**claims, "sub": 1}, key, "HS256", kid=kid, typ="at+jwt"),
         forge({**claims, "sub": "2"}, key, "HS256", kid=kid, typ="at+jwt"),  # session of user 1
         forge({k: v for k, v in claims.items() if k != "exp"}, key, "HS256", kid=kid, typ="at+jwt"),
