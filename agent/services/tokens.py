@@ -5,8 +5,8 @@ Verification order, each step refusing with the same generic ``invalid_token``:
 1. size and shape: three base64url segments, no padding, at most 8 KiB (RFC 8725 §3.7);
 2. header: a JSON object with ``typ`` exactly ``at+jwt`` (RFC 8725 §3.11) so no other kind of
    token minted here is ever taken for an access token, a string ``kid`` naming a key of this
-   site, ``alg`` equal to that key's algorithm, and no ``crit`` (we understand no extension,
-   RFC 7515 §4.1.11);
+   site, ``alg`` equal to that key's algorithm, no ``crit`` (we understand no extension,
+   RFC 7515 §4.1.11), and no ``b64``, ``cty`` (nested tokens) or ``zip``;
 3. signature with that key and only its algorithm (PyJWT's primitive for it), canonical
    base64url (RFC 7515 §2);
 4. claims: a JSON object; ``exp``, ``nbf``, ``iat`` numbers (with leeway), ``iss`` exact,
@@ -37,6 +37,7 @@ from .keys import KeyRing
 ACCESS_TYP = "at+jwt"
 MAX_TOKEN_LENGTH = 8192
 _SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_UNSUPPORTED = frozenset({"b64", "cty", "zip"})  # header parameters we never mint nor follow
 REQUIRED = ("exp", "iat", "nbf", "iss", "sub", "jti", "sid")
 # PyJWT's signature primitives by name, built once (verification looks one up per request).
 _ALGORITHMS = jwt.algorithms.get_default_algorithms()
@@ -135,8 +136,9 @@ def verify_access_token(
     kid = header.get("kid")
     key = ring.get(kid) if isinstance(kid, str) else None
     # The algorithm comes from our key, never from the token (RFC 8725 §2.1, §3.1). The
-    # payload is always base64url JSON: an RFC 7797 "b64" header is refused.
-    if key is None or header.get("alg") != key.alg or "b64" in header:
+    # payload is always the claims, plain base64url JSON: an RFC 7797 "b64" header, a nested
+    # token ("cty", RFC 7519 §5.2) and compression ("zip", a JWE parameter) are refused.
+    if key is None or header.get("alg") != key.alg or not _UNSUPPORTED.isdisjoint(header):
         raise InvalidToken()
     try:
         payload = _b64decode(payload_segment)
