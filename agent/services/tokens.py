@@ -2,7 +2,8 @@
 
 Verification order, each step refusing with the same generic ``invalid_token``:
 
-1. size and shape: three base64url segments, no padding, at most 8 KiB (RFC 8725 §3.7);
+1. size and shape: three base64url segments, no padding, at most 8 KiB, a header segment of at
+   most 512 characters (RFC 8725 §3.7);
 2. header: a JSON object with ``typ`` exactly ``at+jwt`` (RFC 8725 §3.11) so no other kind of
    token minted here is ever taken for an access token, a string ``kid`` naming a key of this
    site, ``alg`` equal to that key's algorithm, no ``crit`` (we understand no extension,
@@ -36,6 +37,7 @@ from .keys import KeyRing
 
 ACCESS_TYP = "at+jwt"
 MAX_TOKEN_LENGTH = 8192
+MAX_HEADER_LENGTH = 512  # ours are about 100 characters (joserfc's default limit)
 _SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _UNSUPPORTED = frozenset({"b64", "cty", "zip"})  # header parameters we never mint nor follow
 REQUIRED = ("exp", "iat", "nbf", "iss", "sub", "jti", "sid")
@@ -125,7 +127,7 @@ def verify_access_token(
     if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH or not _SHAPE.fullmatch(token):
         raise InvalidToken()
     header_segment, payload_segment, signature_segment = token.split(".")
-    if len(header_segment) > 1024 or not _canonical(signature_segment):
+    if len(header_segment) > MAX_HEADER_LENGTH or not _canonical(signature_segment):
         raise InvalidToken()
     try:
         header = json.loads(_b64decode(header_segment))

@@ -404,6 +404,8 @@ def test_claims_are_checked_one_by_one(make_site: t.Any) -> None:
         "b64 header": by_hand({"alg": "HS256", "kid": kid, "typ": "at+jwt", "b64": True}),
         "cty header": by_hand({"alg": "HS256", "kid": kid, "typ": "at+jwt", "cty": "JWT"}),
         "zip header": by_hand({"alg": "HS256", "kid": kid, "typ": "at+jwt", "zip": "DEF"}),
+        "header over 512 characters": by_hand({"alg": "HS256", "kid": kid, "typ": "at+jwt",
+                                               "x": "h" * 400}),
         "payload not an object": jwt.api_jws.PyJWS().encode(
             b'["not", "claims"]', key, "HS256", headers={"kid": kid, "typ": "at+jwt"}),
         "payload not JSON": jwt.api_jws.PyJWS().encode(
