@@ -1052,3 +1052,84 @@ def test_J38_body_and_header_token_answer_alike(fleet: Fleet, attacker: Attacker
     b = attacker.validate(v.agent, forged, in_body=True)
     assert (a.status_code, a.text) == (b.status_code, b.text)
     assert_reject(a)
+
+
+# --- a site of its own: a configured audience and a tight validation limit ---------------------
+
+OWN_LIMIT = 10  # HEADLESSKEY_VALIDATE_MAX_FAILURES of the site below
+OWN_AUDIENCE = "site-x"
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[Agent]:
+    """A standalone HS256 site with ``aud`` configured and a limit of 10 failed validations."""
+    site = Agent("x", tmp_path_factory.mktemp("jwt-own"), {
+        "HEADLESSKEY_AUDIENCE": OWN_AUDIENCE,
+        "HEADLESSKEY_VALIDATE_MAX_FAILURES": str(OWN_LIMIT),
+        "HEADLESSKEY_LOCKOUT_IP_MAX_FAILURES": "1000",
+    })
+    site.algorithm = "HS256"
+    try:
+        site.init()
+        site.start()
+        assert site.service is not None
+        site.service.wait_ready()
+        yield site
+    finally:
+        site.stop()
+
+
+@case("J-29")
+def test_J29_audience_configured(own: Agent, fleet: Fleet) -> None:
+    """With an audience configured, only that exact string is accepted: not a list holding
+    it, not a near spelling, not a missing ``aud``, not another site's token."""
+    v = victim(own)
+    assert v.claims["aud"] == OWN_AUDIENCE
+    forgeries = {f"aud={aud!r}": with_claims(v, aud=aud)
+                 for aud in ([OWN_AUDIENCE], [OWN_AUDIENCE, "site-hs"], ["site-hs", OWN_AUDIENCE],
+                             OWN_AUDIENCE + " ", OWN_AUDIENCE.upper(), "Site-x", "site-", "",
+                             None, own.base)}
+    forgeries["aud missing"] = resign(own, v.token, drop=["aud"])
+    forgeries["another site's token"] = victim(fleet["hs"]).token
+    forgeries["another site's token, aud set"] = resign(
+        fleet["hs"], victim(fleet["hs"]).token, aud=OWN_AUDIENCE)
+    hostile = Attacker(per_address=OWN_LIMIT - 1)
+    try:
+        refuse_all(hostile, v, forgeries)
+    finally:
+        hostile.close()
+
+
+@case("J-38")
+def test_J38_validate_is_rate_limited_per_ip(own: Agent) -> None:
+    """After 10 invalid tokens in a minute an IP gets 429 with Retry-After for every token,
+    valid ones included; valid tokens are not counted; other IPs are not affected. Each
+    request opens its own connection, so both workers of the site share the one counter."""
+    v = victim(own)
+    mark = own.last_audit_id()
+    address = next_address()
+
+    def from_attacker(token: str) -> requests.Response:
+        with session_from(address) as session:  # a new connection: either worker
+            return own.request("POST", "/token/validate", token=token, session=session)
+
+    for _ in range(2 * OWN_LIMIT):  # valid validations: never counted
+        r = from_attacker(v.token)
+        assert r.status_code == 200, r.text
+    for i in range(OWN_LIMIT):
+        assert_reject(from_attacker(with_claims(v, exp=now() - 3600, n=i)), f"invalid {i}")
+    for token in (v.token, "x.y.z", with_header(v, kid=random_kid())):
+        r = from_attacker(token)
+        assert r.status_code == 429, r.text
+        assert r.json()["code"] == "too_many_attempts", r.text
+        assert 0 < int(r.headers["Retry-After"]) <= 60
+        assert not TOKEN_FIELDS & set(r.json()) and "data" not in r.json()["data"]
+    assert own.rows("SELECT count(*) FROM hk_throttle WHERE key = ? AND locked_until IS NOT NULL",
+                    f"validate:{address}") == [(1,)]
+    started = own.audit("lockout.started", mark)
+    assert [row["details"] for row in started] == [{"scope": "validate", "seconds": 60}]
+    # Another client, and the user's token, are not affected.
+    assert_valid(v)
+    with session_from(next_address()) as other:
+        r = own.request("POST", "/token/validate", token=v.token, session=other)
+        assert r.status_code == 200, r.text
