@@ -9,10 +9,6 @@ that lets a test produce a correctly signed token carrying a hostile header or c
 from __future__ import annotations
 
 import base64
-import contextlib
-import datetime as dt
-import hashlib
-import hmac
 import itertools
 import json
 import secrets
@@ -31,7 +27,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent.services.keys import derive_key
 from tests.integration.test_sso import Agent
-from tests.integration.test_sso import session_from
 
 ALGORITHMS = jwt.algorithms.get_default_algorithms()
 
@@ -53,10 +48,6 @@ def split(token: str) -> tuple[dict[str, t.Any], dict[str, t.Any], bytes]:
     """Header, claims and raw signature of a compact JWS (not verified)."""
     h, p, s = token.split(".")
     return json.loads(b64d(h)), json.loads(b64d(p)), b64d(s)
-
-
-def hs256(key: bytes, signing_input: str) -> str:
-    return b64url(hmac.new(key, signing_input.encode(), hashlib.sha256).digest())
 
 
 def signed(header: t.Any, claims: t.Any, alg: str, key: t.Any) -> str:
@@ -114,11 +105,9 @@ def site_key(agent: Agent) -> SiteKey:
     return _site_key(str(agent.instance))
 
 
-def public_key(agent: Agent) -> t.Any:
+def public_key(agent: Agent) -> tuple[t.Any, dict[str, t.Any]]:
     """The site's public key as anyone can fetch it: its JWKS (the matching ``kid``)."""
     r = requests.get(agent.base + "/.well-known/jwks.json", timeout=10)
-    if r.status_code == 404:
-        r = agent.get("/.well-known/jwks.json")
     assert r.status_code == 200, r.text
     kid = site_key(agent).kid
     (jwk,) = [k for k in r.json()["keys"] if k["kid"] == kid]
@@ -166,19 +155,8 @@ def next_address() -> str:
     return next(_addresses)
 
 
-@contextlib.contextmanager
-def hostile() -> t.Iterator[requests.Session]:
-    """A client on an address of its own: forgeries never count against 127.0.0.1's limits."""
-    with session_from(next_address()) as session:
-        yield session
-
-
 def now() -> int:
     return int(time.time())
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def random_kid() -> str:
