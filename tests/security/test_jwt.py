@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from agent.services.keys import SigningKey
 from tests.conftest import PASSWORD
 from tests.conftest import free_port
 from tests.integration.test_sso import AGENT
@@ -599,6 +600,11 @@ def test_J22_kid_of_another_member_site(agent: Agent, fleet: Fleet, attacker: At
         forgeries[other.name] = key.sign({**v.header, "kid": key.kid, "alg": key.alg}, v.claims)
         # And the other site's genuine token, shown here: its iss and key are the other's.
         forgeries[f"{other.name} genuine"] = victim(other).token
+    # This site's own single sign-on key signs assertions only, never access tokens.
+    sso = SigningKey.from_pem("ES256", agent.federation_pem)
+    assert sso.kid in {jwk["kid"] for jwk in _hub_jwk(fleet, agent)}  # the key the hub lists
+    forgeries["own SSO key"] = signed({**v.header, "kid": sso.kid, "alg": "ES256"}, v.claims,
+                                      "ES256", sso.signing_key)
     refuse_all(attacker, v, forgeries)
 
 
@@ -798,6 +804,11 @@ def test_J33_structure(agent: Agent, attacker: Attacker) -> None:
     forgeries["header not JSON"] = signed(b64url(b"{alg"), p, key.alg, key.key)
     refuse_all(attacker, v, forgeries, in_body=True)
     refuse_all(attacker, v, forgeries)
+    # A body ``token`` that is no string at all.
+    for value in (12345, [v.token], {"token": v.token}, None, True, ""):
+        r = attacker.request(agent, "POST", "/token/validate", None, json={"token": value})
+        assert_reject(r, f"token={value!r}")
+    assert_valid(v)
 
 
 @case("J-34")
