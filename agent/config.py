@@ -482,7 +482,7 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
     "LOCKOUT_WINDOW": (900, "Seconds in which failures are counted."),
     "LOCKOUT_DURATION": (900, "First lock, seconds; doubles on each repeat (max 24 h)."),
     "LOCKOUT_ALLOWLIST": ([], "IPs or networks never locked out."),
-    "VALIDATE_MAX_FAILURES": (60, "Failed /token/validate calls per client IP a minute; 0 = no limit."),
+    "VALIDATE_MAX_FAILURES": (60, "Failed /token/validate per client IP a minute; 0 = off."),
     "MAX_SESSIONS": (0, "Active sessions (devices) per user; 0 = unlimited."),
     "SESSION_LIMIT_POLICY": ("evict_oldest", "evict_oldest or reject."),
     "WEBHOOKS": ([], "Webhook endpoints: [{id, url, secret, events}]."),

@@ -11,9 +11,9 @@ Verification order, each step refusing with the same generic ``invalid_token``:
 3. signature with that key and only its algorithm (PyJWT's primitive for it), canonical
    base64url (RFC 7515 §2);
 4. claims: a JSON object; ``exp``, ``nbf``, ``iat`` numbers (with leeway), ``iss`` exact,
-   ``aud`` the one configured string (and absent, not even empty, when none is), string ``sub``, ``jti``,
-   ``sid``. These are PyJWT's checks with the options we used to pass it, written out so
-   that a request pays for one base64 pass and one JSON parse.
+   ``aud`` the one configured string (and absent, not even empty, when none is), string
+   ``sub``, ``jti``, ``sid``. These are PyJWT's checks with the options we used to pass it,
+   written out so that a request pays for one base64 pass and one JSON parse.
 
 The session check (revocation) is the caller's: see :mod:`agent.services.sessions`.
 """
