@@ -892,6 +892,9 @@ def test_J37_weak_or_blank_hmac_secret(fleet: Fleet, attacker: Attacker) -> None
     none), and the genuine key is none of them."""
     v = victim(fleet["hs"])
     assert site_key(v.agent).key not in {s.encode() for s in COMMON_SECRETS}
+    # The site's HMAC key, and the secret the hub issued it, are at least 32 bytes (RFC 7518
+    # §3.2); the hub generates every site secret itself and accepts none from outside.
+    assert len(site_key(v.agent).key) >= 32 and len(v.agent.raw_secret) >= 32
     claims = {**v.claims, "roles": ["administrator"]}
     forgeries = {}
     for secret in COMMON_SECRETS:
