@@ -342,6 +342,7 @@ CHECKS: dict[str, t.Callable[[str, t.Any], t.Any]] = {
     "LOCKOUT_IP_MAX_FAILURES": lambda k, v: _int(k, v, 1, 10000),
     "LOCKOUT_WINDOW": lambda k, v: _int(k, v, 1, 86400),
     "LOCKOUT_DURATION": lambda k, v: _int(k, v, 1, 86400),
+    "VALIDATE_MAX_FAILURES": lambda k, v: _int(k, v, 0, 100000),
     "MAX_SESSIONS": lambda k, v: _int(k, v, 0, 10000),
     "SESSION_LIMIT_POLICY": lambda k, v: _choice(k, v, ("evict_oldest", "reject")),
     "WEBHOOKS": lambda k, v: _webhooks(k, v),
@@ -399,6 +400,7 @@ class Settings:
     lockout_window: int = 900
     lockout_duration: int = 900  # first lock; doubles on each repeat, at most 24 h
     lockout_allowlist: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    validate_max_failures: int = 60  # failed /token/validate per client IP a minute; 0 = off
     max_sessions: int = 0  # active sessions per user; 0 = no limit
     session_limit_policy: str = "evict_oldest"  # or "reject"
     webhooks: tuple[WebhookEndpoint, ...] = ()
@@ -480,6 +482,7 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
     "LOCKOUT_WINDOW": (900, "Seconds in which failures are counted."),
     "LOCKOUT_DURATION": (900, "First lock, seconds; doubles on each repeat (max 24 h)."),
     "LOCKOUT_ALLOWLIST": ([], "IPs or networks never locked out."),
+    "VALIDATE_MAX_FAILURES": (60, "Failed /token/validate per client IP a minute; 0 = off."),
     "MAX_SESSIONS": (0, "Active sessions (devices) per user; 0 = unlimited."),
     "SESSION_LIMIT_POLICY": ("evict_oldest", "evict_oldest or reject."),
     "WEBHOOKS": ([], "Webhook endpoints: [{id, url, secret, events}]."),
@@ -651,6 +654,7 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
         lockout_window=check("LOCKOUT_WINDOW"),
         lockout_duration=check("LOCKOUT_DURATION"),
         lockout_allowlist=_networks(PREFIX + "LOCKOUT_ALLOWLIST", get("LOCKOUT_ALLOWLIST")),
+        validate_max_failures=check("VALIDATE_MAX_FAILURES"),
         max_sessions=check("MAX_SESSIONS"),
         session_limit_policy=check("SESSION_LIMIT_POLICY"),
         webhooks=check("WEBHOOKS"),

@@ -93,7 +93,7 @@ def document(settings: Settings) -> dict[str, t.Any]:
                 "Check an access token (body `token` or the Bearer header)",
                 _obj({"valid": _BOOL, "code": _STR, "data": {"type": "object"}}, ["valid", "data"]),
                 body=token_field,
-                errors=(400, 401),
+                errors=(400, 401, 429),
             )
         },
         f"{p}/token/refresh": {

@@ -26,9 +26,9 @@ from .errors import NotFound
 from .errors import RegistrationClosed
 from .errors import ValidationFailed
 from .errors import WeakPassword
+from .extension import State
 from .extension import authenticate_request
 from .extension import bearer_token
-from .extension import State
 from .extension import client_ip
 from .extension import enforce_access
 from .extension import get_db
@@ -232,17 +232,35 @@ def login() -> Response:
 
 
 def token_validate() -> Response:
-    """POST /token/validate: is this access token valid right now?"""
+    """POST /token/validate: is this access token valid right now?
+
+    Invalid tokens count toward the client IP's limit (``HEADLESSKEY_VALIDATE_MAX_FAILURES`` a
+    minute); past it the IP is answered 429 for a minute, valid token or not.
+    """
     data = read_json()
     token_value = data.get("token") if "token" in data else bearer_token()
-    if token_value is None:
-        raise InvalidToken()
     state = get_state()
     s = state.settings
-    claims = verify_access_token(
-        token_value, state.ring, issuer=s.issuer, audience=s.audience, leeway=s.leeway
-    )
-    sessions.check_session(state, claims)
+    db = get_db()
+    client = _client()
+    key = lockout.validation_key(state, client.ip)
+    lockout.check_validations(db, state, key)
+    try:
+        if token_value is None:
+            raise InvalidToken()
+        claims = verify_access_token(
+            token_value, state.ring, issuer=s.issuer, audience=s.audience, leeway=s.leeway
+        )
+        sessions.check_session(state, claims)
+    except InvalidToken:
+        if key is not None:
+            db.rollback()
+            seconds = lockout.failed_validation(db, state, key)
+            if seconds:
+                events.record(db, state, "lockout.started", outcome="info", client=client,
+                              details={"scope": "validate", "seconds": seconds})
+            db.commit()
+        raise
     return jsonify({"valid": True, "code": "jwt_auth_valid_token", "data": claims})
 
 

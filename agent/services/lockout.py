@@ -192,6 +192,56 @@ def failed(db: DBSession, state: State, keys: Keys) -> list[tuple[str, int]]:
     return started
 
 
+# --- failed token validations ----------------------------------------------------------------
+#
+# The same counters, for callers of /token/validate: a client IP with too many invalid tokens
+# within a minute is answered 429 for a minute, whatever it sends, so the endpoint cannot be
+# used to test tokens at speed. Valid tokens are never counted, and cost one read.
+
+VALIDATE_WINDOW = 60  # seconds
+
+
+def validation_key(state: State, ip: str) -> str | None:
+    """The counter of failed validations from ``ip``; None when not limited."""
+    s = state.settings
+    if not s.validate_max_failures or not ip or _allowlisted(ip, s.lockout_allowlist):
+        return None
+    return f"validate:{ip}"
+
+
+def check_validations(db: DBSession, state: State, key: str | None) -> None:
+    """Raise :class:`TooManyAttempts` while ``key`` is locked (a read; nothing is written)."""
+    if key is None:
+        return
+    row = db.get(Throttle, key)
+    now = state.clock()
+    if row is not None and row.locked_until is not None and now < row.locked_until:
+        raise TooManyAttempts(_seconds(row.locked_until - now))
+
+
+def failed_validation(db: DBSession, state: State, key: str | None) -> int:
+    """Count one invalid token under ``key``; returns the seconds of a lock it started, or 0.
+
+    The caller commits.
+    """
+    if key is None:
+        return 0
+    now = state.clock()
+    window = dt.timedelta(seconds=VALIDATE_WINDOW)
+    row = _locked_row(db, key, now)
+    if now - row.window_start >= window:
+        row.failures = 0
+        row.window_start = now
+    row.failures += 1
+    if row.failures < state.settings.validate_max_failures:
+        return 0
+    row.locked_until = now + window
+    row.lock_count += 1
+    row.failures = 0
+    row.window_start = now
+    return VALIDATE_WINDOW
+
+
 def unlock_user(db: DBSession, user_id: int, login_keys: t.Iterable[str] = ()) -> int:
     """Clear the counters of an account (admin unlock); returns how many were cleared."""
     from .accounts import key_of

@@ -2,17 +2,18 @@
 
 Verification order, each step refusing with the same generic ``invalid_token``:
 
-1. size and shape: three base64url segments, no padding, at most 8 KiB (RFC 8725 §3.7);
+1. size and shape: three base64url segments, no padding, at most 8 KiB, a header segment of at
+   most 512 characters (RFC 8725 §3.7);
 2. header: a JSON object with ``typ`` exactly ``at+jwt`` (RFC 8725 §3.11) so no other kind of
    token minted here is ever taken for an access token, a string ``kid`` naming a key of this
-   site, ``alg`` equal to that key's algorithm, and no ``crit`` (we understand no extension,
-   RFC 7515 §4.1.11);
+   site, ``alg`` equal to that key's algorithm, no ``crit`` (we understand no extension,
+   RFC 7515 §4.1.11), and no ``b64``, ``cty`` (nested tokens) or ``zip``;
 3. signature with that key and only its algorithm (PyJWT's primitive for it), canonical
    base64url (RFC 7515 §2);
 4. claims: a JSON object; ``exp``, ``nbf``, ``iat`` numbers (with leeway), ``iss`` exact,
-   ``aud`` the one configured string (and absent when none is), string ``sub``, ``jti``,
-   ``sid``. These are PyJWT's checks with the options we used to pass it, written out so
-   that a request pays for one base64 pass and one JSON parse.
+   ``aud`` the one configured string (and absent, not even empty, when none is), string
+   ``sub``, ``jti``, ``sid``. These are PyJWT's checks with the options we used to pass it,
+   written out so that a request pays for one base64 pass and one JSON parse.
 
 The session check (revocation) is the caller's: see :mod:`agent.services.sessions`.
 """
@@ -36,7 +37,9 @@ from .keys import KeyRing
 
 ACCESS_TYP = "at+jwt"
 MAX_TOKEN_LENGTH = 8192
+MAX_HEADER_LENGTH = 512  # ours are about 100 characters (joserfc's default limit)
 _SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_UNSUPPORTED = frozenset({"b64", "cty", "zip"})  # header parameters we never mint nor follow
 REQUIRED = ("exp", "iat", "nbf", "iss", "sub", "jti", "sid")
 # PyJWT's signature primitives by name, built once (verification looks one up per request).
 _ALGORITHMS = jwt.algorithms.get_default_algorithms()
@@ -124,7 +127,7 @@ def verify_access_token(
     if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH or not _SHAPE.fullmatch(token):
         raise InvalidToken()
     header_segment, payload_segment, signature_segment = token.split(".")
-    if len(header_segment) > 1024 or not _canonical(signature_segment):
+    if len(header_segment) > MAX_HEADER_LENGTH or not _canonical(signature_segment):
         raise InvalidToken()
     try:
         header = json.loads(_b64decode(header_segment))
@@ -135,8 +138,9 @@ def verify_access_token(
     kid = header.get("kid")
     key = ring.get(kid) if isinstance(kid, str) else None
     # The algorithm comes from our key, never from the token (RFC 8725 §2.1, §3.1). The
-    # payload is always base64url JSON: an RFC 7797 "b64" header is refused.
-    if key is None or header.get("alg") != key.alg or "b64" in header:
+    # payload is always the claims, plain base64url JSON: an RFC 7797 "b64" header, a nested
+    # token ("cty", RFC 7519 §5.2) and compression ("zip", a JWE parameter) are refused.
+    if key is None or header.get("alg") != key.alg or not _UNSUPPORTED.isdisjoint(header):
         raise InvalidToken()
     try:
         payload = _b64decode(payload_segment)
@@ -168,7 +172,9 @@ def verify_access_token(
         raise InvalidToken()
     aud = claims.get("aud")
     if audience is None:
-        if aud:  # a token meant for some audience is refused when none is configured
+        # A token naming any audience, even an empty or null one, is not one of ours: we
+        # mint no ``aud`` when none is configured.
+        if "aud" in claims:
             raise InvalidToken()
     elif not isinstance(aud, str) or aud != audience:  # the one string, not a list holding it
         raise InvalidToken()

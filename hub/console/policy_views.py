@@ -142,8 +142,8 @@ def site_settings_history(site_key: str) -> ResponseReturnValue:
     for index, row in enumerate(rows):
         before = rows[index + 1].settings if index + 1 < len(rows) else {}
         changes.append(policies.diff(before, row.settings))
-    return render_template("console/site_history.html", rows=list(zip(rows, changes)),
-                           **_context(site))
+    pairs = list(zip(rows, changes, strict=True))
+    return render_template("console/site_history.html", rows=pairs, **_context(site))
 
 
 @bp.post("/console/sites/<site_key>/settings-history/rollback")

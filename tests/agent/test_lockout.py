@@ -361,3 +361,56 @@ def test_lockout_appears_in_the_activity_log(s: Site, team: dict[str, t.Any]) ->
     assert row["details"]["by"] == team["admin_id"]
     # A subscriber cannot read the log.
     assert s.api.get("/admin/logs", token=team["bob"]).status_code == 403
+
+
+# --- failed token validations ---------------------------------------------------------------
+
+
+def validate(s: Site, token: str, ip: str) -> requests.Response:
+    return s.api.post("/token/validate", json={"token": token}, headers={"X-Forwarded-For": ip})
+
+
+def test_failed_validations_lock_the_ip_for_a_minute(make_site: t.Callable[..., Site]) -> None:
+    s = make_site("HS256", HEADLESSKEY_VALIDATE_MAX_FAILURES=5, HEADLESSKEY_TRUSTED_PROXIES=1)
+    s.create_user("alice")
+    good = s.api.login()["token"]
+    for i in range(5):
+        r = validate(s, f"not-a-token-{i}", "203.0.113.7")
+        assert r.status_code == 401 and r.json()["code"] == "invalid_token", r.text
+    # Locked: every answer is 429, a valid token's too, so the limit is no oracle either.
+    assert 55 <= retry_after(validate(s, good, "203.0.113.7")) <= 60
+    assert 55 <= retry_after(validate(s, "not-a-token", "203.0.113.7")) <= 60
+    # Another client is not locked, and its valid tokens are never counted.
+    for _ in range(10):
+        assert validate(s, good, "203.0.113.8").status_code == 200
+    s.clock.advance(61)
+    assert validate(s, good, "203.0.113.7").status_code == 200
+    assert s.scalar(
+        "SELECT count(*) FROM hk_audit WHERE event = 'lockout.started' AND ip = '203.0.113.7'"
+    ) == 1
+
+
+def test_failed_validations_count_within_a_minute(make_site: t.Callable[..., Site]) -> None:
+    s = make_site("HS256", HEADLESSKEY_VALIDATE_MAX_FAILURES=3)
+    s.create_user("alice")
+    good = s.api.login()["token"]
+    for _ in range(2):
+        assert validate(s, "x.y.z", "ignored").status_code == 401
+    s.clock.advance(61)  # a new window: the two failures are forgotten
+    for _ in range(2):
+        assert validate(s, "x.y.z", "ignored").status_code == 401
+    assert validate(s, good, "ignored").status_code == 200
+    assert validate(s, "x.y.z", "ignored").status_code == 401
+    retry_after(validate(s, good, "ignored"))
+
+
+def test_validation_limit_off_and_allowlist(make_site: t.Callable[..., Site]) -> None:
+    for settings in ({"HEADLESSKEY_VALIDATE_MAX_FAILURES": 0},
+                     {"HEADLESSKEY_VALIDATE_MAX_FAILURES": 2,
+                      "HEADLESSKEY_LOCKOUT_ALLOWLIST": ["127.0.0.1"]}):
+        s = make_site("HS256", **settings)
+        s.create_user("alice")
+        good = s.api.login()["token"]
+        for _ in range(5):
+            assert validate(s, "x.y.z", "ignored").status_code == 401
+        assert validate(s, good, "ignored").status_code == 200

@@ -342,6 +342,9 @@ def test_token_kinds_and_headers_are_checked(make_site: t.Any) -> None:
         forge(claims, key, "HS256", kid=kid, typ="at+jwt", crit=["exp"]),
         forge({**claims, "iss": claims["iss"] + "/"}, key, "HS256", kid=kid, typ="at+jwt"),
         forge({**claims, "aud": "someone"}, key, "HS256", kid=kid, typ="at+jwt"),
+        forge({**claims, "aud": ""}, key, "HS256", kid=kid, typ="at+jwt"),
+        forge({**claims, "aud": []}, key, "HS256", kid=kid, typ="at+jwt"),
+        forge({**claims, "aud": None}, key, "HS256", kid=kid, typ="at+jwt"),
         forge({**claims, "sub": 1}, key, "HS256", kid=kid, typ="at+jwt"),
         forge({**claims, "sub": "2"}, key, "HS256", kid=kid, typ="at+jwt"),  # session of user 1
         forge({k: v for k, v in claims.items() if k != "exp"}, key, "HS256", kid=kid, typ="at+jwt"),
@@ -399,6 +402,10 @@ def test_claims_are_checked_one_by_one(make_site: t.Any) -> None:
         "sid empty": signed(sid=""),
         "roles not a list": signed(roles="administrator"),
         "b64 header": by_hand({"alg": "HS256", "kid": kid, "typ": "at+jwt", "b64": True}),
+        "cty header": by_hand({"alg": "HS256", "kid": kid, "typ": "at+jwt", "cty": "JWT"}),
+        "zip header": by_hand({"alg": "HS256", "kid": kid, "typ": "at+jwt", "zip": "DEF"}),
+        "header over 512 characters": by_hand({"alg": "HS256", "kid": kid, "typ": "at+jwt",
+                                               "x": "h" * 400}),
         "payload not an object": jwt.api_jws.PyJWS().encode(
             b'["not", "claims"]', key, "HS256", headers={"kid": kid, "typ": "at+jwt"}),
         "payload not JSON": jwt.api_jws.PyJWS().encode(
