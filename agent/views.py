@@ -26,9 +26,9 @@ from .errors import NotFound
 from .errors import RegistrationClosed
 from .errors import ValidationFailed
 from .errors import WeakPassword
+from .extension import State
 from .extension import authenticate_request
 from .extension import bearer_token
-from .extension import State
 from .extension import client_ip
 from .extension import enforce_access
 from .extension import get_db
