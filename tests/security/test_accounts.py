@@ -209,7 +209,7 @@ def test_A18_huge_passwords_are_refused_quickly(fleet: Fleet) -> None:
     without creating an account or hashing the input."""
     rs = fleet["rs"]
     user = fresh_user(rs, "a18")
-    cases = {
+    cases: dict[str, t.Callable[[], requests.Response]] = {
         "register 1 MB": lambda: register(rs, f"a18x{secrets.token_hex(3)}", "a" * 1_000_000),
         "login 1 MB": lambda: attempt(rs, user.username, "a" * 1_000_000),
         "login 5000": lambda: attempt(rs, user.username, random_password(5000)),

@@ -189,7 +189,8 @@ def test_K03_kids_are_unique_and_cannot_be_taken(fleet: Fleet) -> None:
     rs_kid = next(k["kid"] for k in document["keys"] if k["hk_site"] == rs.site_key)
     client = client_of(fleet.hub.url, rs.site_key, rs.secret)
     for kid in (hs_kid, rs_kid):
-        error = refused(lambda kid=kid: client.register_key(ec_jwk(ec.SECP256R1(), kid), "next"))
+        jwk = ec_jwk(ec.SECP256R1(), kid)
+        error = refused(lambda: client.register_key(jwk, "next"))  # noqa: B023 (called at once)
         assert error.status == 409 and error.code == "kid_taken", error
     after = hub_jwks(fleet.hub.url).json()
     assert after == document
@@ -211,10 +212,10 @@ def test_K06_jwks_caching_headers(fleet: Fleet) -> None:
         r = requests.get(agent.base + "/.well-known/jwks.json", timeout=10)
         assert re.search(r"max-age=\d+", r.headers.get("Cache-Control", "")), r.headers
         assert "no-store" not in r.headers.get("Cache-Control", "")
-        etag = r.headers.get("ETag")
-        assert etag, r.headers
+        site_etag = r.headers.get("ETag")
+        assert site_etag, r.headers
         again = requests.get(agent.base + "/.well-known/jwks.json", timeout=10,
-                             headers={"If-None-Match": etag})
+                             headers={"If-None-Match": site_etag})
         assert again.status_code == 304, again.text
 
 

@@ -61,7 +61,7 @@ def link_of(msg: Message) -> dict[str, str]:
 
 
 def code_of(msg: Message) -> str:
-    codes = re.findall(r"^ +(\d{6})\r?$", body_of(msg), re.MULTILINE)  # the code's own line
+    codes: list[str] = re.findall(r"^ +(\d{6})\r?$", body_of(msg), re.MULTILINE)  # its own line
     assert len(codes) == 1, body_of(msg)
     return codes[0]
 
