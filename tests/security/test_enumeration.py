@@ -182,18 +182,18 @@ def hash_cost(site: Site) -> float:
     checked, unchecked = interleaved(
         lambda i: site.post("/token", {"username": known, "password": f"wrong {i}"}),
         lambda i: site.post("/token", {"username": known}),
-        n=20,
+        n=30,
     )
     assert answers(unchecked) == {(400, unchecked[0][1].text)}
     return median(checked) - median(unchecked)
 
 
 def same_median(a: t.Callable[[int], Sample], b: t.Callable[[int], Sample], bound: float,
-                n: int = SAMPLES, rounds: int = 2) -> tuple[list[Sample], list[Sample], float]:
+                n: int = SAMPLES, rounds: int = 3) -> tuple[list[Sample], list[Sample], float]:
     """Samples of ``a`` and ``b`` until their medians are within ``bound``, at most ``rounds``
     batches of ``n``; every batch adds to the same two groups, so a real gap (which stays
     as samples accumulate) still fails, while a batch spoiled by the shared machine's load gets
-    one more chance. Returns the groups and the last difference of medians."""
+    more samples. Returns the groups and the last difference of medians."""
     first: list[Sample] = []
     second: list[Sample] = []
     difference = float("inf")
