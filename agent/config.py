@@ -383,6 +383,7 @@ class Settings:
     reset_otp_ttl: int
     reset_otp_length: int
     reset_otp_max_attempts: int
+    reset_max_per_hour: int  # reset mails per account per hour; more are dropped silently
     reset_url: str  # the frontend page that receives ?login=...&token=...
     mail_backend: str  # console, smtp or null
     mail_host: str
@@ -464,6 +465,7 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
     "RESET_OTP_TTL": (600, "Reset code lifetime, seconds."),
     "RESET_OTP_LENGTH": (6, "Digits in a reset code."),
     "RESET_OTP_MAX_ATTEMPTS": (5, "Wrong codes before a code is burned."),
+    "RESET_MAX_PER_HOUR": (5, "Reset mails per account per hour; further requests send none."),
     "RESET_URL": (None, "Frontend reset page; default SITE_URL + /reset-password."),
     "MAIL_BACKEND": ("console", "console (development), smtp or null."),
     "MAIL_HOST": ("127.0.0.1", "SMTP host."),
@@ -632,6 +634,9 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
         reset_otp_length=_int(PREFIX + "RESET_OTP_LENGTH", get("RESET_OTP_LENGTH"), 6, 10),
         reset_otp_max_attempts=_int(
             PREFIX + "RESET_OTP_MAX_ATTEMPTS", get("RESET_OTP_MAX_ATTEMPTS"), 1, 20
+        ),
+        reset_max_per_hour=_int(
+            PREFIX + "RESET_MAX_PER_HOUR", get("RESET_MAX_PER_HOUR"), 1, 100
         ),
         reset_url=_url(PREFIX + "RESET_URL", get("RESET_URL") or f"{site_url}/reset-password"),
         mail_backend=_choice(

@@ -711,6 +711,8 @@ def jwks() -> Response:
     state = get_state()
     response = jsonify(state.ring.jwks())
     response.headers["Cache-Control"] = f"public, max-age={state.settings.jwks_max_age}"
+    response.add_etag()  # a cache revalidates with If-None-Match and gets a 304
+    response.make_conditional(request)
     return response
 
 

@@ -5,6 +5,8 @@
   alone cannot test a guess of a 6-digit code offline, and a code is bound to its user.
 - Single use, an expiry (link 1 h, code 10 min by default), the newest request voids older
   ones, and a code is burned after ``RESET_OTP_MAX_ATTEMPTS`` wrong tries.
+- At most ``RESET_MAX_PER_HOUR`` reset mails per account per hour (no mail bombing); further
+  requests are recorded and dropped without a mail, with the same answer.
 - The answer to ``/forgot-password`` never depends on whether the account exists.
 """
 
@@ -17,6 +19,7 @@ import secrets
 import typing as t
 from urllib.parse import urlencode
 
+from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import update
 from sqlalchemy.orm import Session as DBSession
@@ -54,6 +57,19 @@ def request_reset(
         return None
     s = state.settings
     now = state.clock()
+    sent = db.scalar(
+        select(func.count())
+        .select_from(PasswordReset)
+        .where(PasswordReset.user_id == user.id,
+               PasswordReset.created_at > now - dt.timedelta(hours=1))
+    )
+    if (sent or 0) >= s.reset_max_per_hour:
+        # Mail bombing: no further mail this hour, and the answer stays the same.
+        events.record(db, state, "password.reset_requested", outcome="blocked", client=client,
+                      user_id=user.id, login=login,
+                      details={"delivery": delivery, "reason": "too_many_requests"})
+        db.commit()
+        return None
     # The newest request wins: every older, unused link or code of this user stops working.
     db.execute(
         update(PasswordReset)

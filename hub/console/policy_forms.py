@@ -77,6 +77,7 @@ FIELDS: dict[str, tuple[Field, ...]] = {
               choices=("HS256", "RS256", "ES256")),
     ),
 }
+ALGORITHMS = ("HS256", "RS256", "ES256")
 PAGES = {
     "general": "General",
     "security": "Security policy",

@@ -11,6 +11,7 @@ import typing as t
 
 from flask import abort
 from flask import flash
+from flask import g
 from flask import redirect
 from flask import render_template
 from flask import request
@@ -20,6 +21,7 @@ from flask.typing import ResponseReturnValue
 from agent.config import WEBHOOK_EVENTS
 
 from ..models import Site
+from ..services import admins
 from ..services import health as health_service
 from ..services import policies
 from ..state import get_db
@@ -27,6 +29,7 @@ from ..state import get_state
 from . import policy_forms as pf
 from .views import _actor
 from .views import _commit
+from .views import _ip
 from .views import _site
 from .views import bp
 
@@ -89,6 +92,18 @@ def site_settings(site_key: str, group: str) -> ResponseReturnValue:
         changes: dict[str, t.Any] = {"ACCESS": rules}
     else:
         changes = pf.parse(group, request.form)
+    wanted = changes.get("ALGORITHM")
+    if group == "algorithms" and wanted in (None, *pf.ALGORITHMS) \
+            and wanted != _algorithm_of(site):
+        # RFC 8725 §3.1: a switch retires the signing key; only the admin, not a session
+        # left open, may do that.
+        if not admins.confirm(db, get_state(), g.hub_admin, request.form.get("password", ""),
+                              _ip()):
+            _commit()  # the failure is counted
+            return _render(site, group, values=request.form, status=403,
+                           errors={"password": ["Your password is needed for this change."]},
+                           message="Confirm the algorithm change with your password; "
+                           "nothing was saved.")
     try:
         row = policies.save(db, get_state(), site, changes, actor=_actor(), note=note)
     except policies.PolicyRefused as exc:
@@ -96,6 +111,12 @@ def site_settings(site_key: str, group: str) -> ResponseReturnValue:
         return _render(site, group, values=request.form, errors=exc.fields or {},
                        message=exc.message, status=400)
     return _saved(site, group, row)
+
+
+def _algorithm_of(site: Site) -> t.Any:
+    """The access-token algorithm the hub has set for ``site`` (None: the site's own)."""
+    row = policies.current(get_db(), site)
+    return (row.settings or {}).get("ALGORITHM") if row is not None else None
 
 
 @bp.post("/console/sites/<site_key>/settings/webhooks/add")
@@ -153,6 +174,11 @@ def site_settings_rollback(site_key: str) -> ResponseReturnValue:
     raw = request.form.get("version", "")
     if not (raw.isascii() and raw.isdigit() and len(raw) < 10):
         abort(400, description="Choose a version to roll back to.")
+    target = policies.version(get_db(), site, int(raw))
+    if (target.settings or {}).get("ALGORITHM") != _algorithm_of(site):
+        flash("That version has another token algorithm: change it on the Algorithms page, "
+              "which asks for your password.", "error")
+        return redirect(url_for("console.site_settings_history", site_key=site.site_key))
     row = policies.rollback(get_db(), get_state(), site, int(raw), actor=_actor())
     _commit()
     if row is None:

@@ -82,3 +82,26 @@ def authenticate(db: DBSession, state: HubState, username: str, password: str, i
         admin.password_hash = hasher(state).hash(password)
     events.log(db, state, "admin.login", actor=username, ip=ip)
     return admin
+
+
+def confirm(db: DBSession, state: HubState, admin: Admin, password: str, ip: str) -> bool:
+    """Re-authentication of the signed-in ``admin`` before a sensitive change.
+
+    A wrong password counts toward the admin's lock as a failed login does, so a stolen
+    session cannot be used to guess it; a locked admin is refused whatever the password.
+    """
+    now = state.clock()
+    locked = admin.locked_until is not None and now < admin.locked_until
+    ok = hasher(state).verify(admin.password_hash, password[:1024])
+    if ok and not locked and admin.active:
+        admin.failures = 0
+        events.log(db, state, "admin.reauthenticated", actor=admin.username, ip=ip)
+        return True
+    if not locked:
+        admin.failures += 1
+        if admin.failures >= state.setting("ADMIN_MAX_FAILURES"):
+            admin.locked_until = now + dt.timedelta(seconds=state.setting("ADMIN_LOCK_SECONDS"))
+            admin.failures = 0
+            events.log(db, state, "admin.locked", outcome="info", actor=admin.username, ip=ip)
+    events.log(db, state, "admin.reauth_failed", outcome="failure", actor=admin.username, ip=ip)
+    return False

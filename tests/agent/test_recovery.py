@@ -196,6 +196,22 @@ def test_newest_request_wins(rsite: Site) -> None:
     assert can_log_in(rsite, "alice", NEW_PASSWORD)
 
 
+def test_reset_mails_are_limited_per_account(rsite: Site, smtp: Mailbox) -> None:
+    """Five reset mails per account per hour; more requests get the same answer and no mail."""
+    for _ in range(5):
+        request_link(rsite)
+    answers = [rsite.api.post("/forgot-password", json={"login": login, "delivery": "link"})
+               for login in ("alice", "alice", "nobody")]
+    assert [r.status_code for r in answers] == [200] * 3
+    assert all(r.json() == answers[0].json() for r in answers)
+    request_link(rsite, "bob", BOB)  # other accounts are not affected; bob's mail comes after
+    assert len(reset_mails(smtp, ALICE)) == 5
+    assert rsite.scalar("SELECT count(*) FROM hk_audit WHERE event = 'password.reset_requested' "
+                        "AND outcome = 'blocked'") == 2
+    rsite.clock.advance(3601)
+    assert request_link(rsite)["token"]  # an hour later, mails go out again
+
+
 def test_newest_code_wins(rsite: Site) -> None:
     first = request_code(rsite)
     second = request_code(rsite)

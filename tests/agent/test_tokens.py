@@ -239,6 +239,16 @@ def test_expired_access_token_is_refused(make_site: t.Any) -> None:
     assert s.api.get("/me", token=token).status_code == 401
 
 
+def test_jwks_has_an_etag_and_answers_304(site: Site) -> None:
+    r = site.api.get("/.well-known/jwks.json")
+    assert "max-age=" in r.headers["Cache-Control"]
+    etag = r.headers["ETag"]
+    again = site.api.get("/.well-known/jwks.json", headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.content == b""
+    other = site.api.get("/.well-known/jwks.json", headers={"If-None-Match": '"other"'})
+    assert other.status_code == 200 and other.json() == r.json()
+
+
 def test_jwks_publishes_public_keys_only(site: Site, algorithm: str) -> None:
     r = site.api.get("/.well-known/jwks.json")
     assert r.status_code == 200

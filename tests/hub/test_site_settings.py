@@ -123,6 +123,41 @@ def test_history_and_rollback(hub: Hub, console: Console, shop: tuple[str, str])
     assert r.status_code == 404 and versions(hub) == 3
 
 
+def test_algorithm_change_needs_the_admins_password(
+        hub: Hub, console: Console, shop: tuple[str, str]) -> None:
+    """A switch of the token algorithm asks for the password again: none or a wrong one saves
+    nothing (and counts as a failure); the right one saves; the same value needs none."""
+    url = page("shop", "algorithms")
+    for password in (None, "not the password"):
+        form = {"ALGORITHM": "RS256"} | ({"password": password} if password else {})
+        r = console.post(url, form, form_page=url)
+        assert r.status_code == 403, r.text
+        assert 'id="password-error"' in r.text and versions(hub) == 0
+    assert hub.scalar("SELECT failures FROM hub_admins WHERE username = 'alice'") == 2
+    assert hub.scalar("SELECT count(*) FROM hub_events WHERE event = 'admin.reauth_failed'") == 2
+    r = console.post(url, {"ALGORITHM": "RS256", "password": PASSWORD}, form_page=url)
+    assert r.status_code == 302, r.text
+    assert directory(hub, shop)["policy"]["settings"] == {"ALGORITHM": "RS256"}
+    assert hub.scalar("SELECT failures FROM hub_admins WHERE username = 'alice'") == 0
+    r = console.post(url, {"ALGORITHM": "RS256", "note": "same"}, form_page=url)
+    assert r.status_code == 302 and versions(hub) == 1
+    # Handing the choice back to the site is a change too.
+    r = console.post(url, {"ALGORITHM": ""}, form_page=url)
+    assert r.status_code == 403 and versions(hub) == 1
+
+
+def test_rollback_cannot_switch_the_algorithm(
+        hub: Hub, console: Console, shop: tuple[str, str]) -> None:
+    url = page("shop", "algorithms")
+    console.post(url, {"ALGORITHM": "RS256", "password": PASSWORD}, form_page=url)
+    console.post(url, {"ALGORITHM": "ES256", "password": PASSWORD}, form_page=url)
+    history = "/console/sites/shop/settings-history"
+    r = console.post(history + "/rollback", {"version": "1"}, form_page=history)
+    assert r.status_code == 302 and versions(hub) == 2
+    assert "Algorithms page" in console.get(history).text
+    assert directory(hub, shop)["policy"]["settings"] == {"ALGORITHM": "ES256"}
+
+
 def test_webhook_secret_shown_once_kept_encrypted(hub: Hub, console: Console,
                                                   shop: tuple[str, str]) -> None:
     url = page("shop", "webhooks")

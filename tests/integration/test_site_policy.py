@@ -188,7 +188,7 @@ def test_algorithm_switch_keeps_old_tokens_valid(fleet: Fleet) -> None:
     a = fleet.fed["a"]
     user = new_user(a, "algo")
     assert jwt.get_unverified_header(user.token)["alg"] == "HS256"
-    fleet.save(a, "algorithms", {"ALGORITHM": "ES256"})
+    fleet.save(a, "algorithms", {"ALGORITHM": "ES256", "password": ADMIN_PASSWORD})
     deadline = time.monotonic() + 20
     while True:
         fresh = login(a, "algo")
