@@ -10,7 +10,8 @@ run every few seconds by the jobs process (:mod:`agent.jobs`), sends what is due
   delays a message but never loses it;
 - the stored ``body`` is POSTed as is, signed the Standard Webhooks way (``webhook-id``, stable
   across retries; ``webhook-timestamp``, fresh per attempt; ``webhook-signature``, ``v1,`` +
-  HMAC-SHA256 with the endpoint's own secret);
+  HMAC-SHA256 with the endpoint's own secret, and a second signature by its previous secret
+  while that one is being rotated out);
 - only a 2xx answer delivers; redirects are never followed; 410 Gone gives up at once; any
   other failure is retried on :data:`SCHEDULE` (with jitter, ``Retry-After`` honoured on 429
   and 503) and the message is marked ``dead`` once the schedule is exhausted (> 24 h).
@@ -334,7 +335,11 @@ def _post(
             "User-Agent": USER_AGENT,
             "webhook-id": claimed.message_id,
             "webhook-timestamp": str(int(timestamp.timestamp())),
-            "webhook-signature": sign(endpoint.secret, claimed.message_id, timestamp, claimed.body),
+            # One signature per secret in use: the previous one too during a rotation.
+            "webhook-signature": " ".join(
+                sign(secret, claimed.message_id, timestamp, claimed.body)
+                for secret in endpoint.signing_secrets(now)
+            ),
         },
     )
     started = time.monotonic()

@@ -35,6 +35,7 @@ from standardwebhooks.webhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from agent import HeadlessKey
+from agent.errors import ConfigError
 from agent.extension import State
 from agent.models import User
 from agent.models import WebhookAttempt
@@ -44,12 +45,12 @@ from agent.webhooks import InvalidSignature
 from agent.webhooks import deliver_due
 from agent.webhooks import redeliver
 from agent.webhooks import verify
-from tests.conftest import process_env as clean_env
 from tests.conftest import PASSWORD
 from tests.conftest import Clock
 from tests.conftest import Mailbox
 from tests.conftest import Site
 from tests.conftest import free_port
+from tests.conftest import process_env as clean_env
 
 NEW_PASSWORD = "amber falcon over quiet harbours"
 THIRD_PASSWORD = "seventeen paper lanterns drifting"
@@ -398,6 +399,60 @@ def test_every_event_arrives_exactly_once_signed_with_its_endpoints_secret(
     assert login_ok["timestamp"].endswith("Z")
     assert login_ok["data"]["login"] == "bob" and login_ok["data"]["outcome"] == "success"
     assert login_ok["data"]["session_id"] == pair["sid"]
+
+
+def test_a_rotating_endpoint_is_signed_by_both_secrets_until_the_previous_expires(
+    make_site: t.Callable[..., Site], receivers: t.Callable[[], Receiver]
+) -> None:
+    """W-08: with ``previous_secret`` each delivery carries two signatures, so a receiver holding
+    either secret verifies it; past ``previous_secret_expires`` only the new secret signs."""
+    ops = receivers()
+    new, old, stranger = new_secret(), new_secret(), new_secret()
+    ends = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(hours=1)
+    site = make_site(HEADLESSKEY_WEBHOOKS=[dict(
+        endpoint("ops", ops, new), previous_secret=old,
+        previous_secret_expires=ends.isoformat().replace("+00:00", "Z"))])
+    register(site, "rita")
+    assert deliver_due(site.state) == 1
+    (during,) = ops.wait_for(1)
+    assert len(during.headers["webhook-signature"].split(" ")) == 2
+    at = site.clock()
+    assert verifies(new, during, at) and verifies(old, during, at)
+    assert not verifies(stranger, during, at)
+    assert not verifies(old, tampered(during), at)
+
+    site.clock.advance((ends - site.clock()).total_seconds())
+    register(site, "rory")
+    assert deliver_due(site.state) == 1
+    after = ops.wait_for(2)[1]
+    assert len(after.headers["webhook-signature"].split(" ")) == 1
+    assert verifies(new, after, site.clock())
+    assert not verifies(old, after, site.clock())
+
+
+FIRST, SECOND, THIRD = new_secret(), new_secret(), new_secret()
+
+
+@pytest.mark.parametrize(
+    ("rotation", "message"),
+    [
+        ({"previous_secret": "whsec_c2hvcnQ="}, "previous_secret: expected whsec_"),
+        ({"previous_secret_expires": "2026-12-01T12:00:00Z"}, "without a previous_secret"),
+        ({"previous_secret": FIRST}, "previous_secret: the same as the secret"),
+        ({"previous_secret": THIRD, "previous_secret_expires": "2026-12-01T12:00:00"},
+         "previous_secret_expires: expected an ISO 8601 time with its offset"),
+        ({"previous_secret": SECOND}, "two endpoints share a secret"),
+    ],
+)
+def test_bad_rotation_settings_stop_start_up(
+    make_site: t.Callable[..., Site], rotation: dict[str, str], message: str
+) -> None:
+    """W-08: a previous secret must be a secret of its own, an expiry needs one and a UTC
+    offset, and no two endpoints may share a secret."""
+    hook = {"id": "a", "url": "https://a.example/h", "secret": FIRST, **rotation}
+    other = {"id": "b", "url": "https://b.example/h", "secret": SECOND}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_site(HEADLESSKEY_WEBHOOKS=[hook, other])
 
 
 # ---------------------------------------------------------------------------------------------
