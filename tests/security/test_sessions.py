@@ -11,7 +11,6 @@ session past its absolute end), never by sleeping.
 
 from __future__ import annotations
 
-import secrets
 import threading
 import typing as t
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +20,8 @@ import pytest
 import requests
 
 from tests.conftest import PASSWORD
-from tests.integration.test_sso import AGENT
 from tests.integration.test_sso import Agent
 from tests.integration.test_sso import db_write
-from tests.integration.test_sso import run
 from tests.integration.test_sso import sqlite_time
 from tests.security.conftest import Fleet
 from tests.security.conftest import fresh_user
@@ -94,12 +91,12 @@ def age_rotation(agent: Agent, sid: str, seconds: float) -> None:
 
 
 def create_admin(agent: Agent) -> str:
-    """An administrator of ``agent``, made with the command line; returns an access token."""
-    name = f"admin{secrets.token_hex(4)}"
-    run(AGENT, "users", "create", "--instance", str(agent.instance), "--username", name,
-        "--email", f"{name}@example.com", "--role", "administrator", "--password-stdin",
-        stdin=PASSWORD + "\n", env=agent.env)
-    return t.cast(str, login_pair(agent, name)["token"])
+    """An administrator of ``agent`` (a new account given the role in the users table, as an
+    operator would); returns an access token of a session begun after that."""
+    user = fresh_user(agent, "admin")
+    assert db_write(agent.db, "UPDATE hk_users SET roles = ? WHERE id = ?",
+                    ('["administrator"]', user.id)) == 1
+    return t.cast(str, login_pair(agent, user.username)["token"])
 
 
 # --- S-01 .. S-05: refresh -------------------------------------------------------------------
