@@ -163,6 +163,7 @@ WEBHOOK_EVENTS = (
     "sso.issued",
     "sso.exchanged",
     "sso.rejected",
+    "webhook.disabled",
 )
 
 

@@ -670,6 +670,84 @@ def test_410_gone_is_dead_at_once_and_can_be_redelivered(
     assert [r.id for r in ops.delivered()] == [message.message_id] * 2
 
 
+def audit_rows(site: Site, event: str) -> list[tuple[str, dict[str, t.Any]]]:
+    from agent.models import AuditEvent
+
+    with site.db() as db:
+        return [(r.outcome, r.details) for r in db.scalars(
+            select(AuditEvent).where(AuditEvent.event == event).order_by(AuditEvent.id))]
+
+
+def test_410_disables_the_endpoint_and_tells_the_administrators(
+    smtp: Mailbox, make_site: t.Callable[..., Site], receivers: t.Callable[[], Receiver]
+) -> None:
+    """W-05: after a 410 the endpoint's pending and later messages die unsent; the activity
+    log says why, the other endpoints get ``webhook.disabled``, every administrator (and no one
+    else) a mail. Redelivering one of its messages enables it again."""
+    ops, sec = receivers(), receivers()
+    site = make_site(mailbox=smtp, HEADLESSKEY_WEBHOOKS=[
+        endpoint("ops", ops, new_secret()), endpoint("sec", sec, new_secret())])
+    site.create_user("root", email="root@example.com", roles=["administrator"])
+    site.create_user("plain", email="plain@example.com")
+    ops.then(1, status=410)
+    register(site, "gina")
+    register(site, "gus")  # pending for ops when the 410 comes
+    deliver_due(site.state)
+    assert [r.answer.status for r in ops.snapshot()] == [410]
+    ops_rows = [m for m in outbox(site) if m.endpoint == "ops"]
+    assert [(m.status, m.attempts) for m in ops_rows] == [("dead", 1), ("dead", 0)]
+    assert ops_rows[1].last_error == "endpoint disabled (410 Gone)"
+    assert audit_rows(site, "webhook.disabled") == [
+        ("info", {"endpoint": "ops", "reason": "410 Gone"})]
+    (mail,) = smtp.wait_for("root@example.com")
+    assert "ops" in mail["Subject"] and "410 Gone" in mail.get_payload(decode=True).decode()
+    assert smtp.to("plain@example.com") == []
+
+    register(site, "gwen")  # a later message: never sent to ops
+    deliver_due(site.state)
+    assert len(ops.snapshot()) == 1
+    assert "webhook.disabled" in [r.payload["type"] for r in sec.delivered()]
+    assert all(m.status == "dead" for m in outbox(site) if m.endpoint == "ops")
+
+    with site.db() as db:
+        assert redeliver(db, ops_rows[0].message_id, now=site.clock())
+        db.commit()
+    deliver_due(site.state)
+    assert [r.answer.status for r in ops.snapshot()] == [410, 200]
+    register(site, "gil")
+    deliver_due(site.state)
+    assert len(ops.delivered()) == 2
+
+
+def test_a_dead_streak_disables_the_endpoint_until_its_url_changes(
+    make_site: t.Callable[..., Site], receivers: t.Callable[[], Receiver]
+) -> None:
+    """W-05: a message dead after the whole schedule disables its endpoint; the same endpoint
+    given a new URL is enabled."""
+    ops, fixed = receivers(), receivers()
+    ops.default = Answer(500)
+    secret = new_secret()
+    site = make_site(HEADLESSKEY_WEBHOOKS=[endpoint("ops", ops, secret)])
+    register(site, "dora")
+    deliver_all(site.state, site.clock, rounds=len(SCHEDULE) + 2)
+    assert len(ops.snapshot()) == len(SCHEDULE) + 1
+    ((_, details),) = audit_rows(site, "webhook.disabled")
+    assert details["endpoint"] == "ops"
+    assert details["reason"].startswith(f"{len(SCHEDULE) + 1} failed attempts")
+    register(site, "dick")
+    deliver_due(site.state)
+    assert len(ops.snapshot()) == len(SCHEDULE) + 1
+    assert [m.last_error for m in outbox(site)][-1].startswith("endpoint disabled")
+
+    # The same endpoint id at a new URL (a restart with new settings): enabled.
+    moved = make_site(HEADLESSKEY_WEBHOOKS=[endpoint("ops", fixed, secret)],
+                      HEADLESSKEY_DATABASE_URL=site.app.config["HEADLESSKEY_DATABASE_URL"],
+                      HEADLESSKEY_SECRET_KEY=site.app.config["HEADLESSKEY_SECRET_KEY"])
+    register(moved, "dina")
+    deliver_due(moved.state)
+    assert [r.payload["type"] for r in fixed.delivered()] == ["user.registered"]
+
+
 # ---------------------------------------------------------------------------------------------
 # W-05: only 2xx delivers; redirects are failures and are not followed
 
