@@ -151,6 +151,8 @@ WEBHOOK_EVENTS = (
     "lockout.started",
     "user.registered",
     "user.unlocked",
+    "user.disabled",
+    "user.enabled",
     "token.refreshed",
     "token.reuse_detected",
     "token.revoked",
