@@ -476,22 +476,33 @@ def test_S13_reject_policy_refuses_the_extra_login(limited: dict[str, Agent]) ->
 
 @pytest.mark.case("S-14")
 def test_S14_a_disabled_user_is_locked_out_at_once(agent: Agent) -> None:
-    """An account set to ``disabled`` (the users table's status, as an operator sets it): its
-    refresh tokens and access tokens are refused at once, on every worker, and it cannot log in;
-    set back to active, the session works again."""
+    """An administrator disables an account (``POST /admin/users/{id}/disable``): its access and
+    refresh tokens are refused at once, on every worker, and it cannot log in (the answer of a
+    wrong password); a non-administrator cannot do it. Enabled again, it can log in, while the
+    old sessions stay ended."""
+    admin = create_admin(agent)
     username, pair = new_account(agent)
     user_id = pair["user"]["ID"]
-    assert db_write(agent.db, "UPDATE hk_users SET status = 'disabled' WHERE id = ?",
-                    (user_id,)) == 1
-    try:
-        for _ in range(4):  # both workers answer
-            assert not valid(agent, pair["token"])
-        assert_rejected(refresh(agent, pair["refresh_token"]), 400, "invalid_grant")
-        r = agent.post("/token", json={"username": username, "password": PASSWORD})
-        assert_rejected(r, 401, "invalid_credentials")
-    finally:
-        db_write(agent.db, "UPDATE hk_users SET status = 'active' WHERE id = ?", (user_id,))
+    _, bystander = new_account(agent, "by")
+
+    denied = agent.post(f"/admin/users/{user_id}/disable", token=bystander["token"])
+    assert denied.status_code == 403, denied.text
     assert valid(agent, pair["token"])
+
+    r = agent.post(f"/admin/users/{user_id}/disable", token=admin)
+    assert r.status_code == 200 and r.json()["code"] == "user_disabled", r.text
+    for _ in range(4):  # both workers answer
+        assert not valid(agent, pair["token"])
+    assert_rejected(refresh(agent, pair["refresh_token"]), 400, "invalid_grant")
+    r = agent.post("/token", json={"username": username, "password": PASSWORD})
+    assert_rejected(r, 401, "invalid_credentials")
+    assert valid(agent, bystander["token"])
+
+    r = agent.post(f"/admin/users/{user_id}/enable", token=admin)
+    assert r.status_code == 200 and r.json()["code"] == "user_enabled", r.text
+    assert not valid(agent, pair["token"])
+    assert_rejected(refresh(agent, pair["refresh_token"]), 400, "invalid_grant")
+    assert valid(agent, login_pair(agent, username)["token"])
 
 
 @pytest.mark.case("S-15")
