@@ -20,8 +20,10 @@ import pytest
 import requests
 
 from tests.conftest import PASSWORD
+from tests.integration.test_sso import AGENT
 from tests.integration.test_sso import Agent
 from tests.integration.test_sso import db_write
+from tests.integration.test_sso import run
 from tests.integration.test_sso import sqlite_time
 from tests.security.conftest import Fleet
 from tests.security.conftest import fresh_user
@@ -531,3 +533,27 @@ def test_S15_admin_ends_every_session_of_a_user(agent: Agent) -> None:
         assert_rejected(refresh(agent, pair["refresh_token"]), 400, "invalid_grant")
     assert valid(agent, bystander["token"])
     assert agent.get(f"/admin/users/{user_id}/sessions", token=admin).json() == {"sessions": []}
+
+
+@pytest.mark.case("S-15")
+def test_S15_kill_switch_for_one_account_and_for_the_whole_site(
+    limited: dict[str, Agent]
+) -> None:
+    """``headlesskey-agent sessions end-all``: with ``--username`` one account's sessions end
+    (others live on); with ``--yes`` every session of the site ends. Tokens are refused at once,
+    refreshes too; a new login works."""
+    site = limited["evict"]
+    first, second = fresh_user(site, "k"), fresh_user(site, "k")
+    first_pair = login_pair(site, first.username)
+    run(AGENT, "sessions", "end-all", "--instance", str(site.instance),
+        "--username", first.username, env=site.env)
+    assert not valid(site, first.token) and not valid(site, first_pair["token"])
+    assert_rejected(refresh(site, first_pair["refresh_token"]), 400, "invalid_grant")
+    assert valid(site, second.token)
+
+    out = run(AGENT, "sessions", "end-all", "--instance", str(site.instance), "--yes",
+              env=site.env).stdout
+    assert "session(s) at once" in out
+    assert not valid(site, second.token)
+    assert site.rows("SELECT count(*) FROM hk_sessions WHERE revoked_at IS NULL") == [(0,)]
+    assert valid(site, login_pair(site, second.username)["token"])
