@@ -342,9 +342,11 @@ def test_H10_unknown_and_suspended_sites_look_like_a_bad_signature(fleet: Fleet)
     paused = add_member(hub, "paused")
     assert call(hub, paused, "GET", "/api/v1/directory").status_code == 200
     hub.cli("sites", "suspend", paused.site_key)
+    mark = last_event(hub)
     r = call(hub, paused, "GET", "/api/v1/directory")
     assert_401(r)
     assert r.json() == BAD_SIGNATURE
+    assert rejected_reasons(hub, paused.site_key, mark) == ["suspended"]
 
     # The exchange: a peer nobody knows, versus a known peer with a bad MAC.
     hs, rs = fleet["hs"], fleet["rs"]

@@ -438,6 +438,9 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[dict[str, Ag
             site.service.wait_ready()
         yield agents
     finally:
+        for site in agents.values():  # stop both at once, then wait for each
+            if site.service is not None:
+                site.service.terminate()
         for site in agents.values():
             site.stop()
 
