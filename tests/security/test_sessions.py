@@ -222,23 +222,19 @@ def test_S04_absolute_lifetime_and_inactivity_end_the_session(agent: Agent) -> N
     current = r.json()
     assert session_row(agent, pair["sid"])[2] == expires_before  # refresh does not extend it
 
-    # The absolute end has passed (the session began 31 days ago).
+    # The absolute end has passed, as if the session had begun 30 days ago.
     assert db_write(agent.db, "UPDATE hk_sessions SET expires_at = ? WHERE id = ?",
                     (sqlite_time(1), pair["sid"])) == 1
     assert_rejected(refresh(agent, current["refresh_token"]), 400, "session_expired")
     assert not valid(agent, current["token"])
 
     # Inactivity: the newest refresh token outlived its own lifetime, the session did not.
-    _, other = new_account(agent)
+    idle_user, other = new_account(agent)
     assert db_write(agent.db, "UPDATE hk_refresh_tokens SET expires_at = ? WHERE session_id = ?",
                     (sqlite_time(1), other["sid"])) == 1
     assert_rejected(refresh(agent, other["refresh_token"]), 400, "session_expired")
     # Re-login works.
-    assert valid(agent, login_pair(agent, _username_of(agent, other))["token"])
-
-
-def _username_of(agent: Agent, login: dict[str, t.Any]) -> str:
-    return t.cast(str, login["user"]["user_login"])
+    assert valid(agent, login_pair(agent, idle_user)["token"])
 
 
 @pytest.mark.case("S-05")
@@ -288,8 +284,8 @@ def test_S07_revoke_is_quiet_and_touches_nobody_else(agent: Agent) -> None:
     _, attacker = new_account(agent, "mallory")
     gone = login_pair(agent, attacker["user"]["user_login"])
     assert agent.post("/token/revoke", token=gone["token"]).status_code == 200
-    body_of_victim_token = victim["token"].rsplit(".", 1)
-    forged = body_of_victim_token[0] + "." + body_of_victim_token[1][::-1]
+    signing_input, signature = victim["token"].rsplit(".", 1)
+    forged = signing_input + "." + signature[::-1]  # the victim's token, signature broken
     attempts = [
         {"json": {"token": "garbage"}},
         {"json": {"refresh_token": "hkr_" + "A" * 43}},
