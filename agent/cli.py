@@ -209,6 +209,51 @@ def users_unlock(instance: Path, username: str) -> None:
     click.echo(f"Unlocked {user.user_login} ({cleared} counter(s) cleared)")
 
 
+@main.group()
+def sessions() -> None:
+    """End sessions: a kill switch for one account or the whole site."""
+
+
+@sessions.command("end-all")
+@INSTANCE
+@click.option("--username", default=None, help="Only this account's (login or email).")
+@click.option("--yes", is_flag=True, help="Required without --username: every user is logged out.")
+def sessions_end_all(instance: Path, username: str | None, yes: bool) -> None:
+    """End every live session of the site (or of one account): their tokens stop working at once."""
+    from sqlalchemy import update
+
+    from . import events
+    from .models import Session as SessionRow
+    from .services import accounts
+    from .services import sessions as session_service
+
+    if username is None and not yes:
+        raise click.UsageError("ending every session of the site needs --yes")
+    app = _app(instance)
+    state = app.extensions["headlesskey"]
+    with app.app_context(), state.session_factory() as db:
+        now = state.clock()
+        user_id = None
+        if username is not None:
+            user = accounts.find_user(db, username)
+            if user is None:
+                raise click.ClickException(f"no account {username!r}")
+            user_id = user.id
+            ended = session_service.revoke_user_sessions(db, user.id, now, "ended_by_admin")
+        else:
+            from .db import rowcount
+
+            ended = rowcount(db.execute(
+                update(SessionRow).where(SessionRow.revoked_at.is_(None))
+                .values(revoked_at=now, revoke_reason="ended_by_admin")))
+        events.record(db, state, "session.ended", outcome="success", user_id=user_id,
+                      details={"by": "cli", "reason": "ended_by_admin", "all": True,
+                               "sessions_ended": ended})
+        db.commit()
+    who = f"of {username} " if username else ""
+    click.echo(f"Ended {ended} session(s) {who}at once")
+
+
 @main.command()
 @INSTANCE
 @click.option("--user", "user", help="User ID.")

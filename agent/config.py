@@ -13,7 +13,9 @@ Every value is checked once at start-up; a bad one raises :class:`ConfigError` n
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import hmac
 import ipaddress
 import json
 import os
@@ -149,6 +151,8 @@ WEBHOOK_EVENTS = (
     "lockout.started",
     "user.registered",
     "user.unlocked",
+    "user.disabled",
+    "user.enabled",
     "token.refreshed",
     "token.reuse_detected",
     "token.revoked",
@@ -161,6 +165,7 @@ WEBHOOK_EVENTS = (
     "sso.issued",
     "sso.exchanged",
     "sso.rejected",
+    "webhook.disabled",
 )
 
 
@@ -172,9 +177,21 @@ class WebhookEndpoint:
     url: str
     secret: str = field(repr=False)  # whsec_<base64 of >= 24 random bytes>
     events: frozenset[str] = frozenset()  # empty: every event
+    # During a rotation: the secret being replaced, and when it stops signing (None: while it
+    # is configured). Deliveries carry a signature by each secret in use.
+    previous_secret: str | None = field(default=None, repr=False)
+    previous_secret_expires: dt.datetime | None = None
 
     def wants(self, event: str) -> bool:
         return not self.events or event in self.events
+
+    def signing_secrets(self, now: dt.datetime) -> tuple[str, ...]:
+        """The secrets that sign a delivery at ``now``: the current one first."""
+        if self.previous_secret is None or (
+            self.previous_secret_expires is not None and now >= self.previous_secret_expires
+        ):
+            return (self.secret,)
+        return (self.secret, self.previous_secret)
 
 
 def json_value(key: str, value: t.Any) -> t.Any:
@@ -280,9 +297,6 @@ def parse_hub_secret(key: str, text: str) -> bytes:
 
 
 def _webhooks(key: str, value: t.Any) -> tuple[WebhookEndpoint, ...]:
-    import base64
-    import binascii
-
     value = json_value(key, value)
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a list of endpoints")
@@ -291,29 +305,67 @@ def _webhooks(key: str, value: t.Any) -> tuple[WebhookEndpoint, ...]:
         where = f"{key}[{index}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{where}: expected a table with url and secret")
-        unknown = set(item) - {"id", "url", "secret", "events"}
+        unknown = set(item) - {"id", "url", "secret", "events", "previous_secret",
+                               "previous_secret_expires"}
         if unknown:
             raise ConfigError(f"{where}: unknown field {sorted(unknown)[0]!r}")
         url = _url(f"{where}.url", item.get("url"))
-        secret = _str(f"{where}.secret", item.get("secret"))
-        body = secret.removeprefix("whsec_")
-        try:
-            raw = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            raw = b""
-        if not secret.startswith("whsec_") or len(raw) < 24:
-            raise ConfigError(f"{where}.secret: expected whsec_ and at least 24 base64 bytes")
+        secret = whsec(f"{where}.secret", item.get("secret"))
+        previous = item.get("previous_secret")
+        if previous is not None:
+            previous = whsec(f"{where}.previous_secret", previous)
+            if hmac.compare_digest(previous, secret):
+                raise ConfigError(f"{where}.previous_secret: the same as the secret")
+        expires = item.get("previous_secret_expires")
+        if expires is not None:
+            if previous is None:
+                raise ConfigError(f"{where}.previous_secret_expires: without a previous_secret")
+            expires = _utc_time(f"{where}.previous_secret_expires", expires)
         events = item.get("events", [])
         if not isinstance(events, list) or any(e not in WEBHOOK_EVENTS for e in events):
             raise ConfigError(f"{where}.events: a list of events from: {', '.join(WEBHOOK_EVENTS)}")
         endpoint_id = item.get("id") or hashlib.sha256(url.encode()).hexdigest()[:12]
         endpoints.append(
             WebhookEndpoint(id=_str(f"{where}.id", endpoint_id)[:64], url=url, secret=secret,
-                            events=frozenset(events))
+                            events=frozenset(events), previous_secret=previous,
+                            previous_secret_expires=expires)
         )
     if len({e.id for e in endpoints}) != len(endpoints):
         raise ConfigError(f"{key}: two endpoints share an id")
+    in_use = [s for e in endpoints for s in (e.secret, e.previous_secret) if s is not None]
+    if len(set(in_use)) != len(in_use):
+        raise ConfigError(f"{key}: two endpoints share a secret (give each its own)")
     return tuple(endpoints)
+
+
+def whsec(key: str, value: t.Any) -> str:
+    """A Standard Webhooks secret: ``whsec_`` and the base64 of at least 24 bytes."""
+    import base64
+    import binascii
+
+    secret = _str(key, value)
+    body = secret.removeprefix("whsec_")
+    try:
+        raw = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if not secret.startswith("whsec_") or len(raw) < 24:
+        raise ConfigError(f"{key}: expected whsec_ and at least 24 base64 bytes")
+    return secret
+
+
+def _utc_time(key: str, value: t.Any) -> dt.datetime:
+    """An ISO 8601 time with its UTC offset (``2026-12-01T12:00:00Z``), or a TOML date-time."""
+    when: dt.datetime | None = value if isinstance(value, dt.datetime) else None
+    if when is None:
+        try:
+            when = dt.datetime.fromisoformat(_str(key, value).replace("Z", "+00:00"))
+        except ValueError:
+            when = None
+    if when is None or when.tzinfo is None:
+        raise ConfigError(f"{key}: expected an ISO 8601 time with its offset, e.g. "
+                          "2026-12-01T12:00:00Z")
+    return when.astimezone(dt.UTC)
 
 
 def _text(key: str, value: t.Any) -> str:

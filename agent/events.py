@@ -72,8 +72,10 @@ def record(
     login: str = "",
     session_id: str | None = None,
     details: dict[str, t.Any] | None = None,
+    skip_endpoints: t.Collection[str] = (),
 ) -> Event:
-    """Add the audit row and webhook outbox rows of an event to ``db``'s transaction."""
+    """Add the audit row and webhook outbox rows of an event to ``db``'s transaction (none for
+    the endpoints in ``skip_endpoints``)."""
     ua = client.user_agent[:512] if client else ""
     ev = Event(
         name=name,
@@ -101,7 +103,8 @@ def record(
             details=ev.details,
         )
     )
-    endpoints = [e for e in state.settings.webhooks if e.wants(name)]
+    endpoints = [e for e in state.settings.webhooks
+                 if e.wants(name) and e.id not in skip_endpoints]
     if endpoints:
         body = json.dumps(ev.payload(), separators=(",", ":"))
         for endpoint in endpoints:

@@ -242,6 +242,25 @@ def document(settings: Settings) -> dict[str, t.Any]:
                                 "schema": {"type": "integer"}}],
             }
         },
+        f"{p}/admin/users/{{user_id}}/disable": {
+            "post": {
+                **_op("Disable a user: no login, every session ended (administrators)",
+                      _obj({"success": _BOOL, "code": _STR, "message": _STR,
+                            "sessions_ended": _INT}),
+                      auth=True, errors=(403, 404)),
+                "parameters": [{"name": "user_id", "in": "path", "required": True,
+                                "schema": {"type": "integer"}}],
+            }
+        },
+        f"{p}/admin/users/{{user_id}}/enable": {
+            "post": {
+                **_op("Enable a disabled user again (administrators)",
+                      _obj({"success": _BOOL, "code": _STR, "message": _STR}),
+                      auth=True, errors=(403, 404)),
+                "parameters": [{"name": "user_id", "in": "path", "required": True,
+                                "schema": {"type": "integer"}}],
+            }
+        },
         f"{p}/admin/users/{{user_id}}/sessions": {
             "get": {
                 **_op("A user's active sessions (administrators)",

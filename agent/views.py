@@ -679,6 +679,36 @@ def admin_unlock(user_id: int) -> Response:
                     "counters_cleared": cleared})
 
 
+def admin_disable(user_id: int) -> Response:
+    """POST /admin/users/<id>/disable: the account can no longer log in or use any token; every
+    session ends at once."""
+    identity = authenticate_request()
+    db = get_db()
+    state = get_state()
+    user = _admin_user(user_id)
+    user.status = "disabled"
+    ended = sessions.revoke_user_sessions(db, user.id, state.clock(), "user_disabled")
+    events.record(db, state, "user.disabled", outcome="info", client=_client(), user_id=user.id,
+                  details={"by": identity.user_id, "sessions_ended": ended})
+    db.commit()
+    return jsonify({"success": True, "code": "user_disabled", "message": "User disabled.",
+                    "sessions_ended": ended})
+
+
+def admin_enable(user_id: int) -> Response:
+    """POST /admin/users/<id>/enable: a disabled account may log in again (its old sessions
+    stay ended)."""
+    identity = authenticate_request()
+    db = get_db()
+    state = get_state()
+    user = _admin_user(user_id)
+    user.status = "active"
+    events.record(db, state, "user.enabled", outcome="info", client=_client(), user_id=user.id,
+                  details={"by": identity.user_id})
+    db.commit()
+    return jsonify({"success": True, "code": "user_enabled", "message": "User enabled."})
+
+
 def admin_user_sessions(user_id: int) -> Response:
     """GET /admin/users/<id>/sessions: a user's active sessions."""
     user = _admin_user(user_id)
@@ -732,6 +762,8 @@ ROUTES: list[tuple[str, t.Callable[..., Response], list[str], str]] = [
     ("/sessions/<session_id>", end_session, ["DELETE"], "sessions"),
     ("/admin/logs", admin_logs, ["GET"], "admin"),
     ("/admin/users/<int:user_id>/unlock", admin_unlock, ["POST"], "admin"),
+    ("/admin/users/<int:user_id>/disable", admin_disable, ["POST"], "admin"),
+    ("/admin/users/<int:user_id>/enable", admin_enable, ["POST"], "admin"),
     ("/admin/users/<int:user_id>/sessions", admin_user_sessions, ["GET"], "admin"),
     ("/admin/sessions/<session_id>", admin_end_session, ["DELETE"], "admin"),
     ("/sso/issue", sso_issue, ["POST"], "sso_issue"),

@@ -10,10 +10,15 @@ run every few seconds by the jobs process (:mod:`agent.jobs`), sends what is due
   delays a message but never loses it;
 - the stored ``body`` is POSTed as is, signed the Standard Webhooks way (``webhook-id``, stable
   across retries; ``webhook-timestamp``, fresh per attempt; ``webhook-signature``, ``v1,`` +
-  HMAC-SHA256 with the endpoint's own secret);
+  HMAC-SHA256 with the endpoint's own secret, and a second signature by its previous secret
+  while that one is being rotated out);
 - only a 2xx answer delivers; redirects are never followed; 410 Gone gives up at once; any
   other failure is retried on :data:`SCHEDULE` (with jitter, ``Retry-After`` honoured on 429
-  and 503) and the message is marked ``dead`` once the schedule is exhausted (> 24 h).
+  and 503) and the message is marked ``dead`` once the schedule is exhausted (> 24 h);
+- a 410, or a message dead after the whole schedule, *disables* its endpoint: its pending and
+  later messages are marked dead unsent, a ``webhook.disabled`` event goes to the activity log,
+  and the site's administrators are mailed. Redelivering one of its messages, or a new URL,
+  enables it again.
 
 Delivery is at least once: a receiver should drop a ``webhook-id`` it has already processed.
 Neither bodies nor secrets are ever logged; logs name the message id, endpoint id and status.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import hashlib
 import http.client
 import logging
 import secrets
@@ -33,6 +39,8 @@ import urllib.request
 from dataclasses import dataclass
 from importlib import metadata
 
+from sqlalchemy import String
+from sqlalchemy import cast
 from sqlalchemy import or_
 from sqlalchemy import select
 from sqlalchemy import update
@@ -40,6 +48,8 @@ from sqlalchemy.orm import Session as DBSession
 from standardwebhooks.webhooks import Webhook
 
 from .db import rowcount
+from .models import FederationCache
+from .models import User
 from .models import WebhookAttempt
 from .models import WebhookMessage
 from .models import save_cache
@@ -117,7 +127,8 @@ def verify(secret: str, body: bytes | str, headers: _Headers) -> dict[str, t.Any
 
 
 def redeliver(db: DBSession, message_id: str, *, now: dt.datetime | None = None) -> bool:
-    """Put a dead or delivered message back in the queue, due ``now``, with a fresh schedule.
+    """Put a dead or delivered message back in the queue, due ``now``, with a fresh schedule,
+    and enable its endpoint again if it was disabled.
 
     Returns False if there is no such message or it is still pending. The caller commits.
     """
@@ -136,7 +147,13 @@ def redeliver(db: DBSession, message_id: str, *, now: dt.datetime | None = None)
             delivered_at=None,
         )
     )
-    return rowcount(db.execute(stmt)) == 1
+    if rowcount(db.execute(stmt)) != 1:
+        return False
+    endpoint = db.scalar(select(WebhookMessage.endpoint).where(
+        WebhookMessage.message_id == message_id))
+    if endpoint is not None:
+        _enable(db, endpoint, now)
+    return True
 
 
 REDELIVERED = "redelivered"  # FederationCache row: ids of the hub's redelivery requests done
@@ -218,6 +235,10 @@ def deliver_due(state: State, *, limit: int = 100) -> int:
     # A read-only transaction: polling an empty outbox never takes SQLite's write lock.
     with state.engine.connect().execution_options(hk_readonly=True) as conn:
         candidates = [(row.id, row.endpoint) for row in conn.execute(due)]
+    if not candidates:
+        return 0
+    with state.session_factory() as db:
+        disabled = disabled_endpoints(db, state)
     attempted = 0
     stalled: set[str] = set()  # endpoints that timed out in this run
     for row_id, endpoint_id in candidates:
@@ -230,11 +251,14 @@ def deliver_due(state: State, *, limit: int = 100) -> int:
             continue  # another worker has it, or it is done
         endpoint = endpoints.get(claimed.endpoint)
         if endpoint is None:
-            _give_up_unknown_endpoint(state, claimed)
+            _give_up(state, claimed, "endpoint no longer configured")
+            continue
+        if endpoint.id in disabled:
+            _give_up(state, claimed, f"endpoint disabled ({disabled[endpoint.id]})")
             continue
         attempted += 1
         outcome = _post(endpoint, claimed, state.clock(), state.settings.webhook_timeout)
-        _record(state, claimed, outcome)
+        _record(state, claimed, outcome, endpoint)
         if outcome.timed_out:
             stalled.add(endpoint.id)
     return attempted
@@ -283,19 +307,93 @@ def _ours(claimed: _Claimed) -> t.Any:
     )
 
 
-def _give_up_unknown_endpoint(state: State, claimed: _Claimed) -> None:
+def _give_up(state: State, claimed: _Claimed, why: str) -> None:
+    """Mark a claimed message dead without sending it."""
     with state.session_factory() as db:
         db.execute(
             update(WebhookMessage)
             .where(_ours(claimed))
-            .values(status="dead", claimed_until=None, last_error="endpoint no longer configured")
+            .values(status="dead", claimed_until=None, last_error=why[:_ERROR_LENGTH])
         )
         db.commit()
-    log.warning(
-        "webhook %s to %s: dead (the endpoint is no longer configured)",
-        claimed.message_id,
-        claimed.endpoint,
-    )
+    log.warning("webhook %s to %s: dead (%s)", claimed.message_id, claimed.endpoint, why)
+
+
+# --- disabled endpoints ------------------------------------------------------------------------
+
+DISABLED = "webhooks_disabled"  # FederationCache row: {"endpoints": {id: {url, reason, at}}}
+
+
+def _url_print(endpoint: WebhookEndpoint) -> str:
+    """A short digest of the endpoint's URL: a disabled endpoint given a new URL is enabled."""
+    return hashlib.sha256(endpoint.url.encode()).hexdigest()[:16]
+
+
+def disabled_endpoints(db: DBSession, state: State) -> dict[str, str]:
+    """The configured endpoints that are disabled (still at the URL that failed): id -> why."""
+    row = db.get(FederationCache, DISABLED)
+    entries = row.body.get("endpoints", {}) if row is not None else {}
+    return {e.id: str(entries[e.id].get("reason", "")) for e in state.settings.webhooks
+            if isinstance(entries.get(e.id), dict) and entries[e.id].get("url") == _url_print(e)}
+
+
+def _enable(db: DBSession, endpoint_id: str, now: dt.datetime) -> None:
+    row = db.get(FederationCache, DISABLED)
+    entries = dict(row.body.get("endpoints", {})) if row is not None else {}
+    if entries.pop(endpoint_id, None) is not None:
+        save_cache(db, DISABLED, {"endpoints": entries}, now)
+        log.warning("webhook endpoint %s: enabled again", endpoint_id)
+
+
+def _disable(state: State, endpoint: WebhookEndpoint, reason: str) -> None:
+    """Turn an endpoint off: its pending messages die unsent, later ones too (see
+    :func:`deliver_due`); the activity log gets ``webhook.disabled``; administrators a mail."""
+    from . import events
+
+    now = state.clock()
+    with state.session_factory() as db:
+        if endpoint.id in disabled_endpoints(db, state):
+            return  # another message or worker got there first
+        row = db.get(FederationCache, DISABLED)
+        entries = dict(row.body.get("endpoints", {})) if row is not None else {}
+        entries[endpoint.id] = {"url": _url_print(endpoint), "reason": reason,
+                                "at": now.isoformat()}
+        save_cache(db, DISABLED, {"endpoints": entries}, now)
+        db.execute(
+            update(WebhookMessage)
+            .where(
+                WebhookMessage.endpoint == endpoint.id,
+                WebhookMessage.status == "pending",
+                or_(WebhookMessage.claimed_until.is_(None), WebhookMessage.claimed_until < now),
+            )
+            .values(status="dead", last_error=f"endpoint disabled ({reason})"[:_ERROR_LENGTH])
+        )
+        events.record(db, state, "webhook.disabled", outcome="info",
+                      details={"endpoint": endpoint.id, "reason": reason},
+                      skip_endpoints={endpoint.id})
+        admins = _administrators(db, state)
+        db.commit()
+    log.warning("webhook endpoint %s: disabled (%s)", endpoint.id, reason)
+    site = state.settings.site_name
+    for address in admins:
+        state.mailer.send_later(
+            address,
+            f"{site}: webhook endpoint {endpoint.id} disabled",
+            f"The webhook endpoint {endpoint.id} of {site} was disabled after {reason}.\n\n"
+            "Its pending messages were given up, and no more are sent to it. Once the receiver "
+            "works again, redeliver one of its messages (which enables the endpoint again) or "
+            "give it a new URL.\n",
+        )
+
+
+def _administrators(db: DBSession, state: State) -> list[str]:
+    """The email addresses of the active accounts holding a role of the ``admin`` rule."""
+    rule = state.settings.access.get("admin", ("administrator",))
+    roles = set(rule) if isinstance(rule, tuple) else {"administrator"}
+    rows = db.execute(select(User.email, User.roles).where(
+        User.status == "active",
+        or_(*(cast(User.roles, String).like(f'%"{role}"%') for role in roles))))
+    return [email for email, held in rows if roles & set(held or [])]
 
 
 class _KeepResponses(urllib.request.HTTPErrorProcessor):
@@ -334,7 +432,11 @@ def _post(
             "User-Agent": USER_AGENT,
             "webhook-id": claimed.message_id,
             "webhook-timestamp": str(int(timestamp.timestamp())),
-            "webhook-signature": sign(endpoint.secret, claimed.message_id, timestamp, claimed.body),
+            # One signature per secret in use: the previous one too during a rotation.
+            "webhook-signature": " ".join(
+                sign(secret, claimed.message_id, timestamp, claimed.body)
+                for secret in endpoint.signing_secrets(now)
+            ),
         },
     )
     started = time.monotonic()
@@ -395,8 +497,11 @@ def _retry_after(value: str | None, now: dt.datetime) -> float | None:
     return min(max(seconds, 0.0), float(MAX_RETRY_AFTER))
 
 
-def _record(state: State, claimed: _Claimed, outcome: _Outcome) -> None:
-    """Store the attempt and the message's new state (if our claim still holds)."""
+def _record(
+    state: State, claimed: _Claimed, outcome: _Outcome, endpoint: WebhookEndpoint
+) -> None:
+    """Store the attempt and the message's new state (if our claim still holds); a 410 or a
+    message dead after the whole schedule disables the endpoint."""
     now = state.clock()
     values: dict[str, t.Any] = {
         "claimed_until": None,
@@ -404,6 +509,7 @@ def _record(state: State, claimed: _Claimed, outcome: _Outcome) -> None:
         "last_error": outcome.error[:_ERROR_LENGTH],
     }
     code = outcome.status_code
+    disable = ""  # why this failure disables the endpoint, if it does
     if code is not None and 200 <= code < 300:
         values.update(status="delivered", delivered_at=now)
         verdict = "delivered"
@@ -414,9 +520,11 @@ def _record(state: State, claimed: _Claimed, outcome: _Outcome) -> None:
         if code == 410:
             values["status"] = "dead"
             verdict = "dead (410 Gone)"
+            disable = "410 Gone"
         elif delay is None:
             values["status"] = "dead"
             verdict = f"dead after {attempts} attempts"
+            disable = f"{attempts} failed attempts over about {sum(SCHEDULE) // 3600} hours"
         else:
             if outcome.retry_after is not None:
                 delay = max(delay, outcome.retry_after)
@@ -446,3 +554,5 @@ def _record(state: State, claimed: _Claimed, outcome: _Outcome) -> None:
         log.warning(
             "webhook %s to %s: %s, %s", claimed.message_id, claimed.endpoint, status, verdict
         )
+        if disable:
+            _disable(state, endpoint, disable)

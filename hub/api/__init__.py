@@ -41,7 +41,9 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 REASONS = {
     "unsigned": ("unsigned_request", "The request carries no signature headers."),
-    "malformed": ("bad_signature", "The signature headers are malformed."),
+    # Malformed headers get the very answer of a wrong signature (SECURITY.md H-07): the shape
+    # of a refused signature tells a caller nothing; the log keeps the reason.
+    "malformed": ("bad_signature", "The signature does not match."),
     "skewed": ("skewed_request", "The request timestamp is more than 300 s away from the hub's clock."),
     "bad": ("bad_signature", "The signature does not match."),
     "unknown": ("bad_signature", "The signature does not match."),

@@ -147,6 +147,8 @@ def test_unknown_endpoint_in_access_stops_start_up(make_site: t.Callable[..., Si
     [
         ("GET", "/admin/logs"),
         ("POST", "/admin/users/1/unlock"),
+        ("POST", "/admin/users/1/disable"),
+        ("POST", "/admin/users/1/enable"),
         ("GET", "/admin/users/1/sessions"),
         ("DELETE", "/admin/sessions/abc"),
     ],

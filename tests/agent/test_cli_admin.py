@@ -77,6 +77,52 @@ def test_unlock_lets_a_locked_user_in_and_logs_show_it(instance: Path) -> None:
     app.extensions["headlesskey"].engine.dispose()
 
 
+def test_sessions_end_all_is_the_kill_switch(instance: Path) -> None:
+    """S-15: ``sessions end-all --username`` ends one account's sessions; ``--yes`` every
+    session of the site; without either it refuses. Tokens stop working at once."""
+    runner = CliRunner()
+    result = runner.invoke(main, ["users", "create", "--instance", str(instance), "--username",
+                                  "bob", "--email", "bob@example.com", "--password-stdin"],
+                           input=PASSWORD + "\n")
+    assert result.exit_code == 0, result.output
+    app = create_app(instance)
+    client = app.test_client()
+    api = "/wp-json/headlesskey/v1"
+
+    def session(name: str) -> str:
+        r = client.post(f"{api}/token", json={"username": name, "password": PASSWORD})
+        assert r.status_code == 200
+        return t.cast(str, r.get_json()["token"])
+
+    def works(token: str) -> bool:
+        r = client.post(f"{api}/token/validate", headers={"Authorization": f"Bearer {token}"})
+        return r.status_code == 200
+
+    alice, alice2, bob = session("alice"), session("alice"), session("bob")
+    refused = runner.invoke(main, ["sessions", "end-all", "--instance", str(instance)])
+    assert refused.exit_code == 2 and "--yes" in refused.output
+    assert works(alice)
+
+    result = runner.invoke(main, ["sessions", "end-all", "--instance", str(instance),
+                                  "--username", "alice"])
+    assert result.exit_code == 0, result.output
+    assert "Ended 2 session(s) of alice" in result.output
+    assert not works(alice) and not works(alice2) and works(bob)
+
+    alice = session("alice")
+    result = runner.invoke(main, ["sessions", "end-all", "--instance", str(instance), "--yes"])
+    assert result.exit_code == 0, result.output
+    assert "Ended 2 session(s) at once" in result.output
+    assert not works(alice) and not works(bob)
+    assert works(session("bob"))  # a new login works
+
+    logs = runner.invoke(main, ["logs", "--instance", str(instance), "--json",
+                                "--event", "session.ended"])
+    rows = [json.loads(line) for line in logs.output.splitlines()]
+    assert [r["details"]["sessions_ended"] for r in rows] == [2, 2]
+    app.extensions["headlesskey"].engine.dispose()
+
+
 def test_cli_errors_are_one_clear_line(instance: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(main, ["users", "unlock", "--instance", str(instance),

@@ -254,3 +254,35 @@ def test_admin_lists_and_ends_another_users_sessions(make_site: t.Callable[..., 
     assert missing.status_code == 404
     assert missing.json()["code"] == "user_not_found"
     assert s.api.get("/admin/users/1/sessions").status_code == 401
+
+
+def test_admin_disables_and_enables_a_user(make_site: t.Callable[..., Site]) -> None:
+    """S-14: disabling ends every session of the user at once (access and refresh tokens), and
+    refuses their logins like a wrong password; enabling lets them log in again, while the old
+    sessions stay ended. Both are in the activity log."""
+    s = limited_site(make_site)
+    admin = s.api.login("root")["token"]
+    phone, desktop, bob = login(s).json(), login(s).json(), s.api.login("bob")
+
+    assert s.api.post("/admin/users/1/disable", token=bob["token"]).status_code == 403
+    assert works(s, phone)
+    r = s.api.post("/admin/users/1/disable", token=admin)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"success": True, "code": "user_disabled", "message": "User disabled.",
+                        "sessions_ended": 2}
+    assert not works(s, phone) and not works(s, desktop)
+    assert refresh_status(s, phone) == 400
+    refused = login(s)
+    assert refused.status_code == 401 and refused.json()["code"] == "invalid_credentials"
+    assert works(s, bob)
+    assert s.api.post("/admin/users/999/disable", token=admin).status_code == 404
+
+    r = s.api.post("/admin/users/1/enable", token=admin)
+    assert r.status_code == 200 and r.json()["code"] == "user_enabled", r.text
+    assert not works(s, phone)
+    assert login(s).status_code == 200
+    logs = s.api.get("/admin/logs", params={"user": 1}, token=admin).json()["events"]
+    assert [(e["event"], e["details"].get("by")) for e in logs[:2]] == [
+        ("login.succeeded", None), ("user.enabled", 3)]
+    disabled = next(e for e in logs if e["event"] == "user.disabled")
+    assert disabled["details"] == {"by": 3, "sessions_ended": 2}

@@ -35,6 +35,7 @@ from standardwebhooks.webhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from agent import HeadlessKey
+from agent.errors import ConfigError
 from agent.extension import State
 from agent.models import User
 from agent.models import WebhookAttempt
@@ -44,12 +45,12 @@ from agent.webhooks import InvalidSignature
 from agent.webhooks import deliver_due
 from agent.webhooks import redeliver
 from agent.webhooks import verify
-from tests.conftest import process_env as clean_env
 from tests.conftest import PASSWORD
 from tests.conftest import Clock
 from tests.conftest import Mailbox
 from tests.conftest import Site
 from tests.conftest import free_port
+from tests.conftest import process_env as clean_env
 
 NEW_PASSWORD = "amber falcon over quiet harbours"
 THIRD_PASSWORD = "seventeen paper lanterns drifting"
@@ -400,6 +401,60 @@ def test_every_event_arrives_exactly_once_signed_with_its_endpoints_secret(
     assert login_ok["data"]["session_id"] == pair["sid"]
 
 
+def test_a_rotating_endpoint_is_signed_by_both_secrets_until_the_previous_expires(
+    make_site: t.Callable[..., Site], receivers: t.Callable[[], Receiver]
+) -> None:
+    """W-08: with ``previous_secret`` each delivery carries two signatures, so a receiver holding
+    either secret verifies it; past ``previous_secret_expires`` only the new secret signs."""
+    ops = receivers()
+    new, old, stranger = new_secret(), new_secret(), new_secret()
+    ends = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(hours=1)
+    site = make_site(HEADLESSKEY_WEBHOOKS=[dict(
+        endpoint("ops", ops, new), previous_secret=old,
+        previous_secret_expires=ends.isoformat().replace("+00:00", "Z"))])
+    register(site, "rita")
+    assert deliver_due(site.state) == 1
+    (during,) = ops.wait_for(1)
+    assert len(during.headers["webhook-signature"].split(" ")) == 2
+    at = site.clock()
+    assert verifies(new, during, at) and verifies(old, during, at)
+    assert not verifies(stranger, during, at)
+    assert not verifies(old, tampered(during), at)
+
+    site.clock.advance((ends - site.clock()).total_seconds())
+    register(site, "rory")
+    assert deliver_due(site.state) == 1
+    after = ops.wait_for(2)[1]
+    assert len(after.headers["webhook-signature"].split(" ")) == 1
+    assert verifies(new, after, site.clock())
+    assert not verifies(old, after, site.clock())
+
+
+FIRST, SECOND, THIRD = new_secret(), new_secret(), new_secret()
+
+
+@pytest.mark.parametrize(
+    ("rotation", "message"),
+    [
+        ({"previous_secret": "whsec_c2hvcnQ="}, "previous_secret: expected whsec_"),
+        ({"previous_secret_expires": "2026-12-01T12:00:00Z"}, "without a previous_secret"),
+        ({"previous_secret": FIRST}, "previous_secret: the same as the secret"),
+        ({"previous_secret": THIRD, "previous_secret_expires": "2026-12-01T12:00:00"},
+         "previous_secret_expires: expected an ISO 8601 time with its offset"),
+        ({"previous_secret": SECOND}, "two endpoints share a secret"),
+    ],
+)
+def test_bad_rotation_settings_stop_start_up(
+    make_site: t.Callable[..., Site], rotation: dict[str, str], message: str
+) -> None:
+    """W-08: a previous secret must be a secret of its own, an expiry needs one and a UTC
+    offset, and no two endpoints may share a secret."""
+    hook = {"id": "a", "url": "https://a.example/h", "secret": FIRST, **rotation}
+    other = {"id": "b", "url": "https://b.example/h", "secret": SECOND}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_site(HEADLESSKEY_WEBHOOKS=[hook, other])
+
+
 # ---------------------------------------------------------------------------------------------
 # W-07: no secret in any payload
 
@@ -613,6 +668,84 @@ def test_410_gone_is_dead_at_once_and_can_be_redelivered(
         db.commit()
     assert deliver_due(site.state) == 1
     assert [r.id for r in ops.delivered()] == [message.message_id] * 2
+
+
+def audit_rows(site: Site, event: str) -> list[tuple[str, dict[str, t.Any]]]:
+    from agent.models import AuditEvent
+
+    with site.db() as db:
+        return [(r.outcome, r.details) for r in db.scalars(
+            select(AuditEvent).where(AuditEvent.event == event).order_by(AuditEvent.id))]
+
+
+def test_410_disables_the_endpoint_and_tells_the_administrators(
+    smtp: Mailbox, make_site: t.Callable[..., Site], receivers: t.Callable[[], Receiver]
+) -> None:
+    """W-05: after a 410 the endpoint's pending and later messages die unsent; the activity
+    log says why, the other endpoints get ``webhook.disabled``, every administrator (and no one
+    else) a mail. Redelivering one of its messages enables it again."""
+    ops, sec = receivers(), receivers()
+    site = make_site(mailbox=smtp, HEADLESSKEY_WEBHOOKS=[
+        endpoint("ops", ops, new_secret()), endpoint("sec", sec, new_secret())])
+    site.create_user("root", email="root@example.com", roles=["administrator"])
+    site.create_user("plain", email="plain@example.com")
+    ops.then(1, status=410)
+    register(site, "gina")
+    register(site, "gus")  # pending for ops when the 410 comes
+    deliver_due(site.state)
+    assert [r.answer.status for r in ops.snapshot()] == [410]
+    ops_rows = [m for m in outbox(site) if m.endpoint == "ops"]
+    assert [(m.status, m.attempts) for m in ops_rows] == [("dead", 1), ("dead", 0)]
+    assert ops_rows[1].last_error == "endpoint disabled (410 Gone)"
+    assert audit_rows(site, "webhook.disabled") == [
+        ("info", {"endpoint": "ops", "reason": "410 Gone"})]
+    (mail,) = smtp.wait_for("root@example.com")
+    assert "ops" in mail["Subject"] and "410 Gone" in mail.get_payload(decode=True).decode()
+    assert smtp.to("plain@example.com") == []
+
+    register(site, "gwen")  # a later message: never sent to ops
+    deliver_due(site.state)
+    assert len(ops.snapshot()) == 1
+    assert "webhook.disabled" in [r.payload["type"] for r in sec.delivered()]
+    assert all(m.status == "dead" for m in outbox(site) if m.endpoint == "ops")
+
+    with site.db() as db:
+        assert redeliver(db, ops_rows[0].message_id, now=site.clock())
+        db.commit()
+    deliver_due(site.state)
+    assert [r.answer.status for r in ops.snapshot()] == [410, 200]
+    register(site, "gil")
+    deliver_due(site.state)
+    assert len(ops.delivered()) == 2
+
+
+def test_a_dead_streak_disables_the_endpoint_until_its_url_changes(
+    make_site: t.Callable[..., Site], receivers: t.Callable[[], Receiver]
+) -> None:
+    """W-05: a message dead after the whole schedule disables its endpoint; the same endpoint
+    given a new URL is enabled."""
+    ops, fixed = receivers(), receivers()
+    ops.default = Answer(500)
+    secret = new_secret()
+    site = make_site(HEADLESSKEY_WEBHOOKS=[endpoint("ops", ops, secret)])
+    register(site, "dora")
+    deliver_all(site.state, site.clock, rounds=len(SCHEDULE) + 2)
+    assert len(ops.snapshot()) == len(SCHEDULE) + 1
+    ((_, details),) = audit_rows(site, "webhook.disabled")
+    assert details["endpoint"] == "ops"
+    assert details["reason"].startswith(f"{len(SCHEDULE) + 1} failed attempts")
+    register(site, "dick")
+    deliver_due(site.state)
+    assert len(ops.snapshot()) == len(SCHEDULE) + 1
+    assert [m.last_error for m in outbox(site)][-1].startswith("endpoint disabled")
+
+    # The same endpoint id at a new URL (a restart with new settings): enabled.
+    moved = make_site(HEADLESSKEY_WEBHOOKS=[endpoint("ops", fixed, secret)],
+                      HEADLESSKEY_DATABASE_URL=site.app.config["HEADLESSKEY_DATABASE_URL"],
+                      HEADLESSKEY_SECRET_KEY=site.app.config["HEADLESSKEY_SECRET_KEY"])
+    register(moved, "dina")
+    deliver_due(moved.state)
+    assert [r.payload["type"] for r in fixed.delivered()] == ["user.registered"]
 
 
 # ---------------------------------------------------------------------------------------------
