@@ -22,6 +22,7 @@ from . import config as config_module
 from .crypto import MasterKeyError
 from .crypto import Vault
 from .state import HubState
+from .state import request_is_https
 from .state import close_db
 
 CONFIG_FILE = "hub.toml"
@@ -119,7 +120,8 @@ def _build_state(app: Flask) -> HubState:
         ) from None
     for name in ("SECRET_GRACE", "NONCE_TTL", "JWKS_MAX_AGE", "SESSION_IDLE_TIMEOUT",
                  "ADMIN_MAX_FAILURES", "ADMIN_LOCK_SECONDS", "MAX_BODY",
-                 "KEY_ROTATION_DAYS", "HUB_KEY_ROTATION_DAYS", "EVENT_RETENTION_DAYS"):
+                 "KEY_ROTATION_DAYS", "HUB_KEY_ROTATION_DAYS", "EVENT_RETENTION_DAYS",
+                 "TRUSTED_PROXIES"):
         value = app.config[prefix + name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             try:
@@ -173,7 +175,7 @@ def _security_headers(response: Response) -> Response:
     headers.setdefault("X-Content-Type-Options", "nosniff")
     headers.setdefault("Referrer-Policy", "no-referrer")
     headers.setdefault("X-Frame-Options", "DENY")
-    if request.is_secure:
+    if request_is_https():
         headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
     if request.path.startswith("/api/"):
         headers.setdefault("Cache-Control", "no-store")

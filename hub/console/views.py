@@ -58,6 +58,7 @@ from ..services import health as health_service
 from ..services import keys as key_service
 from ..services import logouts as logout_service
 from ..services import sites
+from ..state import client_ip
 from ..state import get_db
 from ..state import get_state
 from . import forms
@@ -181,7 +182,7 @@ def _signed_in_admin() -> Admin | None:
 
 
 def _ip() -> str:
-    return (request.remote_addr or "")[:64]
+    return client_ip()
 
 
 def _actor() -> str:
