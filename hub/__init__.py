@@ -186,4 +186,6 @@ def _security_headers(response: Response) -> Response:
             "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
         )
         headers.setdefault("Cache-Control", "no-store")
+    if headers.get("Cache-Control") == "no-store":
+        headers.setdefault("Pragma", "no-cache")  # HTTP/1.0 caches (RFC 6749 §5.1)
     return response
