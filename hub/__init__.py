@@ -167,6 +167,9 @@ def _http_error(exc: HTTPException) -> t.Any:
     )
     response = jsonify({"code": code, "message": message, "data": {"status": status}})
     response.status_code = status
+    allowed = getattr(exc, "valid_methods", None)
+    if status == 405 and allowed:
+        response.headers["Allow"] = ", ".join(allowed)  # RFC 9110 §15.5.6
     return response
 
 
