@@ -22,8 +22,8 @@ from . import config as config_module
 from .crypto import MasterKeyError
 from .crypto import Vault
 from .state import HubState
-from .state import request_is_https
 from .state import close_db
+from .state import request_is_https
 
 CONFIG_FILE = "hub.toml"
 MASTER_KEY_FILE = "master.key"

@@ -33,9 +33,9 @@ from ..services import keys as key_service
 from ..services import logouts as logout_service
 from ..services import settings as settings_service
 from ..services import sites as site_service
+from ..state import HubState
 from ..state import client_ip
 from ..state import get_db
-from ..state import HubState
 from ..state import get_state
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
