@@ -153,7 +153,7 @@ def test_B06_hsts_behind_the_trusted_proxy(proxied: Federation) -> None:
         match = HSTS.match(response.headers.get("Strict-Transport-Security", ""))
         assert match, f"{method} {url} -> {response.status_code}: {dict(response.headers)}"
         assert int(match.group(1)) >= 31536000
-    for method, url, kw in calls[:3] + hub_requests(hub)[:3]:
+    for method, url, _kw in calls[:3] + hub_requests(hub)[:3]:
         # The client claims https, the proxy (the last entry) says http: no HSTS.
         response = send(method, url, headers={"X-Forwarded-Proto": "https, http"})
         assert "Strict-Transport-Security" not in response.headers, url
