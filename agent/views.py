@@ -697,6 +697,10 @@ def jwks() -> Response:
 
 
 # (rule, view, methods, access-rule name in HEADLESSKEY_ACCESS)
+# The largest id a database integer column holds: a longer number in a path is a 404, not an
+# overflow in the database driver.
+MAX_ID = 2**63 - 1
+
 ROUTES: list[tuple[str, t.Callable[..., Response], list[str], str]] = [
     ("/token", token, ["POST"], "token"),
     ("/token/validate", token_validate, ["POST"], "token_validate"),
@@ -711,8 +715,9 @@ ROUTES: list[tuple[str, t.Callable[..., Response], list[str], str]] = [
     ("/sessions", list_sessions, ["GET"], "sessions"),
     ("/sessions/<session_id>", end_session, ["DELETE"], "sessions"),
     ("/admin/logs", admin_logs, ["GET"], "admin"),
-    ("/admin/users/<int:user_id>/unlock", admin_unlock, ["POST"], "admin"),
-    ("/admin/users/<int:user_id>/sessions", admin_user_sessions, ["GET"], "admin"),
+    (f"/admin/users/<int(max={MAX_ID}):user_id>/unlock", admin_unlock, ["POST"], "admin"),
+    (f"/admin/users/<int(max={MAX_ID}):user_id>/sessions", admin_user_sessions, ["GET"],
+     "admin"),
     ("/admin/sessions/<session_id>", admin_end_session, ["DELETE"], "admin"),
     ("/sso/issue", sso_issue, ["POST"], "sso_issue"),
     ("/sso/exchange", sso_exchange, ["POST"], "sso_exchange"),
