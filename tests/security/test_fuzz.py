@@ -63,18 +63,9 @@ def fuzz(schema: t.Any, send: Send, statuses: dict[str, set[int]]) -> list[str]:
     assert operations
     for operation in operations:
         for mode in MODES:
-            @settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
-                      phases=[Phase.explicit, Phase.generate],
-                      suppress_health_check=list(HealthCheck))
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def check(case: t.Any) -> None:
-                response = send(case)
-                if mode is GenerationMode.POSITIVE:
-                    statuses.setdefault(operation.label, set()).add(response.status_code)
-                case.validate_response(response, checks=CHECKS)
-
+            seen = statuses.setdefault(operation.label, set())
             try:
-                check()
+                run_operation(operation, mode, send, seen)
             except Unsatisfiable:
                 assert mode is GenerationMode.NEGATIVE, operation.label  # nothing to make invalid
             except (Exception, BaseExceptionGroup) as exc:  # every failure is reported below
@@ -82,6 +73,21 @@ def fuzz(schema: t.Any, send: Send, statuses: dict[str, set[int]]) -> list[str]:
                 failures.append(f"{operation.label} ({mode.value}): "
                                 f"{type(exc).__name__}: {' | '.join(first[:12])}")
     return failures
+
+
+def run_operation(operation: t.Any, mode: GenerationMode, send: Send, seen: set[int]) -> None:
+    """Send ``EXAMPLES`` generated requests of one operation; raise on the first failure."""
+
+    @settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def check(case: t.Any) -> None:
+        response = send(case)
+        if mode is GenerationMode.POSITIVE:
+            seen.add(response.status_code)
+        case.validate_response(response, checks=CHECKS)
+
+    check()
 
 
 def create_admin(agent: Agent) -> str:
