@@ -541,6 +541,18 @@ def test_registered_keys_are_published_without_private_members(
     assert {k["kid"] for k in peer["keys"]} == {k.kid for k in jwks_pair.values()}
 
 
+def test_key_events_of_the_api_name_the_callers_address(
+    two: t.Any, jwks_pair: dict[str, SigningKey]
+) -> None:
+    """The event a signed call logs (here ``key.registered``) carries the caller's IP (L-01)."""
+    hub, (shop, secret), _docs = two
+    jwk = public_jwk(jwks_pair["ES256"])
+    assert hub.signed("POST", KEYS, shop, secret, json={"jwk": jwk}).status_code == 201
+    ip = hub.scalar("SELECT ip FROM hub_events WHERE event = 'key.registered' AND site_key = :s",
+                    s=shop)
+    assert ip == "127.0.0.1"
+
+
 def test_registering_the_same_key_again_is_idempotent(
     two: t.Any, jwks_pair: dict[str, SigningKey]
 ) -> None:
