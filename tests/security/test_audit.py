@@ -1,7 +1,8 @@
 """SECURITY.md §10, L-01, L-04 and L-05: the activity log and error answers.
 
-A federation of its own: a hub and a site ``x`` with a tight account lockout (3 failures), mail
-to a real SMTP server on loopback. Each auth event is caused over HTTP and must leave exactly one
+The shared federation of this part of the suite (``tests.security.test_headers.surface``): a
+hub and sites ``x`` and ``y`` with a tight account lockout (3 failures) and no refresh grace
+window, mail to a real SMTP server on loopback. Each auth event is caused over HTTP and must leave exactly one
 row in the site's ``hk_audit`` (or, for the hub's own actions, in ``hub_events``) with its UTC
 time, actor, IP and outcome. The last test breaks the site's database on purpose.
 """
@@ -17,14 +18,12 @@ import typing as t
 
 import pytest
 import requests
-from aiosmtpd.controller import Controller
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
 from agent import signing
 from tests.conftest import PASSWORD
 from tests.conftest import Mailbox
-from tests.conftest import free_port
 from tests.integration.test_sso import AGENT
 from tests.integration.test_sso import PREFIX
 from tests.integration.test_sso import Agent
@@ -32,7 +31,7 @@ from tests.integration.test_sso import Federation
 from tests.integration.test_sso import db_rows
 from tests.integration.test_sso import new_user
 from tests.integration.test_sso import run
-from tests.security.conftest import smtp_settings
+from tests.security.test_headers import surface
 from tests.security.test_leaks import Flow
 from tests.security.test_leaks import reset_mail
 
@@ -44,26 +43,8 @@ INTERNALS = re.compile(r"Traceback|File \"|sqlalchemy|sqlite|psycopg|SELECT |INS
 
 
 @pytest.fixture(scope="module")
-def mailbox() -> t.Iterator[Mailbox]:
-    box = Mailbox()
-    controller = Controller(box, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    box.port = controller.port  # type: ignore[attr-defined]
-    yield box
-    controller.stop()
-
-
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory: pytest.TempPathFactory, mailbox: Mailbox) -> t.Iterator[Federation]:
-    federation = Federation.build(
-        tmp_path_factory.mktemp("audit"), ["x"], HEADLESSKEY_LOCKOUT_MAX_FAILURES="3",
-        HEADLESSKEY_LOCKOUT_IP_MAX_FAILURES="1000",
-        # A reused refresh token is reuse at once, not a parallel refresh within a grace window.
-        HEADLESSKEY_REFRESH_GRACE="0", **smtp_settings(mailbox))
-    try:
-        yield federation
-    finally:
-        federation.stop()
+def fed(request: pytest.FixtureRequest, mail: Mailbox) -> Federation:
+    return surface(request, mail)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +84,7 @@ def exactly_one(agent: Agent, mark: int, event: str, outcome: str, *,
 
 
 @pytest.mark.case("L-01")
-def test_L01_every_auth_event_is_one_audit_row(fed: Federation, mailbox: Mailbox,
+def test_L01_every_auth_event_is_one_audit_row(fed: Federation, mail: Mailbox,
                                               admin: str) -> None:
     """Registration, login success and failure, lockout, reset request and completion, password
     change, refresh-token reuse, revocation and an administrator's unlock and session end each
@@ -145,7 +126,7 @@ def test_L01_every_auth_event_is_one_audit_row(fed: Federation, mailbox: Mailbox
 
     flow = Flow()
     mark = agent.last_audit_id()
-    link = reset_mail(agent, mailbox, flow, name, email, "link")
+    link = reset_mail(agent, mail, flow, name, email, "link")
     exactly_one(agent, mark, "password.reset_requested", "success", user_id=user_id)
     token = re.search(r"token=([A-Za-z0-9_\-]+)", link)
     assert token
@@ -286,7 +267,7 @@ def test_L05_database_down_is_a_generic_error(fed: Federation) -> None:
     """With the site's database file replaced by garbage, logins and registrations answer a
     generic 5xx JSON error (never a trace, SQL or path), a token check that cannot read the
     session a generic 5xx or 401; once the database is back, the same token works."""
-    agent = fed["x"]
+    agent = fed["y"]  # not ``x``, whose jobs process later tests need
     user = new_user(agent, f"dbdown{secrets.token_hex(4)}")
     # Everything in the main file first, then the database and its WAL files set aside.
     assert agent.rows("PRAGMA wal_checkpoint(TRUNCATE)")[0][0] == 0

@@ -6,39 +6,65 @@ Every response of the agent's API, of the standalone agent's other pages (its in
 request came over TLS, which behind a proxy is what the trusted proxy's ``X-Forwarded-Proto``
 says, and only then. Token responses are ``Cache-Control: no-store`` and ``Pragma: no-cache``.
 
-The fleet's sites allow every origin (``CORS = true``: ``*``, never with credentials); a
-federation of its own (``proxied``) has one site with an allow-list and one trusted proxy in
-front of the hub and the site.
+The fleet's sites allow every origin (``CORS = true``: ``*``, never with credentials); the
+federation this part of the suite shares (:func:`surface`, also used by test_console, test_audit
+and test_leaks) has sites with an allow-list and one trusted proxy in front of the hub and the
+sites.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import secrets
+import threading
 import typing as t
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 
 from agent import signing
+from tests.conftest import Mailbox
 from tests.integration.test_sso import PREFIX
 from tests.integration.test_sso import Agent
 from tests.integration.test_sso import Federation
 from tests.integration.test_sso import Hub
 from tests.security.conftest import Fleet
 from tests.security.conftest import fresh_user
+from tests.security.conftest import smtp_settings
 
 ALLOWED = "https://site.example"
 EVIL = "https://evil.example"
 HSTS = re.compile(r"^max-age=(\d+); includeSubDomains$")
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def build(root: Path, names: list[str], hub_settings: t.Mapping[str, str],
+class Receiver(BaseHTTPRequestHandler):
+    """A webhook receiver on loopback: records every request (headers and body), answers 204."""
+
+    seen: list[tuple[dict[str, str], str]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+        Receiver.seen.append((dict(self.headers.items()), body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: t.Any) -> None:
+        pass
+
+
+def build(root: Path, names: list[str], hub_settings: t.Mapping[str, str], *, jobs: bool,
           **settings: str) -> Federation:
     """A federation like :meth:`Federation.build`, with settings for the hub as well."""
     fed = Federation(root, names, settings)
     fed.hub.env.update(hub_settings)
+    for agent in fed.agents.values():
+        agent.jobs = jobs
     try:
         fed._build()
     except BaseException:
@@ -47,16 +73,50 @@ def build(root: Path, names: list[str], hub_settings: t.Mapping[str, str],
     return fed
 
 
-@pytest.fixture(scope="module")
-def proxied(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[Federation]:
-    """A hub and a site ``x``, each behind one trusted proxy; ``x`` allows one origin."""
-    fed = build(tmp_path_factory.mktemp("proxied"), ["x"],
-                {"HEADLESSKEY_HUB_TRUSTED_PROXIES": "1"},
-                HEADLESSKEY_TRUSTED_PROXIES="1", HEADLESSKEY_CORS=json.dumps([ALLOWED]))
+SURFACE = pytest.StashKey[Federation]()
+
+
+def surface(request: pytest.FixtureRequest, mail: Mailbox) -> Federation:
+    """The federation of this part of the suite, built once per run and shared by its modules.
+
+    A hub and sites ``x`` and ``y``, each behind one trusted proxy and serving with its jobs
+    process; the sites allow the one origin ``ALLOWED``, lock an account after 3 failures,
+    treat a reused refresh token as reuse at once (no grace window), mail to ``mail`` and send
+    every event to the webhook receiver (:class:`Receiver`, secret ``WEBHOOK_SECRET``).
+    """
+    config = request.config
+    if SURFACE in config.stash:
+        return config.stash[SURFACE]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hooks = [{"id": "receiver", "url": f"http://127.0.0.1:{server.server_address[1]}/hooks",
+              "secret": WEBHOOK_SECRET}]
+    root = request.getfixturevalue("tmp_path_factory").mktemp("surface")
     try:
-        yield fed
-    finally:
+        fed = build(root, ["x", "y"], {"HEADLESSKEY_HUB_TRUSTED_PROXIES": "1"}, jobs=True,
+                    HEADLESSKEY_TRUSTED_PROXIES="1", HEADLESSKEY_CORS=json.dumps([ALLOWED]),
+                    HEADLESSKEY_LOCKOUT_MAX_FAILURES="3",
+                    HEADLESSKEY_LOCKOUT_IP_MAX_FAILURES="1000", HEADLESSKEY_REFRESH_GRACE="0",
+                    HEADLESSKEY_DIRECTORY_REFRESH="2",
+                    HEADLESSKEY_WEBHOOKS=json.dumps(hooks), **smtp_settings(mail))
+    except BaseException:
+        server.shutdown()
+        raise
+
+    def stop() -> None:
         fed.stop()
+        server.shutdown()
+        server.server_close()
+
+    config.add_cleanup(stop)
+    config.stash[SURFACE] = fed
+    return fed
+
+
+@pytest.fixture(scope="module")
+def proxied(request: pytest.FixtureRequest, mail: Mailbox) -> Federation:
+    """The shared federation (:func:`surface`); its site ``x`` allows one origin."""
+    return surface(request, mail)
 
 
 def send(method: str, url: str, **kw: t.Any) -> requests.Response:
