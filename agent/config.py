@@ -161,6 +161,7 @@ WEBHOOK_EVENTS = (
     "sso.issued",
     "sso.exchanged",
     "sso.rejected",
+    "key.rotated",
 )
 
 

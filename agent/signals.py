@@ -38,5 +38,6 @@ session_limit_reached = _signals.signal("session.limit_reached")
 sso_issued = _signals.signal("sso.issued")
 sso_exchanged = _signals.signal("sso.exchanged")
 sso_rejected = _signals.signal("sso.rejected")
+key_rotated = _signals.signal("key.rotated")
 
 BY_EVENT = {name: _signals.signal(name) for name in WEBHOOK_EVENTS}
