@@ -162,6 +162,25 @@ def test_L01_every_auth_event_is_one_audit_row(fed: Federation, mail: Mailbox,
 
 
 @pytest.mark.case("L-01")
+def test_L01_a_key_rotation_is_one_audit_row(fed: Federation, admin: str) -> None:
+    """Rotating the site's access-token key (``headlesskey-agent keys rotate`` beside the
+    running site) writes one ``key.rotated`` row naming the new key, in UTC; tokens issued
+    before still work."""
+    agent = fed["x"]
+    user = new_user(agent, f"rot{secrets.token_hex(4)}")
+    mark = agent.last_audit_id()
+    out = run(AGENT, "keys", "rotate", "--instance", str(agent.instance), env=agent.env).stdout
+    kid = out.strip().removeprefix("new access-token key ")
+    rows = [r for r in rows_since(agent, mark) if r["event"] == "key.rotated"]
+    assert len(rows) == 1, rows_since(agent, mark)
+    assert rows[0]["outcome"] == "info"
+    assert json.loads(rows[0]["details"]) == {"key": "access", "kid": kid}
+    at = dt.datetime.fromisoformat(rows[0]["created_at"]).replace(tzinfo=dt.UTC)
+    assert abs((dt.datetime.now(dt.UTC) - at).total_seconds()) < 60
+    assert agent.get("/me", token=user.token).status_code == 200
+
+
+@pytest.mark.case("L-01")
 def test_L01_hub_records_key_changes_once(fed: Federation) -> None:
     """A site publishing its next key through the signed API leaves one hub event naming the
     site, with the caller's IP and a UTC time."""
