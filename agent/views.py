@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session as DBSession
 from . import events
 from . import federation
 from .config import Settings
+from .db import MAX_ID
 from .errors import AgentError
 from .errors import Forbidden
 from .errors import IncorrectPassword
@@ -26,9 +27,9 @@ from .errors import NotFound
 from .errors import RegistrationClosed
 from .errors import ValidationFailed
 from .errors import WeakPassword
+from .extension import State
 from .extension import authenticate_request
 from .extension import bearer_token
-from .extension import State
 from .extension import client_ip
 from .extension import enforce_access
 from .extension import get_db
@@ -697,10 +698,7 @@ def jwks() -> Response:
 
 
 # (rule, view, methods, access-rule name in HEADLESSKEY_ACCESS)
-# The largest id a database integer column holds: a longer number in a path is a 404, not an
-# overflow in the database driver.
-MAX_ID = 2**63 - 1
-
+# A user id longer than any database integer (MAX_ID) in a path is a 404.
 ROUTES: list[tuple[str, t.Callable[..., Response], list[str], str]] = [
     ("/token", token, ["POST"], "token"),
     ("/token/validate", token_validate, ["POST"], "token_validate"),

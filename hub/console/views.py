@@ -443,7 +443,8 @@ def activity() -> ResponseReturnValue:
         "outcome": request.args.get("outcome", "").strip()[:16],
     }
     raw_before = request.args.get("before", "")
-    before = int(raw_before) if raw_before.isdigit() and len(raw_before) < 19 else None
+    before = (int(raw_before) if raw_before.isascii() and raw_before.isdigit()
+              and len(raw_before) < 19 else None)
     rows, next_before = events.query(
         db, site_key=filters["site"] or None, event=filters["event"] or None,
         outcome=filters["outcome"] or None, before=before, limit=PAGE_SIZE,

@@ -218,11 +218,17 @@ def _float_timestamp(h: dict[str, str]) -> None:
     h[signing.HEADER_TIMESTAMP] += ".0"
 
 
+def _superscript_timestamp(h: dict[str, str]) -> None:
+    # "\xb2" (latin-1 on the wire) is "²": a digit to str.isdigit(), not to int() (L-05).
+    h[signing.HEADER_TIMESTAMP] = h[signing.HEADER_TIMESTAMP][:-1] + "\xb2"
+
+
 def _bad_site(h: dict[str, str]) -> None:
     h[signing.HEADER_SITE] = "shop/../docs"
 
 
-BREAKERS = [_bad_hex, _v2, _upper, _trailing, _truncated, _timestamp, _float_timestamp, _bad_site]
+BREAKERS = [_bad_hex, _v2, _upper, _trailing, _truncated, _timestamp, _float_timestamp,
+            _superscript_timestamp, _bad_site]
 
 
 def test_malformed_headers_are_refused(two: t.Any) -> None:
