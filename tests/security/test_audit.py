@@ -258,9 +258,10 @@ def assert_generic(response: requests.Response, statuses: set[int]) -> None:
 
 
 @pytest.mark.case("L-05")
-def test_L05_malformed_requests_get_generic_errors(fed: Federation) -> None:
-    """Broken JSON, the wrong content type, a body too large, a JSON array, an unknown route:
-    a 4xx in the API's JSON shape, with no trace, SQL, path or key material."""
+def test_L05_malformed_requests_get_generic_errors(fed: Federation, admin: str) -> None:
+    """Broken JSON, the wrong content type, a body too large, a JSON array, an unknown route,
+    numbers too large or not in ASCII digits (agent and hub): a 4xx in the API's JSON shape,
+    with no trace, SQL, path or key material."""
     agent = fed["x"]
     user = new_user(agent, f"l05{secrets.token_hex(4)}")
     url = agent.base + PREFIX
@@ -278,6 +279,13 @@ def test_L05_malformed_requests_get_generic_errors(fed: Federation) -> None:
     ]
     for method, path, kw, statuses in cases:
         assert_generic(requests.request(method, url + path, timeout=30, **kw), statuses)
+    # Numbers beyond 64 bits, and digits that are not ASCII ("\xb2" on the wire is "²").
+    for params in ({"user": str(2**63)}, {"limit": "\xb2"}, {"user": "\u00b2"}):
+        assert_generic(agent.get("/admin/logs", token=admin, params=params), {400})
+    headers = signing.sign_request(agent.raw_secret, agent.site_key, "GET", "/api/v1/directory")
+    headers[signing.HEADER_TIMESTAMP] = headers[signing.HEADER_TIMESTAMP][:-1] + "\xb2"
+    assert_generic(requests.get(fed.hub.url + "/api/v1/directory", headers=headers,
+                                timeout=30), {401})
     assert agent.get("/me", token=user.token).status_code == 200
 
 
