@@ -121,7 +121,7 @@ def _build_state(app: Flask) -> HubState:
     for name in ("SECRET_GRACE", "NONCE_TTL", "JWKS_MAX_AGE", "SESSION_IDLE_TIMEOUT",
                  "ADMIN_MAX_FAILURES", "ADMIN_LOCK_SECONDS", "MAX_BODY",
                  "KEY_ROTATION_DAYS", "HUB_KEY_ROTATION_DAYS", "EVENT_RETENTION_DAYS",
-                 "TRUSTED_PROXIES"):
+                 "TRUSTED_PROXIES", "REAUTH_SECONDS"):
         value = app.config[prefix + name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             try:

@@ -247,6 +247,45 @@ def login() -> ResponseReturnValue:
     return redirect(_safe_next(next_page))
 
 
+def _recent_login() -> ResponseReturnValue | None:
+    """None when the admin entered the password within ``REAUTH_SECONDS``; else a redirect
+    to confirm it, back to the page the form was on (nothing is done meanwhile)."""
+    state = get_state()
+    login_at = session.get("login_at")
+    if isinstance(login_at, (int, float)) and (
+            state.clock().timestamp() - login_at <= state.setting("REAUTH_SECONDS")):
+        return None
+    site_key = request.view_args.get("site_key") if request.view_args else None
+    back = (url_for("console.site_detail", site_key=site_key) if site_key
+            else url_for("console.site_new"))
+    flash("Enter your password again to do that.", "info")
+    return redirect(url_for("console.reauth", next=back))
+
+
+@bp.route("/console/reauth", methods=["GET", "POST"])
+def reauth() -> ResponseReturnValue:
+    """Confirm the signed-in admin's password; failures count towards the lock like logins."""
+    next_page = request.values.get("next", "")
+    admin = g.hub_admin
+    if request.method == "GET":
+        return render_template("console/reauth.html", error=None, next=next_page)
+    db = get_db()
+    state = get_state()
+    try:
+        admins.authenticate(db, state, admin.username, request.form.get("password", ""), _ip())
+    except admins.LoginFailed:
+        if admin.locked_until is not None and state.clock() < admin.locked_until:
+            admin.session_epoch += 1  # locked now: every session of this admin ends
+            db.commit()
+            session.clear()
+            return redirect(url_for("console.login"))
+        db.commit()  # the failure is counted
+        return render_template("console/reauth.html", error=LOGIN_FAILED, next=next_page), 200
+    db.commit()
+    session["login_at"] = state.clock().timestamp()
+    return redirect(_safe_next(next_page))
+
+
 @bp.post("/console/logout")
 def logout() -> ResponseReturnValue:
     admin = g.hub_admin
@@ -319,6 +358,8 @@ def site_new() -> ResponseReturnValue:
     """Onboard a site. The secret is in this POST's response only (no redirect, no session)."""
     if request.method == "GET":
         return render_template("console/site_new.html", values={}, errors={}, message=None)
+    if (confirm := _recent_login()) is not None:
+        return confirm
     db = get_db()
     state = get_state()
     try:
@@ -390,6 +431,8 @@ def site_resume(site_key: str) -> ResponseReturnValue:
 def site_rotate_secret(site_key: str) -> ResponseReturnValue:
     """A new secret, shown in this response only; the old one works for the grace period."""
     site = _site(site_key)
+    if (confirm := _recent_login()) is not None:
+        return confirm
     db = get_db()
     state = get_state()
     grace = forms.effective_settings(db, state)["SECRET_GRACE"]
@@ -420,6 +463,8 @@ def site_logout_user(site_key: str) -> ResponseReturnValue:
 def site_remove(site_key: str) -> ResponseReturnValue:
     """Remove a site once the admin has typed its site key; its events stay in the log."""
     site = _site(site_key)
+    if (confirm := _recent_login()) is not None:
+        return confirm
     if request.form.get("confirm", "").strip() != site.site_key:
         return _render_site(site, status=400,
                             remove_error=f"Type the site key ({site.site_key}) to confirm.")
