@@ -13,12 +13,14 @@ import base64
 import json
 import re
 import secrets
+import time
 import typing as t
 from urllib.parse import urlsplit
 
 import pytest
 import requests
 
+from tests.conftest import Mailbox
 from tests.integration.test_sso import HUB
 from tests.integration.test_sso import Hub
 from tests.integration.test_sso import db_rows
@@ -27,6 +29,7 @@ from tests.integration.test_sso import run
 from tests.security.conftest import Fleet
 from tests.security.test_headers import EVIL
 from tests.security.test_headers import signed
+from tests.security.test_headers import surface
 
 ADMIN_PASSWORD = "a long console passphrase 1"
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -263,15 +266,39 @@ def _form_error(page: str) -> str:
     return CSRF.sub("", page)
 
 
+@pytest.fixture(scope="module")
+def reauth_hub(request: pytest.FixtureRequest, mail: Mailbox) -> Hub:
+    """The hub of the shared federation, which wants the password again 2 s after sign-in."""
+    return surface(request, mail).hub
+
+
 @pytest.mark.case("B-12")
-def test_B12_recent_reauthentication() -> None:
-    pytest.skip(
-        "the hub has a single kind of console administrator (hub_admins has no role or site "
-        "scope, so there is no lesser admin to refuse), and no re-authentication step before "
-        "key rotation, secret reveal or adding an admin: sessions end after "
-        "SESSION_IDLE_TIMEOUT idle seconds, admins are added only with the "
-        "`headlesskey-hub admins create` command on the host, and a site secret is shown only "
-        "in the answer to the POST that made it")
+def test_B12_secrets_need_a_recent_password(reauth_hub: Hub) -> None:
+    """Once ``REAUTH_SECONDS`` have passed since the password was entered, rotating a site's
+    secret (which shows it) or removing a site sends the admin to confirm the password and
+    changes nothing; a wrong password does not help; the right one lets the same form work.
+    (Every console admin is a full admin: there is no lesser role to refuse, and admins are
+    added only on the host with ``headlesskey-hub admins create``.)"""
+    hub = reauth_hub
+    site = new_site(hub)
+    console = signed_in(hub)
+    time.sleep(2.2)
+    page = f"/console/sites/{site}"
+    for path, data in ((f"{page}/rotate-secret", {}), (f"{page}/remove", {"confirm": site})):
+        response = console.post(path, {**data, "csrf_token": console.token(page)})
+        assert response.status_code == 302, path
+        assert urlsplit(response.headers["Location"]).path == "/console/reauth"
+        assert "whsec_" not in response.text and "hks_" not in response.text
+    assert secret_versions(hub, site) == 1 and site_status(hub, site) == "active"
+    wrong = console.post("/console/reauth", {"password": "not the passphrase", "next": page,
+                                             "csrf_token": console.token("/console/reauth")})
+    assert wrong.status_code == 200 and "Invalid username or password." in wrong.text
+    right = console.post("/console/reauth", {"password": ADMIN_PASSWORD, "next": page,
+                                             "csrf_token": console.token("/console/reauth")})
+    assert right.status_code == 302 and urlsplit(right.headers["Location"]).path == page
+    rotated = console.post(f"{page}/rotate-secret", {"csrf_token": console.token(page)})
+    assert rotated.status_code == 200
+    assert secret_versions(hub, site) == 2
 
 
 @pytest.mark.case("B-13")

@@ -79,8 +79,8 @@ SURFACE = pytest.StashKey[Federation]()
 def surface(request: pytest.FixtureRequest, mail: Mailbox) -> Federation:
     """The federation of this part of the suite, built once per run and shared by its modules.
 
-    A hub and sites ``x`` and ``y``, each behind one trusted proxy and serving with its jobs
-    process; the sites allow the one origin ``ALLOWED``, lock an account after 3 failures,
+    A hub (asking for the password again 2 s after sign-in) and sites ``x`` and ``y``, each
+    behind one trusted proxy and serving with its jobs process; the sites allow the one origin ``ALLOWED``, lock an account after 3 failures,
     treat a reused refresh token as reuse at once (no grace window), mail to ``mail`` and send
     every event to the webhook receiver (:class:`Receiver`, secret ``WEBHOOK_SECRET``).
     """
@@ -93,7 +93,8 @@ def surface(request: pytest.FixtureRequest, mail: Mailbox) -> Federation:
               "secret": WEBHOOK_SECRET}]
     root = request.getfixturevalue("tmp_path_factory").mktemp("surface")
     try:
-        fed = build(root, ["x", "y"], {"HEADLESSKEY_HUB_TRUSTED_PROXIES": "1"}, jobs=True,
+        fed = build(root, ["x", "y"], {"HEADLESSKEY_HUB_TRUSTED_PROXIES": "1",
+                                         "HEADLESSKEY_HUB_REAUTH_SECONDS": "2"}, jobs=True,
                     HEADLESSKEY_TRUSTED_PROXIES="1", HEADLESSKEY_CORS=json.dumps([ALLOWED]),
                     HEADLESSKEY_LOCKOUT_MAX_FAILURES="3",
                     HEADLESSKEY_LOCKOUT_IP_MAX_FAILURES="1000", HEADLESSKEY_REFRESH_GRACE="0",
