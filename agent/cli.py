@@ -67,8 +67,8 @@ def main() -> None:
 @click.option("--site-name", default="HeadlessKey site", show_default=True)
 def init(instance: Path, algorithm: str, site_url: str, site_name: str) -> None:
     """Create an instance folder: site.toml, the secret, the signing key, the database."""
-    from .db import make_engine
     from .config import _url
+    from .db import make_engine
     from .db import upgrade
     from .services.keys import generate_private_key_pem
     from .standalone import SITE_FILE

@@ -222,11 +222,10 @@ def apply_logouts(db: DBSession, state: State, dir_: dict[str, t.Any]) -> int:
 def refresh_job(app: t.Any) -> None:
     """The scheduler's directory refresh (federated sites): fetch it when due, which applies
     new logouts-everywhere and a new site policy without waiting for SSO traffic."""
-    from .extension import get_db
-    from .extension import get_state
-
     from . import health
     from . import policy
+    from .extension import get_db
+    from .extension import get_state
 
     with app.app_context():
         state = get_state(app)

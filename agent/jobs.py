@@ -49,9 +49,7 @@ from .services import audit
 from .services import keystore
 
 if t.TYPE_CHECKING:
-    from apscheduler.schedulers.background import (  # type: ignore[import-untyped]
-        BackgroundScheduler,
-    )
+    from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
     from apscheduler.schedulers.blocking import BlockingScheduler  # type: ignore[import-untyped]
     from flask import Flask
 

@@ -21,11 +21,11 @@ from sqlalchemy import select
 from sqlalchemy import update
 from sqlalchemy.orm import Session as DBSession
 
+from .. import events
 from ..db import rowcount
 from ..errors import InvalidResetToken
 from ..models import PasswordReset
 from ..models import User
-from .. import events
 from . import accounts
 from . import sessions
 

@@ -142,7 +142,7 @@ def site_settings_history(site_key: str) -> ResponseReturnValue:
     for index, row in enumerate(rows):
         before = rows[index + 1].settings if index + 1 < len(rows) else {}
         changes.append(policies.diff(before, row.settings))
-    return render_template("console/site_history.html", rows=list(zip(rows, changes)),
+    return render_template("console/site_history.html", rows=list(zip(rows, changes, strict=True)),
                            **_context(site))
 
 
