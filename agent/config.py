@@ -166,6 +166,7 @@ WEBHOOK_EVENTS = (
     "sso.exchanged",
     "sso.rejected",
     "webhook.disabled",
+    "key.rotated",
 )
 
 

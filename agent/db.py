@@ -67,6 +67,11 @@ def make_engine(url: str) -> Engine:
         raise ConfigError(f"HEADLESSKEY_DATABASE_URL: not a usable database URL ({exc})") from None
 
 
+# The largest value an integer column holds (a 64-bit BIGINT; SQLite's INTEGER alike). A longer
+# number from a request is refused before it reaches the database driver, which would fail.
+MAX_ID = 2**63 - 1
+
+
 def rowcount(result: t.Any) -> int:
     """Rows matched by an UPDATE or DELETE (typed: ``Session.execute`` returns a plain Result)."""
     return int(t.cast(CursorResult[t.Any], result).rowcount)

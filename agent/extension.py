@@ -156,6 +156,29 @@ def client_ip() -> str:
     return (request.remote_addr or "")[:64]
 
 
+def request_is_https() -> bool:
+    """Whether the client reached the site over TLS: directly, or, behind the trusted proxies,
+    as the ``X-Forwarded-Proto`` entry of the outermost trusted one says (ignored without any)."""
+    if request.is_secure:
+        return True
+    hops = get_state().settings.trusted_proxies
+    if not hops:
+        return False
+    forwarded = [p.strip().lower() for p in request.headers.get("X-Forwarded-Proto", "").split(",")]
+    forwarded = [p for p in forwarded if p]
+    return len(forwarded) >= hops and forwarded[-hops] == "https"
+
+
+def security_headers(response: Response) -> Response:
+    """Headers every response of the site carries: nosniff, no referrer, HSTS over TLS."""
+    headers = response.headers
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+    if request_is_https():
+        headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
+    return response
+
+
 def authenticate_request() -> Identity:
     """Verify the request's bearer token and its session, or raise 401."""
     identity = g.get("_headlesskey_identity")
@@ -408,15 +431,11 @@ def _decorate_response(response: Response) -> Response:
     if not _in_api(request.path):
         return response
     settings = get_state().settings
-    headers = response.headers
-    headers.setdefault("X-Content-Type-Options", "nosniff")
-    headers.setdefault("Referrer-Policy", "no-referrer")
+    headers = security_headers(response).headers
     # Token responses must not be cached (RFC 6749 §5.1); no API response needs caching.
     if request.path != "/.well-known/jwks.json":
         headers["Cache-Control"] = "no-store"
         headers["Pragma"] = "no-cache"
-    if request.is_secure:
-        headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
     origin = request.headers.get("Origin")
     if settings.cors is True:
         # Any origin, never with credentials: tokens travel in headers, not cookies.

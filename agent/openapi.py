@@ -9,6 +9,7 @@ from .config import Settings
 _STR = {"type": "string"}
 _INT = {"type": "integer"}
 _BOOL = {"type": "boolean"}
+_USER_ID = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
 
 
 def _obj(props: dict[str, t.Any], required: list[str] | None = None, extra: bool = True) -> dict[str, t.Any]:
@@ -239,7 +240,7 @@ def document(settings: Settings) -> dict[str, t.Any]:
                             "counters_cleared": _INT}),
                       auth=True, errors=(403, 404)),
                 "parameters": [{"name": "user_id", "in": "path", "required": True,
-                                "schema": {"type": "integer"}}],
+                                "schema": _USER_ID}],
             }
         },
         f"{p}/admin/users/{{user_id}}/disable": {
@@ -268,7 +269,7 @@ def document(settings: Settings) -> dict[str, t.Any]:
                            ["sessions"]),
                       auth=True, errors=(403, 404)),
                 "parameters": [{"name": "user_id", "in": "path", "required": True,
-                                "schema": {"type": "integer"}}],
+                                "schema": _USER_ID}],
             }
         },
         f"{p}/admin/sessions/{{session_id}}": {

@@ -26,6 +26,7 @@ import typing as t
 
 from sqlalchemy import update
 
+from . import events
 from .config import parse_hub_secret
 from .db import rowcount
 from .federation import client
@@ -87,6 +88,7 @@ def rotate_federation_key(state: State, *, force: bool = False) -> list[str]:
                                  active_from=None, hub_status=""))
                 db.commit()
                 done.append(f"new SSO key {key.kid}")
+                record_rotation(state, "federation", key.kid)
         store.reload()
         entries = store.entries(FEDERATION)
     hub = client(state)
@@ -179,7 +181,18 @@ def rotate_hub_secret(state: State, *, force: bool = False) -> list[str]:
                          hub_status=""))
         db.commit()
     store.reload()
+    record_rotation(state, "hub_secret", None)
     return ["hub secret rotated"]
+
+
+def record_rotation(state: State, key: str, kid: str | None) -> None:
+    """The activity-log row (and webhook messages) of one rotation: ``key.rotated``."""
+    details: dict[str, t.Any] = {"key": key}
+    if kid:
+        details["kid"] = kid
+    with state.session_factory() as db:
+        events.record(db, state, "key.rotated", outcome="info", details=details)
+        db.commit()
 
 
 def rotate(state: State, *, force: t.Iterable[str] = ()) -> list[str]:
@@ -193,6 +206,8 @@ def rotate(state: State, *, force: t.Iterable[str] = ()) -> list[str]:
         key = keystore.rotate_local_if_due(state.keys)
         if key:
             done.append(f"new access-token key {key.kid}")
+    if key:
+        record_rotation(state, "access", key.kid)
     if state.settings.federated:
         try:
             done += rotate_hub_secret(state, force="hub-secret" in forced)

@@ -29,6 +29,10 @@ def serve(app: Flask, *, host: str, port: int, workers: int,
             self.cfg.set("graceful_timeout", 5)
             # One shared control socket per user would let services on one host collide.
             self.cfg.set("control_socket_disable", True)
+            # The app alone decides from X-Forwarded-Proto/-For, and only behind the proxies
+            # its TRUSTED_PROXIES setting names: gunicorn would trust any local peer's headers.
+            self.cfg.set("forwarded_allow_ips", "")
+            self.cfg.set("secure_scheme_headers", {})
 
         def load(self) -> t.Any:
             return app

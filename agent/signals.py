@@ -41,5 +41,6 @@ sso_issued = _signals.signal("sso.issued")
 sso_exchanged = _signals.signal("sso.exchanged")
 sso_rejected = _signals.signal("sso.rejected")
 webhook_disabled = _signals.signal("webhook.disabled")
+key_rotated = _signals.signal("key.rotated")
 
 BY_EVENT = {name: _signals.signal(name) for name in WEBHOOK_EVENTS}

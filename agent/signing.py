@@ -120,7 +120,7 @@ def parse_headers(headers: t.Mapping[str, str], *, now: float | None = None) -> 
     if (
         not _SITE_KEY.fullmatch(site_key)
         or not _NONCE.fullmatch(nonce)
-        or not timestamp.isdigit()
+        or not (timestamp.isascii() and timestamp.isdigit())
         or len(timestamp) > 12
         or match is None
     ):

@@ -16,6 +16,7 @@ from flask import jsonify
 from . import config as config_module
 from .errors import ConfigError
 from .extension import HeadlessKey
+from .extension import security_headers
 
 SITE_FILE = "site.toml"
 
@@ -47,6 +48,8 @@ def create_app(
         app.config.update(overrides)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     HeadlessKey(app)
+    # The API's own headers come from the extension; these cover the rest (index, 404s).
+    app.after_request(security_headers)
 
     @app.get("/")
     def index() -> t.Any:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session as DBSession
 from . import events
 from . import federation
 from .config import Settings
+from .db import MAX_ID
 from .errors import AgentError
 from .errors import Forbidden
 from .errors import IncorrectPassword
@@ -747,6 +748,7 @@ def jwks() -> Response:
 
 
 # (rule, view, methods, access-rule name in HEADLESSKEY_ACCESS)
+# A user id longer than any database integer (MAX_ID) in a path is a 404.
 ROUTES: list[tuple[str, t.Callable[..., Response], list[str], str]] = [
     ("/token", token, ["POST"], "token"),
     ("/token/validate", token_validate, ["POST"], "token_validate"),
@@ -761,10 +763,11 @@ ROUTES: list[tuple[str, t.Callable[..., Response], list[str], str]] = [
     ("/sessions", list_sessions, ["GET"], "sessions"),
     ("/sessions/<session_id>", end_session, ["DELETE"], "sessions"),
     ("/admin/logs", admin_logs, ["GET"], "admin"),
-    ("/admin/users/<int:user_id>/unlock", admin_unlock, ["POST"], "admin"),
-    ("/admin/users/<int:user_id>/disable", admin_disable, ["POST"], "admin"),
-    ("/admin/users/<int:user_id>/enable", admin_enable, ["POST"], "admin"),
-    ("/admin/users/<int:user_id>/sessions", admin_user_sessions, ["GET"], "admin"),
+    (f"/admin/users/<int(max={MAX_ID}):user_id>/unlock", admin_unlock, ["POST"], "admin"),
+    (f"/admin/users/<int(max={MAX_ID}):user_id>/disable", admin_disable, ["POST"], "admin"),
+    (f"/admin/users/<int(max={MAX_ID}):user_id>/enable", admin_enable, ["POST"], "admin"),
+    (f"/admin/users/<int(max={MAX_ID}):user_id>/sessions", admin_user_sessions, ["GET"],
+     "admin"),
     ("/admin/sessions/<session_id>", admin_end_session, ["DELETE"], "admin"),
     ("/sso/issue", sso_issue, ["POST"], "sso_issue"),
     ("/sso/exchange", sso_exchange, ["POST"], "sso_exchange"),

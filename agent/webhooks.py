@@ -484,7 +484,7 @@ def _retry_after(value: str | None, now: dt.datetime) -> float | None:
         return None
     value = value.strip()
     seconds: float
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         seconds = float(value)
     else:
         try:

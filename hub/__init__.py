@@ -23,6 +23,7 @@ from .crypto import MasterKeyError
 from .crypto import Vault
 from .state import HubState
 from .state import close_db
+from .state import request_is_https
 
 CONFIG_FILE = "hub.toml"
 MASTER_KEY_FILE = "master.key"
@@ -119,7 +120,8 @@ def _build_state(app: Flask) -> HubState:
         ) from None
     for name in ("SECRET_GRACE", "NONCE_TTL", "JWKS_MAX_AGE", "SESSION_IDLE_TIMEOUT",
                  "ADMIN_MAX_FAILURES", "ADMIN_LOCK_SECONDS", "MAX_BODY",
-                 "KEY_ROTATION_DAYS", "HUB_KEY_ROTATION_DAYS", "EVENT_RETENTION_DAYS"):
+                 "KEY_ROTATION_DAYS", "HUB_KEY_ROTATION_DAYS", "EVENT_RETENTION_DAYS",
+                 "TRUSTED_PROXIES", "REAUTH_SECONDS"):
         value = app.config[prefix + name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             try:
@@ -165,6 +167,9 @@ def _http_error(exc: HTTPException) -> t.Any:
     )
     response = jsonify({"code": code, "message": message, "data": {"status": status}})
     response.status_code = status
+    allowed = getattr(exc, "valid_methods", None)
+    if status == 405 and allowed:
+        response.headers["Allow"] = ", ".join(allowed)  # RFC 9110 §15.5.6
     return response
 
 
@@ -173,7 +178,7 @@ def _security_headers(response: Response) -> Response:
     headers.setdefault("X-Content-Type-Options", "nosniff")
     headers.setdefault("Referrer-Policy", "no-referrer")
     headers.setdefault("X-Frame-Options", "DENY")
-    if request.is_secure:
+    if request_is_https():
         headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
     if request.path.startswith("/api/"):
         headers.setdefault("Cache-Control", "no-store")
@@ -184,4 +189,6 @@ def _security_headers(response: Response) -> Response:
             "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
         )
         headers.setdefault("Cache-Control", "no-store")
+    if headers.get("Cache-Control") == "no-store":
+        headers.setdefault("Pragma", "no-cache")  # HTTP/1.0 caches (RFC 6749 §5.1)
     return response

@@ -25,8 +25,11 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
     "EVENT_RETENTION_DAYS": (180, "Federation events older than this are pruned."),
     "SESSION_IDLE_TIMEOUT": (1800, "Console sessions end after this many idle seconds."),
     "SECURE_COOKIES": (True, "Console cookie is __Host-, Secure (false only for plain-http dev)."),
+    "REAUTH_SECONDS": (600, "Console: rotating or showing a secret, or removing a site, needs a "
+                            "password entered within this many seconds."),
     "ADMIN_MAX_FAILURES": (5, "Failed console logins before a lock."),
     "ADMIN_LOCK_SECONDS": (900, "Console lock duration."),
     "MAX_BODY": (1048576, "Largest request body accepted, bytes."),
+    "TRUSTED_PROXIES": (0, "Proxies in front of the hub whose X-Forwarded-For/-Proto are trusted."),
     "AUTO_MIGRATE": (False, "Upgrade the schema in create_app (tests; serve and init do it anyway)."),
 }

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from flask import Flask
 from flask import current_app
 from flask import g
+from flask import request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session as DBSession
 from sqlalchemy.orm import sessionmaker
@@ -49,3 +50,24 @@ def close_db(_exc: BaseException | None) -> None:
     db = g.pop("_hub_db", None)
     if db is not None:
         db.close()
+
+
+def _forwarded(header: str) -> str | None:
+    """The entry of ``header`` added by the outermost trusted proxy, or None (no trusted proxy,
+    or fewer entries than proxies)."""
+    hops = int(get_state().setting("TRUSTED_PROXIES"))
+    if not hops:
+        return None
+    values = [v.strip() for v in request.headers.get(header, "").split(",")]
+    values = [v for v in values if v]
+    return values[-hops] if len(values) >= hops else None
+
+
+def client_ip() -> str:
+    """The client address: the socket's, or X-Forwarded-For as seen by the trusted proxies."""
+    return (_forwarded("X-Forwarded-For") or request.remote_addr or "")[:64]
+
+
+def request_is_https() -> bool:
+    """Whether the client reached the hub over TLS: directly, or as the trusted proxies say."""
+    return request.is_secure or (_forwarded("X-Forwarded-Proto") or "").lower() == "https"

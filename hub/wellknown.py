@@ -49,3 +49,11 @@ def metadata() -> Response:
             },
         }
     )
+
+
+@bp.get("/api/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI 3.1 description of the hub's site API and well-known documents."""
+    from .openapi import document
+
+    return jsonify(document())

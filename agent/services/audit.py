@@ -17,6 +17,7 @@ from sqlalchemy import delete
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 
+from ..db import MAX_ID
 from ..db import rowcount
 from ..errors import ValidationFailed
 from ..models import AuditEvent
@@ -51,14 +52,14 @@ def parse_filters(args: t.Mapping[str, str]) -> tuple[Filters, int, int | None]:
 
     user_id = None
     if args.get("user"):
-        if args["user"].isdigit():
-            user_id = int(args["user"])
-        else:
+        user_id = _whole_number(args["user"])
+        if user_id is None:
             errors["user"] = ["A user ID (integer)."]
     limit = 50
     if args.get("limit"):
-        if args["limit"].isdigit() and 1 <= int(args["limit"]) <= MAX_PAGE:
-            limit = int(args["limit"])
+        asked = _whole_number(args["limit"])
+        if asked is not None and 1 <= asked <= MAX_PAGE:
+            limit = asked
         else:
             errors["limit"] = [f"An integer from 1 to {MAX_PAGE}."]
     cursor = None
@@ -82,6 +83,14 @@ def parse_filters(args: t.Mapping[str, str]) -> tuple[Filters, int, int | None]:
     return filters, limit, cursor
 
 
+def _whole_number(value: str) -> int | None:
+    """``value`` as an id: ASCII digits only, at most ``MAX_ID``; else None."""
+    if not (value.isascii() and value.isdigit()) or len(value) > 19:
+        return None
+    number = int(value)
+    return number if number <= MAX_ID else None
+
+
 def encode_cursor(last_id: int) -> str:
     return base64.urlsafe_b64encode(f"a{last_id}".encode()).rstrip(b"=").decode()
 
@@ -91,7 +100,7 @@ def decode_cursor(cursor: str) -> int | None:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return None
-    return int(raw[1:]) if raw.startswith("a") and raw[1:].isdigit() else None
+    return _whole_number(raw[1:]) if raw.startswith("a") else None
 
 
 def query(

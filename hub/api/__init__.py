@@ -34,6 +34,7 @@ from ..services import logouts as logout_service
 from ..services import settings as settings_service
 from ..services import sites as site_service
 from ..state import HubState
+from ..state import client_ip
 from ..state import get_db
 from ..state import get_state
 
@@ -57,7 +58,7 @@ def _refuse(reason: str, site_key: str | None) -> t.NoReturn:
     db = get_db()
     db.rollback()
     events.log(db, state, "api.rejected", outcome="failure", site_key=site_key,
-               ip=request.remote_addr or "", details={"reason": reason, "path": request.path})
+               ip=client_ip(), details={"reason": reason, "path": request.path})
     db.commit()
     code, message = REASONS[reason]
     raise Unauthorized(message, code=code)
@@ -187,7 +188,7 @@ def record_logout() -> tuple[Response, int]:
     db = get_db()
     site = g.hub_site
     row = logout_service.record(db, get_state(), site, data.get("subject"),
-                                actor=site.site_key, via="api", ip=request.remote_addr or "",
+                                actor=site.site_key, via="api", ip=client_ip(),
                                 origin=data.get("origin"))
     db.commit()
     return jsonify(logout_service.as_dict(row)), 201

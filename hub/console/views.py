@@ -58,6 +58,7 @@ from ..services import health as health_service
 from ..services import keys as key_service
 from ..services import logouts as logout_service
 from ..services import sites
+from ..state import client_ip
 from ..state import get_db
 from ..state import get_state
 from . import forms
@@ -181,7 +182,7 @@ def _signed_in_admin() -> Admin | None:
 
 
 def _ip() -> str:
-    return (request.remote_addr or "")[:64]
+    return client_ip()
 
 
 def _actor() -> str:
@@ -243,6 +244,45 @@ def login() -> ResponseReturnValue:
     now = state.clock().timestamp()
     session.clear()  # a new session: nothing from before the login is kept
     session.update(admin_id=admin.id, login_at=now, seen_at=now, epoch=admin.session_epoch)
+    return redirect(_safe_next(next_page))
+
+
+def _recent_login() -> ResponseReturnValue | None:
+    """None when the admin entered the password within ``REAUTH_SECONDS``; else a redirect
+    to confirm it, back to the page the form was on (nothing is done meanwhile)."""
+    state = get_state()
+    login_at = session.get("login_at")
+    if isinstance(login_at, (int, float)) and (
+            state.clock().timestamp() - login_at <= state.setting("REAUTH_SECONDS")):
+        return None
+    site_key = request.view_args.get("site_key") if request.view_args else None
+    back = (url_for("console.site_detail", site_key=site_key) if site_key
+            else url_for("console.site_new"))
+    flash("Enter your password again to do that.", "info")
+    return redirect(url_for("console.reauth", next=back))
+
+
+@bp.route("/console/reauth", methods=["GET", "POST"])
+def reauth() -> ResponseReturnValue:
+    """Confirm the signed-in admin's password; failures count towards the lock like logins."""
+    next_page = request.values.get("next", "")
+    admin = g.hub_admin
+    if request.method == "GET":
+        return render_template("console/reauth.html", error=None, next=next_page)
+    db = get_db()
+    state = get_state()
+    try:
+        admins.authenticate(db, state, admin.username, request.form.get("password", ""), _ip())
+    except admins.LoginFailed:
+        if admin.locked_until is not None and state.clock() < admin.locked_until:
+            admin.session_epoch += 1  # locked now: every session of this admin ends
+            db.commit()
+            session.clear()
+            return redirect(url_for("console.login"))
+        db.commit()  # the failure is counted
+        return render_template("console/reauth.html", error=LOGIN_FAILED, next=next_page), 200
+    db.commit()
+    session["login_at"] = state.clock().timestamp()
     return redirect(_safe_next(next_page))
 
 
@@ -318,6 +358,8 @@ def site_new() -> ResponseReturnValue:
     """Onboard a site. The secret is in this POST's response only (no redirect, no session)."""
     if request.method == "GET":
         return render_template("console/site_new.html", values={}, errors={}, message=None)
+    if (confirm := _recent_login()) is not None:
+        return confirm
     db = get_db()
     state = get_state()
     try:
@@ -389,6 +431,8 @@ def site_resume(site_key: str) -> ResponseReturnValue:
 def site_rotate_secret(site_key: str) -> ResponseReturnValue:
     """A new secret, shown in this response only; the old one works for the grace period."""
     site = _site(site_key)
+    if (confirm := _recent_login()) is not None:
+        return confirm
     db = get_db()
     state = get_state()
     grace = forms.effective_settings(db, state)["SECRET_GRACE"]
@@ -419,6 +463,8 @@ def site_logout_user(site_key: str) -> ResponseReturnValue:
 def site_remove(site_key: str) -> ResponseReturnValue:
     """Remove a site once the admin has typed its site key; its events stay in the log."""
     site = _site(site_key)
+    if (confirm := _recent_login()) is not None:
+        return confirm
     if request.form.get("confirm", "").strip() != site.site_key:
         return _render_site(site, status=400,
                             remove_error=f"Type the site key ({site.site_key}) to confirm.")
@@ -442,7 +488,8 @@ def activity() -> ResponseReturnValue:
         "outcome": request.args.get("outcome", "").strip()[:16],
     }
     raw_before = request.args.get("before", "")
-    before = int(raw_before) if raw_before.isdigit() and len(raw_before) < 19 else None
+    before = (int(raw_before) if raw_before.isascii() and raw_before.isdigit()
+              and len(raw_before) < 19 else None)
     rows, next_before = events.query(
         db, site_key=filters["site"] or None, event=filters["event"] or None,
         outcome=filters["outcome"] or None, before=before, limit=PAGE_SIZE,

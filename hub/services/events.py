@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import typing as t
 
+from flask import has_request_context
 from sqlalchemy import delete
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session as DBSession
 
 from ..errors import BadRequest
 from ..models import Event
+from ..state import client_ip
 
 if t.TYPE_CHECKING:
     from ..state import HubState
@@ -31,7 +33,12 @@ def log(
     ip: str = "",
     details: dict[str, t.Any] | None = None,
 ) -> None:
-    """Add one hub event to the caller's transaction. Never pass a secret in ``details``."""
+    """Add one hub event to the caller's transaction. Never pass a secret in ``details``.
+
+    Without ``ip``, an event logged while answering a request gets the client's address.
+    """
+    if not ip and has_request_context():
+        ip = client_ip()
     db.add(
         Event(
             created_at=state.clock(),

@@ -286,3 +286,19 @@ def test_admin_disables_and_enables_a_user(make_site: t.Callable[..., Site]) -> 
         ("login.succeeded", None), ("user.enabled", 3)]
     disabled = next(e for e in logs if e["event"] == "user.disabled")
     assert disabled["details"] == {"by": 3, "sessions_ended": 2}
+
+
+def test_admin_user_id_beyond_64_bits_is_404(make_site: t.Callable[..., Site]) -> None:
+    """A user id no database column can hold is an unknown route (404), not a driver error."""
+    s = limited_site(make_site)
+    admin = s.api.login("root")["token"]
+    huge = str(2**63)
+    for method, path in (("GET", f"/admin/users/{huge}/sessions"),
+                         ("POST", f"/admin/users/{huge}/unlock"),
+                         ("POST", f"/admin/users/{huge}/disable"),
+                         ("POST", f"/admin/users/{huge}/enable")):
+        r = s.api.request(method, path, token=admin)
+        assert r.status_code == 404, (path, r.text)
+        assert r.json()["code"] == "rest_no_route"
+    assert s.api.get(f"/admin/users/{2**63 - 1}/sessions", token=admin).status_code == 404
+    assert s.api.get("/admin/users/1/sessions", token=admin).status_code == 200

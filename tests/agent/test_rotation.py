@@ -189,3 +189,22 @@ def test_keys_rotate_command(tmp_path: t.Any) -> None:
     refused = agent("keys", "rotate", "--instance", str(instance), "--what", "hub-secret")
     assert refused.returncode == 2 and "has not joined a hub" in refused.stderr
 
+
+
+def test_each_rotation_is_one_activity_row(make_site: t.Callable[..., Site]) -> None:
+    """A due rotation, run by the job, writes one ``key.rotated`` row naming the new key; a run
+    with nothing due writes none (L-01)."""
+    from agent.rotation import rotate
+
+    site = make_site("ES256", HEADLESSKEY_KEY_ROTATION=3600)
+    assert rotate(site.state) == []
+    assert site.scalar("SELECT count(*) FROM hk_audit WHERE event = 'key.rotated'") == 0
+    age_keys(site, 3600)
+    (line,) = rotate(site.state)
+    kid = line.removeprefix("new access-token key ")
+    assert site.scalar("SELECT count(*) FROM hk_audit WHERE event = 'key.rotated'") == 1
+    assert site.scalar("SELECT outcome FROM hk_audit WHERE event = 'key.rotated'") == "info"
+    details = site.scalar("SELECT details FROM hk_audit WHERE event = 'key.rotated'")
+    assert kid in details and '"access"' in details
+    assert rotate(site.state) == []
+    assert site.scalar("SELECT count(*) FROM hk_audit WHERE event = 'key.rotated'") == 1

@@ -218,11 +218,17 @@ def _float_timestamp(h: dict[str, str]) -> None:
     h[signing.HEADER_TIMESTAMP] += ".0"
 
 
+def _superscript_timestamp(h: dict[str, str]) -> None:
+    # "\xb2" (latin-1 on the wire) is "²": a digit to str.isdigit(), not to int() (L-05).
+    h[signing.HEADER_TIMESTAMP] = h[signing.HEADER_TIMESTAMP][:-1] + "\xb2"
+
+
 def _bad_site(h: dict[str, str]) -> None:
     h[signing.HEADER_SITE] = "shop/../docs"
 
 
-BREAKERS = [_bad_hex, _v2, _upper, _trailing, _truncated, _timestamp, _float_timestamp, _bad_site]
+BREAKERS = [_bad_hex, _v2, _upper, _trailing, _truncated, _timestamp, _float_timestamp,
+            _superscript_timestamp, _bad_site]
 
 
 def test_malformed_headers_are_refused(two: t.Any) -> None:
@@ -539,6 +545,18 @@ def test_registered_keys_are_published_without_private_members(
     # The peer finds the keys in its directory as well.
     peer = directory_ok(hub, docs, docs_secret)["peers"][0]
     assert {k["kid"] for k in peer["keys"]} == {k.kid for k in jwks_pair.values()}
+
+
+def test_key_events_of_the_api_name_the_callers_address(
+    two: t.Any, jwks_pair: dict[str, SigningKey]
+) -> None:
+    """The event a signed call logs (here ``key.registered``) carries the caller's IP (L-01)."""
+    hub, (shop, secret), _docs = two
+    jwk = public_jwk(jwks_pair["ES256"])
+    assert hub.signed("POST", KEYS, shop, secret, json={"jwk": jwk}).status_code == 201
+    ip = hub.scalar("SELECT ip FROM hub_events WHERE event = 'key.registered' AND site_key = :s",
+                    s=shop)
+    assert ip == "127.0.0.1"
 
 
 def test_registering_the_same_key_again_is_idempotent(

@@ -401,6 +401,32 @@ def test_suspend_resume_rotate_and_remove(console: Console) -> None:
     assert "hks_" not in all_details
 
 
+def test_secrets_and_removal_need_a_recent_password(console: Console) -> None:
+    """REAUTH_SECONDS after sign-in, rotating a secret, onboarding a site and removing one send
+    the admin to confirm the password first and change nothing until then (B-12)."""
+    hub = console.hub
+    secret_of(console.onboard())
+    page = "/console/sites/shop"
+    hub.clock.advance(hub.state.setting("REAUTH_SECONDS") + 1)
+    for path, data in (("/console/sites/shop/rotate-secret", {}),
+                       ("/console/sites/shop/remove", {"confirm": "shop"}),
+                       ("/console/sites/new", {**SITE_FORM, "site_key": "docs2"})):
+        r = console.post(path, data, form_page=page)
+        assert r.status_code == 302, path
+        assert location(r).startswith("/console/reauth?next="), location(r)
+    assert count(hub, "hub_site_secrets") == 1 and count(hub, "hub_sites") == 1
+    wrong = console.post("/console/reauth", {"password": "not it", "next": page},
+                         form_page="/console/reauth")
+    assert wrong.status_code == 200 and "Invalid username or password." in wrong.text
+    assert console.post("/console/sites/shop/rotate-secret", form_page=page).status_code == 302
+    right = console.post("/console/reauth", {"password": PASSWORD, "next": page},
+                         form_page="/console/reauth")
+    assert location(right) == page
+    rotated = console.post("/console/sites/shop/rotate-secret", form_page=page)
+    assert rotated.status_code == 200 and secret_of(rotated)
+    assert count(hub, "hub_site_secrets") == 2
+
+
 def test_site_page_lists_keys(console: Console) -> None:
     hub = console.hub
     site_key, secret = hub.add_site("Docs", "https://docs.example.com")
