@@ -102,9 +102,11 @@ def document() -> dict[str, t.Any]:
         },
         "/api/v1/logouts": {
             "post": _signed(
-                "Log one of this site's users out everywhere (24 h)",
+                "Log one of this site's users out everywhere (24 h); with origin, pass on a "
+                "listed logout for the account linked to it here",
                 _ref("Logout"), ok_status=201,
-                body=_obj({"subject": {**_STR, "minLength": 1, "maxLength": 255}}, ["subject"]),
+                body=_obj({"subject": {**_STR, "minLength": 1, "maxLength": 255},
+                           "origin": {**_INT, "minimum": 1}}, ["subject"]),
             ),
         },
         "/.well-known/jwks.json": {
@@ -157,7 +159,7 @@ def document() -> dict[str, t.Any]:
                     ["site", "hub", "peers", "logouts", "generated_at"],
                 ),
                 "Logout": _obj({"id": _INT, "issuer": _STR, "subject": _STR,
-                                "site_key": _STR, "created_at": _STR},
+                                "site_key": _STR, "origin": _INT, "created_at": _STR},
                                ["issuer", "subject", "created_at"]),
                 "JWKS": _obj({"keys": {"type": "array", "items": _obj(
                     {"kty": _STR, "kid": _STR, "hk_site": _STR}, ["kty", "kid"])}}, ["keys"]),

@@ -22,9 +22,9 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from tests.conftest import process_env as clean_env
 from tests.conftest import PASSWORD
 from tests.conftest import free_port
+from tests.conftest import process_env as clean_env
 
 AGENT = shutil.which("headlesskey-agent", path=str(Path(sys.executable).parent)) or shutil.which(
     "headlesskey-agent"

@@ -23,7 +23,6 @@ from agent.jobs import PRUNE_JOB_ID
 from agent.jobs import once_per_period
 from agent.jobs import prune
 from agent.jobs import run_scheduler
-from agent.rotation import JOB_ID as ROTATE_JOB_ID
 from agent.models import AuditEvent
 from agent.models import JobRun
 from agent.models import PasswordReset
@@ -31,6 +30,7 @@ from agent.models import RefreshToken
 from agent.models import Session
 from agent.models import Throttle
 from agent.models import WebhookAttempt
+from agent.rotation import JOB_ID as ROTATE_JOB_ID
 from agent.webhooks import deliver_due
 from tests.agent.test_webhooks import Receiver
 from tests.agent.test_webhooks import endpoint

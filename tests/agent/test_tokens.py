@@ -284,9 +284,9 @@ def test_algorithm_is_bound_to_the_key(make_site: t.Any, key_files: t.Any) -> No
     from cryptography.hazmat.primitives import serialization
 
     pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    import base64
     import hashlib
     import hmac as hmac_mod
-    import base64
     import json
 
     def hs256(secret: bytes) -> str:

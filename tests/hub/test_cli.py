@@ -31,8 +31,8 @@ from agent import signing
 from hub import create_app
 from hub.cli import main
 from hub.crypto import parse_site_secret
-from tests.conftest import process_env as clean_env
 from tests.conftest import free_port
+from tests.conftest import process_env as clean_env
 
 HUB = shutil.which("headlesskey-hub", path=str(Path(sys.executable).parent)) or shutil.which(
     "headlesskey-hub"

@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 
 from hub.services import admins
-from tests.hub.conftest import Hub
-
 from tests.browser import ARGS  # noqa: E402
 from tests.browser import CHROMIUM  # noqa: E402
 from tests.browser import require_chromium  # noqa: E402
+from tests.hub.conftest import Hub
 
 require_chromium()
 

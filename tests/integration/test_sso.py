@@ -40,9 +40,9 @@ from requests.adapters import HTTPAdapter
 
 from agent.config import parse_hub_secret
 from agent.signing import pairwise_key
-from tests.conftest import process_env
 from tests.conftest import PASSWORD
 from tests.conftest import free_port
+from tests.conftest import process_env
 
 BIN = str(Path(sys.executable).parent)
 AGENT = shutil.which("headlesskey-agent", path=BIN) or shutil.which("headlesskey-agent")
