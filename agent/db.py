@@ -67,9 +67,9 @@ def make_engine(url: str) -> Engine:
         raise ConfigError(f"HEADLESSKEY_DATABASE_URL: not a usable database URL ({exc})") from None
 
 
-# The largest value an integer column holds (a 64-bit BIGINT; SQLite's INTEGER alike). A longer
+# The largest id an id column holds: every id column is INTEGER, 32 bits on PostgreSQL. A larger
 # number from a request is refused before it reaches the database driver, which would fail.
-MAX_ID = 2**63 - 1
+MAX_ID = 2**31 - 1
 
 
 def rowcount(result: t.Any) -> int:

@@ -9,7 +9,7 @@ from .config import Settings
 _STR = {"type": "string"}
 _INT = {"type": "integer"}
 _BOOL = {"type": "boolean"}
-_USER_ID = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+_USER_ID = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
 
 
 def _obj(props: dict[str, t.Any], required: list[str] | None = None, extra: bool = True) -> dict[str, t.Any]:

@@ -360,6 +360,7 @@ def test_rows_arriving_while_paging_do_not_shift_pages(history: dict[str, t.Any]
         ({"event": "e" * 65}, "event"),
         # Numbers no database integer holds, and digits that are not ASCII (L-05: not a 500).
         ({"user": str(2**63)}, "user"),
+        ({"user": str(2**31)}, "user"),
         ({"user": "\u00b2"}, "user"),
         ({"limit": "\u00b9"}, "limit"),
         ({"cursor": "YTkyMjMzNzIwMzY4NTQ3NzU4MDg"}, "cursor"),  # "a" + 2**63
