@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import random
 import socket
 import threading
 import time
@@ -53,10 +54,45 @@ def process_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
+_PORTS_LOCK = threading.Lock()
+_next_port: int | None = None
+
+
+def _port_slice() -> tuple[int, int]:
+    """This test process's ports: 10000-29999, a fifth each for up to four pytest-xdist workers
+    (and the first for a plain run). All below the kernel's ephemeral range (32768 and up), so an
+    outgoing connection never takes a port between our choosing it and a server binding it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) % 4 if worker.isdigit() else 0
+    low = 10000 + index * 5000
+    return low, low + 5000
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return t.cast(int, s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(count: int = 1) -> int:
+    """A loopback port nothing listens on, and the ``count - 1`` after it; never one handed out
+    before by this process."""
+    global _next_port
+    low, high = _port_slice()
+    with _PORTS_LOCK:
+        if _next_port is None:
+            _next_port = low + random.randrange(0, high - low - 100)
+        for _ in range(high - low):
+            base = _next_port
+            if base + count > high:
+                base = low
+            _next_port = base + count
+            if all(_bindable(port) for port in range(base, base + count)):
+                return base
+    raise RuntimeError(f"no {count} free ports in {low}-{high}")
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ continue to B, arrive at B logged in. Screenshots go to test-output/demo/."""
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 
 from tests.browser import launch
 from tests.browser import require_chromium
+from tests.conftest import free_port
 
 require_chromium()
 
@@ -36,7 +36,7 @@ def _answers(url: str) -> bool:
 
 @pytest.fixture
 def demo(tmp_path: Path) -> t.Iterator[dict[str, str]]:
-    base = random.randrange(20000, 40000, 20)
+    base = free_port(13)  # the hub at base, APIs +1 and +2, frontends +11 and +12
     env = {**os.environ, "HEADLESSKEY_ARGON2_TIME_COST": "1", "HEADLESSKEY_ARGON2_MEMORY_COST": "8"}
     log = (tmp_path / "demo.log").open("wb")
     process = subprocess.Popen(

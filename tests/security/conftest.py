@@ -8,15 +8,14 @@ a small federation of their own with :meth:`tests.integration.test_sso.Federatio
 
 Each test names the checklist cases it covers with ``@pytest.mark.case("J-01", ...)``; a case
 that does not apply is a test that skips with the reason. At the end of the run the report
-below prints how many cases were covered, skipped (with reasons) and failed, and any case that
-no test names.
+(``tests/security/report.py``) prints how many cases were covered, skipped (with reasons) and
+failed, and any case that no test names.
 """
 
 from __future__ import annotations
 
 import secrets
 import typing as t
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,6 @@ from tests.integration.test_sso import Federation
 from tests.integration.test_sso import User
 from tests.integration.test_sso import login
 from tests.integration.test_sso import new_user
-from tests.security.cases import CASES
 
 ALGORITHMS = {"hs": "HS256", "rs": "RS256", "es": "ES256"}
 FLEET_SETTINGS = {
@@ -41,74 +39,6 @@ FLEET_SETTINGS = {
     # Forgeries are many: the limit on failed validations has a test of its own (J-38).
     "HEADLESSKEY_VALIDATE_MAX_FAILURES": "0",
 }
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "case(*ids): the security checklist cases a test covers")
-
-
-# --- the case report -------------------------------------------------------------------------
-
-_outcomes: dict[str, dict[str, str]] = defaultdict(dict)  # case -> {nodeid: outcome}
-_reasons: dict[str, str] = {}  # case -> why it was skipped
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        for mark in item.iter_markers("case"):
-            for case in mark.args:
-                if case not in CASES:
-                    raise pytest.UsageError(f"{item.nodeid}: unknown checklist case {case!r}")
-
-
-def _cases(item: pytest.Item) -> list[str]:
-    return [case for mark in item.iter_markers("case") for case in mark.args]
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> t.Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()
-    cases = _cases(item)
-    if not cases:
-        return
-    for case in cases:
-        seen = _outcomes[case]
-        if report.failed:
-            seen[item.nodeid] = "failed"
-        elif report.skipped and seen.get(item.nodeid) != "failed":
-            seen[item.nodeid] = "skipped"
-            longrepr = report.longrepr
-            reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
-            _reasons[case] = reason.removeprefix("Skipped: ")
-        elif report.when == "call" and report.passed and item.nodeid not in seen:
-            seen[item.nodeid] = "passed"
-
-
-def pytest_terminal_summary(terminalreporter: t.Any) -> None:
-    if not _outcomes:
-        return
-    covered, skipped, failed, missing = [], [], [], []
-    for case in CASES:
-        results = set(_outcomes.get(case, {}).values())
-        if not results:
-            missing.append(case)
-        elif "failed" in results:
-            failed.append(case)
-        elif "passed" in results:
-            covered.append(case)
-        else:
-            skipped.append(case)
-    write = terminalreporter.write_line
-    terminalreporter.section("security checklist")
-    for case in skipped:
-        write(f"skipped {case} ({CASES[case]}): {_reasons.get(case, '')}")
-    for case in failed:
-        write(f"FAILED  {case} ({CASES[case]})")
-    if missing:
-        write("not run: " + ", ".join(missing))
-    write(f"{len(CASES)} cases: {len(covered)} covered, {len(skipped)} skipped, "
-          f"{len(failed)} failed, {len(missing)} not run")
 
 
 # --- the fleet -------------------------------------------------------------------------------
