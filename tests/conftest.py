@@ -11,6 +11,7 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import random
@@ -157,15 +158,23 @@ class Mailbox:
             return [m for m in self.messages if m["To"] == address]
 
 
-@pytest.fixture
-def smtp() -> t.Iterator[Mailbox]:
-    """A real SMTP server (aiosmtpd) on a free loopback port."""
+@contextlib.contextmanager
+def smtp_server() -> t.Iterator[Mailbox]:
+    """A real SMTP server (aiosmtpd) on a free loopback port; ``.port`` is where."""
     box = Mailbox()
     controller = Controller(box, hostname="127.0.0.1", port=free_port())
     controller.start()
     box.port = controller.port  # type: ignore[attr-defined]
-    yield box
-    controller.stop()
+    try:
+        yield box
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def smtp() -> t.Iterator[Mailbox]:
+    with smtp_server() as box:
+        yield box
 
 
 class Api:

@@ -290,8 +290,12 @@ class Federation:
 
     @classmethod
     def build(cls, root: Path, names: list[str], *, jobs: bool = False,
-              algorithms: t.Mapping[str, str] | None = None, **settings: str) -> Federation:
+              algorithms: t.Mapping[str, str] | None = None,
+              hub_settings: t.Mapping[str, str] | None = None, **settings: str) -> Federation:
+        """Start a hub and the agents ``names``, every agent with ``settings`` (the hub with
+        ``hub_settings``), each access-token algorithm from ``algorithms`` (default ES256)."""
         fed = cls(root, names, settings)
+        fed.hub.env.update(hub_settings or {})
         for name, agent in fed.agents.items():
             agent.jobs = jobs
             agent.algorithm = (algorithms or {}).get(name, agent.algorithm)

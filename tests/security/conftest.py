@@ -19,10 +19,9 @@ import typing as t
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from tests.conftest import Mailbox
-from tests.conftest import free_port
+from tests.conftest import smtp_server
 from tests.integration.test_sso import Agent
 from tests.integration.test_sso import Federation
 from tests.integration.test_sso import User
@@ -69,12 +68,8 @@ def smtp_settings(mail: Mailbox) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def mail() -> t.Iterator[Mailbox]:
     """A real SMTP server (aiosmtpd) on loopback for the whole security run."""
-    box = Mailbox()
-    controller = Controller(box, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    box.port = controller.port  # type: ignore[attr-defined]
-    yield box
-    controller.stop()
+    with smtp_server() as box:
+        yield box
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,6 @@ import threading
 import typing as t
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import requests
@@ -58,21 +57,6 @@ class Receiver(BaseHTTPRequestHandler):
         pass
 
 
-def build(root: Path, names: list[str], hub_settings: t.Mapping[str, str], *, jobs: bool,
-          **settings: str) -> Federation:
-    """A federation like :meth:`Federation.build`, with settings for the hub as well."""
-    fed = Federation(root, names, settings)
-    fed.hub.env.update(hub_settings)
-    for agent in fed.agents.values():
-        agent.jobs = jobs
-    try:
-        fed._build()
-    except BaseException:
-        fed.stop()
-        raise
-    return fed
-
-
 SURFACE = pytest.StashKey[Federation]()
 
 
@@ -93,8 +77,10 @@ def surface(request: pytest.FixtureRequest, mail: Mailbox) -> Federation:
               "secret": WEBHOOK_SECRET}]
     root = request.getfixturevalue("tmp_path_factory").mktemp("surface")
     try:
-        fed = build(root, ["x", "y"], {"HEADLESSKEY_HUB_TRUSTED_PROXIES": "1",
-                                         "HEADLESSKEY_HUB_REAUTH_SECONDS": "2"}, jobs=True,
+        fed = Federation.build(
+                    root, ["x", "y"], jobs=True,
+                    hub_settings={"HEADLESSKEY_HUB_TRUSTED_PROXIES": "1",
+                                  "HEADLESSKEY_HUB_REAUTH_SECONDS": "2"},
                     HEADLESSKEY_TRUSTED_PROXIES="1", HEADLESSKEY_CORS=json.dumps([ALLOWED]),
                     HEADLESSKEY_LOCKOUT_MAX_FAILURES="3",
                     HEADLESSKEY_LOCKOUT_IP_MAX_FAILURES="1000", HEADLESSKEY_REFRESH_GRACE="0",
