@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import typing as t
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy import create_engine
 from sqlalchemy import event
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.pool import NullPool
+from sqlalchemy.exc import DisconnectionError
 
 from .errors import ConfigError
 
@@ -35,12 +36,19 @@ def make_engine(url: str) -> Engine:
                 "HEADLESSKEY_DATABASE_URL: in-memory SQLite cannot be shared between threads "
                 "and workers; use a file (sqlite:///path/to/db)"
             )
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        # NullPool: a SQLite connection is cheap to open and must not cross threads.
-        engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 15})
+        path = url.removeprefix("sqlite:///")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Pooled: opening a connection runs the pragmas below, and closing the last one
+        # checkpoints the WAL, both on every transaction otherwise. A connection is used by one
+        # thread at a time (the pool hands it over); beyond the five kept, connections are
+        # opened and closed as needed, so a burst of threads never waits for the pool.
+        engine = create_engine(url, pool_size=5, max_overflow=-1,
+                               connect_args={"timeout": 15, "check_same_thread": False})
+        _fork_safe(engine)
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: t.Any, _record: t.Any) -> None:
+        def _sqlite_pragmas(dbapi_conn: t.Any, record: t.Any) -> None:
+            record.info["file"] = file_identity(path)
             # Let SQLAlchemy, not pysqlite, begin transactions, so BEGIN IMMEDIATE works.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
@@ -60,11 +68,44 @@ def make_engine(url: str) -> Engine:
             else:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
+        @event.listens_for(engine, "checkout")
+        def _same_file(_dbapi_conn: t.Any, record: t.Any, _proxy: t.Any) -> None:
+            # A file put in place of the database (a restored backup) is used from then on:
+            # a pooled connection would go on reading and writing the file it replaced.
+            if record.info.get("file") != file_identity(path):
+                raise DisconnectionError("the database file was replaced")
+
         return engine
     try:
-        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
     except (ArgumentError, ImportError, ValueError) as exc:
         raise ConfigError(f"HEADLESSKEY_DATABASE_URL: not a usable database URL ({exc})") from None
+    _fork_safe(engine)
+    return engine
+
+
+def file_identity(path: str) -> tuple[int, int] | None:
+    """The device and inode of a file (None when missing): which file a path names now."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _fork_safe(engine: Engine) -> None:
+    """A pooled connection made before a fork is never used by the child (SQLAlchemy's recipe):
+    the child makes its own, and leaves the parent's socket or file handle alone."""
+
+    @event.listens_for(engine, "connect")
+    def _record_pid(_dbapi_conn: t.Any, record: t.Any) -> None:
+        record.info["pid"] = os.getpid()
+
+    @event.listens_for(engine, "checkout")
+    def _check_pid(_dbapi_conn: t.Any, record: t.Any, proxy: t.Any) -> None:
+        if record.info.get("pid") != os.getpid():
+            record.dbapi_connection = proxy.dbapi_connection = None
+            raise DisconnectionError("connection made in another process")
 
 
 # The largest id an id column holds: every id column is INTEGER, 32 bits on PostgreSQL. A larger

@@ -31,6 +31,7 @@ from sqlalchemy import select
 from sqlalchemy import update
 from sqlalchemy.orm import Session as DBSession
 
+from ..db import file_identity
 from ..db import rowcount
 from ..errors import Forbidden
 from ..errors import InvalidGrant
@@ -330,6 +331,7 @@ class SessionReader:
                            for c in columns]
         self.errors: tuple[type[BaseException], ...] = (dialect.loaded_dbapi.Error,)
         self.sqlite = dialect.name == "sqlite"
+        self.path = engine.url.database or ""
         self.pid = os.getpid()
         self.idle: list[t.Any] = []
         self.inherited: list[t.Any] = []
@@ -354,9 +356,13 @@ class SessionReader:
             # A forked child never uses its parent's connections (nor closes them).
             self.inherited, self.idle, self.pid = self.inherited + self.idle, [], os.getpid()
         try:
-            return self.idle.pop()
+            conn = self.idle.pop()
         except IndexError:
             return self._connect()
+        if self.sqlite and conn.info.get("file") != file_identity(self.path):
+            conn.invalidate()  # the database file was replaced (agent.db): use the new one
+            return self._connect()
+        return conn
 
     def fetch(self, sid: str) -> tuple[t.Any, ...] | None:
         params: t.Any = (sid,) if self.positional else {"sid": sid}

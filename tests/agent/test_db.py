@@ -1,0 +1,67 @@
+"""The agent's database engine: pooled connections that never cross a fork or outlive their file."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+from pathlib import Path
+
+from sqlalchemy import text
+
+from agent.db import make_engine
+
+
+def _value(engine: object) -> str:
+    with engine.connect() as conn:  # type: ignore[attr-defined]
+        return str(conn.execute(text("SELECT v FROM t")).scalar_one())
+
+
+def _make_db(path: Path, value: str) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE t (v TEXT)")
+        conn.execute("INSERT INTO t VALUES (?)", (value,))
+    conn.close()
+
+
+def test_sqlite_connections_are_pooled_and_follow_a_replaced_file(tmp_path: Path) -> None:
+    path = tmp_path / "site.db"
+    _make_db(path, "old")
+    engine = make_engine(f"sqlite:///{path}")
+    assert _value(engine) == "old"
+    assert engine.pool.checkedin() == 1  # kept for the next transaction
+
+    # A backup restored by putting a file in its place: the next transaction reads it, and
+    # writes land in it, not in the file it replaced.
+    _make_db(tmp_path / "restored.db", "restored")
+    os.replace(tmp_path / "restored.db", path)
+    assert _value(engine) == "restored"
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE t SET v = 'written'"))
+    engine.dispose()
+    with sqlite3.connect(path) as check:
+        assert check.execute("SELECT v FROM t").fetchone() == ("written",)
+    check.close()
+
+
+def _child_connection_is_its_own(engine: object, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    with engine.connect() as conn:  # type: ignore[attr-defined]
+        conn.execute(text("SELECT 1"))
+        out.put(conn.connection.info.get("pid") == os.getpid())
+
+
+def test_a_forked_child_never_uses_its_parents_pooled_connection(tmp_path: Path) -> None:
+    path = tmp_path / "site.db"
+    _make_db(path, "x")
+    engine = make_engine(f"sqlite:///{path}")
+    assert _value(engine) == "x"
+    assert engine.pool.checkedin() == 1  # the parent's connection, pooled across the fork
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    child = context.Process(target=_child_connection_is_its_own, args=(engine, out))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert out.get(timeout=5) is True
+    assert _value(engine) == "x"  # the parent's connection still works
+    engine.dispose()
