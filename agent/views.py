@@ -134,10 +134,14 @@ def _guarded_password_check(
 
     The attempt is reserved first (429 when the account or the IP is locked); a failure is
     recorded as ``event`` with outcome ``failure`` and may start a lock. The request's
-    transaction is ended first so no write lock is held during the slow hash.
+    transaction is ended first so no write lock is held during the slow hash; ``user`` is
+    detached with the values read, so the check reading its hash begins no new transaction
+    (callers ``merge`` it back to write).
     """
     user_id = user.id if user is not None else None
     keys = lockout.keys_for(state, user_id=user_id, login=login, ip=client.ip)
+    if user is not None and user in db:
+        db.expunge(user)
     db.rollback()
     try:
         lockout.acquire(state.session_factory, state, keys)
@@ -182,6 +186,8 @@ def _login(full_profile: bool) -> Response:
     db = get_db()
     state = get_state()
     client = _client()
+    # A read: on SQLite it must not take the write lock, which concurrent logins' writes need.
+    db.connection(execution_options={"hk_readonly": True})
     found = accounts.find_user(db, login)
     _guarded_password_check(
         db, state, user=found, login=login, client=client, event="login.failed",

@@ -19,7 +19,10 @@ import time
 import typing as t
 from dataclasses import dataclass
 
+from sqlalchemy import Table
+from sqlalchemy import case
 from sqlalchemy import select
+from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session as DBSession
@@ -33,6 +36,7 @@ if t.TYPE_CHECKING:
 MAX_LOCK = 86400
 MAX_WAIT = 3.0  # seconds an attempt waits for in-flight checks of the same counter
 STALE_PENDING = dt.timedelta(seconds=60)
+_THROTTLE = t.cast(Table, Throttle.__table__)  # the hot paths use plain statements
 
 
 class TooManyAttempts(AgentError):
@@ -47,9 +51,13 @@ class TooManyAttempts(AgentError):
 
 @dataclass(frozen=True)
 class Keys:
-    """The counters one attempt touches, with the threshold of each."""
+    """The counters one attempt touches, with the threshold of each, in key order: every
+    transaction locks counters in that one order, so two of them never wait for each other."""
 
     items: tuple[tuple[str, int], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "items", tuple(sorted(self.items)))
 
     def __bool__(self) -> bool:
         return bool(self.items)
@@ -117,7 +125,7 @@ def acquire(factory: t.Callable[[], DBSession], state: State, keys: Keys) -> Non
     Runs in its own committed transaction, before and apart from the password check. A counter
     full only because of attempts still being checked makes this one wait for them (briefly),
     so concurrent right passwords all get through while concurrent guesses never exceed the
-    limit.
+    limit. Every login runs it: plain statements, the counters read and locked in one.
     """
     if not keys:
         return
@@ -129,45 +137,72 @@ def acquire(factory: t.Callable[[], DBSession], state: State, keys: Keys) -> Non
         with factory() as db:
             blocked_for = 0
             busy = False
-            rows = []
+            pending: dict[str, int] = {}
+            changes: dict[str, dict[str, t.Any]] = {}
+            rows = _lock_rows(db, keys, now)
             for key, limit in keys.items:
-                row = _locked_row(db, key, now)
+                row = rows[key]
+                change = changes[key] = {}
+                pending[key] = row.pending
+                if row.pending and row.pending_since and now - row.pending_since > STALE_PENDING:
+                    pending[key] = change["pending"] = 0  # reservations of a process that died
                 if row.locked_until is not None and now < row.locked_until:
                     blocked_for = max(blocked_for, _seconds(row.locked_until - now))
                     continue
+                failures = row.failures
                 if now - row.window_start >= window:
-                    row.failures = 0
-                    row.window_start = now
-                if row.failures >= limit:
+                    failures = change["failures"] = 0
+                    change["window_start"] = now
+                if failures >= limit:
                     blocked_for = max(blocked_for, s.lockout_duration)
-                elif row.failures + row.pending >= limit:
+                elif failures + pending[key] >= limit:
                     busy = True
-                rows.append(row)
-            if blocked_for:
-                db.commit()
-                raise TooManyAttempts(blocked_for)
-            if not busy:
-                for row in rows:
-                    row.pending += 1
-                    row.pending_since = now
-                db.commit()
-                return
+            reserve = not blocked_for and not busy
+            if reserve:
+                for key, change in changes.items():
+                    change.update(pending=pending[key] + 1, pending_since=now)
+            _write(db, changes)
             db.commit()
+            if blocked_for:
+                raise TooManyAttempts(blocked_for)
+            if reserve:
+                return
         if time.monotonic() >= deadline:
             raise TooManyAttempts(1)
         time.sleep(0.05)
 
 
+def _lock_rows(db: DBSession, keys: Keys, now: dt.datetime) -> dict[str, t.Any]:
+    """The counter rows of ``keys`` (created if missing), locked for this transaction."""
+    table = _THROTTLE
+    names = [key for key, _limit in keys.items]
+    values = [{"key": key, "failures": 0, "window_start": now, "lock_count": 0, "pending": 0}
+              for key in names]
+    insert = pg_insert if db.get_bind().dialect.name == "postgresql" else sqlite_insert
+    db.execute(insert(table).values(values).on_conflict_do_nothing())
+    found = db.execute(
+        select(table).where(table.c.key.in_(names)).order_by(table.c.key).with_for_update()
+    ).all()  # locked in key order, as Keys lists them
+    return {row.key: row for row in found}
+
+
+def _write(db: DBSession, changes: dict[str, dict[str, t.Any]]) -> None:
+    table = _THROTTLE
+    for key, change in changes.items():
+        if change:
+            db.execute(update(table).where(table.c.key == key).values(**change))
+
+
 def succeeded(db: DBSession, state: State, keys: Keys) -> None:
     """The attempt was right: release it; the account's counter and escalation start over."""
-    now = state.clock()
+    table = _THROTTLE
+    release = case((table.c.pending > 0, table.c.pending - 1), else_=0)
     for key, _limit in keys.items:
-        row = _locked_row(db, key, now)
-        row.pending = max(0, row.pending - 1)
-        if not key.startswith("ip:"):
-            row.failures = 0
-            row.lock_count = 0
-            row.locked_until = None
+        if key.startswith("ip:"):
+            values: dict[str, t.Any] = {"pending": release}
+        else:
+            values = {"pending": release, "failures": 0, "lock_count": 0, "locked_until": None}
+        db.execute(update(table).where(table.c.key == key).values(**values))
 
 
 def failed(db: DBSession, state: State, keys: Keys) -> list[tuple[str, int]]:
