@@ -9,7 +9,9 @@ Verification order, each step refusing with the same generic ``invalid_token``:
    site, ``alg`` equal to that key's algorithm, no ``crit`` (we understand no extension,
    RFC 7515 §4.1.11), and no ``b64``, ``cty`` (nested tokens) or ``zip``;
 3. signature with that key and only its algorithm (PyJWT's primitive for it), canonical
-   base64url (RFC 7515 §2);
+   base64url (RFC 7515 §2); a token whose signature this process verified with that same key
+   object is not verified again (:class:`VerifiedTokens`, as API gateways cache verified JWTs),
+   every other step runs on every request;
 4. claims: a JSON object; ``exp``, ``nbf``, ``iat`` numbers (with leeway), ``iss`` exact,
    ``aud`` the one configured string (and absent, not even empty, when none is), string
    ``sub``, ``jti``, ``sid``. These are PyJWT's checks with the options we used to pass it,
@@ -26,6 +28,7 @@ import json
 import math
 import re
 import secrets
+import threading
 import time
 import typing as t
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ import jwt
 
 from ..errors import InvalidToken
 from .keys import KeyRing
+from .keys import SigningKey
 
 ACCESS_TYP = "at+jwt"
 MAX_TOKEN_LENGTH = 8192
@@ -43,6 +47,39 @@ _UNSUPPORTED = frozenset({"b64", "cty", "zip"})  # header parameters we never mi
 REQUIRED = ("exp", "iat", "nbf", "iss", "sub", "jti", "sid")
 # PyJWT's signature primitives by name, built once (verification looks one up per request).
 _ALGORITHMS = jwt.algorithms.get_default_algorithms()
+
+
+class VerifiedTokens:
+    """Tokens whose signature this process verified, each with the key that verified it.
+
+    A client sends its access token with every call for minutes, and an RS256 or ES256
+    verification costs more than the rest of a request's checks together. A hit counts only
+    while the ring still returns the very key object that verified the token, so a key
+    retired or rotated away stops every token it signed at once. Bounded: the oldest entries
+    go first. Only valid signatures are kept, so forged tokens cannot fill it.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._keys: dict[str, SigningKey] = {}
+        self._lock = threading.Lock()
+
+    def verified(self, token: str, key: SigningKey) -> bool:
+        return self._keys.get(token) is key
+
+    def add(self, token: str, key: SigningKey) -> None:
+        with self._lock:
+            while len(self._keys) >= self.size:
+                del self._keys[next(iter(self._keys))]
+            self._keys[token] = key
+
+    def clear(self) -> None:
+        with self._lock:
+            self._keys.clear()
+
+
+# About 1 MB at the most (tokens of a few hundred bytes).
+verified_tokens = VerifiedTokens(2048)
 
 
 @dataclass(frozen=True)
@@ -108,6 +145,19 @@ def _canonical(segment: str) -> bool:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode() == segment
 
 
+def _verify_signature(key: SigningKey, header: str, payload: str, signature: str) -> None:
+    """PyJWT's primitive for exactly the key's algorithm (HMAC compared in constant time)."""
+    if not _canonical(signature):
+        raise InvalidToken()
+    try:
+        valid = _ALGORITHMS[key.alg].verify(f"{header}.{payload}".encode(), key.verify_key,
+                                            _b64decode(signature))
+    except (binascii.Error, ValueError, TypeError):
+        valid = False
+    if not valid:
+        raise InvalidToken()
+
+
 def _numeric_date(value: t.Any) -> int:
     """A NumericDate claim (RFC 7519 §2): a finite JSON number, not a string nor a boolean."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -127,7 +177,7 @@ def verify_access_token(
     if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH or not _SHAPE.fullmatch(token):
         raise InvalidToken()
     header_segment, payload_segment, signature_segment = token.split(".")
-    if len(header_segment) > MAX_HEADER_LENGTH or not _canonical(signature_segment):
+    if len(header_segment) > MAX_HEADER_LENGTH:
         raise InvalidToken()
     try:
         header = json.loads(_b64decode(header_segment))
@@ -144,17 +194,11 @@ def verify_access_token(
         raise InvalidToken()
     try:
         payload = _b64decode(payload_segment)
-        signature = _b64decode(signature_segment)
     except (binascii.Error, ValueError):
         raise InvalidToken() from None
-    # PyJWT's primitive for exactly the key's algorithm (HMAC compared in constant time).
-    signing_input = f"{header_segment}.{payload_segment}".encode()
-    try:
-        valid = _ALGORITHMS[key.alg].verify(signing_input, key.verify_key, signature)
-    except (ValueError, TypeError):
-        valid = False
-    if not valid:
-        raise InvalidToken()
+    if not verified_tokens.verified(token, key):
+        _verify_signature(key, header_segment, payload_segment, signature_segment)
+        verified_tokens.add(token, key)
     try:
         claims: dict[str, t.Any] = json.loads(payload)
     except (ValueError, RecursionError):

@@ -321,6 +321,8 @@ def test_alg_none_is_refused(site: Site, alg: str) -> None:
 
 def test_tampered_and_non_canonical_signatures_are_refused(site: Site) -> None:
     good = site.api.login()["token"]
+    # Accepted first, so its signature is among the verified ones: no variant rides on that.
+    assert site.api.get("/me", token=good).status_code == 200
     header, payload, signature = good.split(".")
     flipped = signature[:-2] + ("A" if signature[-2] != "A" else "B") + signature[-1]
     for token in (
@@ -453,3 +455,22 @@ def test_timestamps_are_utc(site: Site) -> None:
     body = site.api.login()
     expiration = dt.datetime.fromisoformat(body["expiration"].replace("Z", "+00:00"))
     assert abs((expiration - dt.datetime.now(dt.UTC)).total_seconds() - 900) < 5
+
+
+def test_verified_signatures_are_remembered_per_key_and_bounded() -> None:
+    from agent.services.keys import SigningKey
+    from agent.services.tokens import VerifiedTokens
+
+    key = SigningKey.hmac(b"k" * 32)
+    same_material = SigningKey.hmac(b"k" * 32)
+    cache = VerifiedTokens(3)
+    cache.add("t1", key)
+    assert cache.verified("t1", key)
+    # Only the very key object that verified it: a key read again (rotated, retired and
+    # restored, reloaded) verifies the token again.
+    assert not cache.verified("t1", same_material)
+    assert not cache.verified("t2", key)
+    for name in ("t2", "t3", "t4"):
+        cache.add(name, key)
+    assert not cache.verified("t1", key)  # the oldest went first
+    assert all(cache.verified(name, key) for name in ("t2", "t3", "t4"))
