@@ -18,13 +18,13 @@ bp = Blueprint("wellknown", __name__)
 def jwks() -> Response:
     """Every non-retired member key and the hub's own keys; ETag and conditional GET (304)."""
     state = get_state()
-    document, etag = key_service.jwks(get_db())
+    body, etag = key_service.jwks(get_db())
     if etag in request.if_none_match.to_header().replace(" ", "").split(",") or (
         request.if_none_match.contains(etag.strip('"'))
     ):
         response = Response(status=304)
     else:
-        response = jsonify(document)
+        response = Response(body, mimetype="application/json")  # serialised once, for the ETag
     response.headers["ETag"] = etag
     response.headers["Cache-Control"] = f"public, max-age={state.setting('JWKS_MAX_AGE')}"
     return response

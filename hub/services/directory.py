@@ -26,23 +26,25 @@ if t.TYPE_CHECKING:
 
 
 def directory_for(db: DBSession, state: HubState, me: Site) -> dict[str, t.Any]:
-    peers = []
-    for peer in db.scalars(select(Site).where(Site.status == "active", Site.id != me.id)
-                           .order_by(Site.site_key)):
-        secrets_ = site_service.valid_secrets(db, state, peer)
-        peers.append(
-            {
-                "site_key": peer.site_key,
-                "name": peer.name,
-                "base_url": peer.base_url,
-                "issuer": peer.issuer,
-                "allowed_origins": peer.allowed_origins,
-                "keys": [k.jwk for k in key_service.site_keys(db, peer)],
-                "exchange_keys": [
-                    pairwise_key(secret, peer.site_key, me.site_key).hex() for secret in secrets_
-                ],
-            }
-        )
+    found = list(db.scalars(select(Site).where(Site.status == "active", Site.id != me.id)
+                            .order_by(Site.site_key)))
+    ids = [peer.id for peer in found]
+    # Three queries whatever the number of peers: the sites, then all their keys and secrets.
+    keys = key_service.site_keys_of(db, ids)
+    secrets_ = site_service.valid_secrets_of(db, state, ids)
+    peers = [
+        {
+            "site_key": peer.site_key,
+            "name": peer.name,
+            "base_url": peer.base_url,
+            "issuer": peer.issuer,
+            "allowed_origins": peer.allowed_origins,
+            "keys": [k.jwk for k in keys.get(peer.id, [])],
+            "exchange_keys": [pairwise_key(secret, peer.site_key, me.site_key).hex()
+                              for secret in secrets_.get(peer.id, [])],
+        }
+        for peer in found
+    ]
     hub_url = state.setting("URL")
     return {
         "site": {"site_key": me.site_key, "name": me.name, "issuer": me.issuer,
