@@ -73,10 +73,6 @@ class VerifiedTokens:
                 del self._keys[next(iter(self._keys))]
             self._keys[token] = key
 
-    def clear(self) -> None:
-        with self._lock:
-            self._keys.clear()
-
 
 # About 1 MB at the most (tokens of a few hundred bytes).
 verified_tokens = VerifiedTokens(2048)
@@ -136,23 +132,23 @@ def _b64decode(segment: str) -> bytes:
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
-def _canonical(segment: str) -> bool:
-    """True when the segment is the one canonical encoding of its bytes (RFC 7515 §2)."""
+def _canonical(segment: str) -> bytes | None:
+    """The segment's bytes if it is their one canonical encoding (RFC 7515 §2), else None."""
     try:
         raw = _b64decode(segment)
     except (binascii.Error, ValueError):
-        return False
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode() == segment
+        return None
+    return raw if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() == segment else None
 
 
 def _verify_signature(key: SigningKey, header: str, payload: str, signature: str) -> None:
     """PyJWT's primitive for exactly the key's algorithm (HMAC compared in constant time)."""
-    if not _canonical(signature):
+    raw = _canonical(signature)
+    if raw is None:
         raise InvalidToken()
     try:
-        valid = _ALGORITHMS[key.alg].verify(f"{header}.{payload}".encode(), key.verify_key,
-                                            _b64decode(signature))
-    except (binascii.Error, ValueError, TypeError):
+        valid = _ALGORITHMS[key.alg].verify(f"{header}.{payload}".encode(), key.verify_key, raw)
+    except (ValueError, TypeError):
         valid = False
     if not valid:
         raise InvalidToken()
