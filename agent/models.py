@@ -143,10 +143,12 @@ class AuditEvent(Base):
 
     __tablename__ = "hk_audit"
     __table_args__ = (
-        Index("ix_hk_audit_user", "user_id", "id"),
-        Index("ix_hk_audit_event", "event", "id"),
-        Index("ix_hk_audit_ip", "ip", "id"),
-        Index("ix_hk_audit_created", "created_at"),
+        # The log reads newest first by (created_at, id); each filter has its own index in
+        # that order, so a page is one index range scan whatever the filters and the time.
+        Index("ix_hk_audit_user", "user_id", "created_at", "id"),
+        Index("ix_hk_audit_event", "event", "created_at", "id"),
+        Index("ix_hk_audit_ip", "ip", "created_at", "id"),
+        Index("ix_hk_audit_created", "created_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -1,8 +1,8 @@
 """Reading and pruning the activity log (``hk_audit``).
 
-Pages go newest first; the cursor is the opaque id of the last row of the previous page, so a
-page is one index range scan however deep the caller pages, and rows arriving meanwhile never
-shift a page.
+Pages go newest first, by time (``created_at``, then ``id``); the cursor is the opaque position
+of the last row of the previous page, so a page is one index range scan however deep the
+caller pages and whatever the filters, and rows arriving meanwhile never shift a page.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete
 from sqlalchemy import select
+from sqlalchemy import tuple_
 from sqlalchemy.orm import Session as DBSession
 
 from ..db import MAX_ID
@@ -35,7 +36,7 @@ class Filters:
     until: dt.datetime | None = None
 
 
-def parse_filters(args: t.Mapping[str, str]) -> tuple[Filters, int, int | None]:
+def parse_filters(args: t.Mapping[str, str]) -> tuple[Filters, int, Cursor | None]:
     """Filters, page size and cursor from query parameters; 400 naming every bad one."""
     errors: dict[str, list[str]] = {}
 
@@ -91,20 +92,44 @@ def _whole_number(value: str) -> int | None:
     return number if number <= MAX_ID else None
 
 
-def encode_cursor(last_id: int) -> str:
-    return base64.urlsafe_b64encode(f"a{last_id}".encode()).rstrip(b"=").decode()
+@dataclass(frozen=True)
+class Cursor:
+    """Where the previous page ended: its last row's time and id (time None: a cursor of the
+    earlier id-only form, whose time is read from that row)."""
+
+    id: int
+    time: dt.datetime | None = None
 
 
-def decode_cursor(cursor: str) -> int | None:
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MICRO = dt.timedelta(microseconds=1)
+
+
+def encode_cursor(row: AuditEvent) -> str:
+    micros = (row.created_at - _EPOCH) // _MICRO
+    raw = f"b{micros}.{row.id}".encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str) -> Cursor | None:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return None
-    return _whole_number(raw[1:]) if raw.startswith("a") else None
+    if raw.startswith("a"):
+        last_id = _whole_number(raw[1:])
+        return Cursor(last_id) if last_id is not None else None
+    micros, dot, last = raw[1:].partition(".")
+    if not (raw.startswith("b") and dot and micros.isascii() and micros.isdigit()):
+        return None
+    last_id = _whole_number(last)
+    if last_id is None or len(micros) > 17:  # beyond the year 5000
+        return None
+    return Cursor(last_id, _EPOCH + int(micros) * _MICRO)
 
 
 def query(
-    db: DBSession, filters: Filters, limit: int = 50, cursor: int | None = None
+    db: DBSession, filters: Filters, limit: int = 50, cursor: Cursor | None = None
 ) -> tuple[list[AuditEvent], str | None]:
     """One page of events matching ``filters``, newest first, and the next page's cursor."""
     stmt = select(AuditEvent)
@@ -121,11 +146,20 @@ def query(
     if filters.until:
         stmt = stmt.where(AuditEvent.created_at < filters.until)
     if cursor is not None:
-        stmt = stmt.where(AuditEvent.id < cursor)
-    rows = list(db.scalars(stmt.order_by(AuditEvent.id.desc()).limit(limit + 1)))
+        at = cursor.time
+        if at is None:
+            at = db.scalar(select(AuditEvent.created_at).where(AuditEvent.id == cursor.id))
+        if at is None:  # an id-only cursor whose row was pruned since
+            stmt = stmt.where(AuditEvent.id < cursor.id)
+        else:
+            # The plain bound lets every filter's index start the scan at the cursor.
+            stmt = stmt.where(AuditEvent.created_at <= at,
+                              tuple_(AuditEvent.created_at, AuditEvent.id) < (at, cursor.id))
+    order = (AuditEvent.created_at.desc(), AuditEvent.id.desc())
+    rows = list(db.scalars(stmt.order_by(*order).limit(limit + 1)))
     more = len(rows) > limit
     rows = rows[:limit]
-    return rows, encode_cursor(rows[-1].id) if more and rows else None
+    return rows, encode_cursor(rows[-1]) if more and rows else None
 
 
 def as_dict(row: AuditEvent) -> dict[str, t.Any]:

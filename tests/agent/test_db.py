@@ -5,8 +5,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sqlite3
+import typing as t
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
 from agent.db import make_engine
@@ -64,4 +66,32 @@ def test_a_forked_child_never_uses_its_parents_pooled_connection(tmp_path: Path)
     assert child.exitcode == 0
     assert out.get(timeout=5) is True
     assert _value(engine) == "x"  # the parent's connection still works
+    engine.dispose()
+
+
+def _schema_drift(engine: object, metadata: object, version_table: str) -> list[t.Any]:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as conn:  # type: ignore[attr-defined]
+        context = MigrationContext.configure(conn, opts={"version_table": version_table})
+        return [d for d in compare_metadata(context, metadata)  # type: ignore[arg-type]
+                if not (d[0] == "remove_table" and d[1].name != version_table
+                        and not d[1].name.startswith(("hk_", "hub_")))]
+
+
+@pytest.mark.parametrize("app", ["agent", "hub"])
+def test_migrations_build_exactly_the_models_schema(tmp_path: Path, app: str) -> None:
+    """``db upgrade`` to head yields the tables, columns and indexes the models declare, so
+    a change to a model without its migration (or the reverse) fails here."""
+    if app == "agent":
+        from agent import db as app_db
+        from agent.models import Base
+    else:
+        from hub import db as app_db  # type: ignore[no-redef]
+        from hub.models import Base  # type: ignore[no-redef,assignment]
+    engine = make_engine(f"sqlite:///{tmp_path / 'schema.db'}")
+    app_db.upgrade(engine)
+    version_table = "hk_alembic_version" if app == "agent" else "hub_alembic_version"
+    assert _schema_drift(engine, Base.metadata, version_table) == []
     engine.dispose()
