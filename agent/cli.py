@@ -202,7 +202,7 @@ def users_unlock(instance: Path, username: str) -> None:
         user = accounts.find_user(db, username)
         if user is None:
             raise click.ClickException(f"no account {username!r}")
-        cleared = lockout.unlock_user(db, user.id, (user.user_login, user.email))
+        cleared = lockout.unlock_user(db, state, user.id, (user.user_login, user.email))
         events.record(db, state, "user.unlocked", outcome="info", user_id=user.id,
                       details={"by": "cli"})
         db.commit()

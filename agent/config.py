@@ -497,7 +497,7 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
     "SECRET_KEY_FILE": (None, "File holding the master secret."),
     "PRIVATE_KEY_FILE": (None, "PEM private key for RS256/ES256."),
     "DATABASE_URL": (None, "SQLAlchemy URL; default SQLite in the instance folder."),
-    "REDIS_URL": (None, "Redis for replay caches (SSO assertion ids); unset: the database."),
+    "REDIS_URL": (None, "Redis for replay caches and brute-force counters; unset: the database."),
     "API_ROOT": ("wp-json", "First path segment of the API."),
     "REST_NAMESPACE": ("headlesskey", "Namespace segment, as the plugin's constant."),
     "REST_VERSION": ("v1", "Version segment, as the plugin's constant."),

@@ -42,6 +42,7 @@ from .errors import InvalidJSON
 from .errors import PayloadTooLarge
 from .errors import Unauthorized
 from .errors import UnsupportedMediaType
+from .services import lockout
 from .services.keys import KeyRing
 from .services.keys import derive_key
 from .services.keys import ensure_key_file
@@ -348,6 +349,7 @@ class HeadlessKey:
         except (OperationalError, ProgrammingError):
             engine.dispose()
         events.install(state.session_factory)
+        lockout.install(state.session_factory)
         app.extensions[EXTENSION_KEY] = state
 
         from . import views

@@ -1,14 +1,14 @@
-"""Optional Redis, shared by every worker and instance, for short-lived replay caches.
+"""Optional Redis, shared by every worker and instance, for replay caches and counters.
 
 With ``HEADLESSKEY_REDIS_URL`` set, the agent remembers the ``jti`` of each SSO assertion it
 accepted in Redis instead of a database row (and the hub does the same with request nonces,
 ``HEADLESSKEY_HUB_REDIS_URL``): one ``SET key 1 NX EX ttl`` per use, atomic across every
-process that shares the Redis. Unset, the database keeps them (a unique row each).
+process that shares the Redis. Unset, the database keeps them (a unique row each). The
+brute-force counters move there too (:mod:`agent.services.lockout`).
 
-Redis never decides anything durable: accounts, sessions, revocations, refresh-token families
-and brute-force counters stay in the database (docs/deploy.md says why for the counters). When
-Redis cannot answer, the request is refused with 503 ``store_unavailable``: a replay cache that
-cannot be read must not let a replay through.
+Accounts, sessions, revocations and refresh-token families always stay in the database. When
+Redis cannot answer, the request is refused with 503 ``store_unavailable``: a replay cache or a
+counter that cannot be read must not let a replay or a guess through.
 """
 
 from __future__ import annotations

@@ -678,7 +678,7 @@ def admin_unlock(user_id: int) -> Response:
     db = get_db()
     state = get_state()
     user = _admin_user(user_id)
-    cleared = lockout.unlock_user(db, user.id, (user.user_login, user.email))
+    cleared = lockout.unlock_user(db, state, user.id, (user.user_login, user.email))
     events.record(db, state, "user.unlocked", outcome="info", client=_client(), user_id=user.id,
                   details={"by": identity.user_id})
     db.commit()

@@ -1,4 +1,4 @@
-"""Brute-force protection: failure counters per account and per client IP, in the database.
+"""Brute-force protection: failure counters per account and per client IP.
 
 An attempt is reserved *before* the password is checked (:func:`acquire`), in its own short
 transaction: failures plus attempts still being checked may never exceed the limit, so 50
@@ -6,14 +6,23 @@ concurrent guesses against one account get at most ``max_failures`` password che
 worker or instance they reach; the rest wait for those checks and then find the account
 locked. A success releases the reservation and clears the account's count
 (:func:`succeeded`); a failure is counted, and one that fills the counter starts a lock
-(:func:`failed`), which doubles on each repeat (at most 24 h). Unknown logins are counted under the login as typed, so a locked answer never
-tells whether an account exists.
+(:func:`failed`), which doubles on each repeat (at most 24 h). Unknown logins are counted
+under the login as typed, so a locked answer never tells whether an account exists.
+
+Where the counters live: rows of ``hk_throttle`` in the database by default; with
+``REDIS_URL`` set, hashes in that Redis (:class:`RedisCounters`), the same rules run as one Lua
+script per step, so each step is atomic across every worker and instance. A Redis that does
+not answer refuses the attempt (503 ``store_unavailable``), never lets it through unchecked.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import hashlib
+import hmac
 import ipaddress
+import logging
 import math
 import time
 import typing as t
@@ -29,13 +38,18 @@ from sqlalchemy.orm import Session as DBSession
 
 from ..errors import AgentError
 from ..models import Throttle
+from ..store import StoreUnavailable
+from .keys import derive_key
 
 if t.TYPE_CHECKING:
     from ..extension import State
 
+log = logging.getLogger(__name__)
+
 MAX_LOCK = 86400
 MAX_WAIT = 3.0  # seconds an attempt waits for in-flight checks of the same counter
 STALE_PENDING = dt.timedelta(seconds=60)
+KEEP = 86400  # seconds a counter outlives its window and lock (the escalation's memory)
 _THROTTLE = t.cast(Table, Throttle.__table__)  # the hot paths use plain statements
 
 
@@ -133,6 +147,16 @@ def acquire(factory: t.Callable[[], DBSession], state: State, keys: Keys) -> Non
     window = dt.timedelta(seconds=s.lockout_window)
     deadline = time.monotonic() + MAX_WAIT
     while True:
+        if state.redis is not None:
+            blocked_for, reserved = RedisCounters(state).acquire(keys)
+            if blocked_for:
+                raise TooManyAttempts(blocked_for)
+            if reserved:
+                return
+            if time.monotonic() >= deadline:
+                raise TooManyAttempts(1)
+            time.sleep(0.05)
+            continue
         now = state.clock()
         with factory() as db:
             blocked_for = 0
@@ -194,7 +218,15 @@ def _write(db: DBSession, changes: dict[str, dict[str, t.Any]]) -> None:
 
 
 def succeeded(db: DBSession, state: State, keys: Keys) -> None:
-    """The attempt was right: release it; the account's counter and escalation start over."""
+    """The attempt was right: release it; the account's counter and escalation start over.
+
+    Part of ``db``'s transaction: undone by its rollback, done by its commit (in Redis, run
+    right after the commit; a rollback drops it).
+    """
+    if state.redis is not None:
+        if keys:
+            db.info.setdefault(_RELEASE, []).append((state, keys))
+        return
     table = _THROTTLE
     release = case((table.c.pending > 0, table.c.pending - 1), else_=0)
     for key, _limit in keys.items:
@@ -210,6 +242,8 @@ def failed(db: DBSession, state: State, keys: Keys) -> list[tuple[str, int]]:
 
     Returns the (key, seconds) of each lock started.
     """
+    if state.redis is not None:
+        return RedisCounters(state).failed(keys)
     s = state.settings
     now = state.clock()
     started = []
@@ -248,6 +282,11 @@ def check_validations(db: DBSession, state: State, key: str | None) -> None:
     """Raise :class:`TooManyAttempts` while ``key`` is locked (a read; nothing is written)."""
     if key is None:
         return
+    if state.redis is not None:
+        seconds = RedisCounters(state).locked_for(key)
+        if seconds:
+            raise TooManyAttempts(seconds)
+        return
     row = db.get(Throttle, key)
     now = state.clock()
     if row is not None and row.locked_until is not None and now < row.locked_until:
@@ -261,6 +300,8 @@ def failed_validation(db: DBSession, state: State, key: str | None) -> int:
     """
     if key is None:
         return 0
+    if state.redis is not None:
+        return RedisCounters(state).failed_validation(key)
     now = state.clock()
     window = dt.timedelta(seconds=VALIDATE_WINDOW)
     row = _locked_row(db, key, now)
@@ -277,11 +318,15 @@ def failed_validation(db: DBSession, state: State, key: str | None) -> int:
     return VALIDATE_WINDOW
 
 
-def unlock_user(db: DBSession, user_id: int, login_keys: t.Iterable[str] = ()) -> int:
+def unlock_user(
+    db: DBSession, state: State, user_id: int, login_keys: t.Iterable[str] = ()
+) -> int:
     """Clear the counters of an account (admin unlock); returns how many were cleared."""
     from .accounts import key_of
 
-    keys = [f"u:{user_id}", *(f"l:{key_of(k)}" for k in login_keys)]
+    keys = [f"u:{user_id}", *(f"l:{key_of(k)[:250]}" for k in login_keys)]
+    if state.redis is not None:
+        return RedisCounters(state).clear(keys)
     rows = db.scalars(select(Throttle).where(Throttle.key.in_(keys))).all()
     for row in rows:
         db.delete(row)
@@ -290,3 +335,216 @@ def unlock_user(db: DBSession, user_id: int, login_keys: t.Iterable[str] = ()) -
 
 def _seconds(delta: dt.timedelta) -> int:
     return max(1, math.ceil(delta.total_seconds()))
+
+
+# --- the counters in Redis --------------------------------------------------------------------
+#
+# One hash per counter (failures, window_start, locked_until, lock_count, pending,
+# pending_since; times in epoch seconds of the agent's clock), under a key that is an HMAC of
+# the site and the counter's name: no login or address is readable in Redis, and sites sharing
+# one Redis never share a counter. Each step below is one script, so its reads and writes are
+# atomic with respect to every other process. Every key expires KEEP after its window and its
+# lock are over, as the database's rows are pruned. The keys share one hash tag, so a Redis
+# Cluster keeps them in one slot (a script may touch only one slot).
+
+_RELEASE = "hk_lockout_release"
+
+# Locals, then one loop per key: the same rules as acquire() above.
+_ACQUIRE = """
+local now, window, duration = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local stale, keep = tonumber(ARGV[4]), tonumber(ARGV[5])
+local blocked, busy, rows = 0, false, {}
+for i, key in ipairs(KEYS) do
+  local limit = tonumber(ARGV[5 + i])
+  local v = redis.call('HMGET', key, 'failures', 'window_start', 'locked_until', 'pending',
+                       'pending_since')
+  local r = {failures = tonumber(v[1]) or 0, window_start = tonumber(v[2]) or now,
+             locked_until = tonumber(v[3]), pending = tonumber(v[4]) or 0,
+             pending_since = tonumber(v[5]) or now}
+  if r.pending > 0 and now - r.pending_since > stale then r.pending = 0 end
+  if r.locked_until and now < r.locked_until then
+    blocked = math.max(blocked, math.ceil(r.locked_until - now))
+  else
+    if now - r.window_start >= window then r.failures = 0; r.window_start = now end
+    if r.failures >= limit then blocked = math.max(blocked, duration)
+    elseif r.failures + r.pending >= limit then busy = true end
+  end
+  rows[i] = r
+end
+local reserve = blocked == 0 and not busy
+for i, key in ipairs(KEYS) do
+  local r = rows[i]
+  if reserve then r.pending = r.pending + 1; r.pending_since = now end
+  redis.call('HSET', key, 'failures', r.failures, 'window_start', r.window_start,
+             'pending', r.pending, 'pending_since', r.pending_since)
+  local last = math.max(r.window_start + window, r.locked_until or 0, now + stale)
+  redis.call('EXPIRE', key, math.ceil(last - now + keep))
+end
+if blocked > 0 then return {blocked, 0} end
+if reserve then return {0, 1} end
+return {0, 0}
+"""
+
+# failed() above: count, and lock every counter now full (the lock doubling on each repeat).
+_FAILED = """
+local now, window, duration = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_lock, stale, keep = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local started = {}
+for i, key in ipairs(KEYS) do
+  local limit = tonumber(ARGV[6 + i])
+  local v = redis.call('HMGET', key, 'failures', 'window_start', 'locked_until', 'pending',
+                       'pending_since', 'lock_count')
+  local failures, window_start = (tonumber(v[1]) or 0) + 1, tonumber(v[2]) or now
+  local locked_until, pending = tonumber(v[3]), tonumber(v[4]) or 0
+  local lock_count = tonumber(v[6]) or 0
+  if pending > 0 and now - (tonumber(v[5]) or now) > stale then pending = 0 end
+  pending = math.max(0, pending - 1)
+  if failures >= limit and (locked_until == nil or locked_until <= now) then
+    local seconds = math.min(max_lock, duration * 2 ^ math.min(lock_count, 16))
+    locked_until = now + seconds
+    lock_count, failures, window_start = lock_count + 1, 0, now
+    table.insert(started, i)
+    table.insert(started, seconds)
+  end
+  redis.call('HSET', key, 'failures', failures, 'window_start', window_start,
+             'pending', pending, 'lock_count', lock_count)
+  if locked_until then redis.call('HSET', key, 'locked_until', locked_until) end
+  local last = math.max(window_start + window, locked_until or 0)
+  redis.call('EXPIRE', key, math.ceil(last - now + keep))
+end
+return started
+"""
+
+# succeeded() above: release the reservation; an account's counter and escalation start over.
+_SUCCEEDED = """
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    local pending = tonumber(redis.call('HGET', key, 'pending')) or 0
+    redis.call('HSET', key, 'pending', math.max(0, pending - 1))
+    if ARGV[i] == '1' then
+      redis.call('HSET', key, 'failures', 0, 'lock_count', 0)
+      redis.call('HDEL', key, 'locked_until')
+    end
+  end
+end
+return 0
+"""
+
+# failed_validation() above: a minute's window; full, a lock of a minute.
+_FAILED_VALIDATION = """
+local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local keep = tonumber(ARGV[4])
+local key = KEYS[1]
+local v = redis.call('HMGET', key, 'failures', 'window_start', 'lock_count')
+local failures, window_start = tonumber(v[1]) or 0, tonumber(v[2]) or now
+local lock_count, locked = tonumber(v[3]) or 0, 0
+if now - window_start >= window then failures = 0; window_start = now end
+failures = failures + 1
+if failures >= limit then
+  redis.call('HSET', key, 'locked_until', now + window)
+  lock_count, failures, window_start, locked = lock_count + 1, 0, now, window
+end
+redis.call('HSET', key, 'failures', failures, 'window_start', window_start,
+           'lock_count', lock_count)
+redis.call('EXPIRE', key, math.ceil(window_start + 2 * window - now + keep))
+return locked
+"""
+
+
+@functools.lru_cache(maxsize=16)
+def _name_key(secret: bytes) -> bytes:
+    return derive_key(secret, "lockout-counters")
+
+
+class RedisCounters:
+    """The counters of one site in its Redis (``state.redis``)."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.client = state.redis
+        self.settings = state.settings
+
+    def _name(self, key: str) -> str:
+        mac = hmac.new(_name_key(self.settings.secret_key),
+                       f"{self.settings.issuer}\x00{key}".encode(), hashlib.sha256)
+        return "hk:{lockout}:" + mac.hexdigest()[:40]
+
+    def _run(self, source: str, keys: list[str], args: list[t.Any]) -> t.Any:
+        from redis.exceptions import RedisError
+
+        scripts: dict[str, t.Any] = self.client.__dict__.setdefault("_hk_scripts", {})
+        script = scripts.get(source)
+        if script is None:
+            script = scripts[source] = self.client.register_script(source)
+        try:
+            return script(keys=[self._name(k) for k in keys], args=args)
+        except RedisError as exc:
+            log.error("redis did not answer (%s: %s)", type(exc).__name__, exc)
+            raise StoreUnavailable() from None
+
+    def _now(self) -> float:
+        return self.state.clock().timestamp()
+
+    def acquire(self, keys: Keys) -> tuple[int, bool]:
+        """(seconds locked, 0 if not) and whether the attempt was reserved."""
+        s = self.settings
+        names = [key for key, _limit in keys.items]
+        args = [self._now(), s.lockout_window, s.lockout_duration,
+                STALE_PENDING.total_seconds(), KEEP, *(limit for _key, limit in keys.items)]
+        blocked, reserved = self._run(_ACQUIRE, names, args)
+        return int(blocked), bool(reserved)
+
+    def failed(self, keys: Keys) -> list[tuple[str, int]]:
+        s = self.settings
+        names = [key for key, _limit in keys.items]
+        args = [self._now(), s.lockout_window, s.lockout_duration, MAX_LOCK,
+                STALE_PENDING.total_seconds(), KEEP, *(limit for _key, limit in keys.items)]
+        flat = self._run(_FAILED, names, args)
+        return [(names[int(flat[i]) - 1], int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    def succeeded(self, keys: Keys) -> None:
+        names = [key for key, _limit in keys.items]
+        self._run(_SUCCEEDED, names, ["0" if k.startswith("ip:") else "1" for k in names])
+
+    def locked_for(self, key: str) -> int:
+        from redis.exceptions import RedisError
+
+        try:
+            until = self.client.hget(self._name(key), "locked_until")
+        except RedisError as exc:
+            log.error("redis did not answer (%s: %s)", type(exc).__name__, exc)
+            raise StoreUnavailable() from None
+        left = float(until) - self._now() if until is not None else 0.0
+        return math.ceil(left) if left > 0 else 0
+
+    def failed_validation(self, key: str) -> int:
+        args = [self._now(), VALIDATE_WINDOW, self.settings.validate_max_failures, KEEP]
+        return int(self._run(_FAILED_VALIDATION, [key], args))
+
+    def clear(self, keys: list[str]) -> int:
+        from redis.exceptions import RedisError
+
+        try:
+            return int(self.client.delete(*[self._name(k) for k in keys]))
+        except RedisError as exc:
+            log.error("redis did not answer (%s: %s)", type(exc).__name__, exc)
+            raise StoreUnavailable() from None
+
+
+def install(factory: t.Any) -> None:
+    """Run the Redis releases of :func:`succeeded` when their transaction commits."""
+    from sqlalchemy import event as sa_event
+
+    @sa_event.listens_for(factory, "after_commit")
+    def _after_commit(db: DBSession) -> None:
+        for state, keys in db.info.pop(_RELEASE, []):
+            try:
+                RedisCounters(state).succeeded(keys)
+            except StoreUnavailable:
+                # The request's work is committed; its reservation is left to go stale
+                # (STALE_PENDING), which only ever holds back attempts, never lets one through.
+                pass
+
+    @sa_event.listens_for(factory, "after_soft_rollback")
+    def _after_rollback(db: DBSession, _previous: t.Any) -> None:
+        db.info.pop(_RELEASE, None)

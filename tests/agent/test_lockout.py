@@ -1,9 +1,16 @@
-"""Brute-force protection over HTTP: per-account and per-IP counters, locks, escalation, unlock."""
+"""Brute-force protection over HTTP: per-account and per-IP counters, locks, escalation, unlock.
+
+Every test runs once per store of the counters: the database (default) and Redis
+(``REDIS_URL``; that variant needs ``HEADLESSKEY_TEST_REDIS_URL``, e.g. redis://127.0.0.1:6379/9,
+and skips without it).
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import typing as t
+import uuid
 
 import pytest
 import requests
@@ -40,6 +47,26 @@ def retry_after(r: requests.Response) -> int:
     value = int(r.headers["Retry-After"])
     assert value > 0
     return value
+
+
+@pytest.fixture(params=["database", "redis"])
+def make_site(
+    request: pytest.FixtureRequest, make_site: t.Callable[..., Site]
+) -> t.Callable[..., Site]:
+    """The sites of these tests, with their counters in the database or in Redis."""
+    if request.param == "database":
+        return make_site
+    url = os.environ.get("HEADLESSKEY_TEST_REDIS_URL")
+    if not url:
+        pytest.skip("HEADLESSKEY_TEST_REDIS_URL is not set: the Redis variant needs a Redis")
+
+    def factory(algorithm: str = "HS256", **settings: t.Any) -> Site:
+        # An issuer of its own: counters are per site, and this Redis outlives the test.
+        settings.setdefault("HEADLESSKEY_ISSUER", f"https://{uuid.uuid4().hex}.example")
+        settings.setdefault("HEADLESSKEY_REDIS_URL", url)
+        return make_site(algorithm, **settings)
+
+    return factory
 
 
 def sessions_of(site: Site, user_id: int) -> int:
@@ -414,3 +441,51 @@ def test_validation_limit_off_and_allowlist(make_site: t.Callable[..., Site]) ->
         for _ in range(5):
             assert validate(s, "x.y.z", "ignored").status_code == 401
         assert validate(s, good, "ignored").status_code == 200
+
+
+# --- Redis only -----------------------------------------------------------------------------
+
+
+def test_in_redis_the_counters_name_no_login_or_address(
+    request: pytest.FixtureRequest, make_site: t.Callable[..., Site]
+) -> None:
+    """The Redis variant keeps every counter in Redis, none in the database; a key and its
+    fields tell neither the login nor the client address, and every key expires."""
+    if request.node.callspec.params["make_site"] != "redis":
+        pytest.skip("about the Redis store")
+    s = make_site("HS256", HEADLESSKEY_TRUSTED_PROXIES=1)
+    s.create_user("alice")
+    ip = {"X-Forwarded-For": "203.0.113.77"}
+    for _ in range(5):
+        assert_invalid(attempt(s, "alice", WRONG, headers=ip))
+    assert_invalid(attempt(s, "nobody-here", WRONG, headers=ip))
+    retry_after(attempt(s, "alice", PASSWORD, headers=ip))
+    assert s.scalar("SELECT count(*) FROM hk_throttle") == 0
+    client = s.state.redis
+    keys = [k.decode() for k in client.keys("hk:{lockout}:*")]
+    dumped = " ".join(keys + [str(client.hgetall(k)) for k in keys])
+    assert "alice" not in dumped and "nobody" not in dumped and "203.0.113" not in dumped
+    mine = [k for k in keys if client.hget(k, "locked_until") is not None]
+    assert mine, "the account's lock is in Redis"
+    for key in mine:
+        assert 0 < client.ttl(key) <= 900 + 900 + 86400 + 1
+
+
+def test_a_redis_that_does_not_answer_refuses_the_attempt(
+    request: pytest.FixtureRequest, make_site: t.Callable[..., Site]
+) -> None:
+    """Counters that cannot be read let no attempt through: 503 and no session."""
+    if request.node.callspec.params["make_site"] != "redis":
+        pytest.skip("about the Redis store")
+    from tests.conftest import free_port
+
+    s = make_site("HS256", HEADLESSKEY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    s.create_user("alice")
+    for path in ("/token", "/login"):
+        r = attempt(s, "alice", PASSWORD, path)
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] == "store_unavailable"
+        assert r.headers["Retry-After"] == "5"
+    r = s.api.post("/token/validate", json={"token": "not-a-token"})
+    assert r.status_code == 503 and r.json()["code"] == "store_unavailable", r.text
+    assert sessions_of(s, 1) == 0
