@@ -28,8 +28,11 @@ import time
 import typing as t
 from dataclasses import dataclass
 
+from sqlalchemy import Boolean
 from sqlalchemy import Table
+from sqlalchemy import bindparam
 from sqlalchemy import case
+from sqlalchemy import null
 from sqlalchemy import select
 from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -111,26 +114,64 @@ def _allowlisted(ip: str, networks: t.Sequence[t.Any]) -> bool:
     return any(address in net for net in networks)
 
 
-def _locked_row(db: DBSession, key: str, now: dt.datetime) -> Throttle:
-    """The counter row for ``key``, created if missing, locked for this transaction."""
-    values = {"key": key, "failures": 0, "window_start": now, "lock_count": 0, "pending": 0}
-    dialect = db.get_bind().dialect.name
-    if dialect == "postgresql":
-        db.execute(pg_insert(Throttle).values(values).on_conflict_do_nothing())
-    elif dialect == "sqlite":
-        db.execute(sqlite_insert(Throttle).values(values).on_conflict_do_nothing())
-    elif db.get(Throttle, key) is None:
-        db.add(Throttle(**values))
-        db.flush()
-    row = db.scalar(
-        select(Throttle).where(Throttle.key == key).with_for_update().execution_options(
-            populate_existing=True
-        )
+@dataclass(frozen=True)
+class _Statements:
+    """The counters' statements, built and compiled once per dialect: every attempt runs them."""
+
+    create: t.Any  # the missing rows of "keys", as empty counters
+    lock: t.Any  # the rows of "keys", locked, in key order
+    write: t.Any  # every field of one row ("k"), executemany
+    release: t.Any  # one reservation back; "clear": the failures and escalation too
+
+
+@functools.cache
+def _statements(dialect: str) -> _Statements:
+    table = _THROTTLE
+    c = table.c
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    clear = bindparam("clear", type_=Boolean)
+    return _Statements(
+        create=insert(table).values(key=bindparam("k"), failures=0, window_start=bindparam("now"),
+                                    lock_count=0, pending=0).on_conflict_do_nothing(),
+        lock=select(table).where(c.key.in_(bindparam("keys", expanding=True)))
+        .order_by(c.key).with_for_update(),
+        write=update(table).where(c.key == bindparam("k")).values(
+            failures=bindparam("v_failures"), window_start=bindparam("v_window_start"),
+            locked_until=bindparam("v_locked_until"), lock_count=bindparam("v_lock_count"),
+            pending=bindparam("v_pending"), pending_since=bindparam("v_pending_since")),
+        release=update(table).where(c.key == bindparam("k")).values(
+            pending=case((c.pending > 0, c.pending - 1), else_=0),
+            failures=case((clear, 0), else_=c.failures),
+            lock_count=case((clear, 0), else_=c.lock_count),
+            locked_until=case((clear, null()), else_=c.locked_until)),
     )
-    assert row is not None
-    if row.pending and row.pending_since and now - row.pending_since > STALE_PENDING:
-        row.pending = 0  # reservations of a process that died mid-check
-    return row
+
+
+def _lock_rows(db: DBSession, names: list[str], now: dt.datetime) -> dict[str, dict[str, t.Any]]:
+    """The counter rows of ``names`` (created if missing), locked for this transaction, as
+    dicts of their fields; reservations of a process that died mid-check are dropped."""
+    if not names:
+        return {}
+    sql = _statements(db.get_bind().dialect.name)
+    db.execute(sql.create, [{"k": key, "now": now} for key in names])
+    rows = {}
+    for row in db.execute(sql.lock, {"keys": names}):  # locked in key order, as Keys lists them
+        fields = row._asdict()
+        if fields["pending"] and fields["pending_since"] \
+                and now - fields["pending_since"] > STALE_PENDING:
+            fields["pending"] = 0
+        rows[row.key] = fields
+    return rows
+
+
+def _write(db: DBSession, rows: dict[str, dict[str, t.Any]]) -> None:
+    """Store every field of ``rows`` (read by :func:`_lock_rows`, then changed)."""
+    if not rows:
+        return
+    sql = _statements(db.get_bind().dialect.name)
+    db.execute(sql.write, [{"k": key, **{f"v_{name}": value for name, value in fields.items()
+                                          if name != "key"}}
+                           for key, fields in rows.items()])
 
 
 def acquire(factory: t.Callable[[], DBSession], state: State, keys: Keys) -> None:
@@ -161,31 +202,23 @@ def acquire(factory: t.Callable[[], DBSession], state: State, keys: Keys) -> Non
         with factory() as db:
             blocked_for = 0
             busy = False
-            pending: dict[str, int] = {}
-            changes: dict[str, dict[str, t.Any]] = {}
-            rows = _lock_rows(db, keys, now)
+            rows = _lock_rows(db, [key for key, _limit in keys.items], now)
             for key, limit in keys.items:
                 row = rows[key]
-                change = changes[key] = {}
-                pending[key] = row.pending
-                if row.pending and row.pending_since and now - row.pending_since > STALE_PENDING:
-                    pending[key] = change["pending"] = 0  # reservations of a process that died
-                if row.locked_until is not None and now < row.locked_until:
-                    blocked_for = max(blocked_for, _seconds(row.locked_until - now))
+                if row["locked_until"] is not None and now < row["locked_until"]:
+                    blocked_for = max(blocked_for, _seconds(row["locked_until"] - now))
                     continue
-                failures = row.failures
-                if now - row.window_start >= window:
-                    failures = change["failures"] = 0
-                    change["window_start"] = now
-                if failures >= limit:
+                if now - row["window_start"] >= window:
+                    row.update(failures=0, window_start=now)
+                if row["failures"] >= limit:
                     blocked_for = max(blocked_for, s.lockout_duration)
-                elif failures + pending[key] >= limit:
+                elif row["failures"] + row["pending"] >= limit:
                     busy = True
             reserve = not blocked_for and not busy
             if reserve:
-                for key, change in changes.items():
-                    change.update(pending=pending[key] + 1, pending_since=now)
-            _write(db, changes)
+                for row in rows.values():
+                    row.update(pending=row["pending"] + 1, pending_since=now)
+            _write(db, rows)
             db.commit()
             if blocked_for:
                 raise TooManyAttempts(blocked_for)
@@ -194,27 +227,6 @@ def acquire(factory: t.Callable[[], DBSession], state: State, keys: Keys) -> Non
         if time.monotonic() >= deadline:
             raise TooManyAttempts(1)
         time.sleep(0.05)
-
-
-def _lock_rows(db: DBSession, keys: Keys, now: dt.datetime) -> dict[str, t.Any]:
-    """The counter rows of ``keys`` (created if missing), locked for this transaction."""
-    table = _THROTTLE
-    names = [key for key, _limit in keys.items]
-    values = [{"key": key, "failures": 0, "window_start": now, "lock_count": 0, "pending": 0}
-              for key in names]
-    insert = pg_insert if db.get_bind().dialect.name == "postgresql" else sqlite_insert
-    db.execute(insert(table).values(values).on_conflict_do_nothing())
-    found = db.execute(
-        select(table).where(table.c.key.in_(names)).order_by(table.c.key).with_for_update()
-    ).all()  # locked in key order, as Keys lists them
-    return {row.key: row for row in found}
-
-
-def _write(db: DBSession, changes: dict[str, dict[str, t.Any]]) -> None:
-    table = _THROTTLE
-    for key, change in changes.items():
-        if change:
-            db.execute(update(table).where(table.c.key == key).values(**change))
 
 
 def succeeded(db: DBSession, state: State, keys: Keys) -> None:
@@ -227,14 +239,11 @@ def succeeded(db: DBSession, state: State, keys: Keys) -> None:
         if keys:
             db.info.setdefault(_RELEASE, []).append((state, keys))
         return
-    table = _THROTTLE
-    release = case((table.c.pending > 0, table.c.pending - 1), else_=0)
-    for key, _limit in keys.items:
-        if key.startswith("ip:"):
-            values: dict[str, t.Any] = {"pending": release}
-        else:
-            values = {"pending": release, "failures": 0, "lock_count": 0, "locked_until": None}
-        db.execute(update(table).where(table.c.key == key).values(**values))
+    if not keys:
+        return
+    sql = _statements(db.get_bind().dialect.name)
+    db.execute(sql.release, [{"k": key, "clear": not key.startswith("ip:")}
+                             for key, _limit in keys.items])
 
 
 def failed(db: DBSession, state: State, keys: Keys) -> list[tuple[str, int]]:
@@ -247,17 +256,17 @@ def failed(db: DBSession, state: State, keys: Keys) -> list[tuple[str, int]]:
     s = state.settings
     now = state.clock()
     started = []
+    rows = _lock_rows(db, [key for key, _limit in keys.items], now)
     for key, limit in keys.items:
-        row = _locked_row(db, key, now)
-        row.pending = max(0, row.pending - 1)
-        row.failures += 1
-        if row.failures >= limit and (row.locked_until is None or row.locked_until <= now):
-            seconds = min(MAX_LOCK, s.lockout_duration * 2 ** min(row.lock_count, 16))
-            row.locked_until = now + dt.timedelta(seconds=seconds)
-            row.lock_count += 1
-            row.failures = 0
-            row.window_start = now
+        row = rows[key]
+        row.update(pending=max(0, row["pending"] - 1), failures=row["failures"] + 1)
+        locked_until = row["locked_until"]
+        if row["failures"] >= limit and (locked_until is None or locked_until <= now):
+            seconds = min(MAX_LOCK, s.lockout_duration * 2 ** min(row["lock_count"], 16))
+            row.update(locked_until=now + dt.timedelta(seconds=seconds),
+                       lock_count=row["lock_count"] + 1, failures=0, window_start=now)
             started.append((key, seconds))
+    _write(db, rows)
     return started
 
 
@@ -304,18 +313,18 @@ def failed_validation(db: DBSession, state: State, key: str | None) -> int:
         return RedisCounters(state).failed_validation(key)
     now = state.clock()
     window = dt.timedelta(seconds=VALIDATE_WINDOW)
-    row = _locked_row(db, key, now)
-    if now - row.window_start >= window:
-        row.failures = 0
-        row.window_start = now
-    row.failures += 1
-    if row.failures < state.settings.validate_max_failures:
-        return 0
-    row.locked_until = now + window
-    row.lock_count += 1
-    row.failures = 0
-    row.window_start = now
-    return VALIDATE_WINDOW
+    rows = _lock_rows(db, [key], now)
+    row = rows[key]
+    if now - row["window_start"] >= window:
+        row.update(failures=0, window_start=now)
+    row["failures"] += 1
+    locked = 0
+    if row["failures"] >= state.settings.validate_max_failures:
+        row.update(locked_until=now + window, lock_count=row["lock_count"] + 1, failures=0,
+                   window_start=now)
+        locked = VALIDATE_WINDOW
+    _write(db, rows)
+    return locked
 
 
 def unlock_user(
