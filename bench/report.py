@@ -143,6 +143,11 @@ def _login(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
              "parameters (m=19 MiB, t=2, p=1) and nothing else; the agent's login also runs the "
              "lockout counters, opens a session, stores a refresh token and writes the "
              "activity log."]
+    if "agent-login-redis" in r:
+        b = r["agent-login-redis"]["rps"] / bound
+        rows += ["", f"With the brute-force counters in Redis (`REDIS_URL`, the rest in "
+                 f"PostgreSQL): **{b:.2f}** (target ≥ 0.90: {verdict(b >= 0.9)}); the attempt's "
+                 "reservation and release are one Lua script each instead of a transaction."]
     if a < 0.9:
         rows += ["", "Where the rest goes (logins timed and profiled in one process): besides "
                  "the hash, a login reads the account, then runs two write transactions, the "
@@ -220,4 +225,5 @@ LABELS = {
     "agent-ES256": "agent `@hk.require()` ES256",
     "argon2-bound": "argon2id verification alone (the bound)",
     "agent-login": "agent `POST /token`", "fje-login": "flask-jwt-extended `POST /token`",
+    "agent-login-redis": "agent `POST /token`, counters in Redis",
 }
