@@ -194,7 +194,8 @@ def _login(full_profile: bool) -> Response:
         check=lambda: accounts.check_credentials(state, found, password),
     )
     assert found is not None
-    user = db.merge(found)
+    # Back into this session as read before the hash, without reading the row again.
+    user = db.merge(found, load=False)
     if state.hasher.needs_rehash(user.password_hash):
         user.password_hash = state.hasher.hash(password)
     keys = lockout.keys_for(state, user_id=user.id, login=login, ip=client.ip)

@@ -483,3 +483,24 @@ def test_no_signal_for_a_rolled_back_transaction(
     assert s.api.post("/token", json={"username": "alice", "password": PASSWORD}).status_code == 200
     assert [e.name for e in on_login.events] == ["login.succeeded"]
     assert on_any.names() == ["login.succeeded"]
+
+
+def test_a_login_rehashes_a_password_stored_at_older_parameters(
+    make_site: t.Callable[..., Site],
+) -> None:
+    """Raising the argon2 cost upgrades each stored hash at its owner's next login."""
+    from argon2 import PasswordHasher
+    from sqlalchemy import text
+
+    s = make_site("HS256", HEADLESSKEY_ARGON2_TIME_COST=2)
+    s.create_user("alice")
+    old = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash(PASSWORD)
+    with s.state.engine.begin() as conn:
+        conn.execute(text("UPDATE hk_users SET password_hash = :h WHERE user_login = 'alice'"),
+                     {"h": old})
+    assert s.api.post("/token", json={"username": "alice", "password": PASSWORD}).status_code == 200
+    stored = s.scalar("SELECT password_hash FROM hk_users WHERE user_login = 'alice'")
+    assert stored != old and ",t=2," in stored
+    assert PasswordHasher().verify(stored, PASSWORD)
+    assert s.api.post("/token", json={"username": "alice", "password": PASSWORD}).status_code == 200
+    assert s.scalar("SELECT password_hash FROM hk_users WHERE user_login = 'alice'") == stored
