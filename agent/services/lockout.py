@@ -184,49 +184,49 @@ def acquire(factory: t.Callable[[], DBSession], state: State, keys: Keys) -> Non
     """
     if not keys:
         return
-    s = state.settings
-    window = dt.timedelta(seconds=s.lockout_window)
     deadline = time.monotonic() + MAX_WAIT
     while True:
         if state.redis is not None:
             blocked_for, reserved = RedisCounters(state).acquire(keys)
-            if blocked_for:
-                raise TooManyAttempts(blocked_for)
-            if reserved:
-                return
-            if time.monotonic() >= deadline:
-                raise TooManyAttempts(1)
-            time.sleep(0.05)
-            continue
-        now = state.clock()
-        with factory() as db:
-            blocked_for = 0
-            busy = False
-            rows = _lock_rows(db, [key for key, _limit in keys.items], now)
-            for key, limit in keys.items:
-                row = rows[key]
-                if row["locked_until"] is not None and now < row["locked_until"]:
-                    blocked_for = max(blocked_for, _seconds(row["locked_until"] - now))
-                    continue
-                if now - row["window_start"] >= window:
-                    row.update(failures=0, window_start=now)
-                if row["failures"] >= limit:
-                    blocked_for = max(blocked_for, s.lockout_duration)
-                elif row["failures"] + row["pending"] >= limit:
-                    busy = True
-            reserve = not blocked_for and not busy
-            if reserve:
-                for row in rows.values():
-                    row.update(pending=row["pending"] + 1, pending_since=now)
-            _write(db, rows)
-            db.commit()
-            if blocked_for:
-                raise TooManyAttempts(blocked_for)
-            if reserve:
-                return
+        else:
+            blocked_for, reserved = _reserve(factory, state, keys)
+        if blocked_for:
+            raise TooManyAttempts(blocked_for)
+        if reserved:
+            return
         if time.monotonic() >= deadline:
             raise TooManyAttempts(1)
         time.sleep(0.05)
+
+
+def _reserve(factory: t.Callable[[], DBSession], state: State, keys: Keys) -> tuple[int, bool]:
+    """One try of :func:`acquire` in the database: (seconds locked, 0 if not), and whether
+    the attempt was reserved (neither: the counter is full of checks in flight)."""
+    s = state.settings
+    window = dt.timedelta(seconds=s.lockout_window)
+    now = state.clock()
+    with factory() as db:
+        blocked_for = 0
+        busy = False
+        rows = _lock_rows(db, [key for key, _limit in keys.items], now)
+        for key, limit in keys.items:
+            row = rows[key]
+            if row["locked_until"] is not None and now < row["locked_until"]:
+                blocked_for = max(blocked_for, _seconds(row["locked_until"] - now))
+                continue
+            if now - row["window_start"] >= window:
+                row.update(failures=0, window_start=now)
+            if row["failures"] >= limit:
+                blocked_for = max(blocked_for, s.lockout_duration)
+            elif row["failures"] + row["pending"] >= limit:
+                busy = True
+        reserve = not blocked_for and not busy
+        if reserve:
+            for row in rows.values():
+                row.update(pending=row["pending"] + 1, pending_since=now)
+        _write(db, rows)
+        db.commit()
+    return blocked_for, reserve
 
 
 def succeeded(db: DBSession, state: State, keys: Keys) -> None:
