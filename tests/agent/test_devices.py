@@ -8,6 +8,7 @@ import typing as t
 import pytest
 import requests
 
+from agent.services.devices import describe
 from tests.conftest import PASSWORD
 from tests.conftest import Site
 
@@ -192,15 +193,65 @@ def test_sessions_list_names_the_device(make_site: t.Callable[..., Site]) -> Non
     by_id = {x["id"]: x for x in r.json()["sessions"]}
     assert set(by_id) == {phone["sid"], desktop["sid"]}
     mine = by_id[phone["sid"]]
-    assert "Safari" in mine["device"] and "iOS" in mine["device"], mine
+    assert mine["device"] == "Safari 17 on iOS"
     assert mine["user_agent"] == IPHONE_SAFARI
     assert mine["ip"] == "127.0.0.1"
     assert mine["current"] is True
     other = by_id[desktop["sid"]]
-    assert "Firefox" in other["device"] and "Windows" in other["device"], other
+    assert other["device"] == "Firefox 128 on Windows"
     assert other["current"] is False
     # Newest first.
     assert [x["id"] for x in r.json()["sessions"]] == [desktop["sid"], phone["sid"]]
+
+
+CHROME = "AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0"
+
+
+@pytest.mark.parametrize(("user_agent", "label"), [
+    (f"Mozilla/5.0 (Windows NT 10.0; Win64; x64) {CHROME} Safari/537.36", "Chrome 126 on Windows"),
+    (f"Mozilla/5.0 (Windows NT 10.0; Win64; x64) {CHROME} Safari/537.36 Edg/126.0.2592.68",
+     "Edge 126 on Windows"),
+    (f"Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) {CHROME} Safari/537.36 OPR/111.0.0.0",
+     "Opera 111 on macOS"),
+    ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+     "Version/17.5 Safari/605.1.15", "Safari 17 on macOS"),
+    ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
+     "Chrome/126.0.6478.71 Mobile Safari/537.36", "Chrome 126 on Android"),
+    ("Mozilla/5.0 (Linux; Android 14; SM-S918B) AppleWebKit/537.36 (KHTML, like Gecko) "
+     "SamsungBrowser/25.0 Chrome/121.0.0.0 Mobile Safari/537.36", "Samsung Internet 25 on Android"),
+    ("Mozilla/5.0 (Android 14; Mobile; rv:128.0) Gecko/128.0 Firefox/128.0",
+     "Firefox 128 on Android"),
+    ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like "
+     "Gecko) CriOS/126.0.6478.54 Mobile/15E148 Safari/604.1", "Chrome 126 on iOS"),
+    ("Mozilla/5.0 (iPad; CPU OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+     "FxiOS/128.0 Mobile/15E148 Safari/605.1.15", "Firefox 128 on iOS"),
+    (f"Mozilla/5.0 (X11; CrOS x86_64 14541.0.0) {CHROME} Safari/537.36", "Chrome 126 on Chrome OS"),
+    (f"Mozilla/5.0 (X11; Linux x86_64) {CHROME.replace('Chrome', 'HeadlessChrome')} Safari/537.36",
+     "Headless Chrome 126 on Linux"),
+    ("Mozilla/5.0 (Windows NT 10.0; WOW64; Trident/7.0; rv:11.0) like Gecko",
+     "Internet Explorer 11 on Windows"),
+    ("curl/8.5.0", "curl 8"),
+    ("python-requests/2.32.3", "python-requests 2"),
+    ("okhttp/4.12.0", "okhttp 4"),
+    ("MyShop/3.2 (iPhone; iOS 17.5; Scale/3.00)", "MyShop 3 on iOS"),
+    ("Mozilla/5.0 (compatible; SomethingNew)", "Unknown client"),
+    ("!!!", "Unknown client"),
+    ("", ""),
+    ("   ", ""),
+])
+def test_device_labels(user_agent: str, label: str) -> None:
+    assert describe(user_agent) == label
+
+
+def test_device_label_of_a_hostile_user_agent_is_short_and_plain() -> None:
+    """A crafted User-Agent cannot put markup or control characters in the label, nor make it
+    long or slow: the label is fixed words, digits and one product name."""
+    assert describe("<script>/1 " + "x" * 100_000) == "Unknown client"
+    assert describe("a" * 200 + "/9") == "Unknown client"  # a product name is 64 at most
+    assert describe("Firefox/1\r\nX-Injected: 1") == "Firefox 1"
+    slow = "Mozilla/5.0 (Windows) Version/1" + " Mobile/x" * 5000  # only 512 characters are read
+    assert describe(slow) == "Unknown client on Windows"
+    assert len(describe("Mozilla/5.0 " + "Chrome/1 " * 1000)) <= 128
 
 
 # --- administrators -------------------------------------------------------------------------
