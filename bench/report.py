@@ -212,7 +212,10 @@ def _memory(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
         rows.append(f"| {name} | {mb:.1f} |")
     peak = max(r.values())
     rows += ["", f"Largest: **{peak:.1f} MB** (target < 100 MB: {verdict(peak < 100)}); VmHWM "
-             "of each gunicorn worker after all the load above."]
+             "of each gunicorn worker after all the load above. A worker's peak is its resident "
+             "set plus one argon2id hash's memory (m=19 MiB): each worker hashes once as it starts "
+             "(the decoy that makes a login for an unknown user cost what a real one does), then "
+             "once per login; sources are byte-compiled beforehand, as installing does."]
     return rows
 
 
