@@ -10,6 +10,7 @@ from sqlalchemy import CursorResult
 from sqlalchemy import Engine
 from sqlalchemy import create_engine
 from sqlalchemy import event
+from sqlalchemy import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.exc import DisconnectionError
 
@@ -23,10 +24,15 @@ if t.TYPE_CHECKING:
 MIGRATIONS = Path(__file__).parent / "migrations"
 # A version table of our own, so a host app's Alembic history is never touched.
 VERSION_TABLE = "hk_alembic_version"
+CONNECT_TIMEOUT = 5  # seconds to reach PostgreSQL (unless the URL says connect_timeout)
 
 
 def make_engine(url: str) -> Engine:
-    """Create the engine; SQLite gets WAL, foreign keys and a busy timeout."""
+    """Create the engine; SQLite gets WAL, foreign keys and a busy timeout.
+
+    Statement parameters are never shown in errors or logs (``hide_parameters``): they hold
+    password hashes, token digests and addresses.
+    """
     for alias in ("postgresql://", "postgres://"):
         if url.startswith(alias):
             url = "postgresql+psycopg://" + url.removeprefix(alias)
@@ -42,7 +48,7 @@ def make_engine(url: str) -> Engine:
         # checkpoints the WAL, both on every transaction otherwise. A connection is used by one
         # thread at a time (the pool hands it over); beyond the five kept, connections are
         # opened and closed as needed, so a burst of threads never waits for the pool.
-        engine = create_engine(url, pool_size=5, max_overflow=-1,
+        engine = create_engine(url, pool_size=5, max_overflow=-1, hide_parameters=True,
                                connect_args={"timeout": 15, "check_same_thread": False})
         _fork_safe(engine)
 
@@ -77,7 +83,13 @@ def make_engine(url: str) -> Engine:
 
         return engine
     try:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        # A server that does not answer costs a request CONNECT_TIMEOUT seconds, then a 503,
+        # never a hung worker; a connection it dropped is found by the ping and replaced.
+        parsed = make_url(url)
+        connect_args = ({} if "connect_timeout" in parsed.query
+                        else {"connect_timeout": CONNECT_TIMEOUT})
+        engine = create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10,
+                               pool_timeout=10, hide_parameters=True, connect_args=connect_args)
     except (ArgumentError, ImportError, ValueError) as exc:
         raise ConfigError(f"HEADLESSKEY_DATABASE_URL: not a usable database URL ({exc})") from None
     _fork_safe(engine)

@@ -28,6 +28,7 @@ Hierarchy::
     ├── PayloadTooLarge           413 payload_too_large
     ├── UnsupportedMediaType      415 unsupported_media_type
     └── ServiceUnavailable        503 service_unavailable
+        ├── DatabaseUnavailable   503 database_unavailable (no connection, or it broke)
         └── StoreUnavailable      503 store_unavailable (Redis down; agent.store)
 
 ConfigError is separate: it stops start-up with one line naming the setting.
@@ -180,3 +181,14 @@ class ServiceUnavailable(AgentError):
     code = "service_unavailable"
     status = 503
     message = "The service is temporarily unavailable."
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """The database could not be reached, or the connection broke mid-request: the request's
+    transaction is rolled back, so nothing of it was written, and it may be sent again."""
+
+    code = "database_unavailable"
+    message = "The database is unavailable. Try again shortly."
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "5"})

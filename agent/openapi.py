@@ -36,13 +36,15 @@ def _errors(*statuses: int) -> dict[str, t.Any]:
         403: "Not allowed",
         404: "Not found",
         409: "Conflict",
-        503: "The federation hub is unreachable and the cached directory too old",
+        503: "Unavailable: the database cannot be reached (database_unavailable), or for SSO "
+             "the federation hub is unreachable and the cached directory too old",
         413: "Body too large",
         415: "Body is not JSON",
         429: "Too many failed attempts (Retry-After says when to try again)",
     }
     return {
-        str(s): {"description": text[s], **_json(_ref("Error"))} for s in (*statuses, 413, 415)
+        str(s): {"description": text[s], **_json(_ref("Error"))}
+        for s in (*statuses, 413, 415, 503)
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import typing as t
 import unicodedata
 
@@ -10,6 +11,7 @@ from flask import Blueprint
 from flask import Response
 from flask import jsonify
 from flask import request
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 
@@ -18,6 +20,7 @@ from . import federation
 from .config import Settings
 from .db import MAX_ID
 from .errors import AgentError
+from .errors import DatabaseUnavailable
 from .errors import Forbidden
 from .errors import IncorrectPassword
 from .errors import InvalidCredentials
@@ -32,6 +35,7 @@ from .extension import authenticate_request
 from .extension import bearer_token
 from .extension import client_ip
 from .extension import enforce_access
+from .extension import error_response
 from .extension import get_db
 from .extension import get_state
 from .extension import read_json
@@ -46,6 +50,8 @@ from .services import sessions
 from .services.sessions import ClientInfo
 from .services.sessions import Issued
 from .services.tokens import verify_access_token
+
+log = logging.getLogger(__name__)
 
 MAX_PASSWORD_INPUT = 4096
 
@@ -789,7 +795,19 @@ def make_blueprint(settings: Settings) -> Blueprint:
     for rule, view, methods, _access in ROUTES:
         bp.add_url_rule(rule, view_func=view, methods=methods)
     bp.before_request(_before_request)
+    bp.register_error_handler(sa_exc.OperationalError, _database_error)
+    bp.register_error_handler(sa_exc.InterfaceError, _database_error)
+    bp.register_error_handler(sa_exc.TimeoutError, _database_error)
     return bp
+
+
+def _database_error(exc: Exception) -> Response:
+    """No connection to the database, or it broke mid-request: 503, and nothing half written
+    (the request's transaction never committed; the session is rolled back at teardown)."""
+    cause = getattr(exc, "orig", None) or exc
+    log.warning("database unavailable: %s: %s", type(cause).__name__,
+                str(cause).splitlines()[0] if str(cause) else "")
+    return error_response(DatabaseUnavailable())
 
 
 def _before_request() -> Response | None:

@@ -37,7 +37,7 @@ ERRORS = {
     409: "Conflicts with an existing key",
     413: "Body larger than MAX_BODY",
     415: "Body is not JSON",
-    503: "The nonce store (Redis) does not answer",
+    503: "The database cannot be reached, or the nonce store (Redis) does not answer",
 }
 
 

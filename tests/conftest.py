@@ -27,6 +27,7 @@ import pytest
 import requests
 from aiosmtpd.controller import Controller
 from flask import Flask
+from sqlalchemy import make_url
 from sqlalchemy import text
 from werkzeug.serving import make_server
 
@@ -255,7 +256,7 @@ class Site:
 _SCHEMAS: set[str] = set()  # made by this test process; dropped when it ends
 
 
-def _fresh_schema(url: str, index: int) -> str:
+def fresh_schema(url: str, index: int) -> str:
     """An empty PostgreSQL schema for site ``index``; returns a URL whose search_path is it.
 
     Named after this process, so test runs sharing the database never touch each other's.
@@ -288,6 +289,89 @@ def _drop_test_schemas() -> t.Iterator[None]:
     engine.dispose()
 
 
+class TcpProxy:
+    """A loopback TCP relay in front of the database: ``cut()`` drops every open connection
+    (as a server restart or a firewall does), ``stop()`` refuses new ones, ``start()`` serves
+    again on the same port."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.port = free_port()
+        self.live: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.listener: socket.socket | None = None
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self.lock:
+                self.live += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self.lock:
+            live, self.live = self.live, []
+        for s in live:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def stop(self) -> None:
+        if self.listener is not None:
+            with contextlib.suppress(OSError):
+                self.listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            self.listener.close()
+            self.listener = None
+        self.cut()
+
+
+@pytest.fixture
+def pg_proxy() -> t.Iterator[tuple[TcpProxy, str]]:
+    """The test PostgreSQL behind a :class:`TcpProxy`, and its URL through the proxy."""
+    url = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("HEADLESSKEY_TEST_DATABASE_URL is not set (a PostgreSQL to cut off)")
+    from agent.db import make_engine
+
+    engine = make_engine(url)
+    parts = make_url(engine.url)
+    engine.dispose()
+    proxy = TcpProxy((parts.host or "127.0.0.1", parts.port or 5432))
+    proxy.start()
+    proxied = parts.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    yield proxy, proxied
+    proxy.stop()
+
+
 @pytest.fixture
 def make_site(
     tmp_path: Path, key_files: dict[str, Path]
@@ -301,7 +385,7 @@ def make_site(
         index = len(servers)
         db_url = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL")
         if db_url:
-            db_url = _fresh_schema(db_url, index)
+            db_url = fresh_schema(db_url, index)
         else:
             db_url = f"sqlite:///{tmp_path / f'site{index}.db'}"
         port = free_port()

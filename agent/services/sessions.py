@@ -29,10 +29,12 @@ from sqlalchemy import bindparam
 from sqlalchemy import event
 from sqlalchemy import select
 from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session as DBSession
 
 from ..db import file_identity
 from ..db import rowcount
+from ..errors import DatabaseUnavailable
 from ..errors import Forbidden
 from ..errors import InvalidGrant
 from ..errors import InvalidToken
@@ -367,7 +369,10 @@ class SessionReader:
     def fetch(self, sid: str) -> tuple[t.Any, ...] | None:
         params: t.Any = (sid,) if self.positional else {"sid": sid}
         for attempt in (1, 2):
-            conn = self._take() if attempt == 1 else self._connect()
+            try:
+                conn = self._take() if attempt == 1 else self._connect()
+            except DBAPIError as exc:
+                raise DatabaseUnavailable() from exc
             try:
                 cursor = conn.cursor()
                 try:
@@ -375,13 +380,13 @@ class SessionReader:
                     raw = cursor.fetchone()
                 finally:
                     cursor.close()
-            except self.errors:
+            except self.errors as exc:
                 # A broken connection (the server restarted): drop it and the idle ones, which
                 # are likely broken too, and retry once on a fresh connection.
                 conn.invalidate()
                 self.close()
                 if attempt == 2:
-                    raise
+                    raise DatabaseUnavailable() from exc
                 continue
             if len(self.idle) < self.MAX_IDLE:
                 self.idle.append(conn)

@@ -25,8 +25,8 @@ from tests.conftest import PASSWORD
 from tests.conftest import Api
 from tests.conftest import Clock
 from tests.conftest import Site
-from tests.conftest import _fresh_schema
 from tests.conftest import free_port
+from tests.conftest import fresh_schema
 
 NEW_USER = {"username": "dave", "email": "dave@example.com", "password": PASSWORD}
 
@@ -46,7 +46,7 @@ class OwnSite:
         db_url = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL")
         if db_url:
             # Schemas 50+ so they never meet make_site's (0, 1, ...) in the same test.
-            db_url = _fresh_schema(db_url, 50 + index)
+            db_url = fresh_schema(db_url, 50 + index)
         else:
             db_url = f"sqlite:///{tmp_path / f'own{index}.db'}"
         self.app = Flask(f"own{index}", instance_path=str(tmp_path / f"own-instance{index}"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import sqlite3
@@ -12,6 +13,10 @@ import pytest
 from sqlalchemy import text
 
 from agent.db import make_engine
+from tests.conftest import PASSWORD
+from tests.conftest import Site
+from tests.conftest import TcpProxy
+from tests.conftest import fresh_schema
 
 
 def _value(engine: object) -> str:
@@ -95,3 +100,73 @@ def test_migrations_build_exactly_the_models_schema(tmp_path: Path, app: str) ->
     version_table = "hk_alembic_version" if app == "agent" else "hub_alembic_version"
     assert _schema_drift(engine, Base.metadata, version_table) == []
     engine.dispose()
+
+
+def _outage_answers(site: Site, access: str) -> None:
+    """While the database cannot be reached: a clear 503 on every path, with nothing written."""
+    for r in (site.api.post("/token", json={"username": "alice", "password": PASSWORD}),
+              site.api.post("/token/validate", token=access),
+              site.api.post("/register", json={"username": "bob", "email": "bob@example.com",
+                                               "password": "another long passphrase"})):
+        assert r.status_code == 503, r.text
+        assert r.json() == {"code": "database_unavailable",
+                            "message": "The database is unavailable. Try again shortly.",
+                            "data": {"status": 503}}
+        assert r.headers["Retry-After"] == "5"
+
+
+def test_postgresql_connections_dropped_or_refused(
+    make_site: t.Callable[..., Site], pg_proxy: tuple[TcpProxy, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Connections the network drops are replaced without a failed request; while the server
+    cannot be reached, requests get 503 ``database_unavailable`` and write nothing; once it is
+    back, everything works again."""
+    caplog.set_level(logging.DEBUG)
+    proxy, url = pg_proxy
+    site = make_site("HS256", HEADLESSKEY_DATABASE_URL=fresh_schema(url, 90))
+    site.create_user("alice")
+    access = site.api.login()["token"]
+    assert site.api.post("/token/validate", token=access).status_code == 200
+
+    proxy.cut()  # every pooled connection, and the token check's, is now dead
+    assert site.api.post("/token/validate", token=access).status_code == 200
+    access = site.api.login()["token"]
+
+    proxy.stop()
+    _outage_answers(site, access)
+
+    proxy.start()
+    assert site.api.post("/token/validate", token=access).status_code == 200
+    site.api.login()
+    assert site.scalar("SELECT count(*) FROM hk_audit WHERE event = 'login.succeeded'") == 3
+    assert site.scalar("SELECT count(*) FROM hk_users") == 1  # bob's registration never landed
+    assert site.scalar("SELECT count(*) FROM hk_throttle WHERE pending > 0") == 0
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "database unavailable" in logged
+    assert PASSWORD not in logged and access not in logged
+
+
+def test_sqlite_database_file_unusable(
+    make_site: t.Callable[..., Site], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A database file that cannot be opened (here a folder in its place) is a 503, and the
+    site recovers by itself once the file is back."""
+    caplog.set_level(logging.DEBUG)
+    path = tmp_path / "outage.db"
+    site = make_site("HS256", HEADLESSKEY_DATABASE_URL=f"sqlite:///{path}")
+    site.create_user("alice")
+    access = site.api.login()["token"]
+
+    path.rename(tmp_path / "aside.db")
+    path.mkdir()
+    _outage_answers(site, access)
+
+    path.rmdir()
+    (tmp_path / "aside.db").rename(path)
+    assert site.api.post("/token/validate", token=access).status_code == 200
+    site.api.login()
+    assert site.scalar("SELECT count(*) FROM hk_audit WHERE event = 'login.succeeded'") == 2
+    assert site.scalar("SELECT count(*) FROM hk_users") == 1
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert PASSWORD not in logged and access not in logged

@@ -89,9 +89,9 @@ def make_hub(tmp_path: Path) -> t.Iterator[t.Callable[..., Hub]]:
         instance.mkdir()
         db_url = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL")
         if db_url:
-            from tests.conftest import _fresh_schema
+            from tests.conftest import fresh_schema
 
-            db_url = _fresh_schema(db_url, 100 + index)
+            db_url = fresh_schema(db_url, 100 + index)
         else:
             db_url = f"sqlite:///{instance / 'hub.db'}"
         port = free_port()
