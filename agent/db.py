@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import typing as t
 from pathlib import Path
@@ -13,8 +14,12 @@ from sqlalchemy import event
 from sqlalchemy import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import InterfaceError
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .errors import ConfigError
+from .errors import DatabaseUnavailable
 
 if t.TYPE_CHECKING:
     # Alembic (about 11 MB with Mako) is imported only by the commands that migrate, never by
@@ -25,6 +30,20 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # A version table of our own, so a host app's Alembic history is never touched.
 VERSION_TABLE = "hk_alembic_version"
 CONNECT_TIMEOUT = 5  # seconds to reach PostgreSQL (unless the URL says connect_timeout)
+# No connection, a connection that broke, or none free in the pool in time: 503, not 500.
+DATABASE_ERRORS = (OperationalError, InterfaceError, PoolTimeout)
+
+log = logging.getLogger(__name__)
+
+
+def unavailable(exc: BaseException) -> DatabaseUnavailable:
+    """The 503 for a database error of :data:`DATABASE_ERRORS` (logged: its class and first
+    line only; parameters are hidden anyway)."""
+    cause = getattr(exc, "orig", None) or exc
+    text = str(cause)
+    log.warning("database unavailable: %s: %s", type(cause).__name__,
+                text.splitlines()[0] if text else "")
+    return DatabaseUnavailable()
 
 
 def make_engine(url: str) -> Engine:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import typing as t
 import unicodedata
 
@@ -11,16 +10,16 @@ from flask import Blueprint
 from flask import Response
 from flask import jsonify
 from flask import request
-from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 
 from . import events
 from . import federation
 from .config import Settings
+from .db import DATABASE_ERRORS
 from .db import MAX_ID
+from .db import unavailable
 from .errors import AgentError
-from .errors import DatabaseUnavailable
 from .errors import Forbidden
 from .errors import IncorrectPassword
 from .errors import InvalidCredentials
@@ -50,8 +49,6 @@ from .services import sessions
 from .services.sessions import ClientInfo
 from .services.sessions import Issued
 from .services.tokens import verify_access_token
-
-log = logging.getLogger(__name__)
 
 MAX_PASSWORD_INPUT = 4096
 
@@ -795,19 +792,15 @@ def make_blueprint(settings: Settings) -> Blueprint:
     for rule, view, methods, _access in ROUTES:
         bp.add_url_rule(rule, view_func=view, methods=methods)
     bp.before_request(_before_request)
-    bp.register_error_handler(sa_exc.OperationalError, _database_error)
-    bp.register_error_handler(sa_exc.InterfaceError, _database_error)
-    bp.register_error_handler(sa_exc.TimeoutError, _database_error)
+    for error in DATABASE_ERRORS:
+        bp.register_error_handler(error, _database_error)
     return bp
 
 
 def _database_error(exc: Exception) -> Response:
-    """No connection to the database, or it broke mid-request: 503, and nothing half written
-    (the request's transaction never committed; the session is rolled back at teardown)."""
-    cause = getattr(exc, "orig", None) or exc
-    log.warning("database unavailable: %s: %s", type(cause).__name__,
-                str(cause).splitlines()[0] if str(cause) else "")
-    return error_response(DatabaseUnavailable())
+    """503, and nothing half written: the request's transaction never committed (the session
+    is rolled back at teardown)."""
+    return error_response(unavailable(exc))
 
 
 def _before_request() -> Response | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tomllib
 import typing as t
@@ -13,13 +12,13 @@ from flask import Flask
 from flask import Response
 from flask import jsonify
 from flask import request
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import sessionmaker
 from werkzeug.exceptions import HTTPException
 
+from agent.db import DATABASE_ERRORS
+from agent.db import unavailable
 from agent.errors import AgentError
 from agent.errors import ConfigError
-from agent.errors import DatabaseUnavailable
 
 from . import config as config_module
 from .crypto import MasterKeyError
@@ -31,9 +30,6 @@ from .state import request_is_https
 CONFIG_FILE = "hub.toml"
 MASTER_KEY_FILE = "master.key"
 JSON_PREFIXES = ("/api/", "/.well-known/")
-DATABASE_ERRORS = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
-
-log = logging.getLogger(__name__)
 
 
 def create_app(
@@ -166,12 +162,9 @@ def _api_error(error: AgentError) -> Response:
 
 
 def _database_error(exc: Exception) -> Response:
-    """No connection to the database, or it broke mid-request: 503 (JSON for the API, a line
-    of text for the console); the request's transaction never committed."""
-    cause = getattr(exc, "orig", None) or exc
-    log.warning("database unavailable: %s: %s", type(cause).__name__,
-                str(cause).splitlines()[0] if str(cause) else "")
-    error = DatabaseUnavailable()
+    """503 (JSON for the API, a line of text for the console); the request's transaction
+    never committed."""
+    error = unavailable(exc)
     if _wants_json():
         return _api_error(error)
     return Response(error.message + "\n", status=error.status, headers=error.headers,

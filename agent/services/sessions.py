@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session as DBSession
 
 from ..db import file_identity
 from ..db import rowcount
-from ..errors import DatabaseUnavailable
+from ..db import unavailable
 from ..errors import Forbidden
 from ..errors import InvalidGrant
 from ..errors import InvalidToken
@@ -372,7 +372,7 @@ class SessionReader:
             try:
                 conn = self._take() if attempt == 1 else self._connect()
             except DBAPIError as exc:
-                raise DatabaseUnavailable() from exc
+                raise unavailable(exc) from exc
             try:
                 cursor = conn.cursor()
                 try:
@@ -386,7 +386,7 @@ class SessionReader:
                 conn.invalidate()
                 self.close()
                 if attempt == 2:
-                    raise DatabaseUnavailable() from exc
+                    raise unavailable(exc) from exc
                 continue
             if len(self.idle) < self.MAX_IDLE:
                 self.idle.append(conn)
