@@ -25,11 +25,13 @@ import typing as t
 from dataclasses import dataclass
 
 from cryptography.fernet import Fernet
+from cryptography.fernet import InvalidToken
 from sqlalchemy import select
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
 from ..db import rowcount
+from ..errors import ConfigError
 from ..models import StoredKey
 from .keys import KeyRing
 from .keys import SigningKey
@@ -118,6 +120,8 @@ class KeyStore:
         return self._fernet.encrypt(plain)
 
     def reload(self) -> None:
+        """Reread the key table (keys parsed once per process); a key that does not decrypt
+        under this site's secret is a :class:`ConfigError` (start-up stops with one line)."""
         now = self._clock()
         with self._session_factory() as db:
             db.connection(execution_options={"hk_readonly": True})
@@ -131,7 +135,15 @@ class KeyStore:
                 cached = self._parsed.get(row.id)
                 if cached is None or (cached.active_from, cached.retire_at, cached.hub_status) != (
                         row.active_from, row.retire_at, row.hub_status):
-                    plain = self._fernet.decrypt(row.material)
+                    try:
+                        plain = self._fernet.decrypt(row.material)
+                    except InvalidToken:
+                        raise ConfigError(
+                            "HEADLESSKEY_SECRET_KEY: the keys stored in the database do not "
+                            "decrypt with this secret; the database was set up under another "
+                            "one (restored without its secret.key?): use the secret it was set "
+                            "up with"
+                        ) from None
                     cached = self._parsed[row.id] = _parse(row, plain)
                 entries.append(cached)
         self._entries = tuple(entries)

@@ -7,6 +7,7 @@ with two workers, reached over HTTP, sending mail to the real ``smtp`` fixture.
 from __future__ import annotations
 
 import re
+import secrets
 import shutil
 import sqlite3
 import stat
@@ -530,6 +531,32 @@ def test_config_errors_are_one_clear_line(instance: Path, case: str, command: st
     assert setting.lower() in line.lower(), line
     with sqlite3.connect(instance / "headlesskey.db") as conn:
         assert conn.execute("SELECT count(*) FROM hk_users").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("command", ["serve", "users-create"])
+def test_a_database_under_another_secret_is_one_clear_line(instance: Path, command: str) -> None:
+    """A database restored without its secret.key: the stored keys do not decrypt. Start-up
+    stops with one line naming the setting, nothing is written, and the original secret works
+    again."""
+    secret = instance / "secret.key"
+    original = secret.read_bytes()
+    secret.write_text(secrets.token_urlsafe(48) + "\n")
+    if command == "serve":
+        try:
+            result = agent("serve", "--instance", str(instance), "--port", str(free_port()),
+                           env=clean_env(), timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("serve started with a secret the stored keys do not decrypt under")
+    else:
+        result = create_user(instance, PASSWORD)
+    line = one_line_error(result)
+    assert "SECRET_KEY" in line and "secret.key" in line, line
+    assert original.decode().strip() not in result.stderr + result.stdout
+    with sqlite3.connect(instance / "headlesskey.db") as conn:
+        assert conn.execute("SELECT count(*) FROM hk_users").fetchone()[0] == 0
+    secret.write_bytes(original)
+    result = create_user(instance, PASSWORD)
+    assert result.returncode == 0, result.stderr
 
 
 def test_a_good_config_is_accepted(instance: Path) -> None:
