@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import typing as t
@@ -36,14 +37,38 @@ DATABASE_ERRORS = (OperationalError, InterfaceError, PoolTimeout)
 log = logging.getLogger(__name__)
 
 
-def unavailable(exc: BaseException) -> DatabaseUnavailable:
-    """The 503 for a database error of :data:`DATABASE_ERRORS` (logged: its class and first
-    line only; parameters are hidden anyway)."""
+def _cause(exc: BaseException) -> str:
+    """A database error's driver class and first line (parameters are hidden anyway)."""
     cause = getattr(exc, "orig", None) or exc
     text = str(cause)
-    log.warning("database unavailable: %s: %s", type(cause).__name__,
-                text.splitlines()[0] if text else "")
+    return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def unavailable(exc: BaseException) -> DatabaseUnavailable:
+    """The 503 for a database error of :data:`DATABASE_ERRORS` (logged in one line)."""
+    log.warning("database unavailable: %s", _cause(exc))
     return DatabaseUnavailable()
+
+
+R = t.TypeVar("R")
+
+
+def skip_while_unavailable(
+    name: str, job: t.Callable[..., R]
+) -> t.Callable[..., R | None]:
+    """``job`` as a scheduled job: while the database is unreachable a run logs one warning
+    line and does nothing, and the next run tries again (no traceback per run)."""
+
+    @functools.wraps(job)
+    def run(*args: t.Any, **kwargs: t.Any) -> R | None:
+        try:
+            return job(*args, **kwargs)
+        except DATABASE_ERRORS as exc:
+            log.warning("job %r skipped, the database is unavailable (%s); its next run "
+                        "tries again", name, _cause(exc))
+            return None
+
+    return run
 
 
 def make_engine(url: str) -> Engine:

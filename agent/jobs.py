@@ -36,6 +36,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from . import uplink
 from . import webhooks
 from .db import rowcount
+from .db import skip_while_unavailable
 from .extension import get_state
 from .models import JobRun
 from .models import PasswordReset
@@ -274,7 +275,9 @@ def run_scheduler(
     Each job has a fixed id, never overlaps itself (``max_instances=1``) and runs once after a
     delay however many runs it missed (``coalesce=True``). Pruning also runs once at start.
     Pruning and the health report run once per period across every process sharing the
-    database (:func:`once_per_period`). The activity upload to the hub is scheduled only when the site is federated.
+    database (:func:`once_per_period`). The activity upload to the hub is scheduled only when
+    the site is federated. While the database is unreachable, each run logs one warning line
+    and the next run tries again.
     """
     from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.schedulers.blocking import BlockingScheduler
@@ -291,9 +294,9 @@ def run_scheduler(
         if once:  # one run per period across every process sharing the database
             job = functools.partial(once_per_period, job=job_id, interval=seconds, work=job)
         scheduler.add_job(
-            job, "interval", args=[app], id=job_id, name=name, seconds=seconds,
-            coalesce=True, max_instances=1, misfire_grace_time=max(1, int(seconds * 2)),
-            replace_existing=True, **first,
+            skip_while_unavailable(name, job), "interval", args=[app], id=job_id, name=name,
+            seconds=seconds, coalesce=True, max_instances=1,
+            misfire_grace_time=max(1, int(seconds * 2)), replace_existing=True, **first,
         )
 
     every(deliver_webhooks, DELIVER_JOB_ID, "Deliver due webhook messages", webhook_interval)

@@ -42,6 +42,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session as DBSession
 
 from agent.db import rowcount
+from agent.db import skip_while_unavailable
 from agent.signing import MAX_SKEW
 
 from .models import HubKey
@@ -229,7 +230,8 @@ def init_scheduler(app: Flask) -> BackgroundScheduler:
     """A background scheduler with every hub job added, NOT started (call ``.start()``).
 
     Each job has a fixed id, never overlaps itself (``max_instances=1``), runs once however many
-    runs it missed (``coalesce``), and first runs as soon as the scheduler starts.
+    runs it missed (``coalesce``), and first runs as soon as the scheduler starts. While the
+    database is unreachable a run logs one warning line and the next run tries again.
     """
     from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -239,7 +241,7 @@ def init_scheduler(app: Flask) -> BackgroundScheduler:
     now = dt.datetime.now(dt.UTC)
     for job in JOBS:
         scheduler.add_job(
-            job.func,
+            skip_while_unavailable(job.name, job.func),
             "interval",
             args=[app],
             id=job.id,

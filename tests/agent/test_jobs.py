@@ -7,12 +7,14 @@ a short interval, against a served agent and a loopback receiver.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import subprocess
 import sys
 import threading
 import time
 import typing as t
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func
@@ -53,6 +55,9 @@ def receiver() -> t.Iterator[Receiver]:
 def count(site: Site, model: t.Any, *where: t.Any) -> int:
     with site.db() as db:
         return int(db.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+
+SKIPPED = "skipped, the database is unavailable"
 
 
 def test_prune_deletes_only_what_is_past_its_keep_time(
@@ -169,6 +174,44 @@ def test_the_scheduler_runs_the_jobs_and_stops(
     register(site, "quinn")
     time.sleep(0.6)  # three intervals: nothing runs any more
     assert len(receiver.snapshot()) == 2
+
+
+def test_the_jobs_wait_out_a_database_outage(
+    make_site: t.Callable[..., Site], receiver: Receiver, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the database cannot be opened each run logs one warning line (no traceback) and
+    the scheduler keeps going; once the file is back the next run delivers."""
+    path = tmp_path / "jobs.db"
+    secret = new_secret()
+    site = make_site(HEADLESSKEY_DATABASE_URL=f"sqlite:///{path}",
+                     HEADLESSKEY_WEBHOOKS=[endpoint("ops", receiver, secret)])
+    scheduler = run_scheduler(site.app, webhook_interval=0.2, prune_interval=3600)
+    try:
+        register(site, "olga")
+        assert len(receiver.wait_for(1, timeout=10)) == 1
+        caplog.set_level(logging.INFO)
+        caplog.clear()
+        path.rename(tmp_path / "aside.db")
+        path.mkdir()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sum(
+                SKIPPED in r.getMessage() for r in caplog.records) < 3:
+            time.sleep(0.1)
+        path.rmdir()
+        (tmp_path / "aside.db").rename(path)
+        register(site, "paul")
+        got = receiver.wait_for(2, timeout=10)
+        assert sorted(r.payload["data"]["login"] for r in got) == ["olga", "paul"]
+        assert scheduler.running
+    finally:
+        scheduler.shutdown(wait=True)
+    skipped = [r for r in caplog.records if SKIPPED in r.getMessage()]
+    assert len(skipped) >= 3
+    assert all(r.levelno == logging.WARNING and "Deliver due webhook messages" in r.getMessage()
+               and r.exc_info is None for r in skipped)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], \
+        [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_nothing_is_scheduled_on_import() -> None:

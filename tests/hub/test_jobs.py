@@ -9,11 +9,13 @@ hub apps on one database, run the same job at the same instant.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import subprocess
 import sys
 import threading
 import time
 import typing as t
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -48,6 +50,9 @@ def second_worker(make_hub: t.Callable[..., Hub], first: Hub) -> Hub:
 
 # ---------------------------------------------------------------------------------------------
 # nonces
+
+
+SKIPPED = "skipped, the database is unavailable"
 
 
 def test_prune_nonces_forgets_old_nonces_but_replays_stay_refused(hub: Hub) -> None:
@@ -283,6 +288,33 @@ def test_init_scheduler_registers_the_jobs_without_starting() -> None:
     # Built again (a restart), the same ids replace the old jobs rather than doubling them.
     again = jobs.init_scheduler(app)
     assert len(again.get_jobs()) == 4
+
+
+def test_the_scheduled_jobs_wait_out_a_database_outage(
+    make_hub: t.Callable[..., Hub], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Run as scheduled while the database cannot be opened, each job logs one warning line
+    and returns; once the file is back the same jobs run."""
+    path = tmp_path / "outage-hub.db"
+    hub = make_hub(HEADLESSKEY_HUB_DATABASE_URL=f"sqlite:///{path}")
+    scheduled = jobs.init_scheduler(hub.app).get_jobs()
+    assert key_rows(hub) == []  # the rotation job makes the hub's first signing key
+    caplog.set_level(logging.INFO)
+    path.rename(tmp_path / "aside.db")
+    path.mkdir()
+    for job in scheduled:
+        assert job.func(*job.args) is None
+    warnings = [r for r in caplog.records if SKIPPED in r.getMessage()]
+    named = sorted(r.getMessage().split("'")[1] for r in warnings)
+    assert named == sorted(j.name for j in scheduled)
+    assert all(r.levelno == logging.WARNING and r.exc_info is None for r in warnings)
+    path.rmdir()
+    (tmp_path / "aside.db").rename(path)
+    caplog.clear()
+    for job in scheduled:
+        job.func(*job.args)
+    assert not [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert [status for _kid, status in key_rows(hub)] == ["active"]
 
 
 def test_importing_the_jobs_module_starts_nothing() -> None:
