@@ -475,6 +475,7 @@ def jobs_command(
     # "skipped: maximum number of running instances reached" every 2 s while a slow delivery
     # runs is expected (max_instances=1), not news.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin list, on every start
     app = _app(instance)
     state = app.extensions["headlesskey"]
     stop = threading.Event()
