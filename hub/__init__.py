@@ -162,13 +162,16 @@ def _api_error(error: AgentError) -> Response:
 
 
 def _database_error(exc: Exception) -> Response:
-    """503 (JSON for the API, a line of text for the console); the request's transaction
-    never committed."""
+    """503 (JSON for the API, the console's error page for the console); the request's
+    transaction never committed."""
+    from .console.views import error_page
+
     error = unavailable(exc)
     if _wants_json():
         return _api_error(error)
-    return Response(error.message + "\n", status=error.status, headers=error.headers,
-                    mimetype="text/plain")
+    response = error_page(error.status)
+    response.headers.update(error.headers)
+    return response
 
 
 def _http_error(exc: HTTPException) -> t.Any:

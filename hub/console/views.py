@@ -78,6 +78,8 @@ ERROR_TEXT = {
     405: ("Method not allowed", "This page does not accept that kind of request."),
     413: ("Request too large", "The form sent more data than the hub accepts."),
     500: ("Internal error", "Something went wrong on the hub. Nothing was changed; try again."),
+    503: ("Database unavailable", "The hub's database cannot be reached just now, so nothing "
+                                  "was changed. Try again in a few seconds."),
 }
 
 
@@ -550,7 +552,8 @@ def settings() -> ResponseReturnValue:
 # --- errors ----------------------------------------------------------------------------------
 
 
-def _error_page(status: int, message: str | None = None) -> Response:
+def error_page(status: int, message: str | None = None) -> Response:
+    """The console's error page (it reads nothing from the database)."""
     title, default = ERROR_TEXT.get(status, ("Error", "The request failed."))
     return make_response(render_template("console/error.html", status=status, title=title,
                                          message=message or default), status)
@@ -559,12 +562,12 @@ def _error_page(status: int, message: str | None = None) -> Response:
 @bp.errorhandler(AgentError)
 def _service_error(exc: AgentError) -> ResponseReturnValue:
     get_db().rollback()
-    return _error_page(exc.status, exc.message)
+    return error_page(exc.status, exc.message)
 
 
 @bp.errorhandler(CSRFError)
 def _csrf_error(exc: CSRFError) -> ResponseReturnValue:
-    return _error_page(403, "This form's security token is missing, wrong or expired, so "
+    return error_page(403, "This form's security token is missing, wrong or expired, so "
                             "nothing was changed. Go back, reload the page and try again.")
 
 
@@ -578,7 +581,7 @@ def _http_error_page(exc: HTTPException) -> ResponseReturnValue:
     status = exc.code or 500
     # A description given to abort() is ours to show; werkzeug's stock texts are replaced.
     custom = exc.description if exc.description != type(exc).description else None
-    response = _error_page(status, custom if status in (400, 403) else None)
+    response = error_page(status, custom if status in (400, 403) else None)
     allowed = getattr(exc, "valid_methods", None)
     if allowed:
         response.headers["Allow"] = ", ".join(allowed)

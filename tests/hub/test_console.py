@@ -10,6 +10,7 @@ import base64
 import json
 import re
 import typing as t
+from pathlib import Path
 
 import jwt
 import pytest
@@ -622,6 +623,37 @@ def test_error_pages_are_html_in_the_console_and_json_in_the_api(console: Consol
         response = t.cast(Response, views._http_error_page(InternalServerError()))
     body = response.get_data(as_text=True)
     assert response.status_code == 500 and "Internal error" in body and "Traceback" not in body
+
+
+def test_a_database_outage_is_the_consoles_503_page(
+    make_hub: t.Callable[..., Hub], tmp_path: Path,
+) -> None:
+    """The database file cannot be opened: pages and forms answer the console's own 503 page
+    (nothing changed, Retry-After), the API answers JSON; once the file is back, all works."""
+    path = tmp_path / "console-outage.db"
+    hub = make_hub(HEADLESSKEY_HUB_DATABASE_URL=f"sqlite:///{path}")
+    make_admin(hub)
+    console = Console(hub)
+    assert console.login().status_code == 302
+    token = console.token("/console/sites/new")
+
+    path.rename(tmp_path / "aside.db")
+    path.mkdir()
+    for r in (console.get("/console/sites"),
+              console.post("/console/sites/new", SITE_FORM, token=token)):
+        assert r.status_code == 503, r.text
+        assert "text/html" in r.headers["Content-Type"] and r.headers["Retry-After"] == "5"
+        assert "Database unavailable" in r.text and "nothing was changed" in r.text
+        assert r.headers["X-Frame-Options"] == "DENY" and "Traceback" not in r.text
+    api = requests.get(hub.url + "/.well-known/jwks.json", timeout=30)
+    assert api.status_code == 503 and api.json()["code"] == "database_unavailable"
+
+    path.rmdir()
+    (tmp_path / "aside.db").rename(path)
+    assert console.get("/console/sites").status_code == 200
+    assert count(hub, "hub_sites") == 0
+    assert console.onboard().status_code in (200, 302)
+    assert count(hub, "hub_sites") == 1
 
 
 def _es256_jwk(kid: str) -> dict[str, t.Any]:
