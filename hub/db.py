@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing as t
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -9,13 +10,16 @@ from sqlalchemy import Engine
 from agent import db as agent_db
 from agent.db import make_engine
 
+if t.TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
 __all__ = ["alembic_config", "make_engine", "upgrade"]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "hub_alembic_version"
 
 
-def alembic_config(engine: Engine) -> agent_db.AlembicConfig:
+def alembic_config(engine: Engine) -> AlembicConfig:
     return agent_db.alembic_config(engine, MIGRATIONS)
 
 

@@ -77,7 +77,7 @@ def verify_signature() -> None:
         raise PayloadTooLarge()
     now = state.clock().timestamp()
     try:
-        signed = signing.parse_headers(request.headers, now=now)
+        signed = signing.parse_headers(t.cast(t.Mapping[str, str], request.headers), now=now)
     except signing.SignatureError as exc:
         _refuse(exc.reason, request.headers.get(signing.HEADER_SITE, "")[:64] or None)
     site = db.query(Site).filter(Site.site_key == signed.site_key).one_or_none()

@@ -12,6 +12,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session as DBSession
 
+from agent.db import rowcount
+
 from ..errors import BadRequest
 from ..models import Event
 from ..state import client_ip
@@ -138,4 +140,4 @@ def prune(db: DBSession, state: HubState, days: int | None = None) -> int:
     """Delete events older than ``days`` (default ``EVENT_RETENTION_DAYS``); returns how many."""
     days = state.setting("EVENT_RETENTION_DAYS") if days is None else days
     cutoff = state.clock() - dt.timedelta(days=days)
-    return db.execute(delete(Event).where(Event.created_at < cutoff)).rowcount
+    return rowcount(db.execute(delete(Event).where(Event.created_at < cutoff)))

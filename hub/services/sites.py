@@ -16,6 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DBSession
 
+from agent.db import rowcount
+
 from ..crypto import new_site_secret
 from ..errors import BadRequest
 from ..errors import Conflict
@@ -210,13 +212,15 @@ def rotate_secret(db: DBSession, state: HubState, site: Site, actor: str,
 
 def prune_secrets(db: DBSession, state: HubState) -> int:
     """Delete secret versions whose grace period is over (idempotent)."""
-    return db.execute(
+    return rowcount(db.execute(
         delete(SiteSecret).where(SiteSecret.expires_at.is_not(None),
                                  SiteSecret.expires_at <= state.clock())
-    ).rowcount
+    ))
 
 
-def import_file(db: DBSession, state: HubState, path: Path, actor: str) -> list[tuple[str, str, str | None]]:
+def import_file(
+    db: DBSession, state: HubState, path: Path, actor: str
+) -> list[tuple[str, str, str | None]]:
     """Apply a ``sites.example.toml``-style file idempotently.
 
     Returns (site_key, "added" | "updated" | "unchanged", secret shown once or None). Nothing is
@@ -229,7 +233,7 @@ def import_file(db: DBSession, state: HubState, path: Path, actor: str) -> list[
     entries = data.get("site", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise BadRequest(f"{path}: expected [[site]] tables")
-    results = []
+    results: list[tuple[str, str, str | None]] = []
     allowed = {"id", "name", "base_url", "issuer", "allowed_origins", "redirect_uris", "contact"}
     for index, entry in enumerate(entries):
         unknown = set(entry) - allowed
