@@ -50,6 +50,16 @@ def unavailable(exc: BaseException) -> DatabaseUnavailable:
     return DatabaseUnavailable()
 
 
+def read_only(engine: Engine) -> dict[str, t.Any]:
+    """Execution options for a read that needs no transaction: on SQLite it begins without the
+    write lock (``hk_readonly``); on PostgreSQL it runs in autocommit, which saves the BEGIN and
+    ROLLBACK round trips (each statement sees what was committed before it, as in a READ
+    COMMITTED transaction). The pool restores the default when the connection goes back."""
+    if engine.dialect.name == "postgresql":
+        return {"hk_readonly": True, "isolation_level": "AUTOCOMMIT"}
+    return {"hk_readonly": True}
+
+
 R = t.TypeVar("R")
 
 

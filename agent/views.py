@@ -18,6 +18,7 @@ from . import federation
 from .config import Settings
 from .db import DATABASE_ERRORS
 from .db import MAX_ID
+from .db import read_only
 from .db import unavailable
 from .errors import AgentError
 from .errors import Forbidden
@@ -189,8 +190,9 @@ def _login(full_profile: bool) -> Response:
     db = get_db()
     state = get_state()
     client = _client()
-    # A read: on SQLite it must not take the write lock, which concurrent logins' writes need.
-    db.connection(execution_options={"hk_readonly": True})
+    # A read: on SQLite it must not take the write lock, which concurrent logins' writes need;
+    # on PostgreSQL it runs outside a transaction (two round trips fewer per login).
+    db.connection(execution_options=read_only(state.engine))
     found = accounts.find_user(db, login)
     _guarded_password_check(
         db, state, user=found, login=login, client=client, event="login.failed",

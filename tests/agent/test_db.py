@@ -51,6 +51,25 @@ def test_sqlite_connections_are_pooled_and_follow_a_replaced_file(tmp_path: Path
     check.close()
 
 
+def test_the_logins_read_leaves_pooled_connections_transactional(
+    make_site: t.Callable[..., Site],
+) -> None:
+    """A login reads the account outside a transaction (autocommit on PostgreSQL); the pooled
+    connection it used runs real transactions again afterwards: a rolled-back write is gone."""
+    site = make_site("HS256")
+    site.create_user("alice")
+    for _ in range(3):
+        site.api.login()
+    engine = site.state.engine
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            assert conn.connection.dbapi_connection.autocommit is False  # type: ignore[union-attr]
+        conn.execute(text("UPDATE hk_users SET display_name = 'changed'"))
+        conn.rollback()
+    assert site.scalar("SELECT count(*) FROM hk_users WHERE display_name = 'changed'") == 0
+    assert site.scalar("SELECT count(*) FROM hk_sessions") == 3
+
+
 def _child_connection_is_its_own(engine: object, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     with engine.connect() as conn:  # type: ignore[attr-defined]
         conn.execute(text("SELECT 1"))
