@@ -164,12 +164,13 @@ def _api_error(error: AgentError) -> Response:
 def _database_error(exc: Exception) -> Response:
     """503 (JSON for the API, the console's error page for the console); the request's
     transaction never committed."""
+    from .console.views import DATABASE_DOWN
     from .console.views import error_page
 
     error = unavailable(exc)
     if _wants_json():
         return _api_error(error)
-    response = error_page(error.status)
+    response = error_page(error.status, text=DATABASE_DOWN)
     response.headers.update(error.headers)
     return response
 

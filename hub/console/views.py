@@ -78,9 +78,10 @@ ERROR_TEXT = {
     405: ("Method not allowed", "This page does not accept that kind of request."),
     413: ("Request too large", "The form sent more data than the hub accepts."),
     500: ("Internal error", "Something went wrong on the hub. Nothing was changed; try again."),
-    503: ("Database unavailable", "The hub's database cannot be reached just now, so nothing "
-                                  "was changed. Try again in a few seconds."),
 }
+# Not an HTTP error handler (a 503 may have other causes): the app's database error handler.
+DATABASE_DOWN = ("Database unavailable", "The hub's database cannot be reached just now, so "
+                                         "nothing was changed. Try again in a few seconds.")
 
 
 def init_app(app: Flask) -> None:
@@ -552,9 +553,11 @@ def settings() -> ResponseReturnValue:
 # --- errors ----------------------------------------------------------------------------------
 
 
-def error_page(status: int, message: str | None = None) -> Response:
-    """The console's error page (it reads nothing from the database)."""
-    title, default = ERROR_TEXT.get(status, ("Error", "The request failed."))
+def error_page(status: int, message: str | None = None,
+               text: tuple[str, str] | None = None) -> Response:
+    """The console's error page (it reads nothing from the database); ``text`` is a (title,
+    message) pair in place of the status's own."""
+    title, default = text or ERROR_TEXT.get(status, ("Error", "The request failed."))
     return make_response(render_template("console/error.html", status=status, title=title,
                                          message=message or default), status)
 
