@@ -170,6 +170,13 @@ def request_is_https() -> bool:
     return len(forwarded) >= hops and forwarded[-hops] == "https"
 
 
+def url_holds_nul() -> bool:
+    """Whether the request's path or query string holds a NUL (``%00``): no path, name or filter
+    has one, and PostgreSQL text cannot hold one (SQLite would store it)."""
+    return "\x00" in request.path or any(
+        "\x00" in key or "\x00" in value for key, value in request.args.items(multi=True))
+
+
 def security_headers(response: Response) -> Response:
     """Headers every response of the site carries: nosniff, no referrer, HSTS over TLS."""
     headers = response.headers

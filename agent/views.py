@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import typing as t
-import unicodedata
 
 from flask import Blueprint
 from flask import Response
@@ -39,6 +38,7 @@ from .extension import error_response
 from .extension import get_db
 from .extension import get_state
 from .extension import read_json
+from .extension import url_holds_nul
 from .hub_client import HubUnavailable
 from .models import Session
 from .models import User
@@ -50,6 +50,7 @@ from .services import sessions
 from .services.sessions import ClientInfo
 from .services.sessions import Issued
 from .services.tokens import verify_access_token
+from .text import holds_controls
 
 MAX_PASSWORD_INPUT = 4096
 
@@ -73,8 +74,7 @@ class Form:
         if len(value) > max_length:
             self.errors.setdefault(name, []).append(f"At most {max_length} characters.")
             return None
-        if any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
-            # C0/C1 controls (NUL, CR, DEL, U+0085...) and lone surrogates.
+        if holds_controls(value):
             self.errors.setdefault(name, []).append("Control characters are not allowed.")
             return None
         return value
@@ -809,6 +809,8 @@ def _before_request() -> Response | None:
     """Answer CORS preflights before any auth, then apply the endpoint's access rule."""
     if request.method == "OPTIONS":
         return Response(status=204)
+    if url_holds_nul():
+        raise ValidationFailed("The URL may not contain NUL (%00).")
     endpoint = (request.endpoint or "").rpartition(".")[2]
     access = ACCESS_OF.get(endpoint)
     if access is not None:

@@ -19,6 +19,8 @@ from agent.db import DATABASE_ERRORS
 from agent.db import unavailable
 from agent.errors import AgentError
 from agent.errors import ConfigError
+from agent.errors import ValidationFailed
+from agent.extension import url_holds_nul
 
 from . import config as config_module
 from .crypto import MasterKeyError
@@ -66,6 +68,7 @@ def create_app(
     app.register_error_handler(HTTPException, _http_error)
     for error in DATABASE_ERRORS:
         app.register_error_handler(error, _database_error)
+    app.before_request(_refuse_nul)
     app.after_request(_security_headers)
     return app
 
@@ -173,6 +176,14 @@ def _database_error(exc: Exception) -> Response:
     response = error_page(error.status, text=DATABASE_DOWN)
     response.headers.update(error.headers)
     return response
+
+
+def _refuse_nul() -> None:
+    """400 for a NUL (``%00``) in the URL or in a console form: no site key, name, filter or id
+    holds one, and PostgreSQL text cannot store one. (API bodies are checked field by field.)"""
+    form = request.form.values() if request.method == "POST" and not _wants_json() else ()
+    if url_holds_nul() or any("\x00" in value for value in form):
+        raise ValidationFailed("The request may not contain NUL (%00).")
 
 
 def _http_error(exc: HTTPException) -> t.Any:

@@ -22,6 +22,7 @@ from ..db import MAX_ID
 from ..db import rowcount
 from ..errors import ValidationFailed
 from ..models import AuditEvent
+from ..text import holds_controls
 
 MAX_PAGE = 500
 
@@ -71,6 +72,8 @@ def parse_filters(args: t.Mapping[str, str]) -> tuple[Filters, int, Cursor | Non
     for name in ("event", "outcome", "ip"):
         if len(args.get(name, "")) > 64:
             errors[name] = ["At most 64 characters."]
+        elif holds_controls(args.get(name, "")):
+            errors[name] = ["No control characters."]
     filters = Filters(
         user_id=user_id,
         event=args.get("event") or None,

@@ -13,6 +13,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session as DBSession
 
 from agent.db import rowcount
+from agent.text import holds_controls
 
 from ..errors import BadRequest
 from ..models import Event
@@ -55,9 +56,17 @@ def log(
     )
 
 
+def _clean(value: str, limit: int) -> str:
+    """A site's text as stored: without control characters (PostgreSQL cannot store NUL, and
+    the console shows these values), at most ``limit`` characters."""
+    if holds_controls(value):
+        value = "".join(c for c in value if not holds_controls(c))
+    return value[:limit]
+
+
 def _text(item: dict[str, t.Any], key: str, limit: int) -> str:
     value = item.get(key, "")
-    return value[:limit] if isinstance(value, str) else ""
+    return _clean(value, limit) if isinstance(value, str) else ""
 
 
 def upload(db: DBSession, state: HubState, site_key: str, items: t.Any) -> int:
@@ -71,7 +80,7 @@ def upload(db: DBSession, state: HubState, site_key: str, items: t.Any) -> int:
     for index, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("id"), (str, int)):
             raise BadRequest(fields={f"events[{index}]": ["An object with an id."]})
-        if not isinstance(item.get("event"), str) or not item["event"]:
+        if not isinstance(item.get("event"), str) or not _clean(item["event"], 48):
             raise BadRequest(fields={f"events[{index}].event": ["Required."]})
         try:
             at = dt.datetime.fromisoformat(str(item.get("time", "")).replace("Z", "+00:00"))
@@ -79,7 +88,7 @@ def upload(db: DBSession, state: HubState, site_key: str, items: t.Any) -> int:
             raise BadRequest(fields={f"events[{index}].time": ["ISO 8601 time."]}) from None
         details = dict(item["details"]) if isinstance(item.get("details"), dict) else {}
         raw_user = item.get("user_id")
-        user_id = str(raw_user)[:64] if isinstance(raw_user, (int, str)) and not isinstance(
+        user_id = _clean(str(raw_user), 64) if isinstance(raw_user, (int, str)) and not isinstance(
             raw_user, bool) else ""
         login = _text(item, "login", 120)
         if user_id and login:
@@ -91,8 +100,8 @@ def upload(db: DBSession, state: HubState, site_key: str, items: t.Any) -> int:
                 "created_at": at if at.tzinfo else at.replace(tzinfo=dt.UTC),
                 "source": "site",
                 "site_key": site_key,
-                "remote_id": str(item["id"])[:64],
-                "event": item["event"][:48],
+                "remote_id": _clean(str(item["id"]), 64),
+                "event": _clean(item["event"], 48),
                 "outcome": _text(item, "outcome", 16),
                 # A site's user ids mean nothing at the hub: its login names do.
                 "actor": login or user_id,

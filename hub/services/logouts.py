@@ -15,6 +15,8 @@ import typing as t
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 
+from agent.text import holds_controls
+
 from ..errors import BadRequest
 from ..models import Logout
 from ..models import Site
@@ -31,8 +33,10 @@ def clean_subject(value: t.Any) -> str:
     """A user id as a string (an integer is accepted too); else 400 invalid_request."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_SUBJECT:
-        raise BadRequest(fields={"subject": ["The user's id at the site (1-255 characters)."]})
+    if (not isinstance(value, str) or not value.strip() or len(value) > MAX_SUBJECT
+            or holds_controls(value)):
+        raise BadRequest(fields={"subject": [
+            "The user's id at the site (1-255 characters, no control characters)."]})
     return value.strip()
 
 

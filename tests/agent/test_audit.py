@@ -413,6 +413,10 @@ def test_rows_arriving_while_paging_do_not_shift_pages(history: dict[str, t.Any]
         ({"user": "abc"}, "user"),
         ({"user": "-1"}, "user"),
         ({"event": "e" * 65}, "event"),
+        # Control characters: no event, outcome or address has one.
+        ({"event": "login.failed\n"}, "event"),
+        ({"outcome": "\x1b[2J"}, "outcome"),
+        ({"ip": "10.0.0.1\r\nX: y"}, "ip"),
         # Numbers no database integer holds, and digits that are not ASCII (L-05: not a 500).
         ({"user": str(2**63)}, "user"),
         ({"user": str(2**31)}, "user"),
@@ -430,6 +434,17 @@ def test_bad_parameters_are_400(
     body = r.json()
     assert body["code"] == "invalid_request"
     assert list(body["data"]["fields"]) == [field]
+
+
+@pytest.mark.parametrize("params", [{"ip": "\x00"}, {"event": "login\x00"}, {"\x00": "1"}])
+def test_a_nul_in_the_query_is_400_not_a_database_error(
+    history: dict[str, t.Any], params: dict[str, str]
+) -> None:
+    """PostgreSQL text cannot hold NUL (SQLite would match nothing): refused before any query."""
+    s, admin = history["site"], history["admin"]
+    r = s.api.get("/admin/logs", params=params, token=admin)
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "invalid_request" and "NUL" in r.json()["message"]
 
 
 def test_every_bad_parameter_is_named_at_once(history: dict[str, t.Any]) -> None:

@@ -790,6 +790,33 @@ def test_an_event_batch_is_stored_once(two: t.Any) -> None:
     assert hub.signed("POST", EVENTS, shop, secret, json={"events": []}).json() == {"accepted": 0}
 
 
+def test_control_characters_in_events_are_dropped_not_a_database_error(two: t.Any) -> None:
+    """A site's events are display text: NUL (which PostgreSQL text cannot hold) and other
+    control characters are dropped from every stored field, and the batch is accepted."""
+    hub, (shop, secret), _docs = two
+    event = {"id": "ev\x00-1", "event": "login.\x00failed", "time": "2025-06-01T12:00:00Z",
+             "outcome": "fail\x00ure", "user_id": "7\x00", "login": "ali\x00ce\r\n",
+             "ip": "203.0.113.9\x00", "device": "Fire\x00fox", "details": {"k": "v"}}
+    r = hub.signed("POST", EVENTS, shop, secret, json={"events": [event]})
+    assert r.status_code == 200 and r.json() == {"accepted": 1}, r.text
+    (row,) = site_events(hub)
+    assert (row.remote_id, row.event, row.outcome, row.actor, row.ip) == (
+        "ev-1", "login.failed", "failure", "alice", "203.0.113.9")
+    assert row.details["device"] == "Firefox" and row.details["user_id"] == "7"
+    # Nothing left but control characters: the event has no name, and the batch is refused.
+    r = hub.signed("POST", EVENTS, shop, secret, json={"events": [dict(event, event="\x00")]})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request", r.text
+
+
+def test_a_nul_in_the_url_is_400(two: t.Any) -> None:
+    hub, (shop, secret), _docs = two
+    r = hub.signed("GET", "/api/v1/directory", shop, secret, query="site=%00")
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "invalid_request" and "NUL" in r.json()["message"]
+    r = hub.signed("DELETE", "/api/v1/keys/kid%00x", shop, secret)
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request", r.text
+
+
 MALFORMED_BATCHES = [
     {"events": "nope"},
     {"events": {"id": "x"}},

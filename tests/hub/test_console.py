@@ -625,6 +625,22 @@ def test_error_pages_are_html_in_the_console_and_json_in_the_api(console: Consol
     assert response.status_code == 500 and "Internal error" in body and "Traceback" not in body
 
 
+def test_a_nul_in_a_url_or_form_is_the_consoles_400_page(hub: Hub) -> None:
+    """No site key, name or filter holds a NUL, and PostgreSQL text cannot: the console answers
+    its own 400 page (nothing stored) where the database would otherwise fail."""
+    make_admin(hub)
+    console = Console(hub)
+    assert console.login().status_code == 302
+    token = console.token("/console/sites/new")
+    for r in (console.get("/console/activity?site=%00"),
+              console.get("/console/sites/shop%00"),
+              console.post("/console/sites/new", dict(SITE_FORM, name="Sh\x00op"), token=token)):
+        assert r.status_code == 400, r.text
+        assert "text/html" in r.headers["Content-Type"] and "Traceback" not in r.text
+    assert count(hub, "hub_sites") == 0
+    assert console.get("/console/activity?site=shop").status_code == 200
+
+
 def test_a_database_outage_is_the_consoles_503_page(
     make_hub: t.Callable[..., Hub], tmp_path: Path,
 ) -> None:

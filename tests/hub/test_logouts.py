@@ -57,7 +57,8 @@ def test_an_integer_subject_is_a_string(hub: Hub) -> None:
 
 @pytest.mark.parametrize("body", [{}, {"subject": ""}, {"subject": "  "}, {"subject": True},
                                   {"subject": ["1"]}, {"subject": "x" * 256},
-                                  {"subject": None}])
+                                  {"subject": None}, {"subject": "4\x002"},
+                                  {"subject": "42\r\n"}])
 def test_a_bad_subject_is_refused(hub: Hub, body: dict[str, t.Any]) -> None:
     shop, secret = hub.add_site("Shop", "https://shop.example.com")
     r = hub.signed("POST", LOGOUTS, shop, secret, json=body)
