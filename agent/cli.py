@@ -30,12 +30,12 @@ def _write_private(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
-def _app(instance: Path) -> t.Any:
+def _app(instance: Path, overrides: dict[str, t.Any] | None = None) -> t.Any:
     """The instance's app, its schema brought to the newest version (idempotent)."""
     from .db import upgrade
     from .standalone import create_app
 
-    app = create_app(instance)
+    app = create_app(instance, overrides)
     upgrade(app.extensions["headlesskey"].engine)
     app.extensions["headlesskey"].keys.seed()
     return app
@@ -476,7 +476,8 @@ def jobs_command(
     # runs is expected (max_instances=1), not news.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin list, on every start
-    app = _app(instance)
+    # Its jobs run now and then: one idle connection is kept, those of a burst are closed after.
+    app = _app(instance, {"HEADLESSKEY_DATABASE_POOL_SIZE": 1})
     state = app.extensions["headlesskey"]
     stop = threading.Event()
 

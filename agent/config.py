@@ -415,6 +415,7 @@ class Settings:
     secret_key: bytes  # master secret; every purpose derives its own key from it (HKDF)
     private_key_pem: bytes | None  # PEM private key for RS256/ES256
     database_url: str
+    database_pool_size: int  # PostgreSQL connections a process keeps open while idle
     redis_url: str | None  # replay caches (SSO assertion ids) in Redis; None: the database
     api_root: str  # "wp-json"
     namespace: str  # "headlesskey"
@@ -497,6 +498,8 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
     "SECRET_KEY_FILE": (None, "File holding the master secret."),
     "PRIVATE_KEY_FILE": (None, "PEM private key for RS256/ES256."),
     "DATABASE_URL": (None, "SQLAlchemy URL; default SQLite in the instance folder."),
+    "DATABASE_POOL_SIZE": (5, "PostgreSQL connections each process keeps open while idle; "
+                              "more open as needed and close after."),
     "REDIS_URL": (None, "Redis for replay caches and brute-force counters; unset: the database."),
     "API_ROOT": ("wp-json", "First path segment of the API."),
     "REST_NAMESPACE": ("headlesskey", "Namespace segment, as the plugin's constant."),
@@ -665,6 +668,8 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
         secret_key=secret,
         private_key_pem=private_key_pem,
         database_url=_str(PREFIX + "DATABASE_URL", database_url),
+        database_pool_size=_int(PREFIX + "DATABASE_POOL_SIZE", get("DATABASE_POOL_SIZE"),
+                                minimum=1, maximum=100),
         redis_url=check_redis_url(PREFIX + "REDIS_URL", get("REDIS_URL")),
         api_root=_path_segment(PREFIX + "API_ROOT", get("API_ROOT"), allow_empty=True),
         namespace=_path_segment(PREFIX + "REST_NAMESPACE", get("REST_NAMESPACE")),

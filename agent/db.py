@@ -81,8 +81,9 @@ def skip_while_unavailable(
     return run
 
 
-def make_engine(url: str) -> Engine:
-    """Create the engine; SQLite gets WAL, foreign keys and a busy timeout.
+def make_engine(url: str, pool_size: int = 5) -> Engine:
+    """Create the engine; SQLite gets WAL, foreign keys and a busy timeout. On PostgreSQL the
+    pool keeps ``pool_size`` connections open while idle, and opens up to ten more when busy.
 
     Statement parameters are never shown in errors or logs (``hide_parameters``): they hold
     password hashes, token digests and addresses.
@@ -142,7 +143,7 @@ def make_engine(url: str) -> Engine:
         parsed = make_url(url)
         connect_args = ({} if "connect_timeout" in parsed.query
                         else {"connect_timeout": CONNECT_TIMEOUT})
-        engine = create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10,
+        engine = create_engine(parsed, pool_pre_ping=True, pool_size=pool_size, max_overflow=10,
                                pool_timeout=10, hide_parameters=True, connect_args=connect_args)
     except (ArgumentError, ImportError, ValueError) as exc:
         raise ConfigError(f"HEADLESSKEY_DATABASE_URL: not a usable database URL ({exc})") from None

@@ -321,7 +321,7 @@ class HeadlessKey:
         """
         values = _configured_values(app)
         settings = config_module.build_settings(values, app.instance_path)
-        engine = make_engine(settings.database_url)
+        engine = make_engine(settings.database_url, pool_size=settings.database_pool_size)
         session_factory = sessionmaker(engine, expire_on_commit=False)
         clock = self._clock or utcnow
         if config_module.parse_bool(PREFIX + "AUTO_MIGRATE", values.get(PREFIX + "AUTO_MIGRATE", True)):

@@ -500,6 +500,8 @@ CONFIG_ERRORS = {
     "invalid-toml": (lambda text: text + "this is = = not toml [\n", {}, "site.toml"),
     "env-cors": (lambda text: text, {"HEADLESSKEY_CORS": '["not an origin"]'}, "cors"),
     "env-ttl": (lambda text: text, {"HEADLESSKEY_ACCESS_TOKEN_TTL": "soon"}, "access_token_ttl"),
+    "pool-size-zero": (lambda text: with_top_level(text, "database_pool_size = 0"), {},
+                       "database_pool_size"),
 }
 
 

@@ -134,6 +134,24 @@ def _outage_answers(site: Site, access: str) -> None:
         assert r.headers["Retry-After"] == "5"
 
 
+def test_a_process_keeps_pool_size_connections_while_idle(
+    make_site: t.Callable[..., Site],
+) -> None:
+    """HEADLESSKEY_DATABASE_POOL_SIZE bounds the connections a process keeps open once a burst
+    is over (the jobs process keeps one); the burst itself is never refused."""
+    url = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("HEADLESSKEY_TEST_DATABASE_URL is not set (SQLite opens files, not a pool)")
+    site = make_site("HS256", HEADLESSKEY_DATABASE_URL=fresh_schema(url, 91),
+                     HEADLESSKEY_DATABASE_POOL_SIZE=2)
+    engine = site.state.engine
+    burst = [engine.connect() for _ in range(4)]
+    for conn in burst:
+        assert conn.execute(text("SELECT 1")).scalar() == 1
+        conn.close()
+    assert engine.pool.checkedin() == 2  # type: ignore[attr-defined]
+
+
 def test_postgresql_connections_dropped_or_refused(
     make_site: t.Callable[..., Site], pg_proxy: tuple[TcpProxy, str],
     caplog: pytest.LogCaptureFixture,
