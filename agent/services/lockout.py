@@ -461,8 +461,12 @@ return locked
 
 
 @functools.lru_cache(maxsize=16)
-def _name_key(secret: bytes) -> bytes:
-    return derive_key(secret, "lockout-counters")
+def redis_name(secret: bytes, issuer: str, key: str) -> str:
+    """The Redis key of the counter ``key`` of the site ``issuer``: a MAC under the site's secret,
+    so no login or address is readable in Redis and sites sharing a Redis never meet."""
+    mac = hmac.new(derive_key(secret, "lockout-counters"), f"{issuer}\x00{key}".encode(),
+                   hashlib.sha256)
+    return "hk:{lockout}:" + mac.hexdigest()[:40]
 
 
 class RedisCounters:
@@ -474,9 +478,7 @@ class RedisCounters:
         self.settings = state.settings
 
     def _name(self, key: str) -> str:
-        mac = hmac.new(_name_key(self.settings.secret_key),
-                       f"{self.settings.issuer}\x00{key}".encode(), hashlib.sha256)
-        return "hk:{lockout}:" + mac.hexdigest()[:40]
+        return redis_name(self.settings.secret_key, self.settings.issuer, key)
 
     def _run(self, source: str, keys: list[str], args: list[t.Any]) -> t.Any:
         from redis.exceptions import RedisError

@@ -23,13 +23,11 @@ from tests.integration.test_sso import AGENT
 from tests.integration.test_sso import Agent
 from tests.integration.test_sso import Federation
 from tests.integration.test_sso import Service
-from tests.integration.test_sso import db_rows
-from tests.integration.test_sso import db_write
+from tests.integration.test_sso import db_time
 from tests.integration.test_sso import exchange
 from tests.integration.test_sso import issue
 from tests.integration.test_sso import login
 from tests.integration.test_sso import new_user
-from tests.integration.test_sso import sqlite_time
 
 REFRESH = 1  # HEADLESSKEY_DIRECTORY_REFRESH, seconds
 PROPAGATION_LIMIT = 10.0  # seconds: a few refresh intervals, with room for a loaded machine
@@ -91,7 +89,7 @@ def hub_logouts(fed: Federation, subject: str | int | None = None) -> list[tuple
     if subject is not None:
         sql += " WHERE subject = ?"
         params = (str(subject),)
-    return db_rows(fed.hub.instance / "hub.db", sql, params)
+    return fed.hub.rows(sql, *params)
 
 
 def wait_refused(agent: Agent, token: str, limit: float = PROPAGATION_LIMIT) -> float:
@@ -159,12 +157,11 @@ def test_global_logout_follows_a_chain_of_links(fed: Federation) -> None:
     wait_refused(b, at_b)
     wait_refused(c, at_c)
     print(f"\nglobal logout reached C, two links away, in {time.monotonic() - started:.2f}s")
-    rows = db_rows(fed.hub.instance / "hub.db",
-                   "SELECT id, site_key, subject, origin_id FROM hub_logouts "
-                   "WHERE id = (SELECT max(id) FROM hub_logouts WHERE site_key = ? AND subject = ?) "
-                   "OR origin_id = (SELECT max(id) FROM hub_logouts WHERE site_key = ? "
-                   "AND subject = ?) ORDER BY id",
-                   (a.site_key, str(bob.id), a.site_key, str(bob.id)))
+    rows = fed.hub.rows(
+        "SELECT id, site_key, subject, origin_id FROM hub_logouts "
+        "WHERE id = (SELECT max(id) FROM hub_logouts WHERE site_key = ? AND subject = ?) "
+        "OR origin_id = (SELECT max(id) FROM hub_logouts WHERE site_key = ? AND subject = ?) "
+        "ORDER BY id", a.site_key, str(bob.id), a.site_key, str(bob.id))
     first = rows[0][0]
     assert [(site, subject, origin) for _, site, subject, origin in rows][:2] == [
         (a.site_key, str(bob.id), None), (b.site_key, str(b_user), first)]
@@ -259,13 +256,11 @@ def test_an_admin_logout_in_the_hub_ends_sessions_at_the_site_and_linked_sites(
     a, b = fed["a"], fed["b"]
     gina = new_user(a, "gina-admin")
     at_b = continue_to(fed, gina.token)
-    issuer = db_rows(fed.hub.instance / "hub.db",
-                     "SELECT issuer FROM hub_sites WHERE site_key = ?", (a.site_key,))[0][0]
+    issuer = fed.hub.rows("SELECT issuer FROM hub_sites WHERE site_key = ?", a.site_key)[0][0]
     # What hub.services.logouts.record writes for the console form (tests/hub covers the form).
-    db_write(fed.hub.instance / "hub.db",
-             "INSERT INTO hub_logouts (created_at, site_key, issuer, subject, expires_at) "
-             "VALUES (?, ?, ?, ?, ?)",
-             (sqlite_time(0), a.site_key, issuer, str(gina.id), sqlite_time(-86400)))
+    fed.hub.store.write(
+        "INSERT INTO hub_logouts (created_at, site_key, issuer, subject, expires_at) "
+        "VALUES (?, ?, ?, ?, ?)", db_time(0), a.site_key, issuer, str(gina.id), db_time(-86400))
     waited_a = wait_refused(a, gina.token)
     waited_b = wait_refused(b, at_b)
     print(f"\nadmin logout reached A in {waited_a:.2f}s, B in {waited_a + waited_b:.2f}s")

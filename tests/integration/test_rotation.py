@@ -18,7 +18,6 @@ import requests
 
 from tests.conftest import PASSWORD
 from tests.integration.test_sso import Federation
-from tests.integration.test_sso import db_rows
 from tests.integration.test_sso import exchange
 from tests.integration.test_sso import new_user
 
@@ -122,7 +121,7 @@ def test_nothing_fails_while_keys_and_secrets_rotate(rotating: Federation) -> No
     ended = time.time()
     access_keys = len(access_exp)
     sso_keys = len(sso_exp)
-    secrets_a = db_rows(a.db, "SELECT count(*) FROM hk_keys WHERE purpose = 'hub-secret'")[0][0]
+    secrets_a = a.rows("SELECT count(*) FROM hk_keys WHERE purpose = 'hub-secret'")[0][0]
     retired = [kid for kid, exp in access_exp.items()
                if exp < ended and kid not in kids(f"{a.base}/.well-known/jwks.json")]
     print(f"\n[rotation] {requests_made} requests in {RUN:.0f}s, none failed; "

@@ -22,13 +22,10 @@ import pytest
 from tests.conftest import PASSWORD
 from tests.conftest import lifetime
 from tests.hub.test_console import Console
-from tests.integration.test_sso import HUB
 from tests.integration.test_sso import Agent
 from tests.integration.test_sso import Federation
-from tests.integration.test_sso import db_rows
 from tests.integration.test_sso import login
 from tests.integration.test_sso import new_user
-from tests.integration.test_sso import run
 
 ADMIN_PASSWORD = "Tidy-console-Passphrase-2024"  # noqa: S105 (a test admin's)
 SETTINGS = {
@@ -50,9 +47,8 @@ class Fleet:
         assert self.console.login("admin", ADMIN_PASSWORD).status_code == 302
 
     def hub_version(self, site_key: str) -> int:
-        rows = db_rows(self.hub.instance / "hub.db",
-                       "SELECT coalesce(max(p.version), 0) FROM hub_site_policies p "
-                       "JOIN hub_sites s ON s.id = p.site_id WHERE s.site_key = ?", (site_key,))
+        rows = self.hub.rows("SELECT coalesce(max(p.version), 0) FROM hub_site_policies p "
+                             "JOIN hub_sites s ON s.id = p.site_id WHERE s.site_key = ?", site_key)
         return int(rows[0][0])
 
     def save(self, agent: Agent, group: str, form: dict[str, str]) -> int:
@@ -100,8 +96,8 @@ def build_fleet(root: Path, names: t.Sequence[str] = ("a",)) -> Fleet:
         fed.agents[name] = agent
     try:
         fed._build()
-        run(HUB, "admins", "create", "--instance", str(fed.hub.instance), "--username", "admin",
-            "--password-stdin", stdin=ADMIN_PASSWORD + "\n")
+        fed.hub.cli("admins", "create", "--username", "admin", "--password-stdin",
+                    stdin=ADMIN_PASSWORD + "\n")
         return Fleet(fed)
     except BaseException:
         fed.stop()

@@ -5,7 +5,8 @@ A module-scoped federation: ``headlesskey-hub serve`` and three ``headlesskey-ag
 ``sites add --json``, ``agent init``, ``join``) on free loopback ports. Every test logs a user in
 at A over HTTP, asks A for an assertion and posts it (or a forgery of it) to B's or C's
 ``/sso/exchange``; refusals are checked by status, JSON code and the ``sso.rejected`` row the
-receiving site wrote to its activity log (read from its SQLite database).
+receiving site wrote to its activity log (read from its database: a SQLite file, or with
+``HEADLESSKEY_TEST_DATABASE_URL`` a PostgreSQL schema; see :class:`Store`).
 
 Every test uses usernames of its own. The agents of the shared federation get generous lockout
 limits, since every request comes from 127.0.0.1; the lockout tests, the hub-down test and the
@@ -15,11 +16,13 @@ peer lockout test each build a small federation of their own.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
 import json
 import math
+import os
 import secrets
 import shutil
 import sqlite3
@@ -28,17 +31,20 @@ import sys
 import threading
 import time
 import typing as t
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
+import psycopg
 import pytest
+import redis
 import requests
 from requests.adapters import HTTPAdapter
 
 from agent.config import parse_hub_secret
+from agent.services.lockout import redis_name
 from agent.signing import pairwise_key
 from tests.conftest import PASSWORD
 from tests.conftest import free_port
@@ -122,20 +128,126 @@ class Service:
             self.log.close()
 
 
-def db_rows(path: Path, sql: str, params: tuple[t.Any, ...] = ()) -> list[tuple[t.Any, ...]]:
-    with closing(sqlite3.connect(path, timeout=15)) as conn:
-        return conn.execute(sql, params).fetchall()
+# With HEADLESSKEY_TEST_DATABASE_URL set (a PostgreSQL database), every hub and site of these
+# federations keeps its data in a fresh schema of that database instead of a SQLite file in its
+# instance folder; with HEADLESSKEY_TEST_REDIS_URL too, the sites' replay caches and counters
+# live in that Redis, as in production (docs/deploy.md).
+PG_URL = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL") or None
+REDIS_URL = os.environ.get("HEADLESSKEY_TEST_REDIS_URL") or None
 
 
-def db_write(path: Path, sql: str, params: tuple[t.Any, ...] = ()) -> int:
-    with closing(sqlite3.connect(path, timeout=15)) as conn:
-        changed = conn.execute(sql, params).rowcount
-        conn.commit()
-        return changed
+def schema_url(url: str, schema: str) -> str:
+    """``url`` with ``schema`` first on the search path of every connection."""
+    separator = "&" if "?" in url else "?"
+    return f"{url}{separator}options=-csearch_path%3D{schema}"
 
 
-def sqlite_time(seconds_ago: float) -> str:
-    """A UTC time as the agents store it in SQLite (naive, microseconds)."""
+def _as_sqlite(value: t.Any) -> t.Any:
+    """A PostgreSQL value as SQLite gives it back: times as naive UTC text (the columns hold naive
+    UTC), booleans as 0/1, JSON as its text."""
+    if isinstance(value, dt.datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return value
+
+
+class Store:
+    """A hub's or site's database as a test reads and writes it, with SQLite's ``?`` parameters
+    and SQLite's values, whichever the backend: the SQLite file at ``path``, or with
+    :data:`PG_URL` a PostgreSQL schema of its own, made by :meth:`create` and dropped by
+    :meth:`drop`."""
+
+    def __init__(self, path: Path, postgresql: bool = True) -> None:
+        self.path = path
+        self.schema = f"hk_t_{uuid.uuid4().hex[:12]}" if PG_URL and postgresql else None
+        self.url = schema_url(PG_URL, self.schema) if PG_URL and self.schema else None
+
+    @property
+    def sqlite(self) -> bool:
+        return self.schema is None
+
+    def create(self) -> None:
+        if self.schema is not None:
+            with self._admin() as conn:
+                conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+
+    def drop(self) -> None:
+        if self.schema is not None:
+            with self._admin() as conn:
+                conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+
+    def _admin(self) -> t.Any:
+        return psycopg.connect(PG_URL, autocommit=True)
+
+    def _pg(self) -> t.Any:
+        # A connection per statement: the federations' processes need the server's slots.
+        return psycopg.connect(PG_URL, autocommit=True,
+                               options=f"-c search_path={self.schema} -c timezone=UTC")
+
+    def rows(self, sql: str, *params: t.Any) -> list[tuple[t.Any, ...]]:
+        if self.sqlite:
+            with contextlib.closing(sqlite3.connect(self.path, timeout=15)) as conn:
+                return conn.execute(sql, params).fetchall()
+        with self._pg() as conn:
+            cursor = conn.execute(sql.replace("%", "%%").replace("?", "%s"), params)
+            return [tuple(_as_sqlite(v) for v in row) for row in cursor.fetchall()]
+
+    def write(self, sql: str, *params: t.Any) -> int:
+        """Run one statement that changes rows (committed); how many it changed."""
+        if self.sqlite:
+            with contextlib.closing(sqlite3.connect(self.path, timeout=15)) as conn:
+                changed = conn.execute(sql, params).rowcount
+                conn.commit()
+                return changed
+        with self._pg() as conn:
+            return int(conn.execute(sql.replace("%", "%%").replace("?", "%s"), params).rowcount)
+
+    @contextlib.contextmanager
+    def unusable(self) -> t.Iterator[None]:
+        """The database unusable while the block runs, then put back as it was: the SQLite file
+        (and its WAL) set aside with garbage in its place, or the schema renamed away."""
+        if self.schema is not None:
+            aside = self.schema + "_aside"
+            with self._admin() as conn:
+                conn.execute(f"ALTER SCHEMA {self.schema} RENAME TO {aside}")
+            try:
+                yield
+            finally:
+                with self._admin() as conn:
+                    conn.execute(f"ALTER SCHEMA {aside} RENAME TO {self.schema}")
+            return
+        # Everything in the main file first, then the database and its WAL files set aside.
+        assert self.rows("PRAGMA wal_checkpoint(TRUNCATE)")[0][0] == 0
+        files = [self.path.with_name(self.path.name + suffix) for suffix in ("", "-wal", "-shm")]
+        saved = {path: path.with_name(path.name + ".saved") for path in files if path.exists()}
+        for path, moved in saved.items():
+            shutil.move(path, moved)
+        try:
+            self.path.write_bytes(b"this is not a database " * 64)
+            yield
+        finally:
+            for path in files:
+                path.unlink(missing_ok=True)
+            for path, moved in saved.items():
+                shutil.move(moved, path)
+
+    def dump(self) -> bytes:
+        """Everything stored, as bytes to search: the SQLite files, or every row as text."""
+        if self.sqlite:
+            return b"".join(p.read_bytes() for p in self.path.parent.glob(self.path.name + "*"))
+        tables = [name for (name,) in self.rows(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = ?",
+            self.schema)]
+        rows = [row for table in tables  # names from the catalogue, not from input
+                for row in self.rows(f'SELECT t::text FROM "{table}" t')]  # noqa: S608
+        return "\n".join(str(row) for row in rows).encode()
+
+
+def db_time(seconds_ago: float) -> str:
+    """A UTC time as the hubs and sites store it (naive, microseconds), for :meth:`Store.write`."""
     moment = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(seconds=seconds_ago)
     return moment.strftime("%Y-%m-%d %H:%M:%S.%f")
 
@@ -147,11 +259,21 @@ class Hub:
         self.url = f"http://127.0.0.1:{self.port}"
         self.root = root
         self.service: Service | None = None
+        self.store = Store(self.instance / "hub.db")
         self.env = clean_env()
+        if self.store.url:
+            # Its request nonces stay in the database, where tests count them (signed_calls);
+            # tests/agent/test_replay_store.py runs the hub's Redis variant.
+            self.env["HEADLESSKEY_HUB_DATABASE_URL"] = self.store.url
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def init(self) -> None:
+        self.store.create()
+        run(HUB, "init", "--instance", str(self.instance), "--url", self.url, env=self.env)
+
+    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         command, sub, *rest = args
-        return run(HUB, command, sub, "--instance", str(self.instance), *rest)
+        return run(HUB, command, sub, "--instance", str(self.instance), *rest, stdin=stdin,
+                   env=self.env)
 
     def start(self) -> None:
         assert HUB
@@ -164,11 +286,14 @@ class Hub:
     def stop(self) -> None:
         if self.service is not None:
             self.service.stop()
+        self.store.drop()
+
+    def rows(self, sql: str, *params: t.Any) -> list[tuple[t.Any, ...]]:
+        return self.store.rows(sql, *params)
 
     def signed_calls(self, site_key: str) -> int:
         """How many signed API calls the hub accepted from ``site_key`` (one nonce row each)."""
-        return int(db_rows(self.instance / "hub.db",
-                           "SELECT count(*) FROM hub_nonces WHERE site_key = ?", (site_key,))[0][0])
+        return int(self.rows("SELECT count(*) FROM hub_nonces WHERE site_key = ?", site_key)[0][0])
 
 
 @dataclass
@@ -190,6 +315,13 @@ class Agent:
         self.issuer = self.base
         self.root = root
         self.env = clean_env(**settings)
+        # A database URL in ``settings`` is the test's own (tests/scale); else PG_URL's schema.
+        own = "HEADLESSKEY_DATABASE_URL" in settings
+        self.store = Store(self.instance / "headlesskey.db", postgresql=not own)
+        if self.store.url:
+            self.env["HEADLESSKEY_DATABASE_URL"] = self.store.url
+            if REDIS_URL:
+                self.env.setdefault("HEADLESSKEY_REDIS_URL", REDIS_URL)
         self.secret = ""
         self.service: Service | None = None
         self.http = requests.Session()
@@ -201,14 +333,11 @@ class Agent:
         return parse_hub_secret("secret", self.secret)
 
     @property
-    def db(self) -> Path:
-        return self.instance / "headlesskey.db"
-
-    @property
     def federation_pem(self) -> bytes:
         return (self.instance / "federation-key.pem").read_bytes()
 
     def init(self) -> None:
+        self.store.create()
         run(AGENT, "init", "--instance", str(self.instance), "--site-url", self.base,
             "--site-name", f"Site {self.name.upper()}", "--algorithm", self.algorithm,
             env=self.env)
@@ -229,6 +358,7 @@ class Agent:
         if self.service is not None:
             self.service.stop()
         self.http.close()
+        self.store.drop()
 
     def request(self, method: str, path: str, *, token: str | None = None,
                 session: requests.Session | None = None, **kw: t.Any) -> requests.Response:
@@ -245,7 +375,26 @@ class Agent:
     # --- the site's database ---------------------------------------------------------------
 
     def rows(self, sql: str, *params: t.Any) -> list[tuple[t.Any, ...]]:
-        return db_rows(self.db, sql, params)
+        return self.store.rows(sql, *params)
+
+    def write(self, sql: str, *params: t.Any) -> int:
+        return self.store.write(sql, *params)
+
+    def counter(self, key: str) -> tuple[int, bool] | None:
+        """The brute-force counter ``key`` (``u:<id>``, ``validate:<address>``, ...) as the site
+        keeps it, in its database or its Redis: (failures, locked or not), or None."""
+        redis_url = self.env.get("HEADLESSKEY_REDIS_URL")
+        if redis_url:
+            secret = (self.instance / "secret.key").read_bytes().strip()
+            client = redis.Redis.from_url(redis_url)
+            try:
+                found = client.hgetall(redis_name(secret, self.issuer, key))
+            finally:
+                client.close()
+            return (int(found[b"failures"]), b"locked_until" in found) if found else None
+        rows = self.rows("SELECT failures, locked_until IS NOT NULL FROM hk_throttle "
+                         "WHERE key = ?", key)
+        return (int(rows[0][0]), bool(rows[0][1])) if rows else None
 
     def last_audit_id(self) -> int:
         return int(self.rows("SELECT coalesce(max(id), 0) FROM hk_audit")[0][0])
@@ -268,12 +417,9 @@ class Agent:
         return dt.datetime.fromisoformat(fetched), dt.datetime.fromisoformat(attempted)
 
     def set_directory_times(self, fetched_ago: float, attempted_ago: float) -> None:
-        changed = db_write(
-            self.db,
+        changed = self.write(
             "UPDATE hk_federation_cache SET fetched_at = ?, attempted_at = ? "
-            "WHERE name = 'directory'",
-            (sqlite_time(fetched_ago), sqlite_time(attempted_ago)),
-        )
+            "WHERE name = 'directory'", db_time(fetched_ago), db_time(attempted_ago))
         assert changed == 1, "no cached directory to age"
 
 
@@ -308,7 +454,7 @@ class Federation:
 
     def _build(self) -> None:
         hub, agents = self.hub, list(self.agents.values())
-        run(HUB, "init", "--instance", str(hub.instance), "--url", hub.url)
+        hub.init()
         for agent in agents:
             added = json.loads(hub.cli(
                 "sites", "add", "--name", f"Site {agent.name.upper()}", "--url", agent.base,
@@ -681,7 +827,7 @@ def test_linking_by_email_needs_a_verified_email(fed: Federation) -> None:
     # B already has carol; A's carol has a verified email: the identities are linked.
     local = new_user(b, "carol-b", email="carol@example.com")
     remote = new_user(a, "carol-a", email="carol@example.com")
-    assert db_write(a.db, "UPDATE hk_users SET email_verified = 1 WHERE id = ?", (remote.id,)) == 1
+    assert a.write("UPDATE hk_users SET email_verified = TRUE WHERE id = ?", remote.id) == 1
     users, mark = b.user_count(), b.last_audit_id()
     assertion = issue(a, remote.token, "site-b")
     assert unverified(assertion["token"])[1]["email_verified"] is True
@@ -790,7 +936,7 @@ def test_hub_down_serves_from_cache_then_503(tmp_path: Path) -> None:
         assert r.json()["code"] == "federation_unavailable"
 
         # No cached directory at all while the hub is down: the same.
-        assert db_write(b.db, "DELETE FROM hk_federation_cache WHERE name = 'directory'") == 1
+        assert b.write("DELETE FROM hk_federation_cache WHERE name = 'directory'") == 1
         r = exchange(b, late)
         assert r.status_code == 503, r.text
         assert r.json()["code"] == "federation_unavailable"

@@ -5,8 +5,9 @@ with ``HEADLESSKEY_TEST_REDIS_URL`` too, every test runs a second time with the 
 caches in that Redis.
 
 The cluster, made with the real commands on free loopback ports (one per backend, for the
-module): a hub (``headlesskey-hub init`` / ``serve``, SQLite), site A (``headlesskey-agent init``
-/ ``join`` / ``serve``, SQLite), and site B on a fresh PostgreSQL schema: ``init`` and ``join``
+module): a hub (``headlesskey-hub init`` / ``serve``), site A (``headlesskey-agent init`` /
+``join`` / ``serve``), each on a PostgreSQL schema of its own as in tests/integration, and site B
+on a fresh PostgreSQL schema: ``init`` and ``join``
 once, then its instance folder copied, as to a second host. Instance B1 is
 ``headlesskey-agent serve --workers 2``; instance B2 is plain
 ``gunicorn -w 2 'agent.standalone:create_app()'`` with ``HEADLESSKEY_INSTANCE`` set. No jobs
@@ -32,12 +33,11 @@ from sqlalchemy import text
 
 from agent.db import make_engine
 from tests.conftest import free_port
-from tests.integration.test_sso import HUB
 from tests.integration.test_sso import PREFIX
 from tests.integration.test_sso import Agent
 from tests.integration.test_sso import Hub
 from tests.integration.test_sso import Service
-from tests.integration.test_sso import run
+from tests.integration.test_sso import schema_url
 
 MAX_FAILURES = 5
 MAX_SESSIONS = 3
@@ -107,11 +107,6 @@ class Cluster:
             return list(conn.execute(text(sql), params))
 
 
-def _schema_url(url: str, schema: str) -> str:
-    separator = "&" if "?" in url else "?"
-    return f"{url}{separator}options=-csearch_path%3D{schema}"
-
-
 @pytest.fixture(scope="module", params=["postgresql", "postgresql+redis"])
 def cluster(request: pytest.FixtureRequest,
             tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[Cluster]:
@@ -126,7 +121,7 @@ def cluster(request: pytest.FixtureRequest,
     admin = make_engine(base_url)
     with admin.begin() as conn:
         conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    db_url = _schema_url(base_url, schema)
+    db_url = schema_url(base_url, schema)
     settings = dict(B_SETTINGS, HEADLESSKEY_DATABASE_URL=db_url)
     if redis_url:
         settings["HEADLESSKEY_REDIS_URL"] = redis_url
@@ -137,7 +132,7 @@ def cluster(request: pytest.FixtureRequest,
     services: list[Service] = []
     engine = make_engine(db_url)
     try:
-        run(HUB, "init", "--instance", str(hub.instance), "--url", hub.url)
+        hub.init()
         for agent in (a, b):
             added = hub.cli("sites", "add", "--name", f"Site {agent.name.upper()}", "--url",
                             agent.base, "--key", agent.site_key, "--json").stdout
@@ -177,6 +172,8 @@ def cluster(request: pytest.FixtureRequest,
             service.stop()
         a.http.close()
         b.http.close()
+        hub.store.drop()
+        a.store.drop()
         engine.dispose()
         with admin.begin() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

@@ -83,16 +83,10 @@ class SiteKey:
 
 
 @cache
-def _site_key(instance: str) -> SiteKey:
-    from pathlib import Path
-
-    from tests.integration.test_sso import db_rows
-
-    root = Path(instance)
-    secret = (root / "secret.key").read_bytes().strip()
+def _site_key(agent: Agent) -> SiteKey:
+    secret = (agent.instance / "secret.key").read_bytes().strip()
     fernet = Fernet(base64.urlsafe_b64encode(derive_key(secret, "key-store")))
-    ((kid, alg, material),) = db_rows(
-        root / "headlesskey.db",
+    ((kid, alg, material),) = agent.rows(
         "SELECT kid, alg, material FROM hk_keys WHERE purpose = 'access' "
         "ORDER BY active_from DESC, id DESC LIMIT 1")
     plain = fernet.decrypt(material)
@@ -102,7 +96,7 @@ def _site_key(instance: str) -> SiteKey:
 
 def site_key(agent: Agent) -> SiteKey:
     """The key the site signs access tokens with (read from its instance and database)."""
-    return _site_key(str(agent.instance))
+    return _site_key(agent)
 
 
 def public_key(agent: Agent) -> tuple[t.Any, dict[str, t.Any]]:

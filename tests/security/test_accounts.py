@@ -22,7 +22,6 @@ from tests.conftest import Mailbox
 from tests.integration.test_sso import Agent
 from tests.integration.test_sso import Federation
 from tests.integration.test_sso import User
-from tests.integration.test_sso import db_write
 from tests.integration.test_sso import session_from
 from tests.security.conftest import Fleet
 from tests.security.conftest import fresh_user
@@ -103,8 +102,7 @@ def test_A01_login_failures_look_alike(agent: Agent) -> None:
     """A wrong password, an unknown user and a disabled user get the very same refusal."""
     known = fresh_user(agent, "a01k")
     disabled = fresh_user(agent, "a01d")
-    assert db_write(agent.db, "UPDATE hk_users SET status = 'disabled' WHERE id = ?",
-                    (disabled.id,)) == 1
+    assert agent.write("UPDATE hk_users SET status = 'disabled' WHERE id = ?", disabled.id) == 1
     for path in ("/token", "/login"):
         seen = {
             "wrong password": attempt(agent, known.username, WRONG, path=path),
@@ -272,10 +270,7 @@ def test_A20_no_default_accounts_at_the_sites(fleet: Fleet) -> None:
         default = agent.rows("SELECT count(*) FROM hk_users WHERE login_key IN "
                              "('admin', 'root', 'administrator', 'test')")
         assert default == [(0,)]
-    assert fleet.hub.instance.joinpath("hub.db").exists()
-    from tests.integration.test_sso import db_rows
-
-    assert db_rows(fleet.hub.instance / "hub.db", "SELECT count(*) FROM hub_admins") == [(0,)]
+    assert fleet.hub.rows("SELECT count(*) FROM hub_admins") == [(0,)]
 
 
 # --- A-05 .. A-14: lockout, on the tight site ---------------------------------------------------

@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import re
 import secrets
-import shutil
 import typing as t
 
 import pytest
@@ -28,7 +27,6 @@ from tests.integration.test_sso import AGENT
 from tests.integration.test_sso import PREFIX
 from tests.integration.test_sso import Agent
 from tests.integration.test_sso import Federation
-from tests.integration.test_sso import db_rows
 from tests.integration.test_sso import new_user
 from tests.integration.test_sso import run
 from tests.security.test_headers import surface
@@ -187,12 +185,11 @@ def test_L01_hub_records_key_changes_once(fed: Federation) -> None:
     hub, agent = fed.hub, fed["x"]
 
     def hub_events(after: int) -> list[tuple[t.Any, ...]]:
-        return db_rows(hub.instance / "hub.db", "SELECT event, site_key, ip, created_at, outcome "
-                       "FROM hub_events WHERE id > ? ORDER BY id", (after,))
+        return hub.rows("SELECT event, site_key, ip, created_at, outcome "
+                        "FROM hub_events WHERE id > ? ORDER BY id", after)
 
     def last() -> int:
-        return int(db_rows(hub.instance / "hub.db",
-                           "SELECT coalesce(max(id), 0) FROM hub_events")[0][0])
+        return int(hub.rows("SELECT coalesce(max(id), 0) FROM hub_events")[0][0])
 
     jwk = json.loads(ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()))
     jwk.update(kid=f"audit-{secrets.token_hex(4)}", alg="ES256", use="sig")
@@ -242,8 +239,8 @@ def test_L04_the_activity_log_cannot_be_changed_over_http(fed: Federation, admin
 
     assert upload("login.failed").json() == {"accepted": 1}
     assert upload("login.succeeded").json() == {"accepted": 0}
-    stored = db_rows(hub.instance / "hub.db", "SELECT event FROM hub_events WHERE site_key = ? "
-                     "AND remote_id = ?", (agent.site_key, remote))
+    stored = hub.rows("SELECT event FROM hub_events WHERE site_key = ? AND remote_id = ?",
+                      agent.site_key, remote)
     assert stored == [("login.failed",)]
 
 
@@ -291,19 +288,13 @@ def test_L05_malformed_requests_get_generic_errors(fed: Federation, admin: str) 
 
 @pytest.mark.case("L-05")
 def test_L05_database_down_is_a_generic_error(fed: Federation) -> None:
-    """With the site's database file replaced by garbage, logins and registrations answer a
-    generic 5xx JSON error (never a trace, SQL or path), a token check that cannot read the
-    session a generic 5xx or 401; once the database is back, the same token works."""
+    """With the site's database made unusable (its SQLite file replaced by garbage, or its
+    PostgreSQL schema renamed away), logins and registrations answer a generic 5xx JSON error
+    (never a trace, SQL or path), a token check that cannot read the session a generic 5xx or
+    401; once the database is back, the same token works."""
     agent = fed["y"]  # not ``x``, whose jobs process later tests need
     user = new_user(agent, f"dbdown{secrets.token_hex(4)}")
-    # Everything in the main file first, then the database and its WAL files set aside.
-    assert agent.rows("PRAGMA wal_checkpoint(TRUNCATE)")[0][0] == 0
-    files = [agent.db.with_name(agent.db.name + suffix) for suffix in ("", "-wal", "-shm")]
-    saved = {path: path.with_name(path.name + ".saved") for path in files if path.exists()}
-    for path, aside in saved.items():
-        shutil.move(path, aside)
-    try:
-        agent.db.write_bytes(b"this is not a database " * 64)
+    with agent.store.unusable():
         for response in (
             agent.post("/token", json={"username": user.username, "password": PASSWORD}),
             agent.post("/register", json={"username": f"n{secrets.token_hex(4)}",
@@ -311,14 +302,9 @@ def test_L05_database_down_is_a_generic_error(fed: Federation) -> None:
                                           "password": PASSWORD}),
         ):
             assert_generic(response, {500, 503})
-        # Pooled connections notice that the file was replaced: a token check fails closed,
-        # generically, rather than reading the file set aside.
+        # Pooled connections notice that the database is gone: a token check fails closed,
+        # generically, rather than reading the database set aside.
         for response in (agent.get("/me", token=user.token),
                          agent.post("/token/validate", token=user.token)):
             assert_generic(response, {401, 500, 503})
-    finally:
-        for path in files:
-            path.unlink(missing_ok=True)
-        for path, aside in saved.items():
-            shutil.move(aside, path)
     assert agent.get("/me", token=user.token).status_code == 200

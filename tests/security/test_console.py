@@ -21,11 +21,8 @@ import pytest
 import requests
 
 from tests.conftest import Mailbox
-from tests.integration.test_sso import HUB
 from tests.integration.test_sso import Hub
-from tests.integration.test_sso import db_rows
 from tests.integration.test_sso import k
-from tests.integration.test_sso import run
 from tests.security.conftest import Fleet
 from tests.security.test_headers import EVIL
 from tests.security.test_headers import signed
@@ -82,8 +79,8 @@ class Console:
 
 def new_admin(hub: Hub) -> str:
     username = f"admin{secrets.token_hex(4)}"
-    run(HUB, "admins", "create", "--instance", str(hub.instance), "--username", username,
-        "--password-stdin", stdin=ADMIN_PASSWORD + "\n", env=hub.env)
+    hub.cli("admins", "create", "--username", username, "--password-stdin",
+            stdin=ADMIN_PASSWORD + "\n")
     return username
 
 
@@ -102,7 +99,7 @@ def signed_in(hub: Hub) -> Console:
 
 
 def hub_rows(hub: Hub, sql: str, *params: t.Any) -> list[tuple[t.Any, ...]]:
-    return db_rows(hub.instance / "hub.db", sql, params)
+    return hub.rows(sql, *params)
 
 
 def site_status(hub: Hub, site_key: str) -> str:

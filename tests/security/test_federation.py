@@ -32,15 +32,13 @@ from agent.config import parse_hub_secret
 from tests.integration.test_sso import SSO_TYP
 from tests.integration.test_sso import Hub
 from tests.integration.test_sso import as_from
-from tests.integration.test_sso import db_rows
-from tests.integration.test_sso import db_write
+from tests.integration.test_sso import db_time
 from tests.integration.test_sso import exchange
 from tests.integration.test_sso import fresh
 from tests.integration.test_sso import hand_made
 from tests.integration.test_sso import issue
 from tests.integration.test_sso import k
 from tests.integration.test_sso import mac
-from tests.integration.test_sso import sqlite_time
 from tests.integration.test_sso import unverified
 from tests.security.conftest import ALGORITHMS
 from tests.security.conftest import Fleet
@@ -92,21 +90,18 @@ def call(hub: Hub, member: Member, method: str, path: str, query: str = "",
 
 
 def rejected_reasons(hub: Hub, site_key: str, after: int) -> list[str]:
-    rows = db_rows(hub.instance / "hub.db",
-                   "SELECT details FROM hub_events WHERE event = 'api.rejected' AND id > ? "
-                   "AND site_key IS ? ORDER BY id", (after, site_key))
+    rows = hub.rows("SELECT details FROM hub_events WHERE event = 'api.rejected' AND id > ? "
+                    "AND site_key = ? ORDER BY id", after, site_key)
     return [json.loads(details)["reason"] for (details,) in rows]
 
 
 def last_event(hub: Hub) -> int:
-    return int(db_rows(hub.instance / "hub.db", "SELECT coalesce(max(id), 0) FROM hub_events")
-               [0][0])
+    return int(hub.rows("SELECT coalesce(max(id), 0) FROM hub_events")[0][0])
 
 
 def site_events(hub: Hub, site_key: str) -> int:
-    return int(db_rows(hub.instance / "hub.db", "SELECT count(*) FROM hub_events "
-                                                "WHERE source = 'site' AND site_key = ?",
-                       (site_key,))[0][0])
+    return int(hub.rows("SELECT count(*) FROM hub_events WHERE source = 'site' AND site_key = ?",
+                        site_key)[0][0])
 
 
 def event_batch(remote_id: str) -> bytes:
@@ -213,9 +208,8 @@ def test_H04_signature_binds_method_path_query_and_raw_body(
     hub = fleet.hub
     body = event_batch("h04")
     stored = site_events(hub, member.site_key)
-    secrets_before = db_rows(hub.instance / "hub.db",
-                             "SELECT count(*) FROM hub_site_secrets s JOIN hub_sites t "
-                             "ON s.site_id = t.id WHERE t.site_key = ?", (member.site_key,))
+    secrets_before = hub.rows("SELECT count(*) FROM hub_site_secrets s JOIN hub_sites t "
+                              "ON s.site_id = t.id WHERE t.site_key = ?", member.site_key)
     mark = last_event(hub)
 
     def refused(method: str, path: str, headers: dict[str, str], query: str = "",
@@ -241,9 +235,8 @@ def test_H04_signature_binds_method_path_query_and_raw_body(
     refused("GET", "/api/v1/directory", q_headers)
 
     assert site_events(hub, member.site_key) == stored
-    assert db_rows(hub.instance / "hub.db",
-                   "SELECT count(*) FROM hub_site_secrets s JOIN hub_sites t "
-                   "ON s.site_id = t.id WHERE t.site_key = ?", (member.site_key,)) == secrets_before
+    assert hub.rows("SELECT count(*) FROM hub_site_secrets s JOIN hub_sites t "
+                    "ON s.site_id = t.id WHERE t.site_key = ?", member.site_key) == secrets_before
     assert set(rejected_reasons(hub, member.site_key, mark)) == {"bad"}
     # Control: the query is canonical (sorted), and the untouched body goes through.
     ordered = signed(member, "GET", "/api/v1/directory", "b=2&a=1")
@@ -374,10 +367,9 @@ def test_H11_secret_rotation_grace_then_only_the_new_secret(fleet: Fleet) -> Non
     assert call(hub, old, "GET", "/api/v1/directory").status_code == 200
     assert call(hub, new, "GET", "/api/v1/directory").status_code == 200
 
-    ended = db_write(hub.instance / "hub.db",
-                     "UPDATE hub_site_secrets SET expires_at = ? WHERE expires_at IS NOT NULL "
-                     "AND site_id = (SELECT id FROM hub_sites WHERE site_key = ?)",
-                     (sqlite_time(1), old.site_key))
+    ended = hub.store.write(
+        "UPDATE hub_site_secrets SET expires_at = ? WHERE expires_at IS NOT NULL "
+        "AND site_id = (SELECT id FROM hub_sites WHERE site_key = ?)", db_time(1), old.site_key)
     assert ended == 1
     r = call(hub, old, "GET", "/api/v1/directory")
     assert_401(r)
@@ -404,8 +396,7 @@ def test_H12_hub_secrets_are_random_and_never_stored_or_logged_in_clear(
     raws = {new_site_secret()[0] for _ in range(50)}
     assert len(raws) == 50 and {len(r) for r in raws} == {32}
 
-    files = [p for p in hub.instance.iterdir() if p.name.startswith("hub.db")]
-    blobs = b"".join(p.read_bytes() for p in files)
+    blobs = hub.store.dump()
     assert hub.service is not None
     log = hub.service.logs().encode()
     import base64

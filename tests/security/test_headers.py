@@ -234,9 +234,7 @@ def test_B06_hub_trusts_x_forwarded_for_only_from_its_proxy(proxied: Federation,
 
 
 def _hub_rows(hub: Hub, sql: str) -> list[tuple[t.Any, ...]]:
-    from tests.integration.test_sso import db_rows
-
-    return db_rows(hub.instance / "hub.db", sql)
+    return hub.rows(sql)
 
 
 @pytest.mark.case("B-07")

@@ -1038,7 +1038,7 @@ def _state(v: Victim) -> tuple[t.Any, ...]:
         agent.rows("SELECT id, revoked_at FROM hk_sessions WHERE user_id = ? ORDER BY id", v.id),
         agent.rows("SELECT count(*) FROM hk_audit WHERE user_id = ? AND outcome = 'success'",
                    v.id),
-        agent.rows("SELECT count(*) FROM hk_throttle WHERE key = ?", f"u:{v.id}"),
+        agent.counter(f"u:{v.id}"),
     )
 
 
@@ -1173,8 +1173,8 @@ def test_J38_validate_is_rate_limited_per_ip(own: Agent, own_twin: Agent) -> Non
         assert r.json()["code"] == "too_many_attempts", r.text
         assert 0 < int(r.headers["Retry-After"]) <= 60
         assert not TOKEN_FIELDS & set(r.json()) and "data" not in r.json()["data"]
-    assert own.rows("SELECT count(*) FROM hk_throttle WHERE key = ? AND locked_until IS NOT NULL",
-                    f"validate:{address}") == [(1,)]
+    counter = own.counter(f"validate:{address}")
+    assert counter is not None and counter[1], counter  # locked
     started = own.audit("lockout.started", mark)
     assert [row["details"] for row in started] == [{"scope": "validate", "seconds": 60}]
     # Another client, and the user's token, are not affected.

@@ -36,7 +36,6 @@ from tests.integration.test_site_policy import ADMIN_PASSWORD
 from tests.integration.test_site_policy import UnpinnedAgent
 from tests.integration.test_site_policy import applied
 from tests.integration.test_sso import AGENT
-from tests.integration.test_sso import HUB
 from tests.integration.test_sso import Federation
 from tests.integration.test_sso import as_from
 from tests.integration.test_sso import b64url
@@ -241,8 +240,8 @@ def test_K08_hub_url_must_be_http(fleet: Fleet, url: str, tmp_path: Path) -> Non
     loaded = subprocess.run(  # noqa: S603 - our own executable
         [AGENT, "keys", "list", "--instance", str(fleet["hs"].instance)], capture_output=True,
         text=True, timeout=60,
-        env=clean_env(HEADLESSKEY_HUB_URL=url, HEADLESSKEY_HUB_SITE_KEY="site-hs",
-                      HEADLESSKEY_HUB_SECRET_FILE=str(secret_file)))
+        env={**fleet["hs"].env, "HEADLESSKEY_HUB_URL": url, "HEADLESSKEY_HUB_SITE_KEY": "site-hs",
+             "HEADLESSKEY_HUB_SECRET_FILE": str(secret_file)})
     assert loaded.returncode != 0
     assert "HUB_URL" in loaded.stderr + loaded.stdout, loaded.stderr
 
@@ -272,8 +271,8 @@ def keyfed(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[KeyFed]:
     fed["b"].algorithm = "RS256"
     try:
         fed._build()
-        run(HUB, "admins", "create", "--instance", str(fed.hub.instance), "--username", "admin",
-            "--password-stdin", stdin=ADMIN_PASSWORD + "\n")
+        fed.hub.cli("admins", "create", "--username", "admin", "--password-stdin",
+                    stdin=ADMIN_PASSWORD + "\n")
         built = KeyFed(fed)
     except BaseException:
         fed.stop()
@@ -309,7 +308,7 @@ def test_K09_secret_shown_once_then_rotated_with_a_grace(keyfed: KeyFed) -> None
     for page in (f"/console/sites/{key}", "/console/sites", "/"):
         text = console.get(page).text
         assert secret not in text and not SECRET.search(text), page
-    stored = b"".join(p.read_bytes() for p in hub.instance.glob("hub.db*"))
+    stored = hub.store.dump()
     assert secret.encode() not in stored
     assert base64.urlsafe_b64decode(secret[4:] + "==") not in stored  # encrypted at rest
 

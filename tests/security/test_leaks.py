@@ -31,7 +31,6 @@ import requests
 from tests.conftest import Mailbox
 from tests.integration.test_sso import Agent
 from tests.integration.test_sso import Federation
-from tests.integration.test_sso import db_rows
 from tests.integration.test_sso import k
 from tests.security.test_headers import WEBHOOK_SECRET
 from tests.security.test_headers import Receiver
@@ -224,7 +223,7 @@ def test_L02_no_secret_in_logs_responses_or_activity(fed: Federation, mail: Mail
             flow.seen.append((f"hk_audit of {agent.name}", repr(row)))
         for row in agent.rows("SELECT * FROM hk_webhook_outbox"):
             flow.seen.append((f"hk_webhook_outbox of {agent.name}", repr(row)))
-    for row in db_rows(fed.hub.instance / "hub.db", "SELECT * FROM hub_events"):
+    for row in fed.hub.rows("SELECT * FROM hub_events"):
         flow.seen.append(("hub_events", repr(row)))
     assert len(flow.seen) > 40
 

@@ -24,7 +24,7 @@ from tests.conftest import PASSWORD
 from tests.conftest import Mailbox
 from tests.integration.test_sso import Agent
 from tests.integration.test_sso import User
-from tests.integration.test_sso import db_write
+from tests.integration.test_sso import db_time
 from tests.integration.test_sso import new_user
 from tests.security.conftest import Fleet
 from tests.security.conftest import fresh_user
@@ -142,9 +142,8 @@ def test_R02_expiry(fleet: Fleet, site: Agent, delivery: str, ttl: int) -> None:
     lifetime = dt.datetime.fromisoformat(expires) - dt.datetime.fromisoformat(created)
     assert lifetime == dt.timedelta(seconds=ttl)
     # Age the record past its expiry, as a clock moved forward would see it.
-    past = (dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(seconds=1))
-    assert db_write(site.db, "UPDATE hk_password_resets SET expires_at = ? WHERE user_id = ?",
-                    (past.strftime("%Y-%m-%d %H:%M:%S.%f"), user.id)) == 1
+    assert site.write("UPDATE hk_password_resets SET expires_at = ? WHERE user_id = ?",
+                      db_time(1), user.id) == 1
     secret = {"token": link_of(msg)["token"]} if delivery == "link" else {"otp": code_of(msg)}
     assert_refused(reset(site, user.username, **secret))
     assert logs_in(site, user.username, PASSWORD)

@@ -22,9 +22,8 @@ import requests
 from tests.conftest import PASSWORD
 from tests.integration.test_sso import AGENT
 from tests.integration.test_sso import Agent
-from tests.integration.test_sso import db_write
+from tests.integration.test_sso import db_time
 from tests.integration.test_sso import run
-from tests.integration.test_sso import sqlite_time
 from tests.security.conftest import Fleet
 from tests.security.conftest import fresh_user
 
@@ -85,19 +84,19 @@ def session_row(agent: Agent, sid: str) -> tuple[t.Any, ...]:
 
 def age_rotation(agent: Agent, sid: str, seconds: float) -> None:
     """Pretend the session's last rotation (and every use of its refresh tokens) was earlier."""
-    assert db_write(agent.db, "UPDATE hk_sessions SET rotated_at = ? WHERE id = ?",
-                    (sqlite_time(seconds), sid)) == 1
-    assert db_write(agent.db, "UPDATE hk_refresh_tokens SET used_at = ? "
-                              "WHERE session_id = ? AND used_at IS NOT NULL",
-                    (sqlite_time(seconds), sid)) >= 1
+    assert agent.write("UPDATE hk_sessions SET rotated_at = ? WHERE id = ?",
+                       db_time(seconds), sid) == 1
+    assert agent.write("UPDATE hk_refresh_tokens SET used_at = ? "
+                       "WHERE session_id = ? AND used_at IS NOT NULL",
+                       db_time(seconds), sid) >= 1
 
 
 def create_admin(agent: Agent) -> str:
     """An administrator of ``agent`` (a new account given the role in the users table, as an
     operator would); returns an access token of a session begun after that."""
     user = fresh_user(agent, "admin")
-    assert db_write(agent.db, "UPDATE hk_users SET roles = ? WHERE id = ?",
-                    ('["administrator"]', user.id)) == 1
+    assert agent.write("UPDATE hk_users SET roles = ? WHERE id = ?", '["administrator"]',
+                       user.id) == 1
     return t.cast(str, login_pair(agent, user.username)["token"])
 
 
@@ -223,15 +222,15 @@ def test_S04_absolute_lifetime_and_inactivity_end_the_session(agent: Agent) -> N
     assert session_row(agent, pair["sid"])[2] == expires_before  # refresh does not extend it
 
     # The absolute end has passed, as if the session had begun 30 days ago.
-    assert db_write(agent.db, "UPDATE hk_sessions SET expires_at = ? WHERE id = ?",
-                    (sqlite_time(1), pair["sid"])) == 1
+    assert agent.write("UPDATE hk_sessions SET expires_at = ? WHERE id = ?",
+                       db_time(1), pair["sid"]) == 1
     assert_rejected(refresh(agent, current["refresh_token"]), 400, "session_expired")
     assert not valid(agent, current["token"])
 
     # Inactivity: the newest refresh token outlived its own lifetime, the session did not.
     idle_user, other = new_account(agent)
-    assert db_write(agent.db, "UPDATE hk_refresh_tokens SET expires_at = ? WHERE session_id = ?",
-                    (sqlite_time(1), other["sid"])) == 1
+    assert agent.write("UPDATE hk_refresh_tokens SET expires_at = ? WHERE session_id = ?",
+                       db_time(1), other["sid"]) == 1
     assert_rejected(refresh(agent, other["refresh_token"]), 400, "session_expired")
     # Re-login works.
     assert valid(agent, login_pair(agent, idle_user)["token"])
@@ -340,8 +339,8 @@ def test_S09_ending_a_device_from_the_sessions_list(agent: Agent) -> None:
 
 
 def throttle_failures(agent: Agent, user_id: int) -> int:
-    rows = agent.rows("SELECT failures FROM hk_throttle WHERE key = ?", f"u:{user_id}")
-    return int(rows[0][0]) if rows else 0
+    counter = agent.counter(f"u:{user_id}")
+    return counter[0] if counter else 0
 
 
 @pytest.mark.case("S-10")

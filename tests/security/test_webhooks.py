@@ -32,7 +32,6 @@ from tests.conftest import PASSWORD
 from tests.conftest import Mailbox
 from tests.integration.test_sso import Agent
 from tests.integration.test_sso import User
-from tests.integration.test_sso import db_write
 from tests.security.conftest import fresh_user
 from tests.security.conftest import smtp_settings
 
@@ -283,8 +282,8 @@ def test_W05_410_gone_disables_the_endpoint_and_mails_the_administrators(
     one else) gets a mail naming the endpoint."""
     site, receiver = hooks.site, hooks["gone"]
     admin = fresh_user(site, "owner")
-    assert db_write(site.db, "UPDATE hk_users SET roles = ? WHERE id = ?",
-                    ('["administrator"]', admin.id)) == 1
+    assert site.write("UPDATE hk_users SET roles = ? WHERE id = ?", '["administrator"]',
+                      admin.id) == 1
     mark = site.last_audit_id()
     receiver.then(1, status=410)
     user = fresh_user(site, "gone")
