@@ -45,6 +45,16 @@ FAST_HASH = {
 }
 
 
+# Folders whose files start real processes (federations, clusters): the longest files. They run
+# first, so pytest-xdist's workers end on the short in-process files of tests/agent and tests/hub
+# and finish together, not one waiting on a long file handed out last.
+SLOW_FIRST = ("tests/integration/", "tests/scale/", "tests/security/")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: not item.nodeid.startswith(SLOW_FIRST))  # stable: files whole
+
+
 def process_env(**extra: str) -> dict[str, str]:
     """The environment for our commands run as processes: none of this run's HEADLESSKEY_*
     or DATABASE_URL / REDIS_URL, cheap argon2, unbuffered output, plus ``extra``."""
