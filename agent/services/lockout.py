@@ -461,11 +461,14 @@ return locked
 
 
 @functools.lru_cache(maxsize=16)
+def _name_key(secret: bytes) -> bytes:
+    return derive_key(secret, "lockout-counters")
+
+
 def redis_name(secret: bytes, issuer: str, key: str) -> str:
     """The Redis key of the counter ``key`` of the site ``issuer``: a MAC under the site's secret,
     so no login or address is readable in Redis and sites sharing a Redis never meet."""
-    mac = hmac.new(derive_key(secret, "lockout-counters"), f"{issuer}\x00{key}".encode(),
-                   hashlib.sha256)
+    mac = hmac.new(_name_key(secret), f"{issuer}\x00{key}".encode(), hashlib.sha256)
     return "hk:{lockout}:" + mac.hexdigest()[:40]
 
 
