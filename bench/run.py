@@ -68,7 +68,7 @@ class Profile:
 
 FULL = Profile(duration=6, rounds=5, big=1_000_000, small=1_000, audit_rows=1_000_000,
                audit_queries=60, hub_sites=100, sso_assertions=3000)
-QUICK = Profile(duration=2, rounds=1, big=10_000, small=1_000, audit_rows=10_000,
+QUICK = Profile(duration=1, rounds=1, big=10_000, small=1_000, audit_rows=10_000,
                 audit_queries=10, hub_sites=10, sso_assertions=600)
 
 
