@@ -80,7 +80,8 @@ def upload(db: DBSession, state: HubState, site_key: str, items: t.Any) -> int:
     for index, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("id"), (str, int)):
             raise BadRequest(fields={f"events[{index}]": ["An object with an id."]})
-        if not isinstance(item.get("event"), str) or not _clean(item["event"], 48):
+        event = _text(item, "event", 48)
+        if not event:
             raise BadRequest(fields={f"events[{index}].event": ["Required."]})
         try:
             at = dt.datetime.fromisoformat(str(item.get("time", "")).replace("Z", "+00:00"))
@@ -93,15 +94,16 @@ def upload(db: DBSession, state: HubState, site_key: str, items: t.Any) -> int:
         login = _text(item, "login", 120)
         if user_id and login:
             details.setdefault("user_id", user_id)  # the actor column shows the login
-        if _text(item, "device", 128):
-            details["device"] = _text(item, "device", 128)
+        device = _text(item, "device", 128)
+        if device:
+            details["device"] = device
         rows.append(
             {
                 "created_at": at if at.tzinfo else at.replace(tzinfo=dt.UTC),
                 "source": "site",
                 "site_key": site_key,
                 "remote_id": _clean(str(item["id"]), 64),
-                "event": _clean(item["event"], 48),
+                "event": event,
                 "outcome": _text(item, "outcome", 16),
                 # A site's user ids mean nothing at the hub: its login names do.
                 "actor": login or user_id,
