@@ -207,3 +207,28 @@ def test_sqlite_database_file_unusable(
     assert site.scalar("SELECT count(*) FROM hk_users") == 1
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert PASSWORD not in logged and access not in logged
+
+
+def test_postgresql_session_check_after_the_server_forgot_its_statement(
+    make_site: t.Callable[..., Site],
+) -> None:
+    """The token check's statement is prepared once per connection; a server that forgot it
+    (``DEALLOCATE ALL``, as a connection pooler's reset does) costs no failed request, and
+    revocation still holds."""
+    url = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("HEADLESSKEY_TEST_DATABASE_URL is not set (SQLite prepares nothing)")
+    from agent.services.sessions import session_reader
+
+    site = make_site("HS256", HEADLESSKEY_DATABASE_URL=fresh_schema(url, 92))
+    site.create_user("alice")
+    access = site.api.login()["token"]
+    assert site.api.post("/token/validate", token=access).status_code == 200
+    reader = session_reader(site.state.engine)
+    assert reader.idle
+    for conn in reader.idle:
+        conn.dbapi_connection.execute("DEALLOCATE ALL")
+    assert site.api.post("/token/validate", token=access).status_code == 200
+    assert site.api.post("/token/revoke", token=access).status_code == 200
+    refused = site.api.post("/token/validate", token=access)
+    assert refused.status_code == 401, refused.text
