@@ -658,6 +658,7 @@ class Bench:
                 backend, "login-redis", "HS256", HEADLESSKEY_REDIS_URL=self.args.redis))
             targets["agent-login-redis"] = (with_redis.url,
                                             Request("POST", PREFIX + "/token", body=body))
+            self.agents["HS256, counters in Redis"] = with_redis  # its worker's memory too
         self.results[backend.name]["login"] = self.rounds(targets)
 
     def redis_answers(self) -> bool:
