@@ -429,7 +429,8 @@ class SessionReader:
     def _read_postgres(self, conn: t.Any, sid: str) -> tuple[t.Any, ...] | None:
         from psycopg import pq
 
-        # Only libpq calls that let other threads run while they wait for the server.
+        # Only libpq calls that let other threads run while they wait for the server (its
+        # describe call does not: the column types come from the first result instead).
         pgconn = conn.dbapi_connection.pgconn
         res = pgconn.exec_prepared(self.PG_STATEMENT, [sid.encode()],
                                    result_format=pq.Format.BINARY)
@@ -437,7 +438,7 @@ class SessionReader:
             # 26000: not prepared yet on this connection (a new one, or the server forgot).
             if res.error_field(pq.DiagnosticField.SQLSTATE) != b"26000":
                 raise self._pg_error(res)
-            prepared = pgconn.exec_(b"PREPARE " + self.PG_STATEMENT + b" AS " + self.sql.encode())
+            prepared = pgconn.prepare(self.PG_STATEMENT, self.sql.encode())
             if prepared.status != pq.ExecStatus.COMMAND_OK:
                 raise self._pg_error(prepared)
             res = pgconn.exec_prepared(self.PG_STATEMENT, [sid.encode()],
