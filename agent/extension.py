@@ -42,6 +42,7 @@ from .errors import InvalidJSON
 from .errors import PayloadTooLarge
 from .errors import Unauthorized
 from .errors import UnsupportedMediaType
+from .resp import Redis
 from .services import lockout
 from .services.keys import KeyRing
 from .services.keys import derive_key
@@ -84,7 +85,7 @@ class State:
     # How hub calls are sent; None is urllib (tests and sites may hand in their own).
     hub_transport: t.Any = None
     # Redis client for replay caches when HEADLESSKEY_REDIS_URL is set (agent.store).
-    redis: t.Any = None
+    redis: Redis | None = None  # HEADLESSKEY_REDIS_URL: replay caches and counters
     # The HEADLESSKEY_* values the site set itself (file, environment, app.config): pinned.
     configured: dict[str, t.Any] = field(default_factory=dict, repr=False)
     instance_path: str = ""

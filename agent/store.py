@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .errors import ServiceUnavailable
+from .resp import Redis
+from .resp import RedisError
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +50,14 @@ def check_url(key: str, value: t.Any) -> str | None:
     return value.strip()
 
 
-def connect(key: str, url: str) -> t.Any:
-    """A Redis client for ``url`` (nothing is sent until first use; fork-safe pool).
+def connect(key: str, url: str) -> Redis:
+    """A Redis client for ``url`` (nothing is sent until first use; fork-safe).
 
-    Short timeouts and a single retry (a pooled connection may have gone stale across a Redis
-    restart): a stuck Redis costs a request two seconds, then a 503, never a hung worker.
+    Short timeouts and a single retry on a new connection when a kept one was closed (across a
+    Redis restart): a stuck Redis costs a request two seconds, then a 503, never a hung worker.
     """
     try:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-    except ImportError:
-        raise ConfigError(
-            f"{key}: the redis package is not installed (pip install 'headlesskey[redis]')"
-        ) from None
-    try:
-        return redis.Redis.from_url(
-            url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
-            retry=Retry(NoBackoff(), 1), health_check_interval=30,
-        )
+        return Redis(url, timeout=TIMEOUT)
     except ValueError as exc:
         raise ConfigError(f"{key}: not a usable Redis URL ({exc})") from None
 
@@ -78,13 +69,11 @@ def key(*parts: str) -> str:
     return f"hk:{parts[0]}:{digest}"
 
 
-def use_once(client: t.Any, name: str, ttl: int) -> bool:
+def use_once(client: Redis, name: str, ttl: int) -> bool:
     """True the first time ``name`` is used within ``ttl`` seconds, False for a replay.
 
     Raises :class:`StoreUnavailable` if Redis does not answer (fail closed).
     """
-    from redis.exceptions import RedisError
-
     try:
         return bool(client.set(name, b"1", nx=True, ex=max(1, int(ttl))))
     except RedisError as exc:

@@ -219,8 +219,8 @@ def _memory(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
              "once per login; sources are byte-compiled beforehand, as installing does."]
     if any("Redis" in name for name in r):
         rows += ["", "The worker with the counters in Redis (`REDIS_URL`, the production layout "
-                 "of docs/deploy.md) also holds the redis client library: about 7 MB more, "
-                 "measured by importing it into a worker-sized process."]
+                 "of docs/deploy.md) talks to Redis with the agent's own small client "
+                 "(`agent/resp.py`), not redis-py, whose import alone costs about 7 MB."]
     return rows
 
 

@@ -14,6 +14,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session as DBSession
 from sqlalchemy.orm import sessionmaker
 
+from agent.resp import Redis
+
 from .crypto import Vault
 
 
@@ -28,7 +30,7 @@ class HubState:
     session_factory: sessionmaker[DBSession]
     vault: Vault
     clock: t.Callable[[], dt.datetime] = utcnow
-    redis: t.Any = None  # Redis client for request nonces, if HEADLESSKEY_HUB_REDIS_URL is set
+    redis: Redis | None = None  # request nonces, if HEADLESSKEY_HUB_REDIS_URL is set
 
     def setting(self, key: str) -> t.Any:
         """A config value by its short name (``SECRET_GRACE`` for ``HEADLESSKEY_HUB_SECRET_GRACE``)."""

@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session as DBSession
 
 from ..errors import AgentError
 from ..models import Throttle
+from ..resp import RedisError
 from ..store import StoreUnavailable
 from .keys import derive_key
 
@@ -476,6 +477,7 @@ class RedisCounters:
     """The counters of one site in its Redis (``state.redis``)."""
 
     def __init__(self, state: State) -> None:
+        assert state.redis is not None
         self.state = state
         self.client = state.redis
         self.settings = state.settings
@@ -484,13 +486,8 @@ class RedisCounters:
         return redis_name(self.settings.secret_key, self.settings.issuer, key)
 
     def _run(self, source: str, keys: list[str], args: list[t.Any]) -> t.Any:
-        from redis.exceptions import RedisError
-
-        scripts: dict[str, t.Any] = self.client.__dict__.setdefault("_hk_scripts", {})
-        script = scripts.get(source)
-        if script is None:
-            script = scripts[source] = self.client.register_script(source)
         try:
+            script = self.client.register_script(source)
             return script(keys=[self._name(k) for k in keys], args=args)
         except RedisError as exc:
             log.error("redis did not answer (%s: %s)", type(exc).__name__, exc)
@@ -521,8 +518,6 @@ class RedisCounters:
         self._run(_SUCCEEDED, names, ["0" if k.startswith("ip:") else "1" for k in names])
 
     def locked_for(self, key: str) -> int:
-        from redis.exceptions import RedisError
-
         try:
             until = self.client.hget(self._name(key), "locked_until")
         except RedisError as exc:
@@ -536,8 +531,6 @@ class RedisCounters:
         return int(self._run(_FAILED_VALIDATION, [key], args))
 
     def clear(self, keys: list[str]) -> int:
-        from redis.exceptions import RedisError
-
         try:
             return int(self.client.delete(*[self._name(k) for k in keys]))
         except RedisError as exc:
