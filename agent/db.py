@@ -13,10 +13,12 @@ from sqlalchemy import Engine
 from sqlalchemy import create_engine
 from sqlalchemy import event
 from sqlalchemy import make_url
+from sqlalchemy import text
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.exc import InterfaceError
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .errors import ConfigError
@@ -30,6 +32,10 @@ if t.TYPE_CHECKING:
 MIGRATIONS = Path(__file__).parent / "migrations"
 # A version table of our own, so a host app's Alembic history is never touched.
 VERSION_TABLE = "hk_alembic_version"
+# The newest revision in MIGRATIONS (tests/agent/test_db.py holds it to Alembic's history): a
+# worker of a mounted extension that finds the schema there migrates nothing and so never
+# imports Alembic.
+HEAD = "0007"
 CONNECT_TIMEOUT = 5  # seconds to reach PostgreSQL (unless the URL says connect_timeout)
 # No connection, a connection that broke, or none free in the pool in time: 503, not 500.
 DATABASE_ERRORS = (OperationalError, InterfaceError, PoolTimeout)
@@ -207,8 +213,26 @@ def alembic_config(engine: Engine, migrations: Path = MIGRATIONS) -> AlembicConf
     return cfg
 
 
-def upgrade(engine: Engine, revision: str = "head", migrations: Path = MIGRATIONS) -> None:
-    """Bring the schema of ``migrations`` (the agent's by default) to ``revision`` (idempotent)."""
+def stored_revision(engine: Engine, version_table: str = VERSION_TABLE) -> str | None:
+    """The schema revision the database records (None: no version table, or no row, yet)."""
+    with engine.connect() as conn:
+        try:
+            # The table's name is one of two constants, never input.
+            query = text(f"SELECT version_num FROM {version_table}")  # noqa: S608
+            return conn.execute(query).scalar()
+        except (OperationalError, ProgrammingError):
+            return None
+
+
+def upgrade(engine: Engine, revision: str = "head", migrations: Path = MIGRATIONS, *,
+            head: str = HEAD, version_table: str = VERSION_TABLE) -> None:
+    """Bring the schema of ``migrations`` (the agent's by default) to ``revision`` (idempotent).
+
+    A schema already at ``head`` is left as it is without loading Alembic (about 11 MB a
+    process); anything else, older or unknown, goes through Alembic.
+    """
+    if revision == "head" and stored_revision(engine, version_table) == head:
+        return
     from alembic import command
 
     command.upgrade(alembic_config(engine, migrations), revision)

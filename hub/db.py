@@ -17,6 +17,7 @@ __all__ = ["alembic_config", "make_engine", "upgrade"]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "hub_alembic_version"
+HEAD = "0006"  # the newest revision in MIGRATIONS (tests/agent/test_db.py checks it)
 
 
 def alembic_config(engine: Engine) -> AlembicConfig:
@@ -25,4 +26,4 @@ def alembic_config(engine: Engine) -> AlembicConfig:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the hub's schema to ``revision`` (idempotent)."""
-    agent_db.upgrade(engine, revision, MIGRATIONS)
+    agent_db.upgrade(engine, revision, MIGRATIONS, head=HEAD, version_table=VERSION_TABLE)

@@ -6,6 +6,8 @@ import logging
 import multiprocessing
 import os
 import sqlite3
+import subprocess
+import sys
 import typing as t
 from pathlib import Path
 
@@ -118,6 +120,50 @@ def test_migrations_build_exactly_the_models_schema(tmp_path: Path, app: str) ->
     app_db.upgrade(engine)
     version_table = "hk_alembic_version" if app == "agent" else "hub_alembic_version"
     assert _schema_drift(engine, Base.metadata, version_table) == []
+    engine.dispose()
+
+
+@pytest.mark.parametrize("app", ["agent", "hub"])
+def test_head_is_the_newest_migration(tmp_path: Path, app: str) -> None:
+    """The HEAD that lets a current schema skip Alembic is Alembic's own head."""
+    from alembic.script import ScriptDirectory
+
+    from agent import db as agent_db
+    from hub import db as hub_db
+
+    app_db = agent_db if app == "agent" else hub_db
+    config = agent_db.alembic_config(make_engine(f"sqlite:///{tmp_path / 'x.db'}"),
+                                     app_db.MIGRATIONS)
+    assert ScriptDirectory.from_config(config).get_current_head() == app_db.HEAD
+
+
+def test_a_worker_on_a_current_schema_never_loads_alembic(tmp_path: Path) -> None:
+    """The mounted extension migrates on start (HEADLESSKEY_AUTO_MIGRATE): a schema behind is
+    upgraded, and a worker that finds it current does not import Alembic (about 11 MB)."""
+    from agent import db as agent_db
+
+    url = f"sqlite:///{tmp_path / 'site.db'}"
+    engine = make_engine(url)
+    agent_db.upgrade(engine, "0006")
+    assert agent_db.stored_revision(engine) == "0006"
+    program = (
+        "import sys, flask\n"
+        "from agent import HeadlessKey\n"
+        f"app = flask.Flask('site', instance_path={str(tmp_path)!r})\n"
+        f"app.config.update(HEADLESSKEY_DATABASE_URL={url!r})\n"
+        "HeadlessKey(app)\n"
+        "print('alembic' in sys.modules)\n"
+    )
+
+    def start_a_worker() -> str:
+        done = subprocess.run([sys.executable, "-c", program],  # noqa: S603 - our interpreter capture_output=True, text=True,
+                              timeout=60, cwd=Path(__file__).parents[2])
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert start_a_worker() == "True"  # behind: migrated
+    assert agent_db.stored_revision(engine) == agent_db.HEAD
+    assert start_a_worker() == "False"  # current: Alembic never imported
     engine.dispose()
 
 
