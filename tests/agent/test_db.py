@@ -156,8 +156,9 @@ def test_a_worker_on_a_current_schema_never_loads_alembic(tmp_path: Path) -> Non
     )
 
     def start_a_worker() -> str:
-        done = subprocess.run([sys.executable, "-c", program],  # noqa: S603 - our interpreter capture_output=True, text=True,
-                              timeout=60, cwd=Path(__file__).parents[2])
+        done = subprocess.run(  # noqa: S603 - our own interpreter
+            [sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+            cwd=Path(__file__).parents[2])
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 
