@@ -191,14 +191,22 @@ def rowcount(result: t.Any) -> int:
     return int(t.cast(CursorResult[t.Any], result).rowcount)
 
 
+def insert_for(dialect_name: str) -> t.Any:
+    """The ``insert`` with ``ON CONFLICT`` of PostgreSQL or SQLite, imported when first asked
+    for: a worker loads only its own database's dialect (PostgreSQL's is about 2.4 MB)."""
+    if dialect_name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
+
+
 def upsert(db: t.Any, table: t.Any, key: str, **values: t.Any) -> None:
     """Insert a row or, if its key exists, update it: one statement, so processes writing the
     same row at once never fail on the key (an ORM ``merge`` reads, then inserts or updates)."""
-    from sqlalchemy.dialects import postgresql
-    from sqlalchemy.dialects import sqlite
-
-    dialect = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite
-    stmt: t.Any = dialect.insert(table).values(**values)
+    stmt: t.Any = insert_for(db.get_bind().dialect.name)(table).values(**values)
     db.execute(stmt.on_conflict_do_update(
         index_elements=[key], set_={k: stmt.excluded[k] for k in values if k != key}))
 

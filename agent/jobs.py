@@ -30,11 +30,10 @@ from sqlalchemy import delete
 from sqlalchemy import or_
 from sqlalchemy import select
 from sqlalchemy import update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from . import uplink
 from . import webhooks
+from .db import insert_for
 from .db import rowcount
 from .db import skip_while_unavailable
 from .extension import get_state
@@ -84,7 +83,7 @@ def claim(state: State, job: str, interval: float) -> int | None:
     now = state.clock()
     slot = int(now.timestamp() // interval)
     with state.session_factory() as db:
-        insert = pg_insert if db.get_bind().dialect.name == "postgresql" else sqlite_insert
+        insert = insert_for(db.get_bind().dialect.name)
         # RETURNING, not the row count: drivers differ in the count of an ignored insert.
         claimed = db.scalar(
             insert(JobRun)

@@ -37,10 +37,9 @@ from dataclasses import dataclass
 from sqlalchemy import delete
 from sqlalchemy import select
 from sqlalchemy import update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session as DBSession
 
+from agent.db import insert_for
 from agent.db import rowcount
 from agent.db import skip_while_unavailable
 from agent.signing import MAX_SKEW
@@ -77,7 +76,7 @@ def claim(db: DBSession, job: str, now: dt.datetime, interval: float) -> bool:
     True for exactly one of several concurrent callers. The caller commits (keeping the row
     locked until its work is done) or rolls back (releasing the claim).
     """
-    insert = pg_insert if db.get_bind().dialect.name == "postgresql" else sqlite_insert
+    insert = insert_for(db.get_bind().dialect.name)
     db.execute(
         insert(JobRun).values(job=job, last_run_at=EPOCH).on_conflict_do_nothing(
             index_elements=["job"]

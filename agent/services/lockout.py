@@ -35,10 +35,9 @@ from sqlalchemy import case
 from sqlalchemy import null
 from sqlalchemy import select
 from sqlalchemy import update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session as DBSession
 
+from ..db import insert_for
 from ..errors import AgentError
 from ..models import Throttle
 from ..resp import RedisError
@@ -129,7 +128,7 @@ class _Statements:
 def _statements(dialect: str) -> _Statements:
     table = _THROTTLE
     c = table.c
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    insert = insert_for(dialect)
     clear = bindparam("clear", type_=Boolean)
     return _Statements(
         create=insert(table).values(key=bindparam("k"), failures=0, window_start=bindparam("now"),

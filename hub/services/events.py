@@ -8,10 +8,9 @@ import typing as t
 from flask import has_request_context
 from sqlalchemy import delete
 from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session as DBSession
 
+from agent.db import insert_for
 from agent.db import rowcount
 from agent.text import holds_controls
 
@@ -113,9 +112,7 @@ def upload(db: DBSession, state: HubState, site_key: str, items: t.Any) -> int:
         )
     if not rows:
         return 0
-    dialect = db.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    stmt = insert(Event).values(rows).on_conflict_do_nothing(
+    stmt = insert_for(db.get_bind().dialect.name)(Event).values(rows).on_conflict_do_nothing(
         index_elements=["site_key", "remote_id"]
     )
     # RETURNING, not rowcount: PostgreSQL (psycopg 3) reports -1 for this multi-row INSERT.
