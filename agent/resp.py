@@ -19,7 +19,9 @@ What it does, and what it does not:
 - A kept connection that the server closed meanwhile (a Redis restart, its idle timeout) is
   found when the call fails to send or reads end-of-file, and the call is sent once more on a
   new connection: the first send never reached a live server, or the server went away without
-  answering, as redis-py's single retry also assumes.
+  answering, as redis-py's single retry also assumes. A connection idle for more than
+  ``IDLE_CHECK`` seconds is first pinged (as redis-py's ``health_check_interval``), so one that
+  a firewall dropped silently costs a ``PING``'s timeout, then a new connection, not a 503.
 - Idle connections are kept per process (at most ``MAX_IDLE``), shared by its threads, taken
   and put back per call; a forked child never uses its parent's.
 - No pipelines, pub/sub, cluster or sentinel: the agent has no use for them.
@@ -31,12 +33,14 @@ import hashlib
 import os
 import socket
 import ssl
+import time
 import typing as t
 from urllib.parse import parse_qs
 from urllib.parse import unquote
 from urllib.parse import urlsplit
 
 MAX_IDLE = 4
+IDLE_CHECK = 30.0  # seconds: a connection kept longer than this is pinged before it is used
 MAX_BULK = 1 << 20  # the largest string reply accepted: the callers' replies are a few bytes
 MAX_ITEMS = 1 << 12  # the largest array reply accepted (a Lua script's list)
 MAX_LINE = 1 << 12  # the longest status, error or length line
@@ -66,6 +70,7 @@ class Connection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.reader = sock.makefile("rb")
+        self.idle_since = time.monotonic()
 
     def __del__(self) -> None:
         # A client dropped with idle connections (an app torn down) closes their sockets; in a
@@ -241,13 +246,24 @@ class Redis:
         if os.getpid() != self.pid:
             # A forked child never uses its parent's connections (nor closes them).
             self.inherited, self.idle, self.pid = self.inherited + self.idle, [], os.getpid()
+        while self.idle:
+            conn = self.idle.pop()
+            if time.monotonic() - conn.idle_since < IDLE_CHECK or self._alive(conn):
+                return conn, True
+            conn.close()
+        return self._connect(), False
+
+    def _alive(self, conn: Connection) -> bool:
+        # Long idle, the connection may have been dropped without a word (a firewall's or NAT's
+        # timeout): a PING, which nothing can be harmed by sending twice, tells before the call.
         try:
-            return self.idle.pop(), True
-        except IndexError:
-            return self._connect(), False
+            return self._call(conn, ("PING",)) == b"PONG"
+        except (_Gone, OSError, RedisError):
+            return False
 
     def _give(self, conn: Connection) -> None:
         if len(self.idle) < MAX_IDLE and os.getpid() == self.pid:
+            conn.idle_since = time.monotonic()
             self.idle.append(conn)
         else:
             conn.close()

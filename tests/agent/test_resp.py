@@ -200,6 +200,40 @@ def test_a_new_connection_closed_without_a_reply_is_not_retried(
     assert len(server.received) == 1
 
 
+def test_a_connection_long_idle_and_silently_dropped_is_pinged_then_replaced() -> None:
+    """As behind a firewall that forgets idle connections without a word: the kept connection's
+    PING gets no answer, so the call goes to a new connection instead of failing."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    heard: list[list[bytes]] = []
+
+    def serve() -> None:
+        for number in (1, 2):
+            conn, _ = listener.accept()
+            heard.append([])
+            threading.Thread(target=answer, args=(conn, number, heard[-1]), daemon=True).start()
+
+    def answer(conn: socket.socket, number: int, log: list[bytes]) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                log.append(data)
+                if number == 1 and len(log) > 2:
+                    continue  # the dropped connection: silence from now on
+                conn.sendall(b"+PONG\r\n" if b"PING" in data else b"$-1\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    client = resp.Redis(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", timeout=0.3)
+    try:
+        assert client.ping()
+        assert client.hget("k", "f") is None  # used a moment ago: no PING first
+        client.idle[0].idle_since -= resp.IDLE_CHECK + 1
+        assert client.hget("k", "f") is None
+        assert [b"PING" in d for d in heard[0]] == [True, False, True]  # no HGET sent there
+        assert len(heard) == 2 and b"HGET" in heard[1][0]
+    finally:
+        client.close()
+        listener.close()
+
+
 def test_nobody_listening_is_an_error_quickly() -> None:
     from tests.conftest import free_port
 
