@@ -35,6 +35,7 @@ import socket
 import ssl
 import time
 import typing as t
+import weakref
 from urllib.parse import parse_qs
 from urllib.parse import unquote
 from urllib.parse import urlsplit
@@ -64,6 +65,14 @@ class _Gone(Exception):
     """The server closed the connection before a reply began."""
 
 
+def _close(*closables: t.Any) -> None:
+    for closable in closables:
+        try:
+            closable.close()
+        except OSError:
+            pass
+
+
 class Connection:
     """One socket to Redis, with a buffered reader for replies."""
 
@@ -71,18 +80,11 @@ class Connection:
         self.sock = sock
         self.reader = sock.makefile("rb")
         self.idle_since = time.monotonic()
-
-    def __del__(self) -> None:
-        # A client dropped with idle connections (an app torn down) closes their sockets; in a
-        # forked child this closes only the child's descriptor (no shutdown, no TLS alert).
-        self.close()
-
-    def close(self) -> None:
-        for closable in (self.reader, self.sock):
-            try:
-                closable.close()
-            except OSError:
-                pass
+        # A client dropped with idle connections (an app torn down) closes their sockets, even
+        # when the garbage collector takes the client apart in a cycle, where a __del__ could
+        # run after the socket's own; in a forked child this closes only the child's descriptor
+        # (no shutdown, no TLS alert).
+        self.close = weakref.finalize(self, _close, self.reader, sock)
 
     def send(self, args: t.Sequence[t.Any]) -> None:
         self.sock.sendall(encode(args))

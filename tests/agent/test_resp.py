@@ -121,6 +121,29 @@ def test_a_forked_child_uses_its_own_connection(redis_url: str) -> None:
     assert client.ping()  # the parent's connection still works
 
 
+def test_a_client_dropped_in_a_reference_cycle_closes_its_sockets(redis_url: str) -> None:
+    """An app torn down leaves its client in a cycle: the garbage collector must still find
+    every kept socket closed (no ResourceWarning), whatever order it takes things apart in."""
+    import gc
+    import types
+    import warnings
+    import weakref
+
+    sockets = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for _ in range(5):
+            app = types.SimpleNamespace()
+            client = resp.Redis(redis_url, timeout=2)
+            app.client, client.app = client, app  # type: ignore[attr-defined]
+            assert client.ping()
+            sockets.append(weakref.ref(client.idle[0].sock))
+            del app, client
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+    assert [ref() for ref in sockets] == [None] * 5  # collected, and closed before that
+
+
 # --- against a scripted server ------------------------------------------------------------
 
 
