@@ -12,6 +12,7 @@ from sqlalchemy import CursorResult
 from sqlalchemy import Engine
 from sqlalchemy import create_engine
 from sqlalchemy import event
+from sqlalchemy import insert
 from sqlalchemy import make_url
 from sqlalchemy import text
 from sqlalchemy.exc import ArgumentError
@@ -201,6 +202,18 @@ def insert_for(dialect_name: str) -> t.Any:
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
     return sqlite_insert
+
+
+@functools.cache
+def _insert(table: t.Any) -> t.Any:
+    return insert(table)
+
+
+def insert_rows(db: t.Any, model: t.Any, rows: list[dict[str, t.Any]]) -> None:
+    """INSERT ``rows`` of ``model``'s table in ``db``'s transaction, now: a plain statement
+    (column defaults and types apply), for the rows a login or an event writes, where the
+    ORM's unit of work would cost more than the statement."""
+    db.execute(_insert(model.__table__), rows[0] if len(rows) == 1 else rows)
 
 
 def upsert(db: t.Any, table: t.Any, key: str, **values: t.Any) -> None:

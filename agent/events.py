@@ -23,6 +23,7 @@ from flask import has_app_context
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session as DBSession
 
+from .db import insert_rows
 from .models import AuditEvent
 from .models import WebhookMessage
 from .services.devices import describe
@@ -89,37 +90,33 @@ def record(
         device=describe(ua),
         details=dict(details or {}),
     )
-    db.add(
-        AuditEvent(
-            created_at=ev.at,
-            event=name,
-            outcome=outcome,
-            user_id=user_id,
-            login=ev.login,
-            session_id=session_id,
-            ip=ev.ip,
-            user_agent=ua,
-            device=ev.device,
-            details=ev.details,
-        )
-    )
+    rows = [{
+        "created_at": ev.at,
+        "event": name,
+        "outcome": outcome,
+        "user_id": user_id,
+        "login": ev.login,
+        "session_id": session_id,
+        "ip": ev.ip,
+        "user_agent": ua,
+        "device": ev.device,
+        "details": ev.details,
+    }]
+    insert_rows(db, AuditEvent, rows)
     endpoints = [e for e in state.settings.webhooks
                  if e.wants(name) and e.id not in skip_endpoints]
     if endpoints:
         body = json.dumps(ev.payload(), separators=(",", ":"))
-        for endpoint in endpoints:
-            db.add(
-                WebhookMessage(
-                    message_id=f"msg_{uuid.uuid4().hex}",
-                    endpoint=endpoint.id,
-                    event=name,
-                    body=body,
-                    created_at=ev.at,
-                    status="pending",
-                    attempts=0,
-                    next_attempt_at=ev.at,
-                )
-            )
+        insert_rows(db, WebhookMessage, [{
+            "message_id": f"msg_{uuid.uuid4().hex}",
+            "endpoint": endpoint.id,
+            "event": name,
+            "body": body,
+            "created_at": ev.at,
+            "status": "pending",
+            "attempts": 0,
+            "next_attempt_at": ev.at,
+        } for endpoint in endpoints])
     db.info.setdefault(_PENDING, []).append(ev)
     return ev
 

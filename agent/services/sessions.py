@@ -33,6 +33,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session as DBSession
 
 from ..db import file_identity
+from ..db import insert_rows
 from ..db import rowcount
 from ..db import unavailable
 from ..errors import Forbidden
@@ -147,33 +148,32 @@ def start_session(db: DBSession, state: State, user: User, client: ClientInfo) -
     s = state.settings
     expires = now + dt.timedelta(seconds=s.session_max_age)
     iat, exp = _access_window(state, now, expires)
-    sess = Session(
-        id=secrets.token_urlsafe(16),
-        user_id=user.id,
-        created_at=now,
-        last_seen_at=now,
-        expires_at=expires,
-        ip=client.ip[:64],
-        user_agent=client.user_agent[:512],
-        device=devices.describe(client.user_agent),
-        access_jti=new_jti(),
-        access_iat=iat,
-        access_exp=exp,
-    )
-    db.add(sess)
-    db.flush()  # the session row first: the refresh token references it
+    values = {
+        "id": secrets.token_urlsafe(16),
+        "user_id": user.id,
+        "created_at": now,
+        "last_seen_at": now,
+        "expires_at": expires,
+        "ip": client.ip[:64],
+        "user_agent": client.user_agent[:512],
+        "device": devices.describe(client.user_agent),
+        "access_jti": new_jti(),
+        "access_iat": iat,
+        "access_exp": exp,
+    }
     refresh = REFRESH_PREFIX + secrets.token_urlsafe(32)
     refresh_expires = min(now + dt.timedelta(seconds=s.refresh_token_ttl), expires)
-    db.add(
-        RefreshToken(
-            session_id=sess.id,
-            token_hash=digest(refresh),
-            generation=0,
-            created_at=now,
-            expires_at=refresh_expires,
-        )
-    )
-    db.flush()
+    # Plain INSERTs, the session row first (the refresh token references it): a login runs
+    # them, and the ORM's unit of work would cost more than the statements themselves.
+    insert_rows(db, Session, [values])
+    insert_rows(db, RefreshToken, [{
+        "session_id": values["id"],
+        "token_hash": digest(refresh),
+        "generation": 0,
+        "created_at": now,
+        "expires_at": refresh_expires,
+    }])
+    sess = Session(**values)  # what the caller reads; the row is written above
     return Issued(sess, user, _access_token(state, user, sess), exp, refresh, refresh_expires)
 
 
