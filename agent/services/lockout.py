@@ -118,8 +118,7 @@ def _allowlisted(ip: str, networks: t.Sequence[t.Any]) -> bool:
 class _Statements:
     """The counters' statements, built and compiled once per dialect: every attempt runs them."""
 
-    create: t.Any  # the missing rows of "keys", as empty counters
-    lock: t.Any  # the rows of "keys", locked, in key order
+    lock: t.Any  # the row of "k", created as an empty counter if missing, locked; executemany
     write: t.Any  # every field of one row ("k"), executemany
     release: t.Any  # one reservation back; "clear": the failures and escalation too
 
@@ -131,10 +130,12 @@ def _statements(dialect: str) -> _Statements:
     insert = insert_for(dialect)
     clear = bindparam("clear", type_=Boolean)
     return _Statements(
-        create=insert(table).values(key=bindparam("k"), failures=0, window_start=bindparam("now"),
-                                    lock_count=0, pending=0).on_conflict_do_nothing(),
-        lock=select(table).where(c.key.in_(bindparam("keys", expanding=True)))
-        .order_by(c.key).with_for_update(),
+        # An upsert that changes nothing, so a row found is locked like one inserted: one
+        # statement (one multi-row INSERT for all keys) creates, locks and reads the counters.
+        lock=insert(table).values(key=bindparam("k"), failures=0, window_start=bindparam("now"),
+                                  lock_count=0, pending=0)
+        .on_conflict_do_update(index_elements=[c.key], set_={"pending": c.pending})
+        .returning(*c),
         write=update(table).where(c.key == bindparam("k")).values(
             failures=bindparam("v_failures"), window_start=bindparam("v_window_start"),
             locked_until=bindparam("v_locked_until"), lock_count=bindparam("v_lock_count"),
@@ -153,9 +154,10 @@ def _lock_rows(db: DBSession, names: list[str], now: dt.datetime) -> dict[str, d
     if not names:
         return {}
     sql = _statements(db.get_bind().dialect.name)
-    db.execute(sql.create, [{"k": key, "now": now} for key in names])
     rows = {}
-    for row in db.execute(sql.lock, {"keys": names}):  # locked in key order, as Keys lists them
+    # Locked in the order of "names" (key order, as Keys lists them): one INSERT's rows are
+    # written in the order of its VALUES.
+    for row in db.execute(sql.lock, [{"k": key, "now": now} for key in names]):
         fields = row._asdict()
         if fields["pending"] and fields["pending_since"] \
                 and now - fields["pending_since"] > STALE_PENDING:
