@@ -7,6 +7,7 @@ import re
 import typing as t
 import unicodedata
 
+from sqlalchemy import bindparam
 from sqlalchemy import or_
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -41,10 +42,14 @@ def valid_email(text: str) -> bool:
     return len(text) <= 254 and bool(_EMAIL.fullmatch(text))
 
 
+# Built once: every login runs it.
+_FIND_USER = select(User).where(or_(User.login_key == bindparam("key"),
+                                    User.email_key == bindparam("key")))
+
+
 def find_user(db: DBSession, login: str) -> User | None:
     """The user whose login or email is ``login`` (case-insensitive)."""
-    key = key_of(login)
-    return db.scalar(select(User).where(or_(User.login_key == key, User.email_key == key)))
+    return db.scalar(_FIND_USER, {"key": key_of(login)})
 
 
 def user_payload(user: User) -> dict[str, t.Any]:
