@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 import typing as t
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.exc import InterfaceError
+from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -37,6 +39,8 @@ VERSION_TABLE = "hk_alembic_version"
 # worker of a mounted extension that finds the schema there migrates nothing and so never
 # imports Alembic.
 HEAD = "0007"
+_PINGED = "hk_pinged"
+PING_REUSE = 1.0  # seconds a ping vouches for a connection within one request
 CONNECT_TIMEOUT = 5  # seconds to reach PostgreSQL (unless the URL says connect_timeout)
 # No connection, a connection that broke, or none free in the pool in time: 503, not 500.
 DATABASE_ERRORS = (OperationalError, InterfaceError, PoolTimeout)
@@ -150,11 +154,12 @@ def make_engine(url: str, pool_size: int = 5) -> Engine:
         parsed = make_url(url)
         connect_args = ({} if "connect_timeout" in parsed.query
                         else {"connect_timeout": CONNECT_TIMEOUT})
-        engine = create_engine(parsed, pool_pre_ping=True, pool_size=pool_size, max_overflow=10,
-                               pool_timeout=10, hide_parameters=True, connect_args=connect_args)
+        engine = create_engine(parsed, pool_size=pool_size, max_overflow=10, pool_timeout=10,
+                               hide_parameters=True, connect_args=connect_args)
     except (ArgumentError, ImportError, ValueError) as exc:
         raise ConfigError(f"HEADLESSKEY_DATABASE_URL: not a usable database URL ({exc})") from None
     _fork_safe(engine)
+    _ping_once_per_request(engine)
     return engine
 
 
@@ -180,6 +185,49 @@ def _fork_safe(engine: Engine) -> None:
         if record.info.get("pid") != os.getpid():
             record.dbapi_connection = proxy.dbapi_connection = None
             raise DisconnectionError("connection made in another process")
+
+
+def _context() -> object | None:
+    """A token of the app context (the request) running now; None outside one."""
+    from flask import g
+    from flask import has_app_context
+
+    if not has_app_context():
+        return None
+    token: object | None = g.get("_hk_db_context")
+    if token is None:
+        token = g._hk_db_context = object()
+    return token
+
+
+def _ping_once_per_request(engine: Engine) -> None:
+    """SQLAlchemy's ``pool_pre_ping``, but once per connection and request: a connection
+    this request opened or pinged under a second ago is not pinged again (a login checks a
+    connection out three times). A connection the network or the server dropped is still
+    found before a request's first statement on it: the ping fails, and the error raised here
+    makes the pool replace it (and those pooled before it) and check out again."""
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "connect")
+    def _fresh(_dbapi_conn: t.Any, record: t.Any) -> None:
+        record.info[_PINGED] = (_context(), time.monotonic())
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn: t.Any, record: t.Any, _proxy: t.Any) -> None:
+        context = _context()
+        by, at = record.info.get(_PINGED, (None, 0.0))
+        now = time.monotonic()
+        if context is not None and by is context and now - at < PING_REUSE:
+            return
+        try:
+            dialect.do_ping(dbapi_conn)
+        except dialect.loaded_dbapi.Error as exc:
+            if dialect.is_disconnect(exc, dbapi_conn, None):
+                # As pool_pre_ping does: the pooled connections made before are likely
+                # dropped too (a server restart), so the pool replaces them all.
+                raise InvalidatePoolError(_cause(exc)) from exc
+            raise
+        record.info[_PINGED] = (context, now)
 
 
 # The largest id an id column holds: every id column is INTEGER, 32 bits on PostgreSQL. A larger
@@ -213,7 +261,7 @@ def insert_rows(db: t.Any, model: t.Any, rows: list[dict[str, t.Any]]) -> None:
     """INSERT ``rows`` of ``model``'s table in ``db``'s transaction, now: a plain statement
     (column defaults and types apply), for the rows a login or an event writes, where the
     ORM's unit of work would cost more than the statement."""
-    db.execute(_insert(model.__table__), rows[0] if len(rows) == 1 else rows)
+    db.connection().execute(_insert(model.__table__), rows[0] if len(rows) == 1 else rows)
 
 
 def upsert(db: t.Any, table: t.Any, key: str, **values: t.Any) -> None:

@@ -231,6 +231,37 @@ def test_postgresql_connections_dropped_or_refused(
     assert PASSWORD not in logged and access not in logged
 
 
+def test_postgresql_a_request_pings_each_pooled_connection_once(
+    make_site: t.Callable[..., Site], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A login checks a connection out three times; only the first checkout pings it (the
+    ping finds a dropped connection before the request's first statement). Outside a request
+    (jobs, commands) every checkout pings."""
+    url = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("HEADLESSKEY_TEST_DATABASE_URL is not set (SQLite connections are files)")
+    site = make_site("HS256", HEADLESSKEY_DATABASE_URL=fresh_schema(url, 92))
+    site.create_user("alice")
+    site.api.login()
+    dialect = site.state.engine.dialect
+    pings: list[object] = []
+    ping = dialect.do_ping
+
+    def counted(dbapi_conn: object) -> bool:
+        pings.append(dbapi_conn)
+        return bool(ping(dbapi_conn))
+
+    monkeypatch.setattr(dialect, "do_ping", counted)
+    site.api.login()
+    assert len(pings) == 1
+    site.api.login()
+    assert len(pings) == 2
+    for _ in range(2):
+        with site.state.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    assert len(pings) == 4
+
+
 def test_sqlite_database_file_unusable(
     make_site: t.Callable[..., Site], tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
