@@ -148,7 +148,7 @@ def _guarded_password_check(
         db.expunge(user)
     db.rollback()
     try:
-        lockout.acquire(state.session_factory, state, keys)
+        lockout.acquire(state, keys)
     except lockout.TooManyAttempts:
         events.record(db, state, event, outcome="blocked", client=client, user_id=user_id,
                       login=login, details={"reason": "locked"})
@@ -634,7 +634,7 @@ def sso_exchange() -> Response:
     # Not per peer: junk naming a peer must not block sign-on from that peer for everyone.
     keys = lockout.keys_for_ip(state, client.ip)
     try:
-        lockout.acquire(state.session_factory, state, keys)
+        lockout.acquire(state, keys)
     except lockout.TooManyAttempts:
         events.record(db, state, "sso.rejected", outcome="blocked", client=client,
                       details={"peer": peer, "reason": "locked"})

@@ -29,6 +29,7 @@ import typing as t
 from dataclasses import dataclass
 
 from sqlalchemy import Boolean
+from sqlalchemy import Connection
 from sqlalchemy import Table
 from sqlalchemy import bindparam
 from sqlalchemy import case
@@ -148,12 +149,19 @@ def _statements(dialect: str) -> _Statements:
     )
 
 
-def _lock_rows(db: DBSession, names: list[str], now: dt.datetime) -> dict[str, dict[str, t.Any]]:
+def _sql(db: DBSession | Connection) -> _Statements:
+    bind = db if isinstance(db, Connection) else db.get_bind()
+    return _statements(bind.dialect.name)
+
+
+def _lock_rows(
+    db: DBSession | Connection, names: list[str], now: dt.datetime,
+) -> dict[str, dict[str, t.Any]]:
     """The counter rows of ``names`` (created if missing), locked for this transaction, as
     dicts of their fields; reservations of a process that died mid-check are dropped."""
     if not names:
         return {}
-    sql = _statements(db.get_bind().dialect.name)
+    sql = _sql(db)
     rows = {}
     # Locked in the order of "names" (key order, as Keys lists them): one INSERT's rows are
     # written in the order of its VALUES.
@@ -166,17 +174,17 @@ def _lock_rows(db: DBSession, names: list[str], now: dt.datetime) -> dict[str, d
     return rows
 
 
-def _write(db: DBSession, rows: dict[str, dict[str, t.Any]]) -> None:
+def _write(db: DBSession | Connection, rows: dict[str, dict[str, t.Any]]) -> None:
     """Store every field of ``rows`` (read by :func:`_lock_rows`, then changed)."""
     if not rows:
         return
-    sql = _statements(db.get_bind().dialect.name)
+    sql = _sql(db)
     db.execute(sql.write, [{"k": key, **{f"v_{name}": value for name, value in fields.items()
                                           if name != "key"}}
                            for key, fields in rows.items()])
 
 
-def acquire(factory: t.Callable[[], DBSession], state: State, keys: Keys) -> None:
+def acquire(state: State, keys: Keys) -> None:
     """Reserve one attempt on every counter, or raise :class:`TooManyAttempts`.
 
     Runs in its own committed transaction, before and apart from the password check. A counter
@@ -191,7 +199,7 @@ def acquire(factory: t.Callable[[], DBSession], state: State, keys: Keys) -> Non
         if state.redis is not None:
             blocked_for, reserved = RedisCounters(state).acquire(keys)
         else:
-            blocked_for, reserved = _reserve(factory, state, keys)
+            blocked_for, reserved = _reserve(state, keys)
         if blocked_for:
             raise TooManyAttempts(blocked_for)
         if reserved:
@@ -201,13 +209,13 @@ def acquire(factory: t.Callable[[], DBSession], state: State, keys: Keys) -> Non
         time.sleep(0.05)
 
 
-def _reserve(factory: t.Callable[[], DBSession], state: State, keys: Keys) -> tuple[int, bool]:
+def _reserve(state: State, keys: Keys) -> tuple[int, bool]:
     """One try of :func:`acquire` in the database: (seconds locked, 0 if not), and whether
     the attempt was reserved (neither: the counter is full of checks in flight)."""
     s = state.settings
     window = dt.timedelta(seconds=s.lockout_window)
     now = state.clock()
-    with factory() as db:
+    with state.engine.begin() as db:  # a plain transaction: every login runs it
         blocked_for = 0
         busy = False
         rows = _lock_rows(db, [key for key, _limit in keys.items], now)
@@ -227,7 +235,6 @@ def _reserve(factory: t.Callable[[], DBSession], state: State, keys: Keys) -> tu
             for row in rows.values():
                 row.update(pending=row["pending"] + 1, pending_since=now)
         _write(db, rows)
-        db.commit()
     return blocked_for, reserve
 
 
@@ -243,7 +250,7 @@ def succeeded(db: DBSession, state: State, keys: Keys) -> None:
         return
     if not keys:
         return
-    sql = _statements(db.get_bind().dialect.name)
+    sql = _sql(db)
     db.execute(sql.release, [{"k": key, "clear": not key.startswith("ip:")}
                              for key, _limit in keys.items])
 
