@@ -133,8 +133,9 @@ def _guarded_password_check(
     check: t.Callable[[], t.Any],
     event: str,
     client: ClientInfo,
-) -> None:
-    """Run ``check`` (a password or code check) under the brute-force counters.
+) -> lockout.Keys:
+    """Run ``check`` (a password or code check) under the brute-force counters; returns the
+    counters it used (their reservation released in ``db``'s transaction).
 
     The attempt is reserved first (429 when the account or the IP is locked); a failure is
     recorded as ``event`` with outcome ``failure`` and may start a lock. The request's
@@ -175,6 +176,7 @@ def _guarded_password_check(
         db.commit()
         raise
     lockout.succeeded(db, state, keys)
+    return keys
 
 
 def _login(full_profile: bool) -> Response:
@@ -194,7 +196,7 @@ def _login(full_profile: bool) -> Response:
     # on PostgreSQL it runs outside a transaction (two round trips fewer per login).
     db.connection(execution_options=read_only(state.engine))
     found = accounts.find_user(db, login)
-    _guarded_password_check(
+    keys = _guarded_password_check(
         db, state, user=found, login=login, client=client, event="login.failed",
         check=lambda: accounts.check_credentials(state, found, password),
     )
@@ -203,7 +205,6 @@ def _login(full_profile: bool) -> Response:
     user = db.merge(found, load=False)
     if state.hasher.needs_rehash(user.password_hash):
         user.password_hash = state.hasher.hash(password)
-    keys = lockout.keys_for(state, user_id=user.id, login=login, ip=client.ip)
     issued = _open_session(db, state, user, client, login=login, release=keys)
     events.record(db, state, "login.succeeded", client=client, user_id=user.id, login=login,
                   session_id=issued.session.id)
