@@ -153,11 +153,12 @@ def _login(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
                  "cheap hash): besides the hash, a login reads the account, then runs two write "
                  "transactions, the attempt reserved on the brute-force counters before the hash "
                  "and, after it, the reservation released with the session, its refresh token "
-                 "and the audit row written. That is about 3 ms per login on SQLite (4.6 ms "
-                 "beside a real hash, whose 19 MiB evict the CPU caches) and 7–9 ms on "
-                 "PostgreSQL (15 round trips: 3 connection checks, 8 statements, 2 BEGINs and "
-                 "2 commits; the account is read outside a transaction), or 8 round trips and "
-                 "2 Redis calls with the counters in Redis, most of it Python (SQLAlchemy) and "
+                 "and the audit row written. That is about 2 ms of CPU per login on SQLite "
+                 "(more beside a real hash, whose 19 MiB evict the CPU caches) and 3.3 ms on "
+                 "PostgreSQL, 4.7 ms with the waits (12 round trips: 1 connection check, 7 "
+                 "statements, 2 BEGINs and 2 commits; the account is read outside a "
+                 "transaction), or 7 round trips and 2 Redis calls with the counters in Redis, "
+                 "most of it Python (SQLAlchemy and psycopg) and "
                  "the database server's own work, paid on the same two cores as the hashes. "
                  "The peer's login is the hash and a token, with nothing stored."]
     return rows
