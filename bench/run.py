@@ -482,6 +482,7 @@ class Bench:
                 "p50_ms": median(x["p50_ms"] for x in rs),
                 "p99_ms": median(x["p99_ms"] for x in rs),
                 "rounds": [round(x["rps"]) for x in rs],
+                "per_round": [x["rps"] for x in rs],  # unrounded, for the rounds' ratios
                 "errors": sum(x["err_status"] + x["err_connect"] + x["err_read"]
                               + x["err_timeout"] for x in rs),
             }
