@@ -150,7 +150,8 @@ def users() -> None:
 @INSTANCE
 @click.option("--username", required=True)
 @click.option("--email", required=True)
-@click.option("--role", "roles", multiple=True, help="Role (repeat for several); default role if none.")
+@click.option("--role", "roles", multiple=True,
+              help="Role (repeat for several); default role if none.")
 @click.option("--display-name", default=None)
 @click.option("--password-stdin", is_flag=True, help="Read the password from stdin (required).")
 def users_create(

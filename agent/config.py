@@ -257,7 +257,8 @@ def _federation(get: t.Callable[[str], t.Any], instance_path: str) -> dict[str, 
             PREFIX + "SSO_LINK_BY_EMAIL", get("SSO_LINK_BY_EMAIL")),
         "federation_key_rotation": _rotation(
             PREFIX + "FEDERATION_KEY_ROTATION", get("FEDERATION_KEY_ROTATION")),
-        "hub_secret_rotation": _rotation(PREFIX + "HUB_SECRET_ROTATION", get("HUB_SECRET_ROTATION")),
+        "hub_secret_rotation": _rotation(
+            PREFIX + "HUB_SECRET_ROTATION", get("HUB_SECRET_ROTATION")),
     }
     role_map = json_value(PREFIX + "SSO_ROLE_MAP", get("SSO_ROLE_MAP"))
     if not isinstance(role_map, dict) or not all(
@@ -644,7 +645,8 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
         path = get("PRIVATE_KEY_FILE")
         if path is None:
             raise ConfigError(f"{PREFIX}PRIVATE_KEY_FILE: required for {algorithm}")
-        private_key_pem = _read_file(PREFIX + "PRIVATE_KEY_FILE", _str(PREFIX + "PRIVATE_KEY_FILE", path))
+        private_key_pem = _read_file(PREFIX + "PRIVATE_KEY_FILE",
+                                     _str(PREFIX + "PRIVATE_KEY_FILE", path))
 
     site_url = _url(PREFIX + "SITE_URL", get("SITE_URL"))
     issuer = _str(PREFIX + "ISSUER", get("ISSUER") or site_url)

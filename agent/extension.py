@@ -56,7 +56,9 @@ from .services.tokens import verify_access_token
 
 EXTENSION_KEY = "headlesskey"
 PREFIX = config_module.PREFIX
-FILTERS = ("token_claims", "login_response", "user_payload", "allow_registration", "password_policy")
+FILTERS = (
+    "token_claims", "login_response", "user_payload", "allow_registration", "password_policy"
+)
 F = t.TypeVar("F", bound=t.Callable[..., t.Any])
 FALLBACK_HEADER = "X-HeadlessKey-Authorization"
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
@@ -325,7 +327,8 @@ class HeadlessKey:
         engine = make_engine(settings.database_url, pool_size=settings.database_pool_size)
         session_factory = sessionmaker(engine, expire_on_commit=False)
         clock = self._clock or utcnow
-        if config_module.parse_bool(PREFIX + "AUTO_MIGRATE", values.get(PREFIX + "AUTO_MIGRATE", True)):
+        if config_module.parse_bool(PREFIX + "AUTO_MIGRATE",
+                                    values.get(PREFIX + "AUTO_MIGRATE", True)):
             upgrade(engine)
         # The instance's key files seed the shared key table now, or, when the schema is not
         # there yet (`headlesskey-agent db upgrade` comes next), once it is.

@@ -462,7 +462,7 @@ def _new_account(db: DBSession, state: State, claims: dict[str, t.Any], email: s
         email_key=accounts.key_of(email),
         display_name=(name or login).strip()[:250] or login,
         # No local password: the account signs in through its peer, or after a reset.
-        password_hash="!sso-only",
+        password_hash="!sso-only",  # noqa: S106 - not a hash: no password verifies against it
         roles=roles,
         status="active",
         email_verified=claims.get("email_verified") is True,

@@ -49,7 +49,10 @@ _OPENER = urllib.request.build_opener(_NoRedirect)
 
 def urllib_transport(method: str, url: str, headers: dict[str, str], body: bytes,
                      timeout: float) -> Reply:
-    request = urllib.request.Request(url, data=body or None, headers=headers, method=method)
+    # http(s) only: HubClient.__init__ rejects any other scheme for the hub URL (as config._url
+    # does for HEADLESSKEY_HUB_URL and `join --hub`), and redirects are not followed.
+    request = urllib.request.Request(  # noqa: S310 - http(s) only, see above
+        url, data=body or None, headers=headers, method=method)
     try:
         with _OPENER.open(request, timeout=timeout) as response:
             return Reply(response.status, dict(response.headers), response.read(MAX_REPLY))

@@ -12,7 +12,8 @@ _BOOL = {"type": "boolean"}
 _USER_ID = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
 
 
-def _obj(props: dict[str, t.Any], required: list[str] | None = None, extra: bool = True) -> dict[str, t.Any]:
+def _obj(props: dict[str, t.Any], required: list[str] | None = None,
+         extra: bool = True) -> dict[str, t.Any]:
     schema: dict[str, t.Any] = {"type": "object", "properties": props}
     if required:
         schema["required"] = required
@@ -136,7 +137,8 @@ def document(settings: Settings) -> dict[str, t.Any]:
         },
         f"{p}/forgot-password": {
             "post": _op(
-                "Mail a reset link or a one-time code (same answer whether or not the account exists)",
+                "Mail a reset link or a one-time code"
+                " (same answer whether or not the account exists)",
                 success,
                 body=_obj({"login": {**_STR, "maxLength": 254},
                            "email": {**_STR, "maxLength": 254},
@@ -315,12 +317,16 @@ def document(settings: Settings) -> dict[str, t.Any]:
         "info": {
             "title": f"{settings.site_name} auth API (HeadlessKey agent)",
             "version": "1.0.0",
-            "description": "JWT authentication API compatible with the HeadlessKey WordPress plugin.",
+            "description": (
+                "JWT authentication API compatible with the HeadlessKey WordPress plugin."
+            ),
         },
         "servers": [{"url": settings.site_url}],
         "paths": paths,
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
             "schemas": {
                 "Error": _obj(
                     {

@@ -117,7 +117,9 @@ def validate(values: t.Any) -> dict[str, t.Any]:
             out[key] = {name: rule for name, rule in out[key].items() if name in given}
     low, high = out.get("PASSWORD_MIN_LENGTH"), out.get("PASSWORD_MAX_LENGTH")
     if low is not None and high is not None and low > high:
-        errors["PASSWORD_MIN_LENGTH"] = "must not be above the maximum length"
+        errors["PASSWORD_MIN_LENGTH"] = (
+            "must not be above the maximum length"  # noqa: S105 - an error message, no password
+        )
     if errors:
         raise PolicyError(errors)
     return out

@@ -529,7 +529,8 @@ def change_password() -> Response:
     try:
         ended = accounts.change_password(db, state, user, new, identity.session_id)
     except WeakPassword as exc:
-        raise WeakPassword(fields={"new_password": (exc.fields or {}).get("password", [])}) from None
+        raise WeakPassword(
+            fields={"new_password": (exc.fields or {}).get("password", [])}) from None
     events.record(db, state, "password.changed", client=client, user_id=user.id,
                   session_id=identity.session_id, details={"sessions_ended": ended})
     db.commit()

@@ -37,7 +37,8 @@ JSON_PREFIXES = ("/api/", "/.well-known/")
 def create_app(
     test_config: t.Mapping[str, t.Any] | None = None, instance_path: str | None = None
 ) -> Flask:
-    """Create the hub app: defaults, then ``hub.toml``, then ``HEADLESSKEY_HUB_*``, then test_config."""
+    """Create the hub app: defaults, then ``hub.toml``, then ``HEADLESSKEY_HUB_*``, then
+    test_config."""
     instance_path = instance_path or os.environ.get("HEADLESSKEY_HUB_INSTANCE")
     app = Flask(
         __name__,
@@ -134,7 +135,8 @@ def _build_state(app: Flask) -> HubState:
             try:
                 app.config[prefix + name] = int(json.loads(str(value)))
             except (ValueError, TypeError):
-                raise ConfigError(f"{prefix}{name}: expected a whole number, got {value!r}") from None
+                raise ConfigError(
+                    f"{prefix}{name}: expected a whole number, got {value!r}") from None
     engine = make_engine(str(url))
     if app.config.get(prefix + "AUTO_MIGRATE"):
         from .db import upgrade

@@ -31,5 +31,6 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
     "ADMIN_LOCK_SECONDS": (900, "Console lock duration."),
     "MAX_BODY": (1048576, "Largest request body accepted, bytes."),
     "TRUSTED_PROXIES": (0, "Proxies in front of the hub whose X-Forwarded-For/-Proto are trusted."),
-    "AUTO_MIGRATE": (False, "Upgrade the schema in create_app (tests; serve and init do it anyway)."),
+    "AUTO_MIGRATE": (False,
+                     "Upgrade the schema in create_app (tests; serve and init do it anyway)."),
 }

@@ -27,7 +27,7 @@ from agent.services.keys import generate_private_key_pem
 from agent.services.keys import jwk_thumbprint
 
 SECRET_BYTES = 32
-SECRET_PREFIX = "hks_"
+SECRET_PREFIX = "hks_"  # noqa: S105 - the public prefix of generated site secrets
 
 
 class MasterKeyError(Exception):

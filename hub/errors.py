@@ -2,7 +2,8 @@
 
     HubError
     ├── BadRequest        400 bad_request / invalid_request (with data.fields)
-    ├── Unauthorized      401 unsigned, bad_signature, skewed_request, replayed_request, unknown_site
+    ├── Unauthorized      401 unsigned, bad_signature, skewed_request, replayed_request,
+    │                         unknown_site
     ├── Forbidden         403 site_suspended
     ├── NotFound          404 not_found
     ├── Conflict          409 conflict (duplicate name, key, kid)

@@ -49,7 +49,8 @@ def _signed(summary: str, ok: dict[str, t.Any], *, ok_status: int = 200,
         "security": [{"signedRequest": []}],
         "responses": {
             str(ok_status): {"description": "OK", **_json(ok)},
-            **{str(s): {"description": ERRORS[s], **_json(_ref("Error"))} for s in sorted(set(statuses))},
+            **{str(s): {"description": ERRORS[s], **_json(_ref("Error"))}
+               for s in sorted(set(statuses))},
         },
     }
     if body is not None:

@@ -33,7 +33,8 @@ class HubState:
     redis: Redis | None = None  # request nonces, if HEADLESSKEY_HUB_REDIS_URL is set
 
     def setting(self, key: str) -> t.Any:
-        """A config value by its short name (``SECRET_GRACE`` for ``HEADLESSKEY_HUB_SECRET_GRACE``)."""
+        """A config value by its short name (``SECRET_GRACE`` for
+        ``HEADLESSKEY_HUB_SECRET_GRACE``)."""
         return self.config["HEADLESSKEY_HUB_" + key]
 
 

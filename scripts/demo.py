@@ -32,14 +32,15 @@ ROOT = Path(__file__).resolve().parent.parent
 FRONTEND = Path(__file__).resolve().parent / "demo_frontend"
 BIN = Path(sys.executable).parent
 DEMO_USER = "demo"
-DEMO_PASSWORD = "purple otter tea garden"
+DEMO_PASSWORD = "purple otter tea garden"  # noqa: S105 - the demo's published test password
 # Site A's API on :8000 is the site of docs/api.md's walkthrough.
 DEFAULT_PORTS = {"hub": 9000, "a": 8000, "b": 8001, "web_a": 3000, "web_b": 3001}
 
 
 def run(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run([str(BIN / args[0]), *args[1:]], input=stdin, text=True,
-                            capture_output=True, env=env, check=False)
+    result = subprocess.run(  # noqa: S603 - our own commands, next to this interpreter
+        [str(BIN / args[0]), *args[1:]], input=stdin, text=True, capture_output=True, env=env,
+        check=False)
     if result.returncode != 0:
         sys.exit(f"{' '.join(args[:3])} failed:\n{result.stdout}{result.stderr}")
     return result.stdout
@@ -125,8 +126,10 @@ class Demo:
     def serve_frontend(self, key: str) -> None:
         site = self.sites[key]
         peer = next(k for k in self.sites if k != key)
-        config = {"key": key, "name": site["name"], "api": self.api(key) + "/wp-json/headlesskey/v1",
-                  "peer": {"key": peer, "name": self.sites[peer]["name"], "frontend": self.web(peer)}}
+        config = {"key": key, "name": site["name"],
+                  "api": self.api(key) + "/wp-json/headlesskey/v1",
+                  "peer": {"key": peer, "name": self.sites[peer]["name"],
+                           "frontend": self.web(peer)}}
         script = f"window.HK = {json.dumps(config)};\n".encode()
 
         class Handler(SimpleHTTPRequestHandler):

@@ -96,7 +96,7 @@ def free_port(count: int = 1) -> int:
     low, high = _port_slice()
     with _PORTS_LOCK:
         if _next_port is None:
-            _next_port = low + random.randrange(0, high - low - 100)
+            _next_port = low + random.randrange(0, high - low - 100)  # noqa: S311 - a port number
         for _ in range(high - low):
             base = _next_port
             if base + count > high:
@@ -199,7 +199,8 @@ class Api:
     def url(self, path: str) -> str:
         return self.base + (path if path.startswith("/.well-known") else self.prefix + path)
 
-    def request(self, method: str, path: str, *, token: str | None = None, **kw: t.Any) -> requests.Response:
+    def request(self, method: str, path: str, *, token: str | None = None,
+                **kw: t.Any) -> requests.Response:
         headers = dict(kw.pop("headers", None) or {})
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
@@ -215,7 +216,8 @@ class Api:
     def delete(self, path: str, **kw: t.Any) -> requests.Response:
         return self.request("DELETE", path, **kw)
 
-    def login(self, login: str = "alice", password: str = PASSWORD, **kw: t.Any) -> dict[str, t.Any]:
+    def login(self, login: str = "alice", password: str = PASSWORD,
+              **kw: t.Any) -> dict[str, t.Any]:
         response = self.post("/token", json={"username": login, "password": password}, **kw)
         assert response.status_code == 200, response.text
         return t.cast(dict[str, t.Any], response.json())
@@ -426,7 +428,8 @@ def make_site(
         clock = Clock()
         HeadlessKey(app, clock=clock)
         server = make_server("127.0.0.1", port, app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  daemon=True)
         thread.start()
         servers.append((server, thread, app))
         prefix = app.extensions["headlesskey"].settings.prefix

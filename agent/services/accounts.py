@@ -183,7 +183,8 @@ def change_password(db: DBSession, state: State, user: User, new: str, keep_sess
     The caller has checked the current password (see :func:`check_current_password`).
     """
     set_password(db, state, user, new)
-    return sessions.revoke_user_sessions(db, user.id, state.clock(), "password_changed", keep_session)
+    return sessions.revoke_user_sessions(db, user.id, state.clock(), "password_changed",
+                                         keep_session)
 
 
 def check_current_password(state: State, user: User, current: str) -> None:

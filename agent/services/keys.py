@@ -101,7 +101,8 @@ class SigningKey:
         try:
             private = serialization.load_pem_private_key(pem, password=None)
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"HEADLESSKEY_PRIVATE_KEY_FILE: not a PEM private key ({exc})") from None
+            raise ConfigError(
+                f"HEADLESSKEY_PRIVATE_KEY_FILE: not a PEM private key ({exc})") from None
         if alg == "RS256":
             if not isinstance(private, rsa.RSAPrivateKey):
                 raise ConfigError("HEADLESSKEY_PRIVATE_KEY_FILE: RS256 needs an RSA key")

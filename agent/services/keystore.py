@@ -47,7 +47,7 @@ if t.TYPE_CHECKING:
 
 ACCESS = "access"
 FEDERATION = "federation"
-HUB_SECRET = "hub-secret"
+HUB_SECRET = "hub-secret"  # noqa: S105 - the purpose name of the hub secret's rows, not a secret
 RELOAD = 2.0  # seconds a worker trusts its copy of the key table
 MISS_RELOAD = 1.0  # an unknown kid rereads the table at most this often
 CLAIM_LEASE = dt.timedelta(minutes=5)  # a rotation that died mid-way may be retried after this
@@ -99,7 +99,8 @@ class KeyStore:
         self._session_factory = session_factory
         self._settings = settings
         self._clock = clock
-        self._fernet = Fernet(base64.urlsafe_b64encode(derive_key(settings.secret_key, "key-store")))
+        self._fernet = Fernet(
+            base64.urlsafe_b64encode(derive_key(settings.secret_key, "key-store")))
         self._lock = threading.Lock()
         self._entries: tuple[Entry, ...] = ()
         self._loaded = -1e9

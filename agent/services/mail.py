@@ -58,8 +58,10 @@ class Mailer:
         try:
             if self.settings.mail_backend == "console":
                 # Development only: the console backend prints the whole mail to stdout.
-                head = "".join(f"{k}: {v}\n" for k, v in msg.items() if k in {"From", "To", "Subject"})
-                sys.stdout.write(f"\n----- mail -----\n{head}\n{msg.get_content()}----- end mail -----\n")
+                head = "".join(f"{k}: {v}\n" for k, v in msg.items()
+                               if k in {"From", "To", "Subject"})
+                sys.stdout.write(f"\n----- mail -----\n{head}\n{msg.get_content()}"
+                                 "----- end mail -----\n")
                 sys.stdout.flush()
             else:
                 self._smtp(msg)
@@ -71,7 +73,8 @@ class Mailer:
         context = ssl.create_default_context()
         smtp: smtplib.SMTP
         if s.mail_security == "ssl":
-            smtp = smtplib.SMTP_SSL(s.mail_host, s.mail_port, timeout=s.mail_timeout, context=context)
+            smtp = smtplib.SMTP_SSL(s.mail_host, s.mail_port, timeout=s.mail_timeout,
+                                    context=context)
         else:
             smtp = smtplib.SMTP(s.mail_host, s.mail_port, timeout=s.mail_timeout)
         with smtp:

@@ -211,7 +211,8 @@ def refresh(db: DBSession, state: State, presented: t.Any) -> Issued:
         return _reuse(db, state, sess, user, row, presented, now)
 
     child = _next_refresh_token(state, presented)
-    child_expires = min(now + dt.timedelta(seconds=state.settings.refresh_token_ttl), sess.expires_at)
+    child_expires = min(now + dt.timedelta(seconds=state.settings.refresh_token_ttl),
+                        sess.expires_at)
     db.add(
         RefreshToken(
             session_id=sess.id,
@@ -253,7 +254,8 @@ def _reuse(
         assert child_row is not None
         # The same pair again: the same refresh token, and the access token of this generation.
         return Issued(
-            sess, user, _access_token(state, user, sess), sess.access_exp, child, child_row.expires_at
+            sess, user, _access_token(state, user, sess), sess.access_exp, child,
+            child_row.expires_at,
         )
     revoke_session(db, sess, now, "refresh_reuse")
     raise RefreshReused(sess)

@@ -45,7 +45,8 @@ REASONS = {
     # Malformed headers get the very answer of a wrong signature (SECURITY.md H-07): the shape
     # of a refused signature tells a caller nothing; the log keeps the reason.
     "malformed": ("bad_signature", "The signature does not match."),
-    "skewed": ("skewed_request", "The request timestamp is more than 300 s away from the hub's clock."),
+    "skewed": ("skewed_request",
+               "The request timestamp is more than 300 s away from the hub's clock."),
     "bad": ("bad_signature", "The signature does not match."),
     "unknown": ("bad_signature", "The signature does not match."),
     "replay": ("replayed_request", "This request was already received."),
@@ -83,7 +84,8 @@ def verify_signature() -> None:
     site = db.query(Site).filter(Site.site_key == signed.site_key).one_or_none()
     secrets_ = site_service.valid_secrets(db, state, site) if site is not None else []
     query = request.query_string.decode("latin-1")
-    if site is None or not signing.verify(signed, secrets_, request.method, request.path, query, body):
+    if site is None or not signing.verify(signed, secrets_, request.method, request.path, query,
+                                          body):
         _refuse("bad" if site else "unknown", signed.site_key)
     assert site is not None
     site_key = site.site_key

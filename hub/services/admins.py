@@ -62,7 +62,8 @@ def authenticate(db: DBSession, state: HubState, username: str, password: str, i
     a dummy argon2 check.
     """
     now = state.clock()
-    admin = db.scalar(select(Admin).where(Admin.username == username)) if len(username) <= 60 else None
+    admin = (db.scalar(select(Admin).where(Admin.username == username))
+             if len(username) <= 60 else None)
     locked = admin is not None and admin.locked_until is not None and now < admin.locked_until
     ok = hasher(state).verify(admin.password_hash if admin else None, password)
     if admin is None or not ok or locked or not admin.active:

@@ -39,7 +39,8 @@ def check_public_jwk(jwk: t.Any) -> tuple[str, str]:
     if not isinstance(jwk, dict):
         raise BadRequest(fields={"jwk": ["A JWK object."]})
     if PRIVATE_MEMBERS & set(jwk):
-        raise BadRequest("Only public keys may be registered.", fields={"jwk": ["Private key material."]})
+        raise BadRequest("Only public keys may be registered.",
+                         fields={"jwk": ["Private key material."]})
     kid, alg = jwk.get("kid"), jwk.get("alg")
     if not isinstance(kid, str) or not 8 <= len(kid) <= 128 or not kid.isprintable():
         raise BadRequest(fields={"kid": ["8 to 128 printable characters."]})
@@ -60,7 +61,8 @@ def check_public_jwk(jwk: t.Any) -> tuple[str, str]:
     return kid, alg
 
 
-def register(db: DBSession, state: HubState, site: Site, jwk: t.Any, status: str = "next") -> SiteKey:
+def register(db: DBSession, state: HubState, site: Site, jwk: t.Any,
+             status: str = "next") -> SiteKey:
     """Publish a member's public key (idempotent for the same key)."""
     kid, alg = check_public_jwk(jwk)
     if status not in ("next", "active"):

@@ -49,7 +49,8 @@ def access_works(site: Site, pair: dict[str, t.Any]) -> bool:
 
 
 def refresh_status(site: Site, pair: dict[str, t.Any]) -> int:
-    return site.api.post("/token/refresh", json={"refresh_token": pair["refresh_token"]}).status_code
+    return site.api.post("/token/refresh",
+                         json={"refresh_token": pair["refresh_token"]}).status_code
 
 
 # --- change password -------------------------------------------------------------------------
@@ -96,7 +97,8 @@ def test_change_password_with_no_other_session(asite: Site, smtp: Mailbox) -> No
 def test_wrong_current_password(asite: Site) -> None:
     current = asite.api.login()
     other = asite.api.login()
-    r = change(asite, current["token"], current_password="not my password at all", new_password=NEW_PASSWORD)
+    r = change(asite, current["token"], current_password="not my password at all",
+               new_password=NEW_PASSWORD)
     assert r.status_code == 400
     assert r.json()["code"] == "incorrect_password"
     assert can_log_in(asite, "alice", PASSWORD)
@@ -140,7 +142,8 @@ def test_change_password_needs_a_token(asite: Site) -> None:
     assert r.status_code == 401
     assert r.headers["WWW-Authenticate"].startswith("Bearer")
     assert can_log_in(asite, "alice", PASSWORD)
-    assert change(asite, "not-a-token", current_password=PASSWORD, new_password=NEW_PASSWORD).status_code == 401
+    assert change(asite, "not-a-token", current_password=PASSWORD,
+                  new_password=NEW_PASSWORD).status_code == 401
     assert can_log_in(asite, "alice", PASSWORD)
 
 
@@ -196,7 +199,8 @@ def test_sessions_lists_the_callers_active_sessions(asite: Site) -> None:
         for key in ("created", "last_seen", "expires"):
             assert s[key].endswith("Z")
     # Seen from the other session, "current" follows the caller.
-    seen = {s["id"]: s["current"] for s in asite.api.get("/sessions", token=firefox["token"]).json()["sessions"]}
+    seen = {s["id"]: s["current"]
+            for s in asite.api.get("/sessions", token=firefox["token"]).json()["sessions"]}
     assert seen == {chrome["sid"]: False, firefox["sid"]: True}
 
 
@@ -229,7 +233,8 @@ def test_cannot_end_another_users_session(asite: Site) -> None:
     assert r.json()["code"] == "session_not_found"
     assert access_works(asite, bobs)
     assert refresh_status(asite, bobs) == 200
-    assert asite.scalar("SELECT revoked_at FROM hk_sessions WHERE id = :sid", sid=bobs["sid"]) is None
+    assert asite.scalar("SELECT revoked_at FROM hk_sessions WHERE id = :sid",
+                        sid=bobs["sid"]) is None
 
 
 def test_unknown_session_id(asite: Site) -> None:

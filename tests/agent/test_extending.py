@@ -114,4 +114,5 @@ def test_the_documented_example_behaves_as_documented(example: t.Any) -> None:
     assert r.json() == {"reports": [], "tenant": "acme"}
 
     # Signals: every successful login above reached the receiver, with the client's IP.
-    assert [ip for _user, ip, _device in example.logins] == ["127.0.0.1"] * 4  # root, sub, alice, eddie
+    # root, sub, alice, eddie
+    assert [ip for _user, ip, _device in example.logins] == ["127.0.0.1"] * 4

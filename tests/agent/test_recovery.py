@@ -243,7 +243,8 @@ def test_wrong_codes_count_toward_the_account_lockout(rsite: Site) -> None:
     assert locked.status_code == 429
     assert locked.json()["code"] == "too_many_attempts"
     assert int(locked.headers["Retry-After"]) > 0
-    assert rsite.api.post("/token", json={"username": "alice", "password": PASSWORD}).status_code == 429
+    assert rsite.api.post("/token",
+                          json={"username": "alice", "password": PASSWORD}).status_code == 429
 
 
 def test_four_wrong_tries_leave_the_code_usable(rsite: Site) -> None:

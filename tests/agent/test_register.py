@@ -81,7 +81,8 @@ def test_registration_closed(make_site: t.Any) -> None:
     assert r.status_code == 403
     assert r.json()["code"] == "registration_closed"
     assert users(s) == 0
-    assert s.api.post("/token", json={"username": "bob", "password": GOOD_PASSWORD}).status_code == 401
+    assert s.api.post("/token",
+                      json={"username": "bob", "password": GOOD_PASSWORD}).status_code == 401
 
 
 @pytest.mark.parametrize(
@@ -111,7 +112,8 @@ def test_password_containing_the_username_is_refused(make_site: t.Any) -> None:
     assert_weak(register(s, username="Charlie", email="c@example.com", password=password.upper()))
     assert users(s) == 0
     # The same password is fine for someone else: it was refused because of the name.
-    assert register(s, username="dora", email="dora@example.com", password=password).status_code == 201
+    assert register(s, username="dora", email="dora@example.com",
+                    password=password).status_code == 201
 
 
 def test_long_passphrase_is_accepted(make_site: t.Any) -> None:
@@ -183,8 +185,10 @@ def test_taken_email_looks_like_a_new_registration(make_site: t.Any, smtp: Mailb
     body = notice.get_payload(decode=True).decode()
     assert "alice" in body
     # Mallory cannot log in with the password she chose, and alice's still works.
-    assert s.api.post("/token", json={"username": "mallory", "password": GOOD_PASSWORD}).status_code == 401
-    assert s.api.post("/token", json={"username": "alice@example.com", "password": GOOD_PASSWORD}).status_code == 401
+    assert s.api.post("/token",
+                      json={"username": "mallory", "password": GOOD_PASSWORD}).status_code == 401
+    assert s.api.post("/token", json={"username": "alice@example.com",
+                                      "password": GOOD_PASSWORD}).status_code == 401
     assert s.api.login("alice", PASSWORD)["user"]["ID"] == 1
 
 
@@ -204,7 +208,8 @@ def test_privileged_fields_in_the_body_are_ignored(make_site: t.Any) -> None:
     assert s.scalar("SELECT count(*) FROM hk_users WHERE id = 99") == 0
     assert not s.scalar("SELECT email_verified FROM hk_users WHERE login_key = 'bob'")
     assert s.scalar("SELECT status FROM hk_users WHERE login_key = 'bob'") == "active"
-    profile = s.api.post("/login", json={"username": "bob", "password": GOOD_PASSWORD}).json()["user"]
+    profile = s.api.post("/login",
+                         json={"username": "bob", "password": GOOD_PASSWORD}).json()["user"]
     assert profile["ID"] == 1
     assert profile["roles"] == ["subscriber"]
     assert profile["email_verified"] is False

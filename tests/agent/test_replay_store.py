@@ -71,7 +71,8 @@ class Federation:
 
     def member(self, name: str) -> Site:
         issuer = f"https://{name}.example"
-        site_key, secret = self.hub.add_site(f"Site {name.upper()}", issuer, site_key=f"site-{name}")
+        site_key, secret = self.hub.add_site(f"Site {name.upper()}", issuer,
+                                             site_key=f"site-{name}")
         secret_file = self.tmp_path / f"{name}-hub-secret.key"
         secret_file.write_text(secret + "\n")
         key_file = self.tmp_path / f"{name}-federation-key.pem"

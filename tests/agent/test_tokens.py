@@ -172,14 +172,16 @@ def test_reuse_after_grace_revokes_the_whole_family(site: Site) -> None:
     chain = [rt1]
     for _ in range(3):
         site.clock.advance(1)
-        chain.append(site.api.post("/token/refresh", json={"refresh_token": chain[-1]}).json()["refresh_token"])
+        chain.append(site.api.post("/token/refresh",
+                                   json={"refresh_token": chain[-1]}).json()["refresh_token"])
     latest_access = site.api.post("/token/refresh", json={"refresh_token": chain[-1]}).json()
     site.clock.advance(30)
     reused = site.api.post("/token/refresh", json={"refresh_token": rt1})
     assert reused.status_code == 400
     assert reused.json()["code"] == "refresh_token_reused"
     # Every token of the session is dead now, the newest included.
-    assert site.api.post("/token/refresh", json={"refresh_token": latest_access["refresh_token"]}).status_code == 400
+    assert site.api.post("/token/refresh",
+                         json={"refresh_token": latest_access["refresh_token"]}).status_code == 400
     assert site.api.get("/me", token=latest_access["token"]).status_code == 401
     assert site.scalar("SELECT revoke_reason FROM hk_sessions") == "refresh_reuse"
 
@@ -211,14 +213,16 @@ def test_revoke_access_token_ends_the_session(site: Site) -> None:
     assert r.json()["success"] is True
     assert site.api.get("/me", token=pair["token"]).status_code == 401
     assert site.api.post("/token/validate", json={"token": pair["token"]}).status_code == 401
-    assert site.api.post("/token/refresh", json={"refresh_token": pair["refresh_token"]}).status_code == 400
+    assert site.api.post("/token/refresh",
+                         json={"refresh_token": pair["refresh_token"]}).status_code == 400
     # Another session of the same user is untouched.
     assert site.api.get("/me", token=other["token"]).status_code == 200
 
 
 def test_revoke_refresh_token_ends_the_session(site: Site) -> None:
     pair = site.api.login()
-    assert site.api.post("/token/revoke", json={"refresh_token": pair["refresh_token"]}).status_code == 200
+    assert site.api.post("/token/revoke",
+                         json={"refresh_token": pair["refresh_token"]}).status_code == 200
     assert site.api.get("/me", token=pair["token"]).status_code == 401
 
 
@@ -283,7 +287,8 @@ def test_algorithm_is_bound_to_the_key(make_site: t.Any, key_files: t.Any) -> No
     public = jwt.PyJWK(jwk).key
     from cryptography.hazmat.primitives import serialization
 
-    pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = public.public_bytes(serialization.Encoding.PEM,
+                              serialization.PublicFormat.SubjectPublicKeyInfo)
     import base64
     import hashlib
     import hmac as hmac_mod
@@ -368,7 +373,8 @@ def test_token_kinds_and_headers_are_checked(make_site: t.Any) -> None:
         assert r.json()["code"] == "invalid_token"
     # The same claims, signed as the site signs them, are accepted: the cases above fail
     # for their one defect, not by accident.
-    assert s.api.get("/me", token=forge(claims, key, "HS256", kid=kid, typ="at+jwt")).status_code == 200
+    assert s.api.get("/me",
+                     token=forge(claims, key, "HS256", kid=kid, typ="at+jwt")).status_code == 200
 
 
 def test_claims_are_checked_one_by_one(make_site: t.Any) -> None:
@@ -384,7 +390,8 @@ def test_claims_are_checked_one_by_one(make_site: t.Any) -> None:
     def signed(**changes: t.Any) -> str:
         # Signed as bytes: PyJWT's encoder would refuse some of these claims itself.
         payload = json.dumps({**claims, **changes}).encode()
-        return jwt.api_jws.PyJWS().encode(payload, key, "HS256", headers={"kid": kid, "typ": "at+jwt"})
+        return jwt.api_jws.PyJWS().encode(payload, key, "HS256",
+                                          headers={"kid": kid, "typ": "at+jwt"})
 
     def by_hand(header: dict[str, t.Any]) -> str:
         # PyJWT drops a "b64": true header when it signs.

@@ -110,7 +110,8 @@ def make_hub(tmp_path: Path) -> t.Iterator[t.Callable[..., Hub]]:
         clock = Clock()
         app.extensions["headlesskey_hub"].clock = clock
         server = make_server("127.0.0.1", port, app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  daemon=True)
         thread.start()
         servers.append((server, thread, app))
         return Hub(app, f"http://127.0.0.1:{port}", clock)

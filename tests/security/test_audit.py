@@ -2,9 +2,9 @@
 
 The shared federation of this part of the suite (``tests.security.test_headers.surface``): a
 hub and sites ``x`` and ``y`` with a tight account lockout (3 failures) and no refresh grace
-window, mail to a real SMTP server on loopback. Each auth event is caused over HTTP and must leave exactly one
-row in the site's ``hk_audit`` (or, for the hub's own actions, in ``hub_events``) with its UTC
-time, actor, IP and outcome. The last test breaks the site's database on purpose.
+window, mail to a real SMTP server on loopback. Each auth event is caused over HTTP and must leave
+exactly one row in the site's ``hk_audit`` (or, for the hub's own actions, in ``hub_events``)
+with its UTC time, actor, IP and outcome. The last test breaks the site's database on purpose.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def admin(fed: Federation) -> str:
 def rows_since(agent: Agent, mark: int) -> list[dict[str, t.Any]]:
     columns = ("id", "created_at", "event", "outcome", "user_id", "login", "ip", "details")
     return [dict(zip(columns, row, strict=True)) for row in agent.rows(
-        f"SELECT {', '.join(columns)} FROM hk_audit WHERE id > ? ORDER BY id", mark)]
+        f"SELECT {', '.join(columns)} FROM hk_audit"  # noqa: S608 - the fixed columns above
+        " WHERE id > ? ORDER BY id", mark)]
 
 
 def exactly_one(agent: Agent, mark: int, event: str, outcome: str, *,
@@ -223,7 +224,9 @@ def test_L04_the_activity_log_cannot_be_changed_over_http(fed: Federation, admin
             assert r.status_code in (404, 405), (method, path, r.status_code)
     logs = agent.get("/admin/logs", token=admin)
     assert logs.status_code == 200
-    assert agent.rows(f"SELECT * FROM hk_audit WHERE id <= {int(last_id)} ORDER BY id") == before
+    assert agent.rows(
+        f"SELECT * FROM hk_audit WHERE id <= {int(last_id)} ORDER BY id"  # noqa: S608 - an int
+    ) == before
 
     # The hub stores a site's uploaded event once; a second upload of that id cannot rewrite it.
     remote = f"audit-{secrets.token_hex(4)}"
@@ -263,11 +266,15 @@ def test_L05_malformed_requests_get_generic_errors(fed: Federation, admin: str) 
     user = new_user(agent, f"l05{secrets.token_hex(4)}")
     url = agent.base + PREFIX
     cases = [
-        ("POST", "/token", {"data": "{\"username\": ", "headers": {"Content-Type": "application/json"}}, {400}),
+        ("POST", "/token", {"data": "{\"username\": ",
+                            "headers": {"Content-Type": "application/json"}}, {400}),
         ("POST", "/token", {"data": "username=a&password=b",
-                            "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, {415}),
-        ("POST", "/token", {"data": "[1, 2]", "headers": {"Content-Type": "application/json"}}, {400}),
-        ("POST", "/register", {"data": b"\xff\xfe{", "headers": {"Content-Type": "application/json"}}, {400}),
+                            "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+         {415}),
+        ("POST", "/token", {"data": "[1, 2]",
+                            "headers": {"Content-Type": "application/json"}}, {400}),
+        ("POST", "/register", {"data": b"\xff\xfe{",
+                               "headers": {"Content-Type": "application/json"}}, {400}),
         ("POST", "/token", {"data": "{" + " " * 70000 + "}",
                             "headers": {"Content-Type": "application/json"}}, {413}),
         ("POST", "/change-password", {"data": "{", "headers": {

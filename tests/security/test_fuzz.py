@@ -4,10 +4,10 @@ Each operation of the agent's OpenAPI document (``{prefix}/openapi.json``) and o
 (``/api/openapi.json``) gets generated requests, valid and invalid against the document, sent to
 the real processes of the fleet with authentication set up: the agent's protected operations
 carry the bearer token of an administrator of site ``hs`` (logged in again after any request
-that may end its session, so a generated ``/token/revoke`` cannot blind the rest); the hub's ``/api/v1`` operations are signed
-with the secret of a site added for this test, exactly as ``agent.hub_client`` signs them (a
-rotated secret is taken from the answer). Every response must pass ``not_a_server_error``,
-``status_code_conformance`` and ``response_schema_conformance``.
+that may end its session, so a generated ``/token/revoke`` cannot blind the rest); the hub's
+``/api/v1`` operations are signed with the secret of a site added for this test, exactly as
+``agent.hub_client`` signs them (a rotated secret is taken from the answer). Every response must
+pass ``not_a_server_error``, ``status_code_conformance`` and ``response_schema_conformance``.
 
 The run is bounded and deterministic (``derandomize``): ``HEADLESSKEY_FUZZ_EXAMPLES`` examples
 per operation and generation mode (default 12, so 24 requests per operation). A longer run:

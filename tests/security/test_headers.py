@@ -64,9 +64,10 @@ def surface(request: pytest.FixtureRequest, mail: Mailbox) -> Federation:
     """The federation of this part of the suite, built once per run and shared by its modules.
 
     A hub (asking for the password again 2 s after sign-in) and sites ``x`` and ``y``, each
-    behind one trusted proxy and serving with its jobs process; the sites allow the one origin ``ALLOWED``, lock an account after 3 failures,
-    treat a reused refresh token as reuse at once (no grace window), mail to ``mail`` and send
-    every event to the webhook receiver (:class:`Receiver`, secret ``WEBHOOK_SECRET``).
+    behind one trusted proxy and serving with its jobs process; the sites allow the one origin
+    ``ALLOWED``, lock an account after 3 failures, treat a reused refresh token as reuse at once
+    (no grace window), mail to ``mail`` and send every event to the webhook receiver
+    (:class:`Receiver`, secret ``WEBHOOK_SECRET``).
     """
     config = request.config
     if SURFACE in config.stash:
@@ -109,7 +110,7 @@ def proxied(request: pytest.FixtureRequest, mail: Mailbox) -> Federation:
 def send(method: str, url: str, **kw: t.Any) -> requests.Response:
     kw.setdefault("timeout", 30)
     kw.setdefault("allow_redirects", False)
-    return requests.request(method, url, **kw)
+    return requests.request(method, url, **kw)  # noqa: S113 - the timeout is set just above
 
 
 def signed(hub: Hub, agent: Agent, method: str, path: str, body: bytes = b"",
@@ -117,7 +118,8 @@ def signed(hub: Hub, agent: Agent, method: str, path: str, body: bytes = b"",
     """One request to the hub's site API, signed with ``agent``'s secret."""
     signature = signing.sign_request(agent.raw_secret, agent.site_key, method, path, "", body)
     extra = {"Content-Type": "application/json"} if body else {}
-    return send(method, hub.url + path, data=body, headers={**signature, **extra, **(headers or {})})
+    return send(method, hub.url + path, data=body,
+                headers={**signature, **extra, **(headers or {})})
 
 
 def agent_requests(agent: Agent) -> list[tuple[str, str, dict[str, t.Any]]]:
@@ -131,7 +133,8 @@ def agent_requests(agent: Agent) -> list[tuple[str, str, dict[str, t.Any]]]:
         ("GET", api + "/no-such-route", {}),
         ("GET", api + "/me", {}),
         ("POST", api + "/token", {"json": {"username": "nobody-here", "password": "x" * 12}}),
-        ("POST", api + "/token", {"data": "{not json", "headers": {"Content-Type": "application/json"}}),
+        ("POST", api + "/token", {"data": "{not json",
+                                  "headers": {"Content-Type": "application/json"}}),
         ("POST", api + "/token", {"data": "a=b"}),
         ("PUT", api + "/token", {}),
         ("OPTIONS", api + "/token", {"headers": {"Origin": ALLOWED,
@@ -144,7 +147,8 @@ def hub_requests(hub: Hub) -> list[tuple[str, str, dict[str, t.Any]]]:
         ("GET", hub.url + "/.well-known/jwks.json", {}),
         ("GET", hub.url + "/.well-known/headlesskey-federation", {}),
         ("GET", hub.url + "/api/v1/directory", {}),
-        ("POST", hub.url + "/api/v1/events", {"data": "{", "headers": {"Content-Type": "application/json"}}),
+        ("POST", hub.url + "/api/v1/events", {"data": "{",
+                                              "headers": {"Content-Type": "application/json"}}),
         ("GET", hub.url + "/api/no-such-route", {}),
         ("GET", hub.url + "/", {}),
         ("GET", hub.url + "/console/login", {}),
@@ -160,7 +164,8 @@ def assert_common_headers(response: requests.Response) -> None:
     where = f"{response.request.method} {response.url} -> {response.status_code}"
     headers = response.headers
     assert headers.get("X-Content-Type-Options") == "nosniff", where
-    assert headers.get("Referrer-Policy") in ("no-referrer", "strict-origin-when-cross-origin"), where
+    assert headers.get("Referrer-Policy") in ("no-referrer",
+                                              "strict-origin-when-cross-origin"), where
     if response.status_code in (204, 301, 302, 303, 304):
         return
     content_type = headers.get("Content-Type", "")
@@ -175,7 +180,8 @@ def test_B07_B09_every_response_is_nosniff_with_a_referrer_policy(fleet: Fleet) 
     """Successes, refusals, malformed bodies, 404s and 405s of the three sites and the hub
     (its API, well-known documents and console) all carry nosniff, ``Referrer-Policy`` and a
     proper ``Content-Type``."""
-    responses = [send(m, url, **kw) for agent in fleet.agents for m, url, kw in agent_requests(agent)]
+    responses = [send(m, url, **kw)
+                 for agent in fleet.agents for m, url, kw in agent_requests(agent)]
     responses += [send(m, url, **kw) for m, url, kw in hub_requests(fleet.hub)]
     statuses = {r.status_code for r in responses}
     assert {200, 204, 400, 401, 404, 405}.issubset(statuses), statuses
@@ -357,7 +363,8 @@ def test_B05_preflight_lists_only_what_the_api_needs(proxied: Federation) -> Non
         response = preflight(url, ALLOWED, method, asked)
         assert response.status_code in (200, 204)
         methods = {m.strip() for m in response.headers["Access-Control-Allow-Methods"].split(",")}
-        allowed = {h.strip().lower() for h in response.headers["Access-Control-Allow-Headers"].split(",")}
+        allowed = {h.strip().lower()
+                   for h in response.headers["Access-Control-Allow-Headers"].split(",")}
         assert methods == {"GET", "POST", "DELETE", "OPTIONS"}
         assert allowed == {"authorization", "content-type", "x-headlesskey-authorization"}
         assert "Access-Control-Allow-Credentials" not in response.headers

@@ -877,8 +877,9 @@ def test_J35_deep_nesting(agent: Agent, attacker: Attacker) -> None:
     assert_valid(v)
 
 
-COMMON_SECRETS = ["", "secret", "secret123", "password", "123456", "changeme", "your-256-bit-secret",
-                  "your_jwt_secret", "jwt_secret", "jwtsecret", "supersecret", "mysecret",
+COMMON_SECRETS = ["", "secret", "secret123", "password", "123456", "changeme",
+                  "your-256-bit-secret", "your_jwt_secret", "jwt_secret", "jwtsecret",
+                  "supersecret", "mysecret",
                   "secretkey", "secret_key", "SECRET_KEY", "key", "private", "default", "test",
                   "admin", "qwerty", "letmein", "headlesskey", "HeadlessKey", "hk", "wordpress",
                   "AUTH_KEY", "put your unique phrase here", "shhhhh", "s3cr3t", "1", "0", " ",

@@ -2,8 +2,9 @@
 
 The shared federation of this part of the suite (``tests.security.test_headers.surface``: a
 hub and sites ``x`` and ``y``, each serving with its jobs process, mail to a real SMTP server on
-loopback, every event sent to a webhook receiver on loopback) goes through a full flow over HTTP: register, a failed login, login, refresh, reset
-by link and by code, change of password, SSO from ``x`` to ``y``, and a delivered webhook.
+loopback, every event sent to a webhook receiver on loopback) goes through a full flow over
+HTTP: register, a failed login, login, refresh, reset by link and by code, change of password,
+SSO from ``x`` to ``y``, and a delivered webhook.
 Then every log line of every process, every response body and header, every webhook request
 the receiver got, and every stored activity row (the sites' ``hk_audit``, the hub's
 ``hub_events``) is searched for each password used, the reset token and code, every refresh
@@ -49,8 +50,8 @@ class Flow:
         self.secrets[what] = value
         return value
 
-    def response(self, label: str, response: requests.Response, *, owner_fields: tuple[str, ...] = (),
-                 status: int = 200) -> dict[str, t.Any]:
+    def response(self, label: str, response: requests.Response, *,
+                 owner_fields: tuple[str, ...] = (), status: int = 200) -> dict[str, t.Any]:
         """Keep ``response`` to search, without exactly the fields that hand a token to its
         owner; return its JSON body."""
         assert response.status_code == status, f"{label}: {response.status_code} {response.text}"

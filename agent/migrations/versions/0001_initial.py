@@ -45,11 +45,14 @@ def upgrade() -> None:
     sa.Column('expires_at', agent.models.UTCDateTime(), nullable=False),
     sa.Column('used_at', agent.models.UTCDateTime(), nullable=True),
     sa.Column('attempts', sa.Integer(), nullable=False),
-    sa.ForeignKeyConstraint(['user_id'], ['hk_users.id'], name=op.f('fk_hk_password_resets_user_id_hk_users'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['user_id'], ['hk_users.id'],
+                            name=op.f('fk_hk_password_resets_user_id_hk_users'),
+                            ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_hk_password_resets'))
     )
     with op.batch_alter_table('hk_password_resets', schema=None) as batch_op:
-        batch_op.create_index('ix_hk_password_resets_user_active', ['user_id', 'used_at'], unique=False)
+        batch_op.create_index('ix_hk_password_resets_user_active', ['user_id', 'used_at'],
+                              unique=False)
 
     op.create_table('hk_sessions',
     sa.Column('id', sa.String(length=32), nullable=False),
@@ -67,7 +70,8 @@ def upgrade() -> None:
     sa.Column('access_exp', sa.Integer(), nullable=False),
     sa.Column('prev_access_jti', sa.String(length=64), nullable=True),
     sa.Column('rotated_at', agent.models.UTCDateTime(), nullable=True),
-    sa.ForeignKeyConstraint(['user_id'], ['hk_users.id'], name=op.f('fk_hk_sessions_user_id_hk_users'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['user_id'], ['hk_users.id'],
+                            name=op.f('fk_hk_sessions_user_id_hk_users'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_hk_sessions'))
     )
     with op.batch_alter_table('hk_sessions', schema=None) as batch_op:
@@ -81,12 +85,15 @@ def upgrade() -> None:
     sa.Column('created_at', agent.models.UTCDateTime(), nullable=False),
     sa.Column('expires_at', agent.models.UTCDateTime(), nullable=False),
     sa.Column('used_at', agent.models.UTCDateTime(), nullable=True),
-    sa.ForeignKeyConstraint(['session_id'], ['hk_sessions.id'], name=op.f('fk_hk_refresh_tokens_session_id_hk_sessions'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['session_id'], ['hk_sessions.id'],
+                            name=op.f('fk_hk_refresh_tokens_session_id_hk_sessions'),
+                            ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_hk_refresh_tokens')),
     sa.UniqueConstraint('token_hash', name=op.f('uq_hk_refresh_tokens_token_hash'))
     )
     with op.batch_alter_table('hk_refresh_tokens', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_hk_refresh_tokens_session_id'), ['session_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_hk_refresh_tokens_session_id'), ['session_id'],
+                              unique=False)
 
 
 

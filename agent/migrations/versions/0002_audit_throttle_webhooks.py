@@ -65,7 +65,8 @@ def upgrade() -> None:
     sa.UniqueConstraint('message_id', name=op.f('uq_hk_webhook_outbox_message_id'))
     )
     with op.batch_alter_table('hk_webhook_outbox', schema=None) as batch_op:
-        batch_op.create_index('ix_hk_webhook_outbox_due', ['status', 'next_attempt_at'], unique=False)
+        batch_op.create_index('ix_hk_webhook_outbox_due', ['status', 'next_attempt_at'],
+                              unique=False)
 
     op.create_table('hk_webhook_attempts',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -74,11 +75,14 @@ def upgrade() -> None:
     sa.Column('status_code', sa.Integer(), nullable=True),
     sa.Column('error', sa.String(length=200), nullable=False),
     sa.Column('duration_ms', sa.Integer(), nullable=False),
-    sa.ForeignKeyConstraint(['message_id'], ['hk_webhook_outbox.id'], name=op.f('fk_hk_webhook_attempts_message_id_hk_webhook_outbox'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['message_id'], ['hk_webhook_outbox.id'],
+                            name=op.f('fk_hk_webhook_attempts_message_id_hk_webhook_outbox'),
+                            ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_hk_webhook_attempts'))
     )
     with op.batch_alter_table('hk_webhook_attempts', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_hk_webhook_attempts_message_id'), ['message_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_hk_webhook_attempts_message_id'), ['message_id'],
+                              unique=False)
 
 
 

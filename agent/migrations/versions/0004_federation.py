@@ -41,7 +41,9 @@ def upgrade() -> None:
     sa.Column('subject', sa.String(length=255), nullable=False),
     sa.Column('user_id', sa.Integer(), nullable=False),
     sa.Column('created_at', agent.models.UTCDateTime(), nullable=False),
-    sa.ForeignKeyConstraint(['user_id'], ['hk_users.id'], name=op.f('fk_hk_identity_links_user_id_hk_users'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['user_id'], ['hk_users.id'],
+                            name=op.f('fk_hk_identity_links_user_id_hk_users'),
+                            ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('issuer', 'subject', name=op.f('pk_hk_identity_links'))
     )
     with op.batch_alter_table('hk_identity_links', schema=None) as batch_op:

@@ -108,7 +108,8 @@ def upgrade() -> None:
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('created_at', agent.models.UTCDateTime(), nullable=False),
     sa.Column('retired_at', agent.models.UTCDateTime(), nullable=True),
-    sa.ForeignKeyConstraint(['site_id'], ['hub_sites.id'], name=op.f('fk_hub_site_keys_site_id_hub_sites'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['site_id'], ['hub_sites.id'],
+                            name=op.f('fk_hub_site_keys_site_id_hub_sites'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_hub_site_keys')),
     sa.UniqueConstraint('kid', name=op.f('uq_hub_site_keys_kid'))
     )
@@ -122,7 +123,8 @@ def upgrade() -> None:
     sa.Column('ciphertext', sa.LargeBinary(), nullable=False),
     sa.Column('created_at', agent.models.UTCDateTime(), nullable=False),
     sa.Column('expires_at', agent.models.UTCDateTime(), nullable=True),
-    sa.ForeignKeyConstraint(['site_id'], ['hub_sites.id'], name=op.f('fk_hub_site_secrets_site_id_hub_sites'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['site_id'], ['hub_sites.id'],
+                            name=op.f('fk_hub_site_secrets_site_id_hub_sites'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_hub_site_secrets')),
     sa.UniqueConstraint('site_id', 'version', name=op.f('uq_hub_site_secrets_site_id'))
     )
