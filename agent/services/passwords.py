@@ -52,16 +52,17 @@ class Hasher:
         return self._ph.hash(normalise(password))
 
     def verify(self, stored_hash: str | None, password: str) -> bool:
-        """Check ``password``; with ``stored_hash`` None, spend the same time and return False."""
+        """Check ``password``. With ``stored_hash`` None (no such account) or one that is no
+        argon2 hash (an account made by SSO, which has no password), spend the time a real
+        check takes and return False: the answer's timing does not tell such accounts apart."""
         try:
             return self._ph.verify(stored_hash or self._dummy, normalise(password)) and (
                 stored_hash is not None
             )
-        except (
-            argon2_exceptions.VerifyMismatchError,
-            argon2_exceptions.VerificationError,
-            argon2_exceptions.InvalidHashError,
-        ):
+        except argon2_exceptions.VerificationError:  # a wrong password
+            return False
+        except argon2_exceptions.InvalidHashError:
+            self.verify(None, password)
             return False
 
     def needs_rehash(self, stored_hash: str) -> bool:

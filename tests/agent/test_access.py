@@ -485,6 +485,41 @@ def test_no_signal_for_a_rolled_back_transaction(
     assert on_any.names() == ["login.succeeded"]
 
 
+def test_an_account_with_no_password_costs_a_login_a_whole_hash(
+    make_site: t.Callable[..., Site],
+) -> None:
+    """An account made by SSO has no password (its hash field holds no argon2 hash): a login to
+    it is refused as a wrong password is, after the same argon2 work, so its timing does not
+    tell which logins exist as federated accounts."""
+    import statistics
+    import time
+
+    from sqlalchemy import text
+
+    # A hash of tens of milliseconds, so skipping it would stand far out of the noise.
+    s = make_site("HS256", HEADLESSKEY_ARGON2_TIME_COST=2, HEADLESSKEY_ARGON2_MEMORY_COST=19456,
+                  HEADLESSKEY_LOCKOUT_MAX_FAILURES=100, HEADLESSKEY_LOCKOUT_IP_MAX_FAILURES=1000)
+    s.create_user("alice")
+    s.create_user("fed")
+    with s.state.engine.begin() as conn:
+        conn.execute(text("UPDATE hk_users SET password_hash = '!sso-only' "
+                          "WHERE user_login = 'fed'"))
+
+    def timed(username: str) -> float:
+        started = time.perf_counter()
+        r = s.api.post("/token", json={"username": username, "password": "not the password"})
+        elapsed = time.perf_counter() - started
+        assert r.status_code == 401 and r.json()["code"] == "invalid_credentials", r.text
+        return elapsed
+
+    wrong, no_password = [], []
+    for _ in range(5):
+        wrong.append(timed("alice"))
+        no_password.append(timed("fed"))
+    # Skipping the hash would make the second group cost a small fraction of the first.
+    assert statistics.median(no_password) > statistics.median(wrong) / 2, (wrong, no_password)
+
+
 def test_a_login_rehashes_a_password_stored_at_older_parameters(
     make_site: t.Callable[..., Site],
 ) -> None:

@@ -236,6 +236,35 @@ def test_A02_login_unknown_user_costs_a_wrong_password(site: Site, hash_cost: fl
         f"medians differ by {difference * 1000:.1f} ms (one hash: {hash_cost * 1000:.1f} ms)")
 
 
+@pytest.mark.case("A-02")
+def test_A02_login_to_an_account_made_by_sso_costs_a_wrong_password(
+        site: Site, hash_cost: float, capsys: pytest.CaptureFixture[str]) -> None:
+    """An account made by SSO has no password: a login to it answers as a wrong password does,
+    in the same median time, so timing does not tell which logins exist as federated accounts."""
+    known = f"known{secrets.token_hex(4)}"
+    federated = f"fed{secrets.token_hex(4)}"
+    for name in (known, federated):
+        assert site.register(name).status_code == 201
+    # What /sso/exchange stores for the accounts it makes (agent/federation.py).
+    assert site.agent.write("UPDATE hk_users SET password_hash = '!sso-only' "
+                            "WHERE user_login = ?", federated) == 1
+    assert hash_cost > 0.010, f"a password check costs {hash_cost * 1000:.1f} ms: no real hash"
+    bound = hash_cost / 2  # as for unknown users: a skipped hash shifts the group by a whole one
+    wrong, sso_only, difference = same_median(
+        lambda i: site.post("/token", {"username": known, "password": f"guess {i}"}),
+        lambda i: site.post("/token", {"username": federated, "password": f"guess {i}"}),
+        bound,
+    )
+    with capsys.disabled():
+        print(f"\n[enumeration] login: {describe('wrong password', wrong)}; "
+              f"{describe('account made by SSO', sso_only)}; one hash {hash_cost * 1000:.1f} ms")
+    # Timing first: a gap makes the samples run to the account's lockout (429s) too.
+    assert difference < bound, (
+        f"medians differ by {difference * 1000:.1f} ms (one hash: {hash_cost * 1000:.1f} ms)")
+    seen = answers(wrong) | answers(sso_only)
+    assert len(seen) == 1 and next(iter(seen))[0] == 401, seen
+
+
 @pytest.mark.case("A-04", "A-05")
 def test_A04_forgot_password_existing_or_not(site: Site,
                                              capsys: pytest.CaptureFixture[str]) -> None:
