@@ -49,9 +49,11 @@ _OPENER = urllib.request.build_opener(_NoRedirect)
 
 def urllib_transport(method: str, url: str, headers: dict[str, str], body: bytes,
                      timeout: float) -> Reply:
-    # http(s) only: HubClient.__init__ rejects any other scheme for the hub URL (as config._url
-    # does for HEADLESSKEY_HUB_URL and `join --hub`), and redirects are not followed.
-    request = urllib.request.Request(  # noqa: S310 - http(s) only, see above
+    """One HTTP(S) request; redirects are answers, never followed. Other URL schemes (file:,
+    ftp:, data:, which urllib would open too) are refused."""
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    request = urllib.request.Request(  # noqa: S310 - http(s) only, checked above
         url, data=body or None, headers=headers, method=method)
     try:
         with _OPENER.open(request, timeout=timeout) as response:
