@@ -62,7 +62,10 @@ def authenticate(db: DBSession, state: HubState, username: str, password: str, i
     a dummy argon2 check.
     """
     now = state.clock()
-    admin = (db.scalar(select(Admin).where(Admin.username == username))
+    # The row is locked (and read afresh) until the transaction ends: concurrent attempts on
+    # one admin take turns, so each failure is counted and none outruns the lock.
+    admin = (db.scalar(select(Admin).where(Admin.username == username).with_for_update()
+                       .execution_options(populate_existing=True))
              if len(username) <= 60 else None)
     locked = admin is not None and admin.locked_until is not None and now < admin.locked_until
     ok = hasher(state).verify(admin.password_hash if admin else None, password)
@@ -91,6 +94,7 @@ def confirm(db: DBSession, state: HubState, admin: Admin, password: str, ip: str
     A wrong password counts toward the admin's lock as a failed login does, so a stolen
     session cannot be used to guess it; a locked admin is refused whatever the password.
     """
+    db.refresh(admin, with_for_update=True)  # as in authenticate: attempts take turns
     now = state.clock()
     locked = admin.locked_until is not None and now < admin.locked_until
     ok = hasher(state).verify(admin.password_hash, password[:1024])

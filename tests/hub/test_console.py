@@ -7,6 +7,7 @@ the CSRF token read from the form), against a hub served by the ``hub`` fixture.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import re
 import typing as t
@@ -150,6 +151,25 @@ def test_login_answers_alike_for_wrong_password_unknown_user_and_lock(hub: Hub) 
     home = c.get("/")
     assert home.status_code == 200 and "Dashboard" in home.text and "alice" in home.text
     assert hub_events(hub, "admin.login")[0]["ip"] == "127.0.0.1"
+
+
+def test_concurrent_wrong_passwords_are_each_counted(make_hub: t.Callable[..., Hub]) -> None:
+    """Wrong passwords sent at once (the server answers each in a thread of its own, hashing in
+    parallel) are all counted: none is lost to another's write of the same counter, so
+    parallel guesses cannot outrun the lock."""
+    hub = make_hub(HEADLESSKEY_HUB_ADMIN_MAX_FAILURES=100)
+    make_admin(hub)
+    guesses = 12
+    consoles = [Console(hub) for _ in range(guesses)]
+    tokens = [c.token("/console/login") for c in consoles]
+    with concurrent.futures.ThreadPoolExecutor(guesses) as pool:
+        answers = list(pool.map(
+            lambda ct: ct[0].post("/console/login", {"username": "alice", "password": WRONG},
+                                  token=ct[1]),
+            zip(consoles, tokens, strict=True)))
+    assert all(r.status_code == 200 and LOGIN_FAILED in r.text for r in answers)
+    assert hub.scalar("SELECT failures FROM hub_admins WHERE username = 'alice'") == guesses
+    assert len(hub_events(hub, "admin.login_failed")) == guesses
 
 
 def test_every_page_needs_login(hub: Hub) -> None:
