@@ -143,6 +143,9 @@ def reset_password(
             )
             .order_by(PasswordReset.id.desc())
             .limit(1)
+            # Locked until the commit: concurrent tries of one code take turns, so each wrong
+            # one is counted (none lost to another's write of ``attempts``).
+            .with_for_update()
         )
     if user is None or record is None or now >= record.expires_at:
         raise InvalidResetToken()

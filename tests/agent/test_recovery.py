@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
 import re
@@ -232,6 +233,26 @@ def test_code_is_burned_after_five_wrong_tries(smtp: Mailbox, make_site: t.Any) 
     assert rsite.scalar("SELECT attempts FROM hk_password_resets WHERE kind = 'otp'") == 5
     assert can_log_in(rsite, "alice", PASSWORD)
     assert not can_log_in(rsite, "alice", NEW_PASSWORD)
+
+
+def test_concurrent_wrong_codes_are_each_counted(smtp: Mailbox, make_site: t.Any) -> None:
+    """Wrong codes sent at once (the server answers each in a thread of its own) all count
+    against the code: none is lost to another's write of the same counter."""
+    rsite = make_site("HS256", mailbox=smtp, HEADLESSKEY_LOCKOUT_MAX_FAILURES=100,
+                      HEADLESSKEY_LOCKOUT_IP_MAX_FAILURES=1000,
+                      HEADLESSKEY_RESET_OTP_MAX_ATTEMPTS=20)
+    rsite.create_user("alice")
+    code = request_code(rsite)
+    guesses = 12
+
+    def guess(i: int) -> requests.Response:
+        return requests.post(rsite.api.url("/reset-password"), timeout=30, json={
+            "login": "alice", "otp": wrong_code(code, i), "password": NEW_PASSWORD})
+
+    with concurrent.futures.ThreadPoolExecutor(guesses) as pool:
+        for r in pool.map(guess, range(1, guesses + 1)):
+            assert_invalid(r)
+    assert rsite.scalar("SELECT attempts FROM hk_password_resets WHERE kind = 'otp'") == guesses
 
 
 def test_wrong_codes_count_toward_the_account_lockout(rsite: Site) -> None:
