@@ -127,7 +127,7 @@ def _build_state(app: Flask) -> HubState:
             f"{prefix}MASTER_KEY: {exc} (run `headlesskey-hub init` or set the variable)"
         ) from None
     for name in ("SECRET_GRACE", "NONCE_TTL", "JWKS_MAX_AGE", "SESSION_IDLE_TIMEOUT",
-                 "ADMIN_MAX_FAILURES", "ADMIN_LOCK_SECONDS", "MAX_BODY",
+                 "ADMIN_MAX_FAILURES", "ADMIN_LOCK_SECONDS", "ADMIN_IP_MAX_FAILURES", "MAX_BODY",
                  "KEY_ROTATION_DAYS", "HUB_KEY_ROTATION_DAYS", "EVENT_RETENTION_DAYS",
                  "TRUSTED_PROXIES", "REAUTH_SECONDS"):
         value = app.config[prefix + name]

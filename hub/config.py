@@ -29,6 +29,8 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
                             "password entered within this many seconds."),
     "ADMIN_MAX_FAILURES": (5, "Failed console logins before a lock."),
     "ADMIN_LOCK_SECONDS": (900, "Console lock duration."),
+    "ADMIN_IP_MAX_FAILURES": (20, "Failed console logins from one client address within "
+                                  "ADMIN_LOCK_SECONDS before its logins are refused (0: none)."),
     "MAX_BODY": (1048576, "Largest request body accepted, bytes."),
     "TRUSTED_PROXIES": (0, "Proxies in front of the hub whose X-Forwarded-For/-Proto are trusted."),
     "AUTO_MIGRATE": (False,

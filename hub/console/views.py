@@ -69,6 +69,7 @@ csrf = CSRFProtect()
 SESSION_INFO = b"hub-console-session"
 COOKIE_NAME = "hk_console"
 LOGIN_FAILED = "Invalid username or password."
+ADDRESS_BLOCKED = "Too many failed sign-ins from your address. Try again later."
 PAGE_SIZE = 50
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 ERROR_TEXT = {
@@ -240,6 +241,10 @@ def login() -> ResponseReturnValue:
     state = get_state()
     try:
         admin = admins.authenticate(db, state, username, password, _ip())
+    except admins.AddressBlocked:
+        return render_template("console/login.html", username=username, error=ADDRESS_BLOCKED,
+                               next=next_page), 429, {
+            "Retry-After": str(state.setting("ADMIN_LOCK_SECONDS"))}
     except admins.LoginFailed:
         return render_template("console/login.html", username=username, error=LOGIN_FAILED,
                                next=next_page), 200

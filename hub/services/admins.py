@@ -6,6 +6,7 @@ import datetime as dt
 import re
 import typing as t
 
+from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DBSession
@@ -16,6 +17,7 @@ from agent.services.passwords import policy_problems
 from ..errors import BadRequest
 from ..errors import Conflict
 from ..models import Admin
+from ..models import Event
 from . import events
 
 if t.TYPE_CHECKING:
@@ -27,6 +29,10 @@ HASHER_KEY = "hub_hasher"
 
 class LoginFailed(Exception):
     """Wrong username or password, or a locked account: one answer for all."""
+
+
+class AddressBlocked(LoginFailed):
+    """Too many failed logins from the client's address lately: no password is checked."""
 
 
 def hasher(state: HubState) -> Hasher:
@@ -62,6 +68,10 @@ def authenticate(db: DBSession, state: HubState, username: str, password: str, i
     a dummy argon2 check.
     """
     now = state.clock()
+    if _address_blocked(db, state, ip, now):
+        events.log(db, state, "admin.login_blocked", outcome="blocked", actor=username[:60], ip=ip)
+        db.commit()
+        raise AddressBlocked()
     # The row is locked (and read afresh) until the transaction ends: concurrent attempts on
     # one admin take turns, so each failure is counted and none outruns the lock.
     admin = (db.scalar(select(Admin).where(Admin.username == username).with_for_update()
@@ -86,6 +96,20 @@ def authenticate(db: DBSession, state: HubState, username: str, password: str, i
         admin.password_hash = hasher(state).hash(password)
     events.log(db, state, "admin.login", actor=username, ip=ip)
     return admin
+
+
+def _address_blocked(db: DBSession, state: HubState, ip: str, now: dt.datetime) -> bool:
+    """Whether ``ip`` failed ``ADMIN_IP_MAX_FAILURES`` logins within ``ADMIN_LOCK_SECONDS``
+    (whatever the names tried), so names cannot be sprayed from one address, nor dummy hashes
+    run at will. Refused attempts are not failures: a block ends one window after the last."""
+    limit = state.setting("ADMIN_IP_MAX_FAILURES")
+    if not limit or not ip:
+        return False
+    since = now - dt.timedelta(seconds=state.setting("ADMIN_LOCK_SECONDS"))
+    failed = db.scalar(select(func.count()).select_from(Event).where(
+        Event.event == "admin.login_failed", Event.source == "hub", Event.ip == ip[:64],
+        Event.created_at > since))
+    return bool(failed and failed >= limit)
 
 
 def confirm(db: DBSession, state: HubState, admin: Admin, password: str, ip: str) -> bool:

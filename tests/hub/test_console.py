@@ -172,6 +172,45 @@ def test_concurrent_wrong_passwords_are_each_counted(make_hub: t.Callable[..., H
     assert len(hub_events(hub, "admin.login_failed")) == guesses
 
 
+def test_an_address_with_many_failed_logins_is_refused_for_a_while(
+        make_hub: t.Callable[..., Hub]) -> None:
+    """Failures from one address count whatever the names tried (unknown ones too); past the
+    limit its logins are refused with 429, the right password included, and checked no more,
+    until the window has passed since the last failure."""
+    hub = make_hub(HEADLESSKEY_HUB_ADMIN_IP_MAX_FAILURES=3)
+    make_admin(hub)
+    c = Console(hub)
+    for name in ("mallory", "root", "alice"):
+        r = c.login(username=name, password=WRONG)
+        assert r.status_code == 200 and LOGIN_FAILED in r.text
+    blocked = c.login()  # alice, with her right password
+    assert blocked.status_code == 429 and "Too many failed sign-ins" in blocked.text
+    assert blocked.headers["Retry-After"] == str(hub.state.setting("ADMIN_LOCK_SECONDS"))
+    assert location(c.get("/")).startswith("/console/login")
+    assert len(hub_events(hub, "admin.login_failed")) == 3  # refusals are not failures
+    assert [e["actor"] for e in hub_events(hub, "admin.login_blocked")] == ["alice"]
+    assert hub.scalar("SELECT failures FROM hub_admins WHERE username = 'alice'") == 1
+
+    hub.clock.advance(hub.state.setting("ADMIN_LOCK_SECONDS") - 5)
+    assert c.login().status_code == 429  # still within the window of the failures
+    hub.clock.advance(10)
+    assert location(c.login()) == "/"
+
+
+def test_the_address_limit_is_per_client_address(make_hub: t.Callable[..., Hub]) -> None:
+    """Behind a trusted proxy each client is limited on its own address."""
+    hub = make_hub(HEADLESSKEY_HUB_ADMIN_IP_MAX_FAILURES=2, HEADLESSKEY_HUB_TRUSTED_PROXIES=1)
+    make_admin(hub)
+    attacker, admin = Console(hub), Console(hub)
+    attacker.http.headers["X-Forwarded-For"] = "203.0.113.7"
+    admin.http.headers["X-Forwarded-For"] = "198.51.100.20"
+    for name in ("mallory", "root"):
+        assert attacker.login(username=name, password=WRONG).status_code == 200
+    assert attacker.login(username="trent", password=WRONG).status_code == 429
+    assert location(admin.login()) == "/"
+    assert {e["ip"] for e in hub_events(hub, "admin.login_failed")} == {"203.0.113.7"}
+
+
 def test_every_page_needs_login(hub: Hub) -> None:
     c = Console(hub)
     for path in PAGES + ("/console/sites/shop",):
