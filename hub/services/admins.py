@@ -65,7 +65,8 @@ def authenticate(db: DBSession, state: HubState, username: str, password: str, i
     """The admin for a right password on an unlocked account; else :class:`LoginFailed`.
 
     A locked account answers like a wrong password (no "locked" oracle), and unknown names cost
-    a dummy argon2 check.
+    a dummy argon2 check. An address with too many recent failures gets :class:`AddressBlocked`
+    (a :class:`LoginFailed`) before any of that.
     """
     now = state.clock()
     if _address_blocked(db, state, ip, now):
