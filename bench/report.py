@@ -35,10 +35,15 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+def each_round(figure: dict[str, t.Any]) -> str:
+    """Each round's req/s, as whole numbers."""
+    return ", ".join(f"{x:.0f}" for x in figure["rounds"])
+
+
 def spread(num: dict[str, t.Any], den: dict[str, t.Any]) -> str:
     """The lowest and highest ratio of ``num`` to ``den`` over the rounds (each round measures
     both), to show how far a median ratio moves from one round to the next."""
-    ratios = [a / b for a, b in zip(num["per_round"], den["per_round"], strict=True) if b]
+    ratios = [a / b for a, b in zip(num["rounds"], den["rounds"], strict=True) if b]
     if len(ratios) < 2:
         return "—"
     return f"{min(ratios):.2f}–{max(ratios):.2f}"
@@ -97,7 +102,7 @@ def _protected(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str
     for name, v in r.items():
         rows.append(f"| {LABELS.get(name, name)} | {fmt(v['rps'])} | {v['rps'] / bare:.2f} | "
                     f"{fmt(v['p50_ms'], 2)} | {fmt(v['p99_ms'], 2)} | "
-                    f"{', '.join(map(str, v['rounds']))} | {v['errors']} |")
+                    f"{each_round(v)} | {v['errors']} |")
     rows += ["", "| algorithm | agent / bare | agent / peer | target | | the target's ratio, "
              "lowest–highest round |",
              "|---|---:|---:|---|---|---:|"]
@@ -134,7 +139,7 @@ def _scale(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
             f"{v['rows']:,} {'revoked sessions' if 'revoked' in name else 'users'}"
         ratio = v["rps"] / base
         rows.append(f"| {label} | {fmt(v['rps'])} | {ratio:.2f} | "
-                    f"{', '.join(map(str, v['rounds']))} | {v['errors']} | "
+                    f"{each_round(v)} | {v['errors']} | "
                     f"{'—' if name == 'base' else verdict(abs(ratio - 1) <= 0.05)} |")
     rows += ["", "Rows are inserted with one `INSERT ... SELECT` over a generated series before "
              "the server starts (on PostgreSQL followed by `ANALYZE`, as autovacuum does after a "
@@ -149,7 +154,7 @@ def _login(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
     for name, v in r.items():
         rows.append(f"| {LABELS.get(name, name)} | {fmt(v['rps'], 1)} | {v['rps'] / bound:.2f} | "
                     f"{fmt(v['p50_ms'], 1)} | {fmt(v['p99_ms'], 1)} | "
-                    f"{', '.join(map(str, v['rounds']))} | {v['errors']} |")
+                    f"{each_round(v)} | {v['errors']} |")
     a = r["agent-login"]["rps"] / bound
     rounds = _rounds(r["agent-login"], r["argon2-bound"])
     rows += ["", f"Agent login / argon2id bound: **{a:.2f}** ({rounds}target ≥ 0.90: "

@@ -481,12 +481,12 @@ class Bench:
                 "rps": median(x["rps"] for x in rs),
                 "p50_ms": median(x["p50_ms"] for x in rs),
                 "p99_ms": median(x["p99_ms"] for x in rs),
-                "rounds": [round(x["rps"]) for x in rs],
-                "per_round": [x["rps"] for x in rs],  # unrounded, for the rounds' ratios
+                "rounds": [x["rps"] for x in rs],  # req/s of each round, unrounded
                 "errors": sum(x["err_status"] + x["err_connect"] + x["err_read"]
                               + x["err_timeout"] for x in rs),
             }
-            log(f"  {name}: {out[name]['rps']:.0f} req/s (rounds {out[name]['rounds']}, "
+            each = [round(x) for x in out[name]["rounds"]]
+            log(f"  {name}: {out[name]['rps']:.0f} req/s (rounds {each}, "
                 f"errors {out[name]['errors']})")
         return out
 
