@@ -116,11 +116,12 @@ def _protected(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str
             target, ok, rounds = "≥ 0.60× bare", a / bare >= 0.60, spread(agent, r["bare"])
         rows.append(f"| {alg} | {a / bare:.2f} | {a / f:.2f} | {target} | {verdict(ok)} | "
                     f"{rounds} |")
-    rows += ["", "The agent's route checks the signature (one key, its algorithm only), "
-             "`typ`, `kid`, every registered claim, and reads the session row on every request "
-             "(revocation, user status, current access token); a worker does not verify again "
-             "a signature it verified with the same key object (a bounded cache, as API "
-             "gateways keep verified JWTs), while every other check runs each time. The "
+    rows += ["", "The agent's route parses and checks every registered claim and reads the "
+             "session row on every request (revocation, user status, current access token); "
+             "a token's shape, header (`typ`, `kid`, its key's algorithm only) and signature "
+             "are checked once per worker and key: a worker does not check them again for a "
+             "token it verified with the same key object (a bounded cache, as API gateways "
+             "keep verified JWTs). The "
              "peer verifies every time, and is configured as the "
              "flask-jwt-extended docs show it: PEM strings for RS256/ES256, a blocklist "
              "loader looking the jti up in a per-process dict of 10^4 entries, so a token "

@@ -9,9 +9,9 @@ Verification order, each step refusing with the same generic ``invalid_token``:
    site, ``alg`` equal to that key's algorithm, no ``crit`` (we understand no extension,
    RFC 7515 §4.1.11), and no ``b64``, ``cty`` (nested tokens) or ``zip``;
 3. signature with that key and only its algorithm (PyJWT's primitive for it), canonical
-   base64url (RFC 7515 §2); a token whose signature this process verified with that same key
-   object is not verified again (:class:`VerifiedTokens`, as API gateways cache verified JWTs),
-   every other step runs on every request;
+   base64url (RFC 7515 §2). A token that passed steps 1 to 3 in this process, and whose ``kid``
+   still names the very key object that verified it, skips them (:class:`VerifiedTokens`, as
+   API gateways cache verified JWTs); step 4 runs on every request;
 4. claims: a JSON object; ``exp``, ``nbf``, ``iat`` numbers (with leeway), ``iss`` exact,
    ``aud`` the one configured string (and absent, not even empty, when none is), string
    ``sub``, ``jti``, ``sid``. These are PyJWT's checks with the options we used to pass it,
@@ -50,28 +50,36 @@ _ALGORITHMS = jwt.algorithms.get_default_algorithms()
 
 
 class VerifiedTokens:
-    """Tokens whose signature this process verified, each with the key that verified it.
+    """Tokens whose header and signature this process checked, each with the key that verified
+    it and the JSON text of its claims.
 
     A client sends its access token with every call for minutes, and an RS256 or ES256
-    verification costs more than the rest of a request's checks together. A hit counts only
-    while the ring still returns the very key object that verified the token, so a key
-    retired or rotated away stops every token it signed at once. Bounded: the oldest entries
-    go first. Only valid signatures are kept, so forged tokens cannot fill it.
+    verification costs more than the rest of a request's checks together; the header's and
+    payload's decoding are most of what is left. A hit counts only while the ring still holds
+    the very key object that verified the token under its ``kid``, so a key retired or rotated
+    away stops every token it signed at once. The claims are parsed and checked again on every
+    request. Bounded: the oldest entries go first. Only tokens that passed every check up to
+    the claims are kept, so forged tokens cannot fill it.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._keys: dict[str, SigningKey] = {}
+        self._entries: dict[str, tuple[str, SigningKey, str]] = {}
         self._lock = threading.Lock()
 
-    def verified(self, token: str, key: SigningKey) -> bool:
-        return self._keys.get(token) is key
+    def claims_text(self, token: str, ring: KeyRing) -> str | None:
+        """The token's claims as JSON text if it was verified with the key the ring holds now."""
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        kid, key, text = entry
+        return text if ring.get(kid) is key else None
 
-    def add(self, token: str, key: SigningKey) -> None:
+    def add(self, token: str, kid: str, key: SigningKey, text: str) -> None:
         with self._lock:
-            while len(self._keys) >= self.size:
-                del self._keys[next(iter(self._keys))]
-            self._keys[token] = key
+            while len(self._entries) >= self.size:
+                del self._entries[next(iter(self._entries))]
+            self._entries[token] = (kid, key, text)
 
 
 # About 1 MB at the most (tokens of a few hundred bytes).
@@ -161,16 +169,9 @@ def _numeric_date(value: t.Any) -> int:
     return int(value)
 
 
-def verify_access_token(
-    token: t.Any,
-    ring: KeyRing,
-    *,
-    issuer: str,
-    audience: str | None,
-    leeway: int,
-) -> dict[str, t.Any]:
-    """Return the claims of a valid access token of this site, or raise :class:`InvalidToken`."""
-    if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH or not _SHAPE.fullmatch(token):
+def _verified_claims_text(token: str, ring: KeyRing) -> str:
+    """Steps 1 to 3: the claims' JSON text of a token whose shape, header and signature hold."""
+    if len(token) > MAX_TOKEN_LENGTH or not _SHAPE.fullmatch(token):
         raise InvalidToken()
     header_segment, payload_segment, signature_segment = token.split(".")
     if len(header_segment) > MAX_HEADER_LENGTH:
@@ -182,19 +183,34 @@ def verify_access_token(
     if not isinstance(header, dict) or header.get("typ") != ACCESS_TYP or "crit" in header:
         raise InvalidToken()
     kid = header.get("kid")
-    key = ring.get(kid) if isinstance(kid, str) else None
+    if not isinstance(kid, str) or (key := ring.get(kid)) is None:
+        raise InvalidToken()
     # The algorithm comes from our key, never from the token (RFC 8725 §2.1, §3.1). The
     # payload is always the claims, plain base64url JSON: an RFC 7797 "b64" header, a nested
     # token ("cty", RFC 7519 §5.2) and compression ("zip", a JWE parameter) are refused.
-    if key is None or header.get("alg") != key.alg or not _UNSUPPORTED.isdisjoint(header):
+    if header.get("alg") != key.alg or not _UNSUPPORTED.isdisjoint(header):
         raise InvalidToken()
     try:
-        payload = _b64decode(payload_segment)
+        text = _b64decode(payload_segment).decode()  # JSON in UTF-8 (RFC 7519 §7.2, RFC 8259)
     except (binascii.Error, ValueError):
         raise InvalidToken() from None
-    if not verified_tokens.verified(token, key):
-        _verify_signature(key, header_segment, payload_segment, signature_segment)
-        verified_tokens.add(token, key)
+    _verify_signature(key, header_segment, payload_segment, signature_segment)
+    verified_tokens.add(token, kid, key, text)
+    return text
+
+
+def verify_access_token(
+    token: t.Any,
+    ring: KeyRing,
+    *,
+    issuer: str,
+    audience: str | None,
+    leeway: int,
+) -> dict[str, t.Any]:
+    """Return the claims of a valid access token of this site, or raise :class:`InvalidToken`."""
+    if not isinstance(token, str):
+        raise InvalidToken()
+    payload = verified_tokens.claims_text(token, ring) or _verified_claims_text(token, ring)
     try:
         claims: dict[str, t.Any] = json.loads(payload)
     except (ValueError, RecursionError):

@@ -464,20 +464,62 @@ def test_timestamps_are_utc(site: Site) -> None:
     assert abs((expiration - dt.datetime.now(dt.UTC)).total_seconds() - 900) < 5
 
 
-def test_verified_signatures_are_remembered_per_key_and_bounded() -> None:
+def test_verified_tokens_are_remembered_per_key_and_bounded() -> None:
+    from agent.services.keys import KeyRing
     from agent.services.keys import SigningKey
     from agent.services.tokens import VerifiedTokens
 
     key = SigningKey.hmac(b"k" * 32)
     same_material = SigningKey.hmac(b"k" * 32)
+    ring = KeyRing(key)
     cache = VerifiedTokens(3)
-    cache.add("t1", key)
-    assert cache.verified("t1", key)
-    # Only the very key object that verified it: a key read again (rotated, retired and
-    # restored, reloaded) verifies the token again.
-    assert not cache.verified("t1", same_material)
-    assert not cache.verified("t2", key)
+    cache.add("t1", key.kid, key, '{"sub": "1"}')
+    assert cache.claims_text("t1", ring) == '{"sub": "1"}'
+    # Only while the ring holds the very key object that verified it under its kid: a key
+    # read again (rotated, retired and restored, reloaded) verifies the token again.
+    assert cache.claims_text("t1", KeyRing(same_material)) is None
+    assert cache.claims_text("t1", KeyRing(SigningKey.hmac(b"o" * 32))) is None
+    assert cache.claims_text("t2", ring) is None
     for name in ("t2", "t3", "t4"):
-        cache.add(name, key)
-    assert not cache.verified("t1", key)  # the oldest went first
-    assert all(cache.verified(name, key) for name in ("t2", "t3", "t4"))
+        cache.add(name, key.kid, key, "{}")
+    assert cache.claims_text("t1", ring) is None  # the oldest went first
+    assert all(cache.claims_text(name, ring) == "{}" for name in ("t2", "t3", "t4"))
+
+
+def test_a_remembered_token_has_its_claims_checked_on_every_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A remembered token skips its shape, header and signature checks, never its claims:
+    it expires, and answers only to its own issuer and audience."""
+    import time
+
+    from agent.errors import InvalidToken
+    from agent.services import tokens
+    from agent.services.keys import KeyRing
+    from agent.services.keys import SigningKey
+
+    ring = KeyRing(SigningKey.hmac(b"s" * 32))
+    now = int(time.time())
+    token = tokens.mint_access_token(ring, issuer="https://a.example", audience="shop",
+                                     user_id=7, user_login="alice", roles=[], sid="s1",
+                                     jti="j1", iat=now, exp=now + 60)
+
+    def check(issuer: str = "https://a.example", audience: str | None = "shop") -> str:
+        claims = tokens.verify_access_token(token, ring, issuer=issuer, audience=audience,
+                                            leeway=0)
+        return str(claims["sub"])
+
+    assert check() == "7"
+    assert tokens.verified_tokens.claims_text(token, ring) is not None  # remembered
+    assert check() == "7"
+    for issuer, audience in (("https://b.example", "shop"), ("https://a.example", "blog"),
+                             ("https://a.example", None)):
+        with pytest.raises(InvalidToken):
+            check(issuer, audience)
+    monkeypatch.setattr(tokens.time, "time", lambda: now + 61.0)
+    with pytest.raises(InvalidToken):
+        check()
+    # Another ring (the site's keys rotated or reloaded) verifies the token afresh.
+    with pytest.raises(InvalidToken):
+        tokens.verify_access_token(token, KeyRing(SigningKey.hmac(b"o" * 32)),
+                                   issuer="https://a.example", audience="shop", leeway=0)
