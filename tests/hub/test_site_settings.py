@@ -5,6 +5,7 @@ encrypted, and the site's signed directory carries the newest version."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
 import typing as t
 
@@ -144,6 +145,33 @@ def test_algorithm_change_needs_the_admins_password(
     # Handing the choice back to the site is a change too.
     r = console.post(url, {"ALGORITHM": ""}, form_page=url)
     assert r.status_code == 403 and versions(hub) == 1
+
+
+def test_concurrent_wrong_confirmations_are_each_counted(
+        make_hub: t.Callable[..., Hub]) -> None:
+    """Wrong passwords confirming an algorithm switch, sent at once from several signed-in
+    consoles (each answered in a thread of its own), are all counted toward the admin's lock:
+    none is lost to another's write of the same counter."""
+    hub = make_hub(HEADLESSKEY_HUB_ADMIN_MAX_FAILURES=100)
+    with hub.app.app_context(), hub.state.session_factory() as db:
+        admins.create(db, hub.state, "alice", PASSWORD)
+        db.commit()
+    hub.add_site("Shop", "https://shop.example.com")
+    url = page("shop", "algorithms")
+    guesses = 12
+    consoles = [Console(hub) for _ in range(guesses)]
+    assert all(c.login().status_code == 302 for c in consoles)
+    tokens = [c.token(url) for c in consoles]
+    with concurrent.futures.ThreadPoolExecutor(guesses) as pool:
+        answers = list(pool.map(
+            lambda ct: ct[0].post(url, {"ALGORITHM": "RS256", "password": "not it"},
+                                  token=ct[1]),
+            zip(consoles, tokens, strict=True)))
+    assert [r.status_code for r in answers] == [403] * guesses
+    assert hub.scalar("SELECT failures FROM hub_admins WHERE username = 'alice'") == guesses
+    assert hub.scalar(
+        "SELECT count(*) FROM hub_events WHERE event = 'admin.reauth_failed'") == guesses
+    assert versions(hub) == 0
 
 
 def test_rollback_cannot_switch_the_algorithm(
