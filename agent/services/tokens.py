@@ -82,7 +82,7 @@ class VerifiedTokens:
             self._entries[token] = (kid, key, text)
 
 
-# About 1 MB at the most (tokens of a few hundred bytes).
+# About 2 MB at the most (tokens of a few hundred bytes, and their claims).
 verified_tokens = VerifiedTokens(2048)
 
 
