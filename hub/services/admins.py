@@ -78,15 +78,11 @@ def authenticate(db: DBSession, state: HubState, username: str, password: str, i
     admin = (db.scalar(select(Admin).where(Admin.username == username).with_for_update()
                        .execution_options(populate_existing=True))
              if len(username) <= 60 else None)
-    locked = admin is not None and admin.locked_until is not None and now < admin.locked_until
+    locked = admin is not None and _locked(admin, now)
     ok = hasher(state).verify(admin.password_hash if admin else None, password)
     if admin is None or not ok or locked or not admin.active:
         if admin is not None and not locked:
-            admin.failures += 1
-            if admin.failures >= state.setting("ADMIN_MAX_FAILURES"):
-                admin.locked_until = now + dt.timedelta(seconds=state.setting("ADMIN_LOCK_SECONDS"))
-                admin.failures = 0
-                events.log(db, state, "admin.locked", outcome="info", actor=username, ip=ip)
+            _count_failure(db, state, admin, now, ip)
         events.log(db, state, "admin.login_failed", outcome="failure", actor=username[:60], ip=ip)
         db.commit()
         raise LoginFailed()
@@ -97,6 +93,21 @@ def authenticate(db: DBSession, state: HubState, username: str, password: str, i
         admin.password_hash = hasher(state).hash(password)
     events.log(db, state, "admin.login", actor=username, ip=ip)
     return admin
+
+
+def _locked(admin: Admin, now: dt.datetime) -> bool:
+    return admin.locked_until is not None and now < admin.locked_until
+
+
+def _count_failure(db: DBSession, state: HubState, admin: Admin, now: dt.datetime,
+                   ip: str) -> None:
+    """One more failed password (login or re-authentication); at ADMIN_MAX_FAILURES the admin
+    is locked for ADMIN_LOCK_SECONDS and the count starts over."""
+    admin.failures += 1
+    if admin.failures >= state.setting("ADMIN_MAX_FAILURES"):
+        admin.locked_until = now + dt.timedelta(seconds=state.setting("ADMIN_LOCK_SECONDS"))
+        admin.failures = 0
+        events.log(db, state, "admin.locked", outcome="info", actor=admin.username, ip=ip)
 
 
 def _address_blocked(db: DBSession, state: HubState, ip: str, now: dt.datetime) -> bool:
@@ -121,17 +132,13 @@ def confirm(db: DBSession, state: HubState, admin: Admin, password: str, ip: str
     """
     db.refresh(admin, with_for_update=True)  # as in authenticate: attempts take turns
     now = state.clock()
-    locked = admin.locked_until is not None and now < admin.locked_until
+    locked = _locked(admin, now)
     ok = hasher(state).verify(admin.password_hash, password[:1024])
     if ok and not locked and admin.active:
         admin.failures = 0
         events.log(db, state, "admin.reauthenticated", actor=admin.username, ip=ip)
         return True
     if not locked:
-        admin.failures += 1
-        if admin.failures >= state.setting("ADMIN_MAX_FAILURES"):
-            admin.locked_until = now + dt.timedelta(seconds=state.setting("ADMIN_LOCK_SECONDS"))
-            admin.failures = 0
-            events.log(db, state, "admin.locked", outcome="info", actor=admin.username, ip=ip)
+        _count_failure(db, state, admin, now, ip)
     events.log(db, state, "admin.reauth_failed", outcome="failure", actor=admin.username, ip=ip)
     return False
