@@ -453,9 +453,11 @@ def _decorate_response(response: Response) -> Response:
     if settings.cors is True:
         # Any origin, never with credentials: tokens travel in headers, not cookies.
         headers["Access-Control-Allow-Origin"] = "*"
-    elif settings.cors and origin:
+    elif settings.cors:
+        # Also without an Origin: a shared cache (the JWKS may be cached) must not hand the
+        # answer to a request without Origin to one with it, nor the reverse.
         headers.add("Vary", "Origin")
-        if origin in settings.cors:  # exact match: scheme, host and port
+        if origin and origin in settings.cors:  # exact match: scheme, host and port
             headers["Access-Control-Allow-Origin"] = origin
     if "Access-Control-Allow-Origin" in headers and request.method == "OPTIONS":
         headers["Access-Control-Allow-Methods"] = CORS_METHODS

@@ -756,6 +756,21 @@ def test_cors_allow_list_is_exact(make_site: t.Callable[..., Site]) -> None:
         assert "Access-Control-Allow-Origin" not in actual.headers, origin
 
 
+def test_cors_allow_list_varies_on_origin_without_one(make_site: t.Callable[..., Site]) -> None:
+    """An answer to a request without Origin is keyed on Origin too: a cache that kept the
+    JWKS fetched by a server must not serve it to a browser's cross-origin fetch (nor the
+    reverse)."""
+    site = make_site("HS256", HEADLESSKEY_CORS=["https://app.example"], **NO_LOCKOUT)
+    for r in (site.api.get("/.well-known/jwks.json"), site.api.get("/openapi.json")):
+        assert r.status_code == 200
+        assert "Access-Control-Allow-Origin" not in r.headers
+        assert "Origin" in {v.strip() for v in r.headers.get("Vary", "").split(",")}
+    star = make_site("HS256", HEADLESSKEY_CORS=True, **NO_LOCKOUT)
+    r = star.api.get("/.well-known/jwks.json")
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Origin" not in r.headers.get("Vary", "")
+
+
 def test_cors_disabled_sends_no_cors_headers(make_site: t.Callable[..., Site]) -> None:
     site = make_site("HS256", HEADLESSKEY_CORS=False, **NO_LOCKOUT)
     site.create_user("alice")
