@@ -6,6 +6,8 @@ import datetime as dt
 import re
 import typing as t
 import unicodedata
+from email.errors import MessageError
+from email.message import EmailMessage
 
 from sqlalchemy import bindparam
 from sqlalchemy import or_
@@ -26,7 +28,13 @@ if t.TYPE_CHECKING:
     from ..extension import State
 
 _LOGIN = re.compile(r"[A-Za-z0-9_.@+-]{3,60}")
-_EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,189}\.[^@\s.]{2,63}")
+# An ASCII dot-atom (RFC 5322) at a dotted host name whose last label is a name: no quoted
+# strings, comments, IP literals or non-ASCII, which mail headers would rewrite or refuse.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_EMAIL = re.compile(
+    rf"{_ATOM}(?:\.{_ATOM})*@(?:{_LABEL}\.)+[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])"
+)
 
 
 def key_of(text: str) -> str:
@@ -39,7 +47,23 @@ def valid_login(text: str) -> bool:
 
 
 def valid_email(text: str) -> bool:
-    return len(text) <= 254 and bool(_EMAIL.fullmatch(text))
+    """Whether mail to ``text`` goes to exactly that one address.
+
+    Beyond the pattern, the address must come back unchanged from a mail header: the header
+    parser reads ``=?...?=`` as an encoded word, so an address that holds one would be mailed
+    to another address than the one stored.
+    """
+    local, _at, _domain = text.partition("@")
+    if len(text) > 254 or len(local) > 64 or not _EMAIL.fullmatch(text):
+        return False
+    msg = EmailMessage()
+    try:
+        msg["To"] = text
+        header = msg["To"]
+        addresses = header.addresses
+    except (MessageError, ValueError):
+        return False
+    return not header.defects and [a.addr_spec for a in addresses] == [text]
 
 
 # Built once: every login runs it.
@@ -112,7 +136,9 @@ def create_user(
     clash = db.scalars(
         select(User).where(or_(User.login_key == login_key, User.email_key == email_key))
     ).all()
-    if any(u.login_key == login_key for u in clash):
+    # A username with @ is its account's own email (checked above): taken, it is a taken email,
+    # answered as one, so /register does not tell which emails have accounts.
+    if "@" not in username and any(u.login_key == login_key for u in clash):
         raise UsernameTaken()
     if clash:
         raise ValidationFailed("That email is already registered.", code="email_taken")
@@ -137,7 +163,8 @@ def create_user(
     except IntegrityError:
         # A concurrent registration took the name or the email between our check and the insert.
         db.rollback()
-        if db.scalar(select(User.id).where(User.login_key == login_key)) is not None:
+        if "@" not in username and db.scalar(
+                select(User.id).where(User.login_key == login_key)) is not None:
             raise UsernameTaken() from None
         raise ValidationFailed("That email is already registered.", code="email_taken") from None
     return user

@@ -15,6 +15,7 @@ import sys
 import threading
 from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
+from email.errors import MessageError
 from email.message import EmailMessage
 from email.utils import formatdate
 from email.utils import make_msgid
@@ -48,7 +49,13 @@ class Mailer:
         """Queue a mail; returns its future (tests may wait on it)."""
         if self.settings.mail_backend == "null":
             return None
-        msg = self.build(to, subject, body)
+        try:
+            msg = self.build(to, subject, body)
+        except (MessageError, ValueError, TypeError, AttributeError) as exc:
+            # An address stored before addresses were checked as strictly as now; the header
+            # parser can fail on one with AttributeError. The request's work is done: no 500.
+            log.error("mail to %s not sent: %s", _mask(to), type(exc).__name__)
+            return None
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hk-mail")

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+from sqlalchemy import text
 
 from tests.conftest import PASSWORD
 from tests.conftest import Mailbox
@@ -123,6 +124,23 @@ def test_forgot_password_answers_the_same_for_everyone(rsite: Site, smtp: Mailbo
     assert {m["To"] for m in smtp.messages} == {ALICE}
     # Only accounts that exist get a reset row.
     assert rsite.scalar("SELECT count(*) FROM hk_password_resets WHERE user_id != 1") == 0
+
+
+def test_an_unmailable_stored_address_answers_as_any_other(
+    rsite: Site, smtp: Mailbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An address stored before the stricter check, which the mail header parser cannot take:
+    no 500, the same answer as for everyone, a masked line in the log, and no mail."""
+    with rsite.state.engine.begin() as conn:
+        conn.execute(text("UPDATE hk_users SET email = 'bob@[example.com' WHERE id = 2"))
+    caplog.set_level(logging.ERROR, logger="headlesskey.mail")
+    r = rsite.api.post("/forgot-password", json={"login": "bob"})
+    assert r.status_code == 200, r.text
+    assert r.json()["code"] == "password_reset_requested"
+    assert "mail to b***@[example.com not sent" in caplog.text
+    rsite.api.post("/forgot-password", json={"login": "alice"})
+    smtp.wait_for(ALICE)
+    assert {m["To"] for m in smtp.messages} == {ALICE}
 
 
 def test_reset_by_link(rsite: Site) -> None:

@@ -192,6 +192,55 @@ def test_taken_email_looks_like_a_new_registration(make_site: t.Any, smtp: Mailb
     assert s.api.login("alice", PASSWORD)["user"]["ID"] == 1
 
 
+def test_taken_email_as_username_looks_like_a_new_registration(
+    make_site: t.Any, smtp: Mailbox
+) -> None:
+    """A username with @ is its account's email: taken, it is answered as a taken email (201),
+    never with the 409 of a taken username, which would tell the address has an account."""
+    s = make_site(mailbox=smtp)
+    fresh = register(s, username="carol@example.com", email="carol@example.com")
+    assert fresh.status_code == 201, fresh.text
+    before = users(s)
+    for username, email in (("carol@example.com", "carol@example.com"),
+                            ("CAROL@example.com", "carol@EXAMPLE.com")):
+        taken = register(s, username=username, email=email)
+        assert taken.status_code == 201, taken.text
+        assert taken.json() == fresh.json()
+    assert users(s) == before
+    assert len(smtp.wait_for("carol@example.com", count=2)) == 2  # the owner's notices
+
+
+@pytest.mark.parametrize("email", [
+    "=?utf-8?q?victim?=@example.com",  # a header would read it as victim@example.com
+    "victim@example.com(",  # ...and this one too (an unclosed comment)
+    "a,victim@example.com",  # two recipients
+    "mallory@[example.com",  # breaks the header parser
+    '"a b"@example.com', "a..b@example.com", ".a@example.com", "a.@example.com",
+    "bob@example", "bob@-example.com", "bob@localhost", "b\u00f6b@example.com",
+    "x" * 65 + "@example.com",
+])
+def test_email_that_mail_would_not_reach_as_written_is_refused(
+    make_site: t.Any, email: str
+) -> None:
+    s = make_site()
+    r = register(s, email=email)
+    assert r.status_code == 400, (email, r.text)
+    assert r.json()["code"] == "invalid_request"
+    assert list(r.json()["data"]["fields"]) == ["email"]
+    assert users(s) == 0
+
+
+def test_unusual_but_exact_emails_are_accepted_and_mailed(make_site: t.Any, smtp: Mailbox) -> None:
+    s = make_site(mailbox=smtp)
+    for n, email in enumerate(["o'brien+news@mail.example.co.uk", "{x}=y@xn--bcher-kva.example"]):
+        r = register(s, username=f"user{n}", email=email)
+        assert r.status_code == 201, (email, r.text)
+        forgot = s.api.post("/forgot-password", json={"login": email})
+        assert forgot.status_code == 200, forgot.text
+        (mail,) = smtp.wait_for(email)
+        assert mail["To"] == email
+
+
 def test_privileged_fields_in_the_body_are_ignored(make_site: t.Any) -> None:
     s = make_site()
     r = register(
