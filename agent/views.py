@@ -658,7 +658,7 @@ def sso_exchange() -> Response:
         db.commit()
         raise
     lockout.succeeded(db, state, keys)
-    issued = _open_session(db, state, user, client, login=user.user_login)
+    issued = _open_session(db, state, user, client, login=user.user_login, release=keys)
     events.record(db, state, "sso.exchanged", client=client, user_id=user.id,
                   session_id=issued.session.id,
                   details={"peer": peer, "subject": claims["sub"], "linked_by": how})

@@ -972,6 +972,31 @@ def test_brute_force_on_exchange_locks_the_ip(tmp_path: Path) -> None:
         fed.stop()
 
 
+def test_exchanges_over_the_session_limit_use_up_no_attempt(tmp_path: Path) -> None:
+    """A genuine assertion refused by the device limit is no guess: however many, they leave
+    the IP's counter free, and the next exchange after a logout gets in at once."""
+    fed = Federation.build(tmp_path / "fed", ["a", "b"],
+                           HEADLESSKEY_DIRECTORY_REFRESH=str(REFRESH),
+                           HEADLESSKEY_LOCKOUT_IP_MAX_FAILURES="3",
+                           HEADLESSKEY_MAX_SESSIONS="1", HEADLESSKEY_SESSION_LIMIT_POLICY="reject")
+    try:
+        a, b = fed["a"], fed["b"]
+        user = new_user(a, "sandra")
+        first = exchange(b, issue(a, user.token, "site-b"))
+        assert first.status_code == 200, first.text
+        for _ in range(5):
+            r = exchange(b, issue(a, user.token, "site-b"))
+            assert r.status_code == 403, r.text
+            assert r.json()["code"] == "session_limit_reached"
+        assert b.post("/token/revoke", json={"token": first.json()["token"]}).status_code == 200
+        started = time.monotonic()
+        r = exchange(b, issue(a, user.token, "site-b"))
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - started < 2  # not held back by reservations left pending
+    finally:
+        fed.stop()
+
+
 def test_garbage_naming_a_peer_does_not_lock_out_its_users(tmp_path: Path) -> None:
     """Not a listed case: anyone can name a peer in garbage; that must not block its users."""
     fed = Federation.build(tmp_path / "fed", ["a", "b"])  # the default lockout settings
