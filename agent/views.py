@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import typing as t
 
 from flask import Blueprint
@@ -201,8 +202,14 @@ def _login(full_profile: bool) -> Response:
         check=lambda: accounts.check_credentials(state, found, password),
     )
     assert found is not None
-    # Back into this session as read before the hash, without reading the row again.
-    user = db.merge(found, load=False)
+    user = _as_checked(db, found)
+    if user is None or user.status != "active":
+        # A reset, a password change or a disable committed while the hash ran: it ended the
+        # account's sessions then, so a session opened now would outlive it.
+        events.record(db, state, "login.failed", outcome="failure", client=client,
+                      user_id=found.id, login=login, details={"reason": "account_changed"})
+        db.commit()  # with the reservation's release
+        raise InvalidCredentials()
     if state.hasher.needs_rehash(user.password_hash):
         user.password_hash = state.hasher.hash(password)
     issued = _open_session(db, state, user, client, login=login, release=keys)
@@ -210,6 +217,21 @@ def _login(full_profile: bool) -> Response:
                   session_id=issued.session.id)
     db.commit()
     return _token_response(issued, full_profile=full_profile)
+
+
+def _as_checked(db: DBSession, checked: User) -> User | None:
+    """The account, read again and locked for this transaction, if its password is still the
+    one ``checked`` (read before the hash) was checked against; else None.
+
+    The row lock orders this request with a concurrent reset, change or disable: one that
+    committed first is seen here, one that comes later also ends the session made now.
+    """
+    user = db.get(User, checked.id, with_for_update=True, populate_existing=True)
+    if user is None or user.password_hash is None or checked.password_hash is None:
+        return None
+    if not hmac.compare_digest(user.password_hash, checked.password_hash):
+        return None
+    return user
 
 
 def _open_session(
@@ -520,17 +542,30 @@ def change_password() -> Response:
     if found is None:
         raise InvalidToken()
     account: User = found
-    _guarded_password_check(
-        db, state, user=account, login=account.user_login, client=client,
-        event="password.changed",
-        check=lambda: accounts.check_current_password(state, account, current),
-    )
-    user = db.merge(account)
     try:
-        ended = accounts.change_password(db, state, user, new, identity.session_id)
+        # Before the attempt is reserved: a weak new password says nothing of the current one,
+        # and must not use up an attempt (the reservation would not be released).
+        accounts.check_password_policy(state, new, username=account.user_login,
+                                       email=account.email)
     except WeakPassword as exc:
         raise WeakPassword(
             fields={"new_password": (exc.fields or {}).get("password", [])}) from None
+    new_hash: list[str] = []
+
+    def check() -> None:
+        accounts.check_current_password(state, account, current)
+        new_hash.append(state.hasher.hash(new))  # also outside the write transaction
+
+    _guarded_password_check(db, state, user=account, login=account.user_login, client=client,
+                            event="password.changed", check=check)
+    user = _as_checked(db, account)
+    live = db.get(Session, identity.session_id, populate_existing=True)
+    if user is None or user.status != "active" or live is None or live.revoked_at is not None:
+        # The password was reset or changed, the account disabled or this session ended while
+        # the hash ran: the change must not undo that.
+        db.commit()  # the reservation's release
+        raise InvalidToken()
+    ended = accounts.change_password(db, state, user, new_hash[0], identity.session_id)
     events.record(db, state, "password.changed", client=client, user_id=user.id,
                   session_id=identity.session_id, details={"sessions_ended": ended})
     db.commit()

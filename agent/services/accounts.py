@@ -204,12 +204,16 @@ def set_password(db: DBSession, state: State, user: User, new_password: str) -> 
     user.password_changed_at = state.clock()
 
 
-def change_password(db: DBSession, state: State, user: User, new: str, keep_session: str) -> int:
-    """Set the new password and end every other session; returns how many were ended.
+def change_password(
+    db: DBSession, state: State, user: User, new_hash: str, keep_session: str
+) -> int:
+    """Store ``new_hash`` (of a new password the policy accepted) and end every other session;
+    returns how many were ended.
 
     The caller has checked the current password (see :func:`check_current_password`).
     """
-    set_password(db, state, user, new)
+    user.password_hash = new_hash
+    user.password_changed_at = state.clock()
     return sessions.revoke_user_sessions(db, user.id, state.clock(), "password_changed",
                                          keep_session)
 

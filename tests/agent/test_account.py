@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
+import threading
 import typing as t
 
 import pytest
@@ -135,6 +137,101 @@ def test_weak_new_password(asite: Site, weak: str) -> None:
     assert can_log_in(asite, "alice", PASSWORD)
     assert not can_log_in(asite, "alice", weak)
     assert access_works(asite, other)
+
+
+def test_weak_new_passwords_use_up_no_attempt(asite: Site) -> None:
+    """The current password is right each time: more weak tries than the lockout allows still
+    leave the account and the IP free (no attempt reserved and left hanging)."""
+    current = asite.api.login()
+    for _ in range(asite.state.settings.lockout_max_failures + 3):
+        r = change(asite, current["token"], current_password=PASSWORD, new_password="password")
+        assert r.status_code == 400
+        assert r.json()["code"] == "weak_password"
+    assert asite.scalar("SELECT coalesce(sum(pending), 0) FROM hk_throttle") == 0
+    assert can_log_in(asite, "alice", PASSWORD)
+    r = change(asite, current["token"], current_password=PASSWORD, new_password=NEW_PASSWORD)
+    assert r.status_code == 200, r.text
+
+
+def during_the_hash(site: Site, action: t.Callable[[], None]) -> None:
+    """Run ``action`` (another request, as another worker would) once, while the next password
+    check hashes: after the account was read and before the request writes."""
+    real = site.state.hasher.verify
+    done: list[bool] = []
+
+    def verify(stored: str | None, password: str) -> bool:
+        ok = real(stored, password)
+        if not done:
+            done.append(True)
+            worker = threading.Thread(target=action)
+            worker.start()
+            worker.join()
+        return ok
+
+    site.state.hasher.verify = verify  # type: ignore[method-assign]
+
+
+def reset_by_code(site: Site, smtp: Mailbox, password: str) -> None:
+    before = len(smtp.to("alice@example.com"))
+    r = site.api.post("/forgot-password", json={"login": "alice", "delivery": "otp"})
+    assert r.status_code == 200
+    mail = smtp.wait_for("alice@example.com", count=before + 1)[-1]
+    body = mail.get_payload(decode=True).decode()
+    (code,) = re.findall(r"(?<!\d)\d{6}(?!\d)", body)
+    r = site.api.post("/reset-password", json={"login": "alice", "otp": code,
+                                               "password": password})
+    assert r.status_code == 200, r.text
+
+
+def test_a_reset_during_a_change_wins(asite: Site, smtp: Mailbox) -> None:
+    """The owner resets the password while a holder of one of the sessions changes it: the
+    reset ended that session, so the change is refused and the owner's password stands."""
+    holder = asite.api.login()
+    during_the_hash(asite, lambda: reset_by_code(asite, smtp, "the owners own new passphrase"))
+    r = change(asite, holder["token"], current_password=PASSWORD, new_password=NEW_PASSWORD)
+    assert r.status_code == 401, r.text
+    assert r.json()["code"] == "invalid_token"
+    assert can_log_in(asite, "alice", "the owners own new passphrase")
+    assert not can_log_in(asite, "alice", NEW_PASSWORD)
+    assert not access_works(asite, holder)
+    assert asite.scalar("SELECT coalesce(sum(pending), 0) FROM hk_throttle") == 0
+
+
+def test_a_disable_during_a_change_stays(asite: Site) -> None:
+    with asite.db() as db:
+        from agent.services import accounts
+
+        accounts.create_user(db, asite.state, username="root", email="root@example.com",
+                             password=PASSWORD, roles=["administrator"])
+        db.commit()
+    admin = asite.api.login("root")
+    holder = asite.api.login()
+
+    def disable() -> None:
+        r = asite.api.post("/admin/users/1/disable", token=admin["token"])
+        assert r.status_code == 200, r.text
+
+    during_the_hash(asite, disable)
+    r = change(asite, holder["token"], current_password=PASSWORD, new_password=NEW_PASSWORD)
+    assert r.status_code == 401, r.text
+    assert asite.scalar("SELECT status FROM hk_users WHERE id = 1") == "disabled"
+    assert not can_log_in(asite, "alice", NEW_PASSWORD)
+    assert not can_log_in(asite, "alice", PASSWORD)
+
+
+def test_a_login_during_a_reset_opens_no_session(asite: Site, smtp: Mailbox) -> None:
+    """A login with the old password whose hash ran while the owner reset the password: the
+    reset ends every session, and must not miss the one this login would open after it."""
+    during_the_hash(asite, lambda: reset_by_code(asite, smtp, "the owners own new passphrase"))
+    r = asite.api.post("/token", json={"username": "alice", "password": PASSWORD})
+    assert r.status_code == 401, r.text
+    assert r.json()["code"] == "invalid_credentials"
+    live = asite.scalar("SELECT count(*) FROM hk_sessions WHERE user_id = 1 AND revoked_at IS NULL")
+    assert live == 0
+    assert asite.scalar("SELECT coalesce(sum(pending), 0) FROM hk_throttle") == 0
+    reason = asite.scalar("SELECT details FROM hk_audit WHERE event = 'login.failed'")
+    assert "account_changed" in str(reason)
+    assert can_log_in(asite, "alice", "the owners own new passphrase")
 
 
 def test_change_password_needs_a_token(asite: Site) -> None:
