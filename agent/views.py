@@ -10,6 +10,7 @@ from flask import Blueprint
 from flask import Response
 from flask import jsonify
 from flask import request
+from sqlalchemy import bindparam
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 
@@ -203,7 +204,7 @@ def _login(full_profile: bool) -> Response:
     )
     assert found is not None
     user = _as_checked(db, found)
-    if user is None or user.status != "active":
+    if user is None:
         # A reset, a password change or a disable committed while the hash ran: it ended the
         # account's sessions then, so a session opened now would outlive it.
         events.record(db, state, "login.failed", outcome="failure", client=client,
@@ -219,19 +220,27 @@ def _login(full_profile: bool) -> Response:
     return _token_response(issued, full_profile=full_profile)
 
 
-def _as_checked(db: DBSession, checked: User) -> User | None:
-    """The account, read again and locked for this transaction, if its password is still the
-    one ``checked`` (read before the hash) was checked against; else None.
+# Built once: every login runs it.
+_RECHECK = (select(User.password_hash, User.status)
+            .where(User.id == bindparam("id")).with_for_update())
 
-    The row lock orders this request with a concurrent reset, change or disable: one that
-    committed first is seen here, one that comes later also ends the session made now.
+
+def _as_checked(db: DBSession, checked: User) -> User | None:
+    """``checked`` (read before the hash) back in ``db``, if the account is still active with
+    the password it was checked against; else None.
+
+    The row is read again and locked for this transaction: a reset, change or disable that
+    committed first is seen here, and one that comes later also ends the session made now.
+    Only the two columns are read; the rest of ``checked`` is written only where changed.
     """
-    user = db.get(User, checked.id, with_for_update=True, populate_existing=True)
-    if user is None or user.password_hash is None or checked.password_hash is None:
+    row = db.execute(_RECHECK, {"id": checked.id}).one_or_none()
+    if row is None or row.status != "active":
         return None
-    if not hmac.compare_digest(user.password_hash, checked.password_hash):
+    if row.password_hash is None or checked.password_hash is None:
         return None
-    return user
+    if not hmac.compare_digest(row.password_hash, checked.password_hash):
+        return None
+    return db.merge(checked, load=False)
 
 
 def _open_session(
@@ -560,7 +569,7 @@ def change_password() -> Response:
                             event="password.changed", check=check)
     user = _as_checked(db, account)
     live = db.get(Session, identity.session_id, populate_existing=True)
-    if user is None or user.status != "active" or live is None or live.revoked_at is not None:
+    if user is None or live is None or live.revoked_at is not None:
         # The password was reset or changed, the account disabled or this session ended while
         # the hash ran: the change must not undo that.
         db.commit()  # the reservation's release
