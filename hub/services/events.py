@@ -55,6 +55,21 @@ def log(
     )
 
 
+def utc_time(value: str) -> dt.datetime:
+    """A site's ISO 8601 time as aware UTC (a time without an offset is UTC).
+
+    :class:`ValueError` for anything else, also for a time whose UTC instant falls outside
+    years 1 to 9999 (``0001-01-01T00:00:00+14:00``): no column can store that.
+    """
+    parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=dt.UTC)
+    try:
+        return parsed.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError("outside the UTC calendar") from None
+
+
 def _clean(value: str, limit: int) -> str:
     """A site's text as stored: without control characters (PostgreSQL cannot store NUL, and
     the console shows these values), at most ``limit`` characters."""
@@ -83,7 +98,7 @@ def upload(db: DBSession, state: HubState, site_key: str, items: t.Any) -> int:
         if not event:
             raise BadRequest(fields={f"events[{index}].event": ["Required."]})
         try:
-            at = dt.datetime.fromisoformat(str(item.get("time", "")).replace("Z", "+00:00"))
+            at = utc_time(str(item.get("time", "")))
         except ValueError:
             raise BadRequest(fields={f"events[{index}].time": ["ISO 8601 time."]}) from None
         details = dict(item["details"]) if isinstance(item.get("details"), dict) else {}
@@ -98,7 +113,7 @@ def upload(db: DBSession, state: HubState, site_key: str, items: t.Any) -> int:
             details["device"] = device
         rows.append(
             {
-                "created_at": at if at.tzinfo else at.replace(tzinfo=dt.UTC),
+                "created_at": at,
                 "source": "site",
                 "site_key": site_key,
                 "remote_id": _clean(str(item["id"]), 64),

@@ -26,6 +26,7 @@ from ..errors import BadRequest
 from ..models import Site
 from ..models import SiteHealth
 from ..models import SiteKey
+from . import events
 from . import settings as settings_service
 
 if t.TYPE_CHECKING:
@@ -45,11 +46,10 @@ def _time(data: dict[str, t.Any], name: str, *, required: bool = False) -> dt.da
     try:
         if not isinstance(value, str) or len(value) > 64:
             raise ValueError(name)
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return events.utc_time(value)
     except ValueError:
         raise BadRequest(fields={name: ["ISO 8601 time" + ("." if required else " or null.")]}
                          ) from None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.UTC)
 
 
 def _text(data: dict[str, t.Any], name: str, limit: int, *, required: bool = False) -> str:

@@ -839,6 +839,18 @@ def test_a_malformed_batch_stores_nothing(two: t.Any) -> None:
     assert site_events(hub) == []
 
 
+@pytest.mark.parametrize("time", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"])
+def test_an_event_time_outside_the_utc_calendar_is_400(two: t.Any, time: str) -> None:
+    """A valid ISO 8601 time whose UTC instant is before year 1 or after 9999 cannot be stored:
+    the batch is refused like any bad time, not a server error."""
+    hub, (shop, secret), _docs = two
+    batch = [*_events(2), {"id": "x", "event": "login.success", "time": time}]
+    body = refused(hub.signed("POST", EVENTS, shop, secret, json={"events": batch}), 400,
+                   "invalid_request")
+    assert body["data"]["fields"] == {"events[2].time": ["ISO 8601 time."]}
+    assert site_events(hub) == []
+
+
 def test_more_than_500_events_is_refused(two: t.Any) -> None:
     hub, (shop, secret), _docs = two
     r = hub.signed("POST", EVENTS, shop, secret, json={"events": _events(501)})

@@ -122,12 +122,17 @@ def test_an_unsigned_report_is_refused(hub: Hub) -> None:
     {"version": "x" * 65},
     {"last_sync_at": "soon"},
     {"key_fingerprint": 42},
+    # Times that exist only in their own offset: in UTC they fall outside years 1 to 9999.
+    {"time": "0001-01-01T00:00:00+14:00"},
+    {"last_exchange_at": "0001-01-01T00:00:00+14:00"},
+    {"last_sync_at": "9999-12-31T23:59:59-14:00"},
 ])
 def test_a_malformed_report_is_refused(hub: Hub, fields: dict[str, t.Any]) -> None:
     member = Member(hub)
     r = member.report(**fields)
     assert r.status_code == 400, r.text
     assert r.json()["code"] == "invalid_request"
+    assert set(r.json()["data"]["fields"]) == set(fields)
     assert member.row() is None
 
 
