@@ -2,7 +2,8 @@
 
 Members register public keys only (a JWK with a private member is refused): RSA of at least
 2048 bits for RS256, P-256 for ES256 (RFC 7518 §3.3, §3.4). A ``kid`` is unique across the
-whole federation, so a verifier that picks a key by ``kid`` can never get another site's key.
+whole federation, the hub's own keys included, so a verifier that picks a key by ``kid`` can
+never get another site's key.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def register(db: DBSession, state: HubState, site: Site, jwk: t.Any,
     if status not in ("next", "active"):
         raise BadRequest(fields={"status": ["next or active"]})
     public = {k: v for k, v in jwk.items() if k not in PRIVATE_MEMBERS}
+    if _is_hub_kid(db, kid):
+        raise Conflict("That kid is already registered.", code="kid_taken")
     existing = db.scalar(select(SiteKey).where(SiteKey.kid == kid))
     if existing is not None:
         if existing.site_id != site.id or existing.jwk != public:
@@ -86,6 +89,12 @@ def register(db: DBSession, state: HubState, site: Site, jwk: t.Any,
     events.log(db, state, "key.registered", actor=site.site_key, site_key=site.site_key,
                details={"kid": kid, "alg": alg, "status": key.status})
     return key
+
+
+def _is_hub_kid(db: DBSession, kid: str) -> bool:
+    """Whether ``kid`` is or was one of the hub's own keys, which share the JWKS with the
+    members' (a verifier's cached copy may still hold a retired one)."""
+    return db.scalar(select(HubKey.id).where(HubKey.kid == kid)) is not None
 
 
 def _activate(db: DBSession, state: HubState, site: Site, key: SiteKey) -> None:

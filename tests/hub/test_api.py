@@ -28,6 +28,7 @@ from agent.services.keys import generate_private_key_pem
 from agent.signing import pairwise_key
 from hub.crypto import parse_site_secret
 from hub.models import Event
+from hub.services import keys as key_service
 from hub.services import sites as site_service
 from tests.hub.conftest import Hub
 
@@ -642,6 +643,28 @@ def test_a_kid_of_another_site_is_a_conflict(
     published = [k for k in jwks(hub)["keys"] if k["kid"] == shop_jwk["kid"]]
     assert len(published) == 1
     assert published[0]["x"] == shop_jwk["x"] and published[0]["hk_site"] == shop
+
+
+def test_a_kid_of_the_hubs_own_keys_is_a_conflict(two: t.Any) -> None:
+    """The hub's keys share the JWKS with the members' (K-03): a member cannot register the
+    hub's public key, another key under its kid, or the kid of a hub key since retired."""
+    hub, (shop, secret), _docs = two
+    with hub.app.app_context(), hub.state.session_factory() as db:
+        first = dict(key_service.ensure_hub_key(db, hub.state).jwk)
+        db.commit()
+    refused(hub.signed("POST", KEYS, shop, secret, json={"jwk": first}), 409, "kid_taken")
+    other = jwk_of(ec.generate_private_key(ec.SECP256R1()).public_key(), "ES256", first["kid"])
+    refused(hub.signed("POST", KEYS, shop, secret, json={"jwk": other, "status": "active"}), 409,
+            "kid_taken")
+    assert [k["hk_site"] for k in jwks(hub)["keys"] if k["kid"] == first["kid"]] == ["hub"]
+    with hub.app.app_context(), hub.state.session_factory() as db:
+        key_service.rotate_hub_key(db, hub.state)
+        hub.clock.advance(2 * hub.state.setting("JWKS_MAX_AGE") + 1)
+        assert key_service.retire_hub_keys(db, hub.state) == 1
+        db.commit()
+    assert first["kid"] not in kids(hub)
+    refused(hub.signed("POST", KEYS, shop, secret, json={"jwk": other}), 409, "kid_taken")
+    assert hub.scalar("SELECT count(*) FROM hub_site_keys") == 0
 
 
 def test_a_retired_key_leaves_the_jwks_for_good(
