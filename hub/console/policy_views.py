@@ -29,6 +29,7 @@ from ..state import get_state
 from . import policy_forms as pf
 from .views import _actor
 from .views import _commit
+from .views import _end_sessions_if_locked
 from .views import _ip
 from .views import _site
 from .views import bp
@@ -99,6 +100,8 @@ def site_settings(site_key: str, group: str) -> ResponseReturnValue:
         # left open, may do that.
         if not admins.confirm(db, get_state(), g.hub_admin, request.form.get("password", ""),
                               _ip()):
+            if (ended := _end_sessions_if_locked(g.hub_admin)) is not None:
+                return ended
             _commit()  # the failure is counted
             return _render(site, group, values=request.form, status=403,
                            errors={"password": ["Your password is needed for this change."]},

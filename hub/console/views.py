@@ -282,16 +282,25 @@ def reauth() -> ResponseReturnValue:
     try:
         admins.authenticate(db, state, admin.username, request.form.get("password", ""), _ip())
     except admins.LoginFailed:
-        if admin.locked_until is not None and state.clock() < admin.locked_until:
-            admin.session_epoch += 1  # locked now: every session of this admin ends
-            db.commit()
-            session.clear()
-            return redirect(url_for("console.login"))
+        if (ended := _end_sessions_if_locked(admin)) is not None:
+            return ended
         db.commit()  # the failure is counted
         return render_template("console/reauth.html", error=LOGIN_FAILED, next=next_page), 200
     db.commit()
     session["login_at"] = state.clock().timestamp()
     return redirect(_safe_next(next_page))
+
+
+def _end_sessions_if_locked(admin: Admin) -> ResponseReturnValue | None:
+    """After a wrong password at a confirmation: when the admin is locked now, every session
+    of theirs ends (this one too) and the answer is the login page; else None (the caller
+    commits the counted failure)."""
+    if admin.locked_until is None or get_state().clock() >= admin.locked_until:
+        return None
+    admin.session_epoch += 1
+    _commit()
+    session.clear()
+    return redirect(url_for("console.login"))
 
 
 @bp.post("/console/logout")
