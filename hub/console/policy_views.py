@@ -31,6 +31,7 @@ from .views import _actor
 from .views import _commit
 from .views import _end_sessions_if_locked
 from .views import _ip
+from .views import _recent_login
 from .views import _site
 from .views import bp
 
@@ -124,8 +125,12 @@ def _algorithm_of(site: Site) -> t.Any:
 
 @bp.post("/console/sites/<site_key>/settings/webhooks/add")
 def site_webhook_add(site_key: str) -> ResponseReturnValue:
-    """Add an endpoint; its secret is in this response only."""
+    """Add an endpoint; its secret is in this response only, so the admin's password must
+    have been entered recently, as for a site secret."""
     site = _site(site_key)
+    if (confirm := _recent_login(url_for("console.site_settings", site_key=site.site_key,
+                                         group="webhooks"))) is not None:
+        return confirm
     db = get_db()
     url = (request.form.get("url") or "").strip()
     chosen = [e for e in request.form.getlist("events") if e]

@@ -255,17 +255,19 @@ def login() -> ResponseReturnValue:
     return redirect(_safe_next(next_page))
 
 
-def _recent_login() -> ResponseReturnValue | None:
+def _recent_login(back: str | None = None) -> ResponseReturnValue | None:
     """None when the admin entered the password within ``REAUTH_SECONDS``; else a redirect
-    to confirm it, back to the page the form was on (nothing is done meanwhile)."""
+    to confirm it, then to ``back``, the page the form was on (by default the site's page, or
+    the onboarding form); nothing is done meanwhile."""
     state = get_state()
     login_at = session.get("login_at")
     if isinstance(login_at, (int, float)) and (
             state.clock().timestamp() - login_at <= state.setting("REAUTH_SECONDS")):
         return None
     site_key = request.view_args.get("site_key") if request.view_args else None
-    back = (url_for("console.site_detail", site_key=site_key) if site_key
-            else url_for("console.site_new"))
+    if back is None:
+        back = (url_for("console.site_detail", site_key=site_key) if site_key
+                else url_for("console.site_new"))
     flash("Enter your password again to do that.", "info")
     return redirect(url_for("console.reauth", next=back))
 
