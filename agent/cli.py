@@ -317,7 +317,7 @@ def logs(instance: Path, as_json: bool, follow: bool, **filters: str | None) -> 
 @click.option("--secret-stdin", is_flag=True, help="Read the site secret from stdin (required).")
 def join(instance: Path, hub_url: str, site_key: str, secret_stdin: bool) -> None:
     """Join a federation: check the membership with the hub, store it, publish the SSO key."""
-    from .config import _url
+    from .config import hub_url as check_hub_url
     from .config import parse_hub_secret
     from .federation import federation_key
     from .hub_client import HubClient
@@ -328,7 +328,7 @@ def join(instance: Path, hub_url: str, site_key: str, secret_stdin: bool) -> Non
 
     if not secret_stdin:
         raise click.UsageError("give --secret-stdin and pipe the secret in")
-    hub_url = _url("--hub", hub_url)
+    hub_url = check_hub_url("--hub", hub_url)
     secret_text = sys.stdin.readline().strip()
     raw = parse_hub_secret("the secret", secret_text)
     client = HubClient(hub_url, site_key, raw)

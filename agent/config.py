@@ -24,6 +24,7 @@ import typing as t
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
+from urllib.parse import SplitResult
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -76,11 +77,48 @@ def _choice(key: str, value: t.Any, choices: t.Sequence[str]) -> str:
     return text
 
 
+def _split(key: str, text: str) -> SplitResult:
+    """``urlsplit`` with its refusals as :class:`ConfigError`: an unclosed ``[`` in the host, a
+    host that Unicode normalisation turns into another URL, a port that is no number 0-65535."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - reading it is the check
+    except ValueError:
+        raise ConfigError(f"{key}: not a URL: {text!r}") from None
+    return parts
+
+
 def _url(key: str, value: t.Any) -> str:
+    """An http(s) URL without a user name or password (they would show in logs and errors)."""
     text = _str(key, value).rstrip("/")
-    parts = urlsplit(text)
-    if parts.scheme not in {"http", "https"} or not parts.netloc:
+    parts = _split(key, text)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ConfigError(f"{key}: expected an http(s) URL, got {text!r}")
+    if "@" in parts.netloc:
+        raise ConfigError(f"{key}: no user name or password in the URL")
+    return text
+
+
+def _private_host(host: str) -> bool:
+    """Loopback, a private or link-local address, or a one-label name (``hub``, as in a
+    container network): hosts that plain http reaches without crossing the internet."""
+    if host == "localhost" or "." not in host and ":" not in host:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_private or address.is_link_local
+
+
+def hub_url(key: str, value: t.Any) -> str:
+    """The hub's URL (where peers' keys come from): https, or http to a private host."""
+    text = _url(key, value)
+    parts = urlsplit(text)
+    if parts.scheme != "https" and not _private_host(parts.hostname or ""):
+        raise ConfigError(
+            f"{key}: expected an https URL (http only for localhost, a private address or a "
+            f"one-label host name), got {text!r}")
     return text
 
 
@@ -113,10 +151,11 @@ def _cors(key: str, value: t.Any) -> bool | tuple[str, ...]:
     origins = []
     for origin in value:
         text = _str(key, origin)
-        parts = urlsplit(text)
+        parts = _split(key, text)
         if (
             parts.scheme not in {"http", "https"}
-            or not parts.netloc
+            or not parts.hostname
+            or "@" in parts.netloc
             or parts.path
             or parts.query
             or parts.fragment
@@ -274,7 +313,7 @@ def _federation(get: t.Callable[[str], t.Any], instance_path: str) -> dict[str, 
             f"{PREFIX}HUB_URL, HUB_SITE_KEY and HUB_SECRET_FILE go together "
             "(run `headlesskey-agent join`)"
         )
-    values["hub_url"] = _url(PREFIX + "HUB_URL", url)
+    values["hub_url"] = hub_url(PREFIX + "HUB_URL", url)
     values["hub_site_key"] = _str(PREFIX + "HUB_SITE_KEY", site_key)
     text = _read_file(PREFIX + "HUB_SECRET_FILE", _str(PREFIX + "HUB_SECRET_FILE", secret_file))
     values["hub_secret"] = parse_hub_secret(PREFIX + "HUB_SECRET_FILE", text.decode().strip())
@@ -364,10 +403,13 @@ def _utc_time(key: str, value: t.Any) -> dt.datetime:
             when = dt.datetime.fromisoformat(_str(key, value).replace("Z", "+00:00"))
         except ValueError:
             when = None
-    if when is None or when.tzinfo is None:
+    try:
+        if when is None or when.tzinfo is None:
+            raise ValueError
+        return when.astimezone(dt.UTC)  # OverflowError past year 1 or 9999 in UTC
+    except (ValueError, OverflowError):
         raise ConfigError(f"{key}: expected an ISO 8601 time with its offset, e.g. "
-                          "2026-12-01T12:00:00Z")
-    return when.astimezone(dt.UTC)
+                          "2026-12-01T12:00:00Z") from None
 
 
 def _text(key: str, value: t.Any) -> str:

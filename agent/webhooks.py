@@ -29,9 +29,12 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import hashlib
+import contextlib
 import http.client
 import logging
 import secrets
+import socket
+import threading
 import time
 import typing as t
 import urllib.error
@@ -414,7 +417,59 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_opener = urllib.request.build_opener(_KeepResponses, _NoRedirect)
+class _Deadline:
+    """Ends an attempt's connection when its time is up, however slowly the receiver sends.
+
+    A socket's timeout bounds each read, not the whole answer: a receiver sending a byte a
+    second would hold the attempt (and the outbox) for as long as it liked. A timer shuts the
+    connection down at the deadline; the read under way then ends at once.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.fired = False
+        self._connection: http.client.HTTPConnection | None = None
+        self._sock: socket.socket | None = None
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        deadline = self
+
+        class _Connection(http.client.HTTPConnection):
+            def connect(self) -> None:
+                deadline._connection = self
+                super().connect()
+                deadline._sock = self.sock  # urllib lets go of conn.sock once answered
+
+        class _TLSConnection(http.client.HTTPSConnection):
+            def connect(self) -> None:
+                deadline._connection = self
+                super().connect()
+                deadline._sock = self.sock  # urllib lets go of conn.sock once answered
+
+        class _HTTP(urllib.request.HTTPHandler):
+            def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+                return self.do_open(_Connection, req)
+
+        class _HTTPS(urllib.request.HTTPSHandler):
+            def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+                return self.do_open(_TLSConnection, req)
+
+        return urllib.request.build_opener(_KeepResponses, _NoRedirect, _HTTP, _HTTPS)
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def _fire(self) -> None:
+        self.fired = True
+        sock = self._sock or (self._connection.sock if self._connection is not None else None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 def _post(
@@ -444,8 +499,9 @@ def _post(
     def elapsed() -> int:
         return int((time.monotonic() - started) * 1000)
 
+    deadline = _Deadline(timeout)
     try:
-        with _opener.open(request, timeout=timeout) as response:
+        with deadline, deadline.opener().open(request, timeout=timeout) as response:
             status = int(response.status)
             retry_after = response.headers.get("Retry-After")
             _drain(response, started + timeout)
@@ -453,11 +509,15 @@ def _post(
         return _Outcome(None, "timeout", elapsed(), timed_out=True)
     except urllib.error.URLError as exc:
         reason = exc.reason
-        if isinstance(reason, TimeoutError):
+        if isinstance(reason, TimeoutError) or deadline.fired:
             return _Outcome(None, "timeout", elapsed(), timed_out=True)
         return _Outcome(None, _error_text(reason), elapsed())
     except (OSError, http.client.HTTPException, ValueError) as exc:
+        if deadline.fired:
+            return _Outcome(None, "timeout", elapsed(), timed_out=True)
         return _Outcome(None, _error_text(exc), elapsed())
+    if deadline.fired:  # the answer, cut short at the deadline, may have looked complete
+        return _Outcome(None, "timeout", elapsed(), timed_out=True)
     error = "" if 200 <= status < 300 else f"HTTP {status}"
     wait = _retry_after(retry_after, now) if status in (429, 503) else None
     return _Outcome(status, error, elapsed(), retry_after=wait)

@@ -9,6 +9,7 @@ agent's clock past each backoff, so a day of retries takes milliseconds.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import email.utils
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -442,6 +444,8 @@ FIRST, SECOND, THIRD = new_secret(), new_secret(), new_secret()
         ({"previous_secret": THIRD, "previous_secret_expires": "2026-12-01T12:00:00"},
          "previous_secret_expires: expected an ISO 8601 time with its offset"),
         ({"previous_secret": SECOND}, "two endpoints share a secret"),
+        ({"previous_secret": THIRD, "previous_secret_expires": "0001-01-01T00:00:00+14:00"},
+         "previous_secret_expires: expected an ISO 8601 time with its offset"),
     ],
 )
 def test_bad_rotation_settings_stop_start_up(
@@ -888,6 +892,53 @@ def test_a_hanging_receiver_slows_neither_logins_nor_other_endpoints(
     got = [r for r in slow.snapshot() if r.ok]
     assert sorted(r.id for r in got) == sorted(m.message_id for m in messages)
     assert all(verifies(slow_secret, r, site.clock()) for r in got)
+
+
+@pytest.mark.parametrize("drip", ["headers", "body"])
+def test_a_receiver_that_drips_its_answer_is_cut_off_at_the_timeout(
+    make_site: t.Callable[..., Site], drip: str
+) -> None:
+    """The timeout bounds the whole attempt, not each read: a receiver sending a byte every
+    0.2 s never lets one read time out, yet the attempt ends at WEBHOOK_TIMEOUT."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            head = b"HTTP/1.1 200 OK\r\n"
+            if drip == "body":
+                head += b"Content-Length: 1000\r\n\r\n"
+            else:
+                head += b"X-Slow: "
+            conn.sendall(head)
+            with contextlib.suppress(OSError):
+                for _ in range(40):  # 8 s of dripping at most
+                    if stop.wait(0.2):
+                        break
+                    conn.sendall(b"a")
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/hooks"
+    site = make_site(HEADLESSKEY_WEBHOOKS=[{"id": "ops", "url": url, "secret": new_secret()}],
+                     HEADLESSKEY_WEBHOOK_TIMEOUT=2)
+    try:
+        register(site, "drew")
+        started = time.monotonic()
+        assert deliver_due(site.state) == 1
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        server.join(5)
+        listener.close()
+    assert took < 3.5, took
+    (message,) = outbox(site)
+    assert message.status == "pending" and message.attempts == 1
+    (attempt,) = attempts_of(site, message.message_id)
+    assert attempt.status_code is None and attempt.error == "timeout"
+    assert 1900 <= attempt.duration_ms < 3500
 
 
 # ---------------------------------------------------------------------------------------------

@@ -223,8 +223,8 @@ def test_K06_jwks_caching_headers(fleet: Fleet) -> None:
                                  "//hub.example"])
 def test_K08_hub_url_must_be_http(fleet: Fleet, url: str, tmp_path: Path) -> None:
     """The hub URL (where the keys come from) is refused at join and at config load unless
-    it is an http(s) URL. http and private addresses are allowed on purpose: the hub usually
-    sits on the organisation's private network behind its TLS proxy (docs/deploy.md)."""
+    it is an http(s) URL; plain http only to a private host (tests/agent/test_config.py covers
+    that rule: the configuration and `join` share the function)."""
     assert AGENT
     joined = subprocess.run(  # noqa: S603 - our own executable
         [AGENT, "join", "--instance", str(tmp_path), "--hub", url, "--site-key", "site-x",

@@ -1,0 +1,79 @@
+"""URL settings at start-up: a URL Python cannot split, credentials in a URL, and the hub's URL
+over plain http are each refused with a message naming the key, before anything starts."""
+
+from __future__ import annotations
+
+import typing as t
+from pathlib import Path
+
+import pytest
+
+from agent.config import build_settings
+from agent.errors import ConfigError
+from agent.services.keys import generate_private_key_pem
+
+SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODk="
+
+UNSPLITTABLE = [
+    "https://[::1",  # an unclosed IPv6 bracket
+    "https://app.example.com:99999",  # a port out of range
+    "https://app.example.com:http",  # a port that is no number
+    "https://evil.example\uff03@app.example.com",  # NFKC turns U+FF03 into "#"
+]
+
+
+def settings(tmp_path: Path, **values: t.Any) -> t.Any:
+    config = {"HEADLESSKEY_SECRET_KEY": "s" * 40, "HEADLESSKEY_SITE_URL": "https://shop.example",
+              "HEADLESSKEY_MAIL_BACKEND": "null", **values}
+    return build_settings(config, str(tmp_path))
+
+
+def with_hub(tmp_path: Path, url: str) -> t.Any:
+    secret = tmp_path / "hub-secret.key"
+    secret.write_text("hks_" + "A" * 43 + "\n")
+    (tmp_path / "federation-key.pem").write_bytes(generate_private_key_pem("ES256"))
+    return settings(tmp_path, HEADLESSKEY_HUB_URL=url, HEADLESSKEY_HUB_SITE_KEY="shop",
+                    HEADLESSKEY_HUB_SECRET_FILE=str(secret),
+                    HEADLESSKEY_FEDERATION_KEY_FILE=str(tmp_path / "federation-key.pem"))
+
+
+@pytest.mark.parametrize("url", UNSPLITTABLE)
+@pytest.mark.parametrize("key", ["SITE_URL", "RESET_URL", "CORS", "WEBHOOKS"])
+def test_a_url_python_cannot_split_is_a_config_error(tmp_path: Path, key: str, url: str) -> None:
+    value: t.Any = url
+    if key == "CORS":
+        value = [url]
+    elif key == "WEBHOOKS":
+        value = [{"url": url, "secret": SECRET}]
+    with pytest.raises(ConfigError, match=f"HEADLESSKEY_{key}.*: not a URL"):
+        settings(tmp_path, **{f"HEADLESSKEY_{key}": value})
+
+
+@pytest.mark.parametrize("url", ["https://ops:hunter2@hooks.example/h", "https://ops@hooks.example/h"])
+def test_a_webhook_url_with_credentials_is_refused(tmp_path: Path, url: str) -> None:
+    """They would be shown wherever the URL is: delivery errors, logs, the console."""
+    with pytest.raises(ConfigError, match=r"WEBHOOKS\[0\]\.url: no user name or password") as info:
+        settings(tmp_path, HEADLESSKEY_WEBHOOKS=[{"url": url, "secret": SECRET}])
+    assert "hunter2" not in str(info.value)
+
+
+def test_an_origin_with_credentials_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is not an origin"):
+        settings(tmp_path, HEADLESSKEY_CORS=["https://user@app.example.com"])
+
+
+@pytest.mark.parametrize("url", ["https://hub.example.com", "http://127.0.0.1:9000",
+                                 "http://localhost:9000", "http://[::1]:9000",
+                                 "http://10.0.0.5:9000", "http://192.168.1.2",
+                                 "http://hub:9000"])
+def test_the_hub_url_is_https_or_a_private_host(tmp_path: Path, url: str) -> None:
+    assert with_hub(tmp_path, url).hub_url == url
+
+
+@pytest.mark.parametrize("url", ["http://hub.example.com", "http://93.184.215.14:9000",
+                                 "http://hub.example.com.:9000", "ftp://hub.example.com"])
+def test_the_hub_url_over_http_to_a_public_host_is_refused(tmp_path: Path, url: str) -> None:
+    """K-08: the keys of every peer come from the hub; over plain http on the internet anyone
+    on the path could hand this site a key of their own."""
+    with pytest.raises(ConfigError, match="HEADLESSKEY_HUB_URL: expected an"):
+        with_hub(tmp_path, url)
