@@ -31,6 +31,7 @@ if t.TYPE_CHECKING:
 
 _SITE_KEY = re.compile(r"[a-z0-9][a-z0-9-]{1,63}")
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+ISSUER_MAX = 255  # the length of the (issuer, subject) keys members store
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,12 @@ def _url(value: t.Any, field: str, errors: dict[str, list[str]]) -> str:
     if not isinstance(value, str) or len(value) > 2048:
         errors.setdefault(field, []).append("A URL is required.")
         return ""
-    parts = urlsplit(value.strip())
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 - a port that is no number 0-65535 raises here
+    except ValueError:  # an unclosed [ in the host, a host that normalises into another URL
+        errors.setdefault(field, []).append("Not a valid URL.")
+        return ""
     host = parts.hostname or ""
     if parts.scheme == "https" and host or parts.scheme == "http" and host in _LOOPBACK:
         if parts.username or parts.password or parts.fragment:
@@ -90,6 +96,9 @@ def validate(
     if not isinstance(key, str) or not _SITE_KEY.fullmatch(key):
         errors["site_key"] = ["2 to 64 characters: lower-case letters, digits and -."]
     iss = _url(issuer, "issuer", errors) if issuer else url
+    if len(iss) > ISSUER_MAX:  # the base URL is the issuer unless one is given
+        errors.setdefault("issuer" if issuer else "base_url", []).append(
+            f"At most {ISSUER_MAX} characters as the site's issuer.")
     origins = [_origin(o, "allowed_origins", errors) for o in (allowed_origins or [])]
     uris = [_url(u, "redirect_uris", errors) for u in (redirect_uris or [])]
     if not isinstance(contact, str) or len(contact) > 254:
@@ -110,13 +119,7 @@ def validate(
 def add_site(db: DBSession, state: HubState, actor: str, **fields: t.Any) -> Onboarded:
     """Onboard a site: checked fields, a fresh secret (version 1). The caller commits."""
     values = validate(**fields)
-    clash = db.scalar(
-        select(Site).where((Site.name == values["name"]) | (Site.site_key == values["site_key"]))
-    )
-    if clash is not None:
-        field = "name" if clash.name == values["name"] else "site_key"
-        raise Conflict(f"A site with that {field.replace('_', ' ')} exists.",
-                       fields={field: ["Already taken."]})
+    _refuse_clash(db, values)
     now = state.clock()
     site = Site(**values, status="active", created_at=now, updated_at=now)
     db.add(site)
@@ -128,6 +131,23 @@ def add_site(db: DBSession, state: HubState, actor: str, **fields: t.Any) -> Onb
     secret = _add_secret(db, state, site, version=1)
     events.log(db, state, "site.added", actor=actor, site_key=site.site_key)
     return Onboarded(site, secret)
+
+
+def _refuse_clash(db: DBSession, values: dict[str, t.Any], site_id: int | None = None) -> None:
+    """:class:`Conflict` when another site has the name, the site key or the issuer.
+
+    Peers tell sites apart by issuer (it keys their identity links): two members under one
+    issuer could sign in as each other's users."""
+    clash = db.scalar(select(Site).where(
+        (Site.name == values["name"]) | (Site.site_key == values["site_key"])
+        | (Site.issuer == values["issuer"]), Site.id != (site_id or 0)).limit(1))
+    if clash is not None:
+        field = next(f for f in ("name", "site_key", "issuer")
+                     if getattr(clash, f) == values[f])
+        if field == "issuer" and values["issuer"] == values["base_url"]:
+            field = "base_url"  # the issuer no one typed: the base URL is it
+        raise Conflict(f"A site with that {field.replace('_', ' ')} exists.",
+                       fields={field: ["Already taken."]})
 
 
 def _add_secret(db: DBSession, state: HubState, site: Site, version: int) -> str:
@@ -251,6 +271,8 @@ def import_file(
             results.append((values["site_key"], "added", onboarded.secret))
             continue
         changed = {k: v for k, v in values.items() if getattr(site, k) != v}
+        if changed:
+            _refuse_clash(db, values, site.id)
         for key, value in changed.items():
             setattr(site, key, value)
         if changed:

@@ -339,6 +339,35 @@ def test_onboarding_errors_show_next_to_the_field_and_save_nothing(console: Cons
     assert count(hub, "hub_events", "event = 'site.added'") == 1
 
 
+@pytest.mark.parametrize("field", ["base_url", "allowed_origins", "redirect_uris"])
+@pytest.mark.parametrize("url", ["https://[::1", "https://docs.example.com:99999",
+                                 "https://evil.example\uff03@docs.example.com"])
+def test_onboarding_refuses_a_url_python_cannot_split(console: Console, field: str,
+                                                      url: str) -> None:
+    """Hosts with an unclosed ``[``, ports out of range, and hosts that Unicode normalisation
+    turns into another URL are form errors, not server errors."""
+    form = {"name": "Docs", "base_url": "https://docs.example.com", field: url}
+    r = console.onboard(**form)
+    assert r.status_code == 400, r.text[:300]
+    assert f'id="{field}-error">Not a valid URL.<' in r.text
+    assert count(console.hub, "hub_sites") == 0
+
+
+def test_two_sites_cannot_share_an_issuer(console: Console) -> None:
+    """Peers key identity links by issuer (a site's base URL unless the import file names
+    another): a second site under a taken issuer, or one longer than those keys, is refused."""
+    hub = console.hub
+    hub.add_site("Shop", "https://shop.example.com", issuer="https://docs.example.com")
+    same = console.onboard(name="Docs", base_url="https://docs.example.com")
+    assert same.status_code == 409, same.text[:300]
+    assert re.search(r'id="base_url-error">Already taken\.<', same.text)
+    long = "https://docs.example.com/" + "x" * 240
+    too_long = console.onboard(name="Docs", base_url=long)
+    assert too_long.status_code == 400
+    assert 'id="base_url-error">At most 255 characters' in too_long.text
+    assert count(hub, "hub_sites") == 1
+
+
 # --- CSRF and cross-site posts ---------------------------------------------------------------
 
 
