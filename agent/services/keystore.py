@@ -26,12 +26,14 @@ from dataclasses import dataclass
 
 from cryptography.fernet import Fernet
 from cryptography.fernet import InvalidToken
+from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
 from ..db import rowcount
 from ..errors import ConfigError
+from ..models import Session
 from ..models import StoredKey
 from .keys import KeyRing
 from .keys import SigningKey
@@ -338,6 +340,18 @@ def access_retire_after(settings: Settings) -> dt.timedelta:
     return dt.timedelta(seconds=settings.access_token_ttl + settings.leeway + 2 * RELOAD)
 
 
+def _access_retire_at(db: DBSession, settings: Settings, starts: dt.datetime) -> dt.datetime:
+    """When a key superseded at ``starts`` stops verifying: after the tokens it may still sign
+    under the lifetime in force, and after every live session's token, which may have been
+    signed under a longer lifetime before ``ACCESS_TOKEN_TTL`` was lowered."""
+    retire = starts + access_retire_after(settings)
+    latest = db.scalar(select(func.max(Session.access_exp)).where(Session.revoked_at.is_(None)))
+    if latest is not None:
+        margin = dt.timedelta(seconds=settings.leeway + 2 * RELOAD)
+        retire = max(retire, dt.datetime.fromtimestamp(latest, dt.UTC) + margin)
+    return retire
+
+
 def rotate_local(store: KeyStore, algorithm: str | None = None, *,
                  succeeding: Entry | None = None) -> SigningKey | None:
     """Make the next access-token key (of ``algorithm``, default the current one's).
@@ -360,7 +374,7 @@ def rotate_local(store: KeyStore, algorithm: str | None = None, *,
         if not claim(db, current, now):
             db.rollback()
             return None
-        retire = starts + access_retire_after(s)
+        retire = _access_retire_at(db, s, starts)
         db.execute(update(StoredKey)
                    .where(StoredKey.purpose == ACCESS, StoredKey.retire_at.is_(None))
                    .values(retire_at=retire))

@@ -3,6 +3,7 @@ they sign, kept until their last token expires, rotated once however many run th
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import threading
@@ -91,6 +92,25 @@ def test_a_rotated_key_is_published_first_signs_later_and_retires_after_its_toke
     assert valid(site, site.api.login("alice")["token"])
     assert prune(site.state)["keys"] == 1
     assert site.scalar("SELECT count(*) FROM hk_keys WHERE purpose = 'access'") == 1
+
+
+def test_a_lowered_token_lifetime_retires_no_key_before_its_tokens(
+    make_site: t.Callable[..., Site], algorithm: str
+) -> None:
+    """Tokens signed under the longer lifetime still expire late: the old key verifies them
+    until then, even when the key rotates right after ``ACCESS_TOKEN_TTL`` was lowered."""
+    site = make_site(algorithm, HEADLESSKEY_ACCESS_TOKEN_TTL=600, HEADLESSKEY_LEEWAY=LEEWAY,
+                     HEADLESSKEY_JWKS_MAX_AGE=30)
+    site.create_user("alice")
+    before = site.api.login("alice")["token"]
+    site.state.base_settings = dataclasses.replace(site.state.base_settings, access_token_ttl=30)
+    assert keystore.rotate_local(site.state.keys) is not None
+    delay = keystore.access_publish_delay(site.state.settings, algorithm).total_seconds()
+    # Past the retirement a 30 s lifetime would give, not yet past the token's own exp.
+    age_keys(site, delay + 30 + LEEWAY + 2 * keystore.RELOAD + 3)
+    assert valid(site, before)
+    age_keys(site, 600)
+    assert not valid(site, before)
 
 
 def test_keys_are_stored_encrypted(rotating: Site, algorithm: str) -> None:
