@@ -47,10 +47,11 @@ def parse_filters(args: t.Mapping[str, str]) -> tuple[Filters, int, Cursor | Non
             return None
         try:
             parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
+            # In UTC, as stored: OverflowError for an instant before year 1 or after 9999.
+            return parsed.astimezone(dt.UTC) if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+        except (ValueError, OverflowError):
             errors[name] = ["An ISO 8601 time, e.g. 2026-01-31T12:00:00Z."]
             return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
     user_id = None
     if args.get("user"):

@@ -410,6 +410,9 @@ def test_rows_arriving_while_paging_do_not_shift_pages(history: dict[str, t.Any]
         ({"limit": "ten"}, "limit"),
         ({"since": "yesterday"}, "since"),
         ({"until": "yesterday"}, "until"),
+        # Instants before year 1 or after 9999 in UTC, which no UTC column holds.
+        ({"since": "0001-01-01T00:00:00+14:00"}, "since"),
+        ({"until": "9999-12-31T23:59:59-14:00"}, "until"),
         ({"user": "abc"}, "user"),
         ({"user": "-1"}, "user"),
         ({"event": "e" * 65}, "event"),
