@@ -117,11 +117,14 @@ def create_user(
     that must not reveal it (``/register``) catch that.
     """
     fields: dict[str, list[str]] = {}
+    # A username with @ must be its account's own email: taken, it is a taken email, answered
+    # as one, so /register does not tell which emails have accounts.
+    email_shaped = "@" in username
     if not valid_login(username):
         fields["username"] = ["3 to 60 characters: letters, digits and _ . @ + -"]
     if not valid_email(email):
         fields["email"] = ["A valid email address is required."]
-    elif "@" in username and key_of(username) != key_of(email):
+    elif email_shaped and key_of(username) != key_of(email):
         # Logins are looked up by username or email: a username shaped like someone else's
         # address would capture their email logins and resets.
         fields["username"] = ["A username containing @ must be your own email address."]
@@ -136,9 +139,7 @@ def create_user(
     clash = db.scalars(
         select(User).where(or_(User.login_key == login_key, User.email_key == email_key))
     ).all()
-    # A username with @ is its account's own email (checked above): taken, it is a taken email,
-    # answered as one, so /register does not tell which emails have accounts.
-    if "@" not in username and any(u.login_key == login_key for u in clash):
+    if not email_shaped and any(u.login_key == login_key for u in clash):
         raise UsernameTaken()
     if clash:
         raise ValidationFailed("That email is already registered.", code="email_taken")
@@ -163,7 +164,7 @@ def create_user(
     except IntegrityError:
         # A concurrent registration took the name or the email between our check and the insert.
         db.rollback()
-        if "@" not in username and db.scalar(
+        if not email_shaped and db.scalar(
                 select(User.id).where(User.login_key == login_key)) is not None:
             raise UsernameTaken() from None
         raise ValidationFailed("That email is already registered.", code="email_taken") from None
@@ -200,7 +201,11 @@ def check_credentials(state: State, user: User | None, password: str) -> User:
 
 def set_password(db: DBSession, state: State, user: User, new_password: str) -> None:
     check_password_policy(state, new_password, username=user.user_login, email=user.email)
-    user.password_hash = state.hasher.hash(new_password)
+    _store_hash(state, user, state.hasher.hash(new_password))
+
+
+def _store_hash(state: State, user: User, password_hash: str) -> None:
+    user.password_hash = password_hash
     user.password_changed_at = state.clock()
 
 
@@ -212,8 +217,7 @@ def change_password(
 
     The caller has checked the current password (see :func:`check_current_password`).
     """
-    user.password_hash = new_hash
-    user.password_changed_at = state.clock()
+    _store_hash(state, user, new_hash)
     return sessions.revoke_user_sessions(db, user.id, state.clock(), "password_changed",
                                          keep_session)
 
