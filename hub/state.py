@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import typing as t
 from dataclasses import dataclass
+from dataclasses import field
 
 from flask import Flask
 from flask import current_app
@@ -31,11 +33,45 @@ class HubState:
     vault: Vault
     clock: t.Callable[[], dt.datetime] = utcnow
     redis: Redis | None = None  # request nonces, if HEADLESSKEY_HUB_REDIS_URL is set
+    refusals: RefusalLog = field(default_factory=lambda: RefusalLog())
 
     def setting(self, key: str) -> t.Any:
         """A config value by its short name (``SECRET_GRACE`` for
         ``HEADLESSKEY_HUB_SECRET_GRACE``)."""
         return self.config["HEADLESSKEY_HUB_" + key]
+
+
+class RefusalLog:
+    """How many refused API requests of one address this process writes to the event log.
+
+    The first :attr:`BURST` of a minute are each an event; the rest are counted, and the
+    address's first event of a later minute says how many were left out (``suppressed``). A
+    flood of unsigned requests then costs the database a few rows a minute, not one a request.
+    """
+
+    BURST = 30
+    _KEEP = 10_000  # addresses remembered; past that the counts start again
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._minute = 0
+        self._seen: dict[str, int] = {}
+        self._left_out: dict[str, int] = {}
+
+    def admit(self, ip: str, now: dt.datetime) -> int | None:
+        """None to leave this refusal out of the log, else how many of ``ip`` were left out
+        since its last event (0 for none)."""
+        minute = int(now.timestamp()) // 60
+        with self._lock:
+            if minute != self._minute or len(self._seen) > self._KEEP:
+                self._minute, self._seen = minute, {}
+                if len(self._left_out) > self._KEEP:
+                    self._left_out = {}
+            count = self._seen[ip] = self._seen.get(ip, 0) + 1
+            if count > self.BURST:
+                self._left_out[ip] = self._left_out.get(ip, 0) + 1
+                return None
+            return self._left_out.pop(ip, 0)
 
 
 def get_state(app: Flask | None = None) -> HubState:

@@ -4,7 +4,8 @@ Every request is verified over its raw body before anything is parsed: signature
 clock skew of at most 300 s, the site's still-valid secrets (old and new during a rotation,
 constant-time compare), the site's status, and a nonce never seen before on any worker (a unique
 row, or ``SET NX`` in Redis when ``REDIS_URL`` is set). Each
-refusal is a JSON error and an event in the federation log.
+refusal is a JSON error and an event in the federation log (at most
+:attr:`~hub.state.RefusalLog.BURST` a minute per address and process; the rest are counted).
 """
 
 from __future__ import annotations
@@ -58,9 +59,15 @@ def _refuse(reason: str, site_key: str | None) -> t.NoReturn:
     state = get_state()
     db = get_db()
     db.rollback()
-    events.log(db, state, "api.rejected", outcome="failure", site_key=site_key,
-               ip=client_ip(), details={"reason": reason, "path": request.path})
-    db.commit()
+    ip = client_ip()
+    left_out = state.refusals.admit(ip, state.clock())
+    if left_out is not None:
+        details: dict[str, t.Any] = {"reason": reason, "path": request.path[:200]}
+        if left_out:
+            details["suppressed"] = left_out
+        events.log(db, state, "api.rejected", outcome="failure", site_key=site_key, ip=ip,
+                   details=details)
+        db.commit()
     code, message = REASONS[reason]
     raise Unauthorized(message, code=code)
 

@@ -30,6 +30,7 @@ from hub.crypto import parse_site_secret
 from hub.models import Event
 from hub.services import keys as key_service
 from hub.services import sites as site_service
+from hub.state import RefusalLog
 from tests.hub.conftest import Hub
 
 DIRECTORY = "/api/v1/directory"
@@ -164,6 +165,24 @@ def test_every_endpoint_accepts_a_signed_call(two: t.Any, jwks_pair: dict[str, S
     assert r.json()["secret"].startswith("hks_")
     assert r.headers["Cache-Control"] == "no-store"
     assert rejections(hub) == []
+
+
+def test_a_flood_of_refusals_writes_a_few_events_a_minute(two: t.Any) -> None:
+    """Every refused request is answered, but one address gets at most BURST events a minute;
+    its next event says how many were left out."""
+    hub = two[0]
+    before = len(rejections(hub))
+    burst = RefusalLog.BURST
+    for _ in range(burst + 15):
+        refused(send(hub, "GET", DIRECTORY, {}), 401, "unsigned_request")
+    rows = rejections(hub)
+    assert len(rows) - before == burst
+    assert all("suppressed" not in r.details for r in rows[before:])
+    hub.clock.advance(61)
+    refused(send(hub, "GET", DIRECTORY, {}), 401, "unsigned_request")
+    last = rejections(hub)[-1]
+    assert last.details == {"reason": "unsigned", "path": DIRECTORY, "suppressed": 15}
+    assert len(rejections(hub)) - before == burst + 1
 
 
 # ---------------------------------------------------------------------------------------------
