@@ -252,6 +252,9 @@ def _access(key: str, value: t.Any) -> dict[str, str | tuple[str, ...]]:
     for endpoint, rule in value.items():
         if endpoint not in ENDPOINT_ACCESS:
             raise ConfigError(f"{key}: unknown endpoint {endpoint!r}")
+        if rule in ("public", "authenticated") and endpoint == "admin":
+            raise ConfigError(f"{key}: admin must be a list of roles (the admin API reads the "
+                              "activity log and disables accounts: never for anyone)")
         if rule in ("public", "authenticated"):
             rules[endpoint] = rule
         elif isinstance(rule, list) and rule and all(isinstance(r, str) and r for r in rule):
@@ -261,6 +264,13 @@ def _access(key: str, value: t.Any) -> dict[str, str | tuple[str, ...]]:
                 f"{key}: {endpoint} must be \"public\", \"authenticated\" or a list of roles"
             )
     return rules
+
+
+def check_default_role(role: str, admin_roles: t.Collection[str]) -> None:
+    """New accounts never get a role of the admin API: open registration would hand it out."""
+    if role in admin_roles:
+        raise ConfigError(f"{PREFIX}DEFAULT_ROLE: {role!r} may use the admin API "
+                          "(ACCESS admin); new accounts must not")
 
 
 def _rotation(key: str, value: t.Any) -> int:
@@ -703,6 +713,8 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
     access_ttl = check("ACCESS_TOKEN_TTL")
     min_len = check("PASSWORD_MIN_LENGTH")
     max_len = check("PASSWORD_MAX_LENGTH")
+    default_role, access = check("DEFAULT_ROLE"), check("ACCESS")
+    check_default_role(default_role, access["admin"])
     return Settings(
         site_url=site_url,
         site_name=_str(PREFIX + "SITE_NAME", get("SITE_NAME")),
@@ -725,7 +737,7 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
         leeway=leeway,
         cors=check("CORS"),
         registration=check("REGISTRATION"),
-        default_role=check("DEFAULT_ROLE"),
+        default_role=default_role,
         password_min_length=min_len,
         password_max_length=max(max_len, min_len),
         argon2_time_cost=_int(PREFIX + "ARGON2_TIME_COST", get("ARGON2_TIME_COST"), 1),
@@ -755,7 +767,7 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
         mail_timeout=_int(PREFIX + "MAIL_TIMEOUT", get("MAIL_TIMEOUT"), 1, 300),
         max_body=_int(PREFIX + "MAX_BODY", get("MAX_BODY"), 1024, 10 * 1024 * 1024),
         trusted_proxies=check("TRUSTED_PROXIES"),
-        access=check("ACCESS"),
+        access=access,
         lockout_max_failures=check("LOCKOUT_MAX_FAILURES"),
         lockout_ip_max_failures=check("LOCKOUT_IP_MAX_FAILURES"),
         lockout_window=check("LOCKOUT_WINDOW"),

@@ -115,6 +115,12 @@ def validate(values: t.Any) -> dict[str, t.Any]:
         if key == "ACCESS":  # keep only the rules given: the others stay the built-in ones
             given = config_module.json_value(PREFIX + key, value)
             out[key] = {name: rule for name, rule in out[key].items() if name in given}
+    if "DEFAULT_ROLE" in out:
+        admin = (out.get("ACCESS") or {}).get("admin", config_module.ENDPOINT_ACCESS["admin"])
+        try:
+            config_module.check_default_role(out["DEFAULT_ROLE"], admin)
+        except ConfigError as exc:
+            errors["DEFAULT_ROLE"] = _message("DEFAULT_ROLE", exc)
     low, high = out.get("PASSWORD_MIN_LENGTH"), out.get("PASSWORD_MAX_LENGTH")
     if low is not None and high is not None and low > high:
         errors["PASSWORD_MIN_LENGTH"] = (

@@ -142,6 +142,23 @@ def test_unknown_endpoint_in_access_stops_start_up(make_site: t.Callable[..., Si
         make_site("HS256", HEADLESSKEY_ACCESS={"no_such_endpoint": "public"})
 
 
+@pytest.mark.parametrize("rule", ["public", "authenticated"])
+def test_the_admin_api_is_only_ever_for_named_roles(make_site: t.Callable[..., Site],
+                                                    rule: str) -> None:
+    """Public, the admin API handed anyone the activity log and the power to disable accounts."""
+    with pytest.raises(ConfigError, match="HEADLESSKEY_ACCESS: admin must be a list of roles"):
+        make_site("HS256", HEADLESSKEY_ACCESS={"admin": rule})
+
+
+@pytest.mark.parametrize(("role", "access"), [("administrator", {}),
+                                             ("editor", {"admin": ["editor"]})])
+def test_new_accounts_never_get_a_role_of_the_admin_api(
+        make_site: t.Callable[..., Site], role: str, access: dict[str, t.Any]) -> None:
+    """With open registration, anyone would sign up as an administrator."""
+    with pytest.raises(ConfigError, match="HEADLESSKEY_DEFAULT_ROLE: .* may use the admin API"):
+        make_site("HS256", HEADLESSKEY_DEFAULT_ROLE=role, HEADLESSKEY_ACCESS=access)
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [

@@ -83,6 +83,8 @@ def test_general_page_saves_a_version_the_directory_carries(
     ("security", {"CORS": "https://evil.example\uff03@app.example.com"}, "CORS", "not a URL"),
     ("security", {"CORS": "https://user@app.example.com"}, "CORS", "is not an origin"),
     ("security", {"LOCKOUT_MAX_FAILURES": "0"}, "LOCKOUT_MAX_FAILURES", "must be between 1"),
+    ("access", {"mode-admin": "public"}, "ACCESS", "admin must be a list of roles"),
+    ("general", {"DEFAULT_ROLE": "administrator"}, "DEFAULT_ROLE", "may use the admin API"),
     ("security", {"SESSION_LIMIT_POLICY": "shrug"}, "SESSION_LIMIT_POLICY", "must be one of"),
     ("algorithms", {"ALGORITHM": "none"}, "ALGORITHM", "must be one of HS256, RS256, ES256"),
 ])
