@@ -172,12 +172,12 @@ def retire_hub_keys(db: DBSession, state: HubState) -> int:
 
 
 def jwks(db: DBSession) -> tuple[str, str]:
-    """The federation JWKS (every non-retired member key, plus the hub's) as JSON text, and its
-    ETag."""
+    """The federation JWKS (every non-retired key of an active member, plus the hub's) as JSON
+    text, and its ETag. A suspended site's keys leave it until the site is resumed."""
     member = db.execute(
         select(SiteKey.jwk, Site.site_key)
         .join(Site, Site.id == SiteKey.site_id)
-        .where(SiteKey.status != "retired")
+        .where(SiteKey.status != "retired", Site.status == "active")
         .order_by(SiteKey.id)
     ).all()
     hub = db.scalars(select(HubKey.jwk).where(HubKey.status != "retired").order_by(HubKey.id))

@@ -435,8 +435,13 @@ def test_an_unknown_site_gets_the_same_answer_as_a_bad_signature(two: t.Any) -> 
     assert reasons == [("unknown", "ghost"), ("bad", shop)]
 
 
-def test_a_suspended_site_is_refused_like_a_bad_signature_until_resumed(two: t.Any) -> None:
+def test_a_suspended_site_is_refused_like_a_bad_signature_until_resumed(
+        two: t.Any, jwks_pair: dict[str, SigningKey]) -> None:
     hub, (shop, secret), (docs, docs_secret) = two
+    jwk = public_jwk(jwks_pair["ES256"])
+    r = hub.signed("POST", KEYS, shop, secret, json={"jwk": jwk, "status": "active"})
+    assert r.status_code == 201, r.text
+    assert jwk["kid"] in kids(hub)
     with hub.app.app_context(), hub.state.session_factory() as db:
         site_service.set_status(db, hub.state, site_service.get(db, shop), "suspended", "test")
         db.commit()
@@ -447,12 +452,14 @@ def test_a_suspended_site_is_refused_like_a_bad_signature_until_resumed(two: t.A
                                     "bad_signature")
     assert [r.details["reason"] for r in rejections(hub)] == ["suspended", "bad"] * 3
     assert hub.scalar("SELECT count(*) FROM hub_site_secrets") == 2  # no rotation happened
+    assert jwk["kid"] not in kids(hub)  # whoever reads only the JWKS trusts it no more either
     # A badly signed call from it is still just a bad signature (no status oracle).
     refused(hub.signed("GET", DIRECTORY, shop, docs_secret), 401, "bad_signature")
     with hub.app.app_context(), hub.state.session_factory() as db:
         site_service.set_status(db, hub.state, site_service.get(db, shop), "active", "test")
         db.commit()
     directory_ok(hub, shop, secret)
+    assert jwk["kid"] in kids(hub)
 
 
 # ---------------------------------------------------------------------------------------------
