@@ -26,10 +26,10 @@ Neither bodies nor secrets are ever logged; logs name the message id, endpoint i
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import email.utils
 import hashlib
-import contextlib
 import http.client
 import logging
 import secrets
