@@ -122,7 +122,10 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
     # per refresh interval. Either way, one worker fetches.
     cooldown = REFETCH_COOLDOWN if force and fresh else min(
         REFETCH_COOLDOWN, dt.timedelta(seconds=s.directory_refresh))
-    if _claim_fetch(db, state, row, now, cooldown):
+    if row is None and _tried_lately(state, now, cooldown):
+        pass  # nothing cached to claim: this process asked the hub moments ago, and no caller
+        # makes it ask again before the cooldown (with a row, the claim below rations fetches)
+    elif _claim_fetch(db, state, row, now, cooldown):
         try:
             body = client(state).directory()
         except HubUnavailable:
@@ -140,6 +143,17 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
     if row is None or now - row.fetched_at > dt.timedelta(seconds=s.federation_stale_window):
         raise FederationUnavailable()
     return row.body
+
+
+def _tried_lately(state: State, now: dt.datetime, cooldown: dt.timedelta) -> bool:
+    """True when this process asked the hub for the directory within ``cooldown``; else note
+    that it is about to. While no directory is cached (the hub never answered), this bounds the
+    hub requests that exchanges can cause to one per cooldown and process."""
+    last: dt.datetime | None = getattr(state, "_directory_tried_at", None)
+    if last is not None and last <= now < last + cooldown:
+        return True
+    state._directory_tried_at = now  # type: ignore[attr-defined]
+    return False
 
 
 def _store_directory(db: DBSession, body: dict[str, t.Any], now: dt.datetime) -> None:
@@ -181,8 +195,8 @@ def apply_logouts(db: DBSession, state: State, dir_: dict[str, t.Any]) -> int:
     """
     s = state.settings
     listed = [lo for lo in dir_.get("logouts", []) if isinstance(lo, dict)
-              and isinstance(lo.get("id"), int) and isinstance(lo.get("issuer"), str)
-              and isinstance(lo.get("subject"), str)]
+              and isinstance(lo.get("id"), int) and _key_part(lo.get("issuer"))
+              and _key_part(lo.get("subject"))]
     row = db.get(FederationCache, LOGOUTS_APPLIED)
     done: set[int] = set(row.body.get("ids", [])) if row is not None else set()
     passed_on = {lo.get("origin") for lo in listed if lo.get("site_key") == s.hub_site_key}
@@ -201,7 +215,7 @@ def apply_logouts(db: DBSession, state: State, dir_: dict[str, t.Any]) -> int:
         if started.tzinfo is None:
             started = started.replace(tzinfo=dt.UTC)
         user_ids: set[int] = set()
-        link = db.get(IdentityLink, (lo["issuer"][:255], lo["subject"][:255]))
+        link = db.get(IdentityLink, (lo["issuer"], lo["subject"]))
         if link is not None and db.get(User, link.user_id) is not None:
             user_ids.add(link.user_id)
             if lo.get("origin", lo["id"]) not in passed_on:
@@ -324,27 +338,24 @@ def verify(db: DBSession, state: State, site_key: t.Any, token: t.Any,
     assert isinstance(site_key, str) and isinstance(token, str) and isinstance(signature, str)
     if len(token) > MAX_ASSERTION_LENGTH or len(signature) != 64 or len(site_key) > 64:
         raise InvalidAssertion("malformed", site_key[:64])
-    dir_ = directory(db, state)
-    peer = peer_of(dir_, site_key)
-    if peer is None or site_key == s.hub_site_key:
-        raise InvalidAssertion("unknown_peer", site_key)
-    given = signature.lower().encode()
-    ok = False
-    for key_hex in peer.get("exchange_keys", []):
-        try:
-            k_ab = bytes.fromhex(key_hex)
-        except (TypeError, ValueError):
-            continue
-        expected = hmac.new(k_ab, token.encode(), hashlib.sha256).hexdigest().encode()
-        ok |= hmac.compare_digest(expected, given)
-    if not ok or signature != signature.lower():
-        raise InvalidAssertion("bad_signature", site_key)
+    # What needs no directory is checked first: junk costs the hub nothing.
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
         raise InvalidAssertion("malformed", site_key) from None
     if header.get("typ") != SSO_TYP or "crit" in header or not isinstance(header.get("kid"), str):
         raise InvalidAssertion("bad_header", site_key)
+    if site_key == s.hub_site_key:
+        raise InvalidAssertion("unknown_peer", site_key)
+    peer = peer_of(directory(db, state), site_key)
+    if peer is None or not _signed_by(peer, token, signature):
+        # Perhaps the peer joined, or rotated its secret, since the last refresh: refetch once
+        # (at most once per cooldown).
+        peer = peer_of(directory(db, state, force=True), site_key)
+        if peer is None:
+            raise InvalidAssertion("unknown_peer", site_key)
+        if not _signed_by(peer, token, signature):
+            raise InvalidAssertion("bad_signature", site_key)
     jwk = _peer_key(peer, header["kid"])
     if jwk is None:
         # Perhaps the peer rotated keys since the last refresh: refetch once (rate-limited).
@@ -371,12 +382,34 @@ def verify(db: DBSession, state: State, site_key: t.Any, token: t.Any,
         )
     except (jwt.PyJWTError, ValueError, TypeError):
         raise InvalidAssertion("bad_token", site_key) from None
-    if claims["exp"] - claims["iat"] > 60 or not isinstance(claims["jti"], str) or len(
-        claims["jti"]
-    ) > 64:
+    times = [claims["exp"], claims["iat"]] + ([claims["nbf"]] if "nbf" in claims else [])
+    if not all(type(v) is int for v in times) or claims["exp"] - claims["iat"] > 60:
+        raise InvalidAssertion("bad_token", site_key)  # PyJWT takes "123" for 123; we do not
+    if not (_key_part(claims["iss"]) and _key_part(claims["sub"]) and isinstance(claims["jti"], str)
+            and len(claims["jti"]) <= 64):
         raise InvalidAssertion("bad_token", site_key)
     _use_once(db, state, claims)
     return claims
+
+
+def _signed_by(peer: dict[str, t.Any], token: str, signature: str) -> bool:
+    """Whether ``signature`` is the HMAC of ``token`` under one of the peer's exchange keys."""
+    given = signature.encode()
+    ok = False
+    for key_hex in peer.get("exchange_keys", []):
+        try:
+            k_ab = bytes.fromhex(key_hex)
+        except (TypeError, ValueError):
+            continue
+        expected = hmac.new(k_ab, token.encode(), hashlib.sha256).hexdigest().encode()
+        ok |= hmac.compare_digest(expected, given)
+    return ok and signature == signature.lower()
+
+
+def _key_part(value: t.Any) -> bool:
+    """A non-empty string that fits the identity keys' 255 characters whole: an issuer or
+    subject is never cut to fit (two cut alike would be one identity)."""
+    return isinstance(value, str) and 0 < len(value) <= 255
 
 
 def _peer_key(peer: dict[str, t.Any], kid: str) -> dict[str, t.Any] | None:
@@ -400,7 +433,7 @@ def _use_once(db: DBSession, state: State, claims: dict[str, t.Any]) -> None:
         if not store.use_once(state.redis, name, ttl):
             raise InvalidAssertion("replayed")
         return
-    db.add(UsedAssertion(issuer=claims["iss"][:255], jti=claims["jti"], expires_at=expires))
+    db.add(UsedAssertion(issuer=claims["iss"], jti=claims["jti"], expires_at=expires))
     try:
         db.commit()
     except IntegrityError:
@@ -411,7 +444,7 @@ def _use_once(db: DBSession, state: State, claims: dict[str, t.Any]) -> None:
 def link_identity(db: DBSession, state: State, claims: dict[str, t.Any]) -> tuple[User, str]:
     """The local account for a verified assertion, and how it was found (link/email/new)."""
     s = state.settings
-    issuer, subject = claims["iss"][:255], claims["sub"][:255]
+    issuer, subject = claims["iss"], claims["sub"]
     link = db.get(IdentityLink, (issuer, subject))
     if link is not None:
         user = db.get(User, link.user_id)

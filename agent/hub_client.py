@@ -98,15 +98,32 @@ class HubClient:
         return reply
 
     def directory(self) -> dict[str, t.Any]:
-        return t.cast(dict[str, t.Any], self.call("GET", "/api/v1/directory").json())
+        """The directory; an answer without this site and a list of peers is no directory
+        (it is never cached in place of the last good one)."""
+        body = _object(self.call("GET", "/api/v1/directory"))
+        peers = body.get("peers")
+        if not isinstance(body.get("site"), dict) or not isinstance(peers, list) or not all(
+                isinstance(peer, dict) for peer in peers):
+            raise HubUnavailable("hub answered without a directory", 200)
+        return body
 
     def register_key(self, jwk: dict[str, t.Any], status: str = "active") -> dict[str, t.Any]:
-        return t.cast(dict[str, t.Any],
-                      self.call("POST", "/api/v1/keys", {"jwk": jwk, "status": status}).json())
+        return _object(self.call("POST", "/api/v1/keys", {"jwk": jwk, "status": status}))
 
     def retire_key(self, kid: str) -> None:
         self.call("DELETE", "/api/v1/keys/" + quote(kid, safe=""))
 
     def rotate_secret(self) -> dict[str, t.Any]:
         """A new secret for this site; the hub keeps the old ones for ``grace_seconds``."""
-        return t.cast(dict[str, t.Any], self.call("POST", "/api/v1/secret/rotate", {}).json())
+        return _object(self.call("POST", "/api/v1/secret/rotate", {}))
+
+
+def _object(reply: Reply) -> dict[str, t.Any]:
+    """A 2xx answer's JSON object, or :class:`HubUnavailable` (a proxy's HTML page, say)."""
+    try:
+        body = reply.json()
+    except ValueError:  # not JSON, or not UTF-8
+        body = None
+    if not isinstance(body, dict):
+        raise HubUnavailable("hub answered without a JSON object", reply.status)
+    return body

@@ -27,6 +27,7 @@ from agent.config import from_environ
 from agent.config import load_toml
 from agent.errors import ConfigError
 from agent.models import AuditEvent
+from agent.models import save_cache
 from agent.services.keys import generate_private_key_pem
 from tests.conftest import PASSWORD
 from tests.conftest import Site
@@ -221,3 +222,24 @@ def test_the_redis_url_comes_from_site_toml_or_the_environment(tmp_path: Path) -
     assert build_settings(values, str(tmp_path)).redis_url == "rediss://cache.internal:6380/0"
     values.update(from_environ({"REDIS_URL": "redis://ignored", "HEADLESSKEY_REDIS_URL": ""}))
     assert build_settings(values, str(tmp_path)).redis_url is None
+
+
+def test_a_directory_from_before_a_peers_secret_rotation_is_fetched_again(
+        fed: Federation) -> None:
+    """B's copy of the directory still holds the exchange keys of A's previous secret (B
+    refreshes every DIRECTORY_REFRESH): A's assertion fails B's check once, B fetches the
+    directory again at once (at most once per cooldown) and lets the user in."""
+    assertion = fed.assertion("stella")
+    site = fed.b
+    with site.app.app_context(), site.state.session_factory() as db:
+        body = federation.directory(db, site.state)
+        for peer in body["peers"]:
+            if peer["site_key"] == "site-a":
+                peer["exchange_keys"] = [os.urandom(32).hex()]  # another secret's key
+        save_cache(db, "directory", body, site.clock())
+        db.commit()
+    site.clock.advance(6)  # past the cooldown of the last fetch, well within the refresh
+    r = site.api.post("/sso/exchange", json=assertion)
+    assert r.status_code == 200, r.text
+    with site.db() as db:
+        assert not list(db.scalars(select(AuditEvent).where(AuditEvent.event == "sso.rejected")))

@@ -718,6 +718,22 @@ def test_expired_assertion_is_refused(fed: Federation) -> None:
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("changes", [
+    {"exp": "9999999999"}, {"iat": "1"}, {"nbf": "1"}, {"exp": True}, {"iat": 1.5},
+    {"sub": "x" * 256},
+])
+def test_claims_of_the_wrong_type_or_too_long_are_refused(fed: Federation,
+                                                          changes: dict[str, t.Any]) -> None:
+    """PyJWT takes a string ``exp`` for a number (the arithmetic after it was a 500), and a
+    subject longer than the identity keys was cut to fit: both are refused as bad tokens."""
+    a, b = fed["a"], fed["b"]
+    user = new_user(a, "typed-" + secrets.token_hex(4))
+    header, claims = unverified(issue(a, user.token, "site-b")["token"])
+    forged = es256(a.federation_pem, fresh(claims, **changes), header["kid"])
+    mark = b.last_audit_id()
+    assert_refused(b, exchange(b, as_from(fed, "a", "b", forged)), "bad_token", mark)
+
+
 def test_tampered_hmac_is_refused(fed: Federation) -> None:
     a, b = fed["a"], fed["b"]
     user = new_user(a, "hector")
@@ -962,7 +978,7 @@ def test_brute_force_on_exchange_locks_the_ip(tmp_path: Path) -> None:
         assert int(r.headers["Retry-After"]) > 0
         rejected = b.audit("sso.rejected", mark)
         reasons = [row["details"].get("reason") for row in rejected]
-        assert reasons == ["unknown_peer"] * 20 + ["locked"], reasons
+        assert reasons == ["malformed"] * 20 + ["locked"], reasons  # junk: no directory read
         assert rejected[-1]["outcome"] == "blocked"
         # The lock is the IP's: the unspent assertion works from another address.
         with session_from("127.0.0.2") as other:
