@@ -122,9 +122,9 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
     # per refresh interval. Either way, one worker fetches.
     cooldown = REFETCH_COOLDOWN if force and fresh else min(
         REFETCH_COOLDOWN, dt.timedelta(seconds=s.directory_refresh))
-    if row is None and _tried_lately(state, now, cooldown):
-        pass  # nothing cached to claim: this process asked the hub moments ago, and no caller
-        # makes it ask again before the cooldown (with a row, the claim below rations fetches)
+    if (row is None or force) and _tried_lately(state, now, cooldown):
+        pass  # a caller's request made this process ask the hub moments ago: no other makes it
+        # ask (or write a claim) again before the cooldown; due refreshes are rationed below
     elif _claim_fetch(db, state, row, now, cooldown):
         try:
             body = client(state).directory()
@@ -147,8 +147,8 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
 
 def _tried_lately(state: State, now: dt.datetime, cooldown: dt.timedelta) -> bool:
     """True when this process asked the hub for the directory within ``cooldown``; else note
-    that it is about to. While no directory is cached (the hub never answered), this bounds the
-    hub requests that exchanges can cause to one per cooldown and process."""
+    that it is about to. Bounds what exchanges can make a process do (a forced refetch, or a
+    fetch while no directory is cached) to one hub request per cooldown."""
     last: dt.datetime | None = getattr(state, "_directory_tried_at", None)
     if last is not None and last <= now < last + cooldown:
         return True
