@@ -122,14 +122,16 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
     # per refresh interval. Either way, one worker fetches.
     cooldown = REFETCH_COOLDOWN if force and fresh else min(
         REFETCH_COOLDOWN, dt.timedelta(seconds=s.directory_refresh))
-    if (row is None or force) and _tried_lately(state, now, cooldown):
-        pass  # a caller's request made this process ask the hub moments ago: no other makes it
-        # ask (or write a claim) again before the cooldown; due refreshes are rationed below
+    if (row is None and _lately(state, "_directory_failed_at", now, cooldown)
+            or force and _lately(state, "_directory_forced_at", now, cooldown, note=True)):
+        pass  # this process asked the hub moments ago, in vain or on a caller's behalf: no
+        # request makes it ask (or write a claim) again before the cooldown
     elif _claim_fetch(db, state, row, now, cooldown):
         try:
             body = client(state).directory()
         except HubUnavailable:
             body = None
+            state._directory_failed_at = now  # type: ignore[attr-defined]
         if body is not None:
             _store_directory(db, body, now)
             apply_logouts(db, state, body)
@@ -145,14 +147,17 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
     return row.body
 
 
-def _tried_lately(state: State, now: dt.datetime, cooldown: dt.timedelta) -> bool:
-    """True when this process asked the hub for the directory within ``cooldown``; else note
-    that it is about to. Bounds what exchanges can make a process do (a forced refetch, or a
-    fetch while no directory is cached) to one hub request per cooldown."""
-    last: dt.datetime | None = getattr(state, "_directory_tried_at", None)
+def _lately(state: State, name: str, now: dt.datetime, cooldown: dt.timedelta, *,
+            note: bool = False) -> bool:
+    """Whether the moment kept in ``state.<name>`` is within ``cooldown`` before ``now``; with
+    ``note``, keep ``now`` there when it is not. Per process, whatever the database says: this
+    bounds the hub requests exchanges can cause (a refetch they force, a fetch while the hub
+    has never answered) to one per cooldown and process."""
+    last: dt.datetime | None = getattr(state, name, None)
     if last is not None and last <= now < last + cooldown:
         return True
-    state._directory_tried_at = now  # type: ignore[attr-defined]
+    if note:
+        setattr(state, name, now)
     return False
 
 
@@ -442,7 +447,22 @@ def _use_once(db: DBSession, state: State, claims: dict[str, t.Any]) -> None:
 
 
 def link_identity(db: DBSession, state: State, claims: dict[str, t.Any]) -> tuple[User, str]:
-    """The local account for a verified assertion, and how it was found (link/email/new)."""
+    """The local account for a verified assertion, and how it was found (link/email/new).
+
+    Two first sign-ins of one identity at once (tabs, retries) race to make its account: the
+    loser's insert fails, or it reads no link, then the winner's account by email. It looks
+    again, once, and finds the winner's link. Nothing is pending in ``db`` when it is called.
+    """
+    try:
+        return _link_identity(db, state, claims)
+    except (IntegrityError, InvalidAssertion) as exc:
+        if isinstance(exc, InvalidAssertion) and exc.reason != "identity_conflict":
+            raise
+        db.rollback()
+        return _link_identity(db, state, claims)
+
+
+def _link_identity(db: DBSession, state: State, claims: dict[str, t.Any]) -> tuple[User, str]:
     s = state.settings
     issuer, subject = claims["iss"], claims["sub"]
     link = db.get(IdentityLink, (issuer, subject))

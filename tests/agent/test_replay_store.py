@@ -12,12 +12,15 @@ is refused with 503 ``store_unavailable`` and nothing is used up.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import threading
 import typing as t
 from pathlib import Path
 
 import jwt
 import pytest
+import requests
 from sqlalchemy import select
 
 from agent import federation
@@ -243,3 +246,21 @@ def test_a_directory_from_before_a_peers_secret_rotation_is_fetched_again(
     assert r.status_code == 200, r.text
     with site.db() as db:
         assert not list(db.scalars(select(AuditEvent).where(AuditEvent.event == "sso.rejected")))
+
+
+def test_concurrent_first_sign_ins_of_one_identity_make_one_account(fed: Federation) -> None:
+    """Several first exchanges of one peer user at once (tabs, retries): every one gets in,
+    to one local account with one link (the losers of the race find the winner's link)."""
+    assertions = [fed.assertion("tess") for _ in range(8)]
+    barrier = threading.Barrier(len(assertions))
+
+    def exchange(assertion: dict[str, str]) -> requests.Response:
+        barrier.wait()
+        return requests.post(fed.b.api.url("/sso/exchange"), json=assertion, timeout=30)
+
+    with concurrent.futures.ThreadPoolExecutor(len(assertions)) as pool:
+        answers = list(pool.map(exchange, assertions))
+    assert [r.status_code for r in answers] == [200] * len(assertions), [r.text for r in answers]
+    assert len({r.json()["user"]["ID"] for r in answers}) == 1
+    assert fed.b.scalar("SELECT count(*) FROM hk_users WHERE email = 'tess@example.com'") == 1
+    assert fed.b.scalar("SELECT count(*) FROM hk_identity_links") == 1
