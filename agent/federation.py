@@ -200,8 +200,8 @@ def apply_logouts(db: DBSession, state: State, dir_: dict[str, t.Any]) -> int:
     """
     s = state.settings
     listed = [lo for lo in dir_.get("logouts", []) if isinstance(lo, dict)
-              and isinstance(lo.get("id"), int) and _key_part(lo.get("issuer"))
-              and _key_part(lo.get("subject"))]
+              and isinstance(lo.get("id"), int) and isinstance(lo.get("origin", 0), int)
+              and _key_part(lo.get("issuer")) and _key_part(lo.get("subject"))]
     row = db.get(FederationCache, LOGOUTS_APPLIED)
     done: set[int] = set(row.body.get("ids", [])) if row is not None else set()
     passed_on = {lo.get("origin") for lo in listed if lo.get("site_key") == s.hub_site_key}

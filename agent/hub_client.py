@@ -92,18 +92,16 @@ class HubClient:
             code = ""
             try:
                 code = str(reply.json().get("code", ""))
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 pass
             raise HubUnavailable(f"hub answered {reply.status} {code}".strip(), reply.status, code)
         return reply
 
     def directory(self) -> dict[str, t.Any]:
-        """The directory; an answer without this site and a list of peers is no directory
-        (it is never cached in place of the last good one)."""
+        """The directory; an answer of another shape is no directory (it is never cached in
+        place of the last good one): see :func:`_is_directory`."""
         body = _object(self.call("GET", "/api/v1/directory"))
-        peers = body.get("peers")
-        if not isinstance(body.get("site"), dict) or not isinstance(peers, list) or not all(
-                isinstance(peer, dict) for peer in peers):
+        if not _is_directory(body):
             raise HubUnavailable("hub answered without a directory", 200)
         return body
 
@@ -122,8 +120,21 @@ def _object(reply: Reply) -> dict[str, t.Any]:
     """A 2xx answer's JSON object, or :class:`HubUnavailable` (a proxy's HTML page, say)."""
     try:
         body = reply.json()
-    except ValueError:  # not JSON, or not UTF-8
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested beyond the stack
         body = None
     if not isinstance(body, dict):
         raise HubUnavailable("hub answered without a JSON object", reply.status)
     return body
+
+
+def _is_directory(body: dict[str, t.Any]) -> bool:
+    """Whether ``body`` has a directory's shape: this site, peers with a site key, an issuer and
+    lists of keys and exchange keys, and lists of logouts and redeliveries where given."""
+    peers = body.get("peers")
+    return (isinstance(body.get("site"), dict) and isinstance(peers, list)
+            and all(isinstance(peer, dict) and isinstance(peer.get("site_key"), str)
+                    and isinstance(peer.get("issuer"), str)
+                    and isinstance(peer.get("keys"), list)
+                    and isinstance(peer.get("exchange_keys"), list) for peer in peers)
+            and all(isinstance(body.get(name, []), list)
+                    for name in ("logouts", "webhook_redeliveries")))

@@ -1,9 +1,11 @@
 """The agent's transport to its hub: http(s) only, and a redirect is an answer, never followed
-(with the request's signature) to wherever it points."""
+(with the request's signature) to wherever it points; an answer that is not a directory is the
+hub unavailable."""
 
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 import typing as t
 from pathlib import Path
@@ -11,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from agent.hub_client import HubClient
+from agent.hub_client import HubUnavailable
+from agent.hub_client import Reply
 from agent.hub_client import urllib_transport
 
 
@@ -73,3 +77,50 @@ def test_a_redirect_is_returned_not_followed(server: tuple[str, list[str]]) -> N
     assert seen == ["/moved"]
     reply = urllib_transport("GET", base + "/target", {}, b"", 5)
     assert reply.status == 200 and reply.json() == {"ok": True}
+
+
+def canned(status: int, body: bytes) -> t.Callable[..., Reply]:
+    def transport(method: str, url: str, headers: dict[str, str], data: bytes,
+                  timeout: float) -> Reply:
+        return Reply(status, {"Content-Type": "application/json"}, body)
+    return transport
+
+
+PEER = {"site_key": "docs", "issuer": "https://docs.example", "keys": [], "exchange_keys": []}
+NESTED = b"[" * 100_000 + b"]" * 100_000
+
+NOT_A_DIRECTORY = {
+    "an HTML page": b"<html>502 Bad Gateway</html>",
+    "no UTF-8": b"\xff\xfe",
+    "JSON nested beyond the stack": NESTED,
+    "a list": b"[]",
+    "another object": b'{"sites": "x"}',
+    "a peer without an issuer": {"site": {}, "peers": [dict(PEER, issuer=None)]},
+    "a peer whose keys are no list": {"site": {}, "peers": [dict(PEER, keys={})]},
+    "exchange keys that are no list": {"site": {}, "peers": [dict(PEER, exchange_keys="ab")]},
+    "a site key that is no string": {"site": {}, "peers": [dict(PEER, site_key=7)]},
+    "logouts that are no list": {"site": {}, "peers": [], "logouts": 5},
+    "redeliveries that are no list": {"site": {}, "peers": [], "webhook_redeliveries": "x"},
+}
+
+
+@pytest.mark.parametrize("body", NOT_A_DIRECTORY.values(), ids=list(NOT_A_DIRECTORY))
+def test_an_answer_that_is_no_directory_is_the_hub_unavailable(body: t.Any) -> None:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    hub = HubClient("https://hub.example", "site-key", b"s" * 32, transport=canned(200, raw))
+    with pytest.raises(HubUnavailable):
+        hub.directory()
+
+
+def test_a_directory_is_returned() -> None:
+    body = {"site": {}, "peers": [PEER], "logouts": [], "webhook_redeliveries": []}
+    hub = HubClient("https://hub.example", "site-key", b"s" * 32,
+                    transport=canned(200, json.dumps(body).encode()))
+    assert hub.directory() == body
+
+
+def test_an_error_answer_nested_beyond_the_stack_is_the_hub_unavailable() -> None:
+    hub = HubClient("https://hub.example", "site-key", b"s" * 32, transport=canned(502, NESTED))
+    with pytest.raises(HubUnavailable) as raised:
+        hub.call("GET", "/api/v1/directory")
+    assert raised.value.status == 502

@@ -1,0 +1,192 @@
+"""Single sign-on and what the hub answers: junk is refused before the directory is read; the
+hub down, slow or answering no directory is asked at most once per cooldown and process and
+never holds the site's database; identities are never cut to fit the identity keys.
+
+A hub (``make_hub``) and member sites (``make_site``) in this process over real HTTP, as in
+tests/agent/test_replay_store.py. The receiving site B talks to the hub through a
+:class:`Counter`, which counts its directory fetches and can stand in for a hub that is down,
+slow, or answers something else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+import time
+import typing as t
+from pathlib import Path
+
+import jwt
+import pytest
+import requests
+
+from agent import federation
+from agent.hub_client import Reply
+from agent.hub_client import urllib_transport
+from agent.models import FederationCache
+from agent.signing import pairwise_key
+from tests.agent.test_replay_store import Federation
+from tests.agent.test_replay_store import redis_from_env
+from tests.conftest import Site
+from tests.hub.conftest import Hub
+from tests.hub.conftest import make_hub  # noqa: F401 - the fixture, for this module
+
+Edit = t.Callable[[dict[str, t.Any]], dict[str, t.Any]]
+
+
+class Counter:
+    """A transport to the hub that counts directory fetches. ``body`` answers 200 with those
+    bytes instead of the hub, ``down`` refuses the connection, ``delay`` answers that much
+    later, ``edit`` changes the hub's directory before the site sees it."""
+
+    def __init__(self) -> None:
+        self.directory_gets = 0
+        self.body: bytes | None = None
+        self.down = False
+        self.delay = 0.0
+        self.edit: Edit | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, method: str, url: str, headers: dict[str, str], body: bytes,
+                 timeout: float) -> Reply:
+        is_directory = url.endswith("/api/v1/directory")
+        if is_directory:
+            with self._lock:
+                self.directory_gets += 1
+        time.sleep(self.delay)
+        if self.down:
+            raise ConnectionRefusedError("the hub is down")
+        if self.body is not None:
+            return Reply(200, {"Content-Type": "application/json"}, self.body)
+        reply = urllib_transport(method, url, headers, body, timeout)
+        if is_directory and self.edit is not None and reply.status == 200:
+            return Reply(reply.status, reply.headers, json.dumps(self.edit(reply.json())).encode())
+        return reply
+
+
+def counted(site: Site) -> Counter:
+    counter = Counter()
+    site.state.hub_transport = counter
+    return counter
+
+
+@pytest.fixture
+def fed(make_hub: t.Callable[..., Hub], make_site: t.Callable[..., Site],  # noqa: F811
+        tmp_path: Path) -> Federation:
+    return Federation(make_hub(), make_site, tmp_path, redis_from_env())
+
+
+def forged(peer: Site, audience: str = "site-b", **changes: t.Any) -> dict[str, str]:
+    """An assertion of ``peer`` for ``audience``, signed and MACed with the peer's own keys
+    (as ``/sso/issue`` makes them), with ``changes`` to its claims (None drops one)."""
+    state = peer.state
+    key = federation.federation_key(state)
+    now = int(time.time())
+    claims: dict[str, t.Any] = {
+        "iss": state.settings.issuer, "aud": audience, "sub": "7", "email_verified": False,
+        "iat": now, "nbf": now, "exp": now + 30, "jti": secrets.token_urlsafe(16)}
+    claims.update(changes)
+    claims.setdefault("email", f"user-{claims['sub']}@example.com")
+    claims = {name: value for name, value in claims.items() if value is not None}
+    token = jwt.encode(claims, key.signing_key, algorithm=key.alg,
+                       headers={"kid": key.kid, "typ": "hk-sso+jwt"})
+    secret = state.keys.sso_secret()
+    assert secret is not None and state.settings.hub_site_key is not None
+    k_ab = pairwise_key(secret, state.settings.hub_site_key, audience)
+    return {"site_key": state.settings.hub_site_key, "token": token,
+            "signature": hmac.new(k_ab, token.encode(), hashlib.sha256).hexdigest()}
+
+
+def exchange(site: Site, assertion: dict[str, str]) -> requests.Response:
+    return site.api.post("/sso/exchange", json=assertion)
+
+
+def refused(r: requests.Response) -> bool:
+    return r.status_code == 401 and r.json()["code"] == "invalid_assertion"
+
+
+def unavailable(r: requests.Response) -> bool:
+    return r.status_code == 503 and r.json()["code"] == "federation_unavailable"
+
+
+def cached(site: Site) -> dict[str, t.Any] | None:
+    with site.state.session_factory() as db:
+        row = db.get(FederationCache, "directory")
+        return None if row is None else dict(row.body)
+
+
+def fetch(site: Site) -> dict[str, t.Any]:
+    with site.app.app_context(), site.state.session_factory() as db:
+        return federation.directory(db, site.state)
+
+
+def count(site: Site, sql: str, **params: t.Any) -> int:
+    return int(site.scalar(sql, **params))
+
+
+# ---------------------------------------------------------------------------------------------
+# the hub down, slow, or answering no directory
+
+
+MALFORMED = {
+    "logouts that are no list": {"logouts": 5},
+    "redeliveries that are no list": {"webhook_redeliveries": {"id": 1}},
+    "a peer without an issuer": {"peers": [{"site_key": "site-a", "keys": [],
+                                            "exchange_keys": []}]},
+    "a peer whose keys are no list": {"peers": [{"site_key": "site-a", "issuer": "x",
+                                                 "keys": 1, "exchange_keys": []}]},
+}
+
+
+@pytest.mark.parametrize("change", MALFORMED.values(), ids=list(MALFORMED))
+def test_a_directory_of_another_shape_is_the_hub_down(fed: Federation,
+                                                      change: dict[str, t.Any]) -> None:
+    """Nothing is cached, the exchange is a 503 (not a 500); with a good directory cached,
+    that one stays and serves."""
+    b = fed.b
+    counter = counted(b)
+    counter.edit = lambda body: {**body, **change}
+    assertion = forged(fed.a)
+    assert unavailable(exchange(b, assertion))
+    assert cached(b) is None
+    counter.edit = None
+    b.clock.advance(6)  # past the cooldown of the failed fetch
+    good = fetch(b)
+    counter.edit = lambda body: {**body, **change}
+    b.clock.advance(61)  # the refresh is due
+    r = exchange(b, assertion)
+    assert r.status_code == 200, r.text
+    assert counter.directory_gets == 3
+    assert cached(b) == good
+
+
+def test_json_nested_beyond_the_stack_is_the_hub_down(fed: Federation) -> None:
+    b = fed.b
+    counter = counted(b)
+    counter.body = b"[" * 100_000 + b"]" * 100_000
+    assert unavailable(exchange(b, forged(fed.a)))
+    assert cached(b) is None
+
+
+def test_a_logout_of_another_shape_is_skipped(fed: Federation) -> None:
+    """One entry the site cannot read does not make the directory (or its other logouts) fail."""
+    b = fed.b
+    counter = counted(b)
+    first = exchange(b, forged(fed.a, sub="41"))
+    assert first.status_code == 200, first.text
+    token = first.json()["token"]
+    now = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+    logouts = [{"id": 9001, "issuer": "https://b.example", "subject": "999",
+                "site_key": "site-b", "origin": [1], "created_at": now},
+               {"id": 9002, "issuer": "https://a.example", "subject": "41",
+                "site_key": "site-a", "origin": 9002, "created_at": now}]
+    counter.edit = lambda body: {**body, "logouts": body["logouts"] + logouts}
+    b.clock.advance(61)
+    r = exchange(b, forged(fed.a))
+    assert r.status_code == 200, r.text
+    assert b.api.get("/me", token=token).status_code == 401  # the readable logout applied
+    assert [lo["id"] for lo in (cached(b) or {})["logouts"]][-2:] == [9001, 9002]
