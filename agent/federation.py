@@ -27,6 +27,7 @@ import datetime as dt
 import hashlib
 import hmac
 import math
+import re
 import secrets
 import typing as t
 
@@ -59,6 +60,8 @@ if t.TYPE_CHECKING:
 
 SSO_TYP = "hk-sso+jwt"
 MAX_ASSERTION_LENGTH = 8192
+ALGORITHMS = ("ES256", "RS256")  # of federation keys
+HMAC_HEX = re.compile("[0-9a-f]{64}")
 REFETCH_COOLDOWN = dt.timedelta(seconds=5)
 LOGOUTS_APPLIED = "logouts-applied"  # FederationCache row: ids of the hub logouts applied here
 
@@ -187,10 +190,12 @@ def apply_logouts(db: DBSession, state: State, dir_: dict[str, t.Any]) -> int:
 
     A logout names an identity (issuer, subject) as its own site knows it. This site applies it
     to the local account linked to that identity, or, when the logout is this site's own (an
-    admin action in the hub console), to its own user ``subject``. Only sessions begun before
-    the logout end: logging in again afterwards works. Each logout is applied once (its id is
-    kept in the ``logouts-applied`` cache row for as long as the directory lists it); the
-    directory is fetched by one worker at a time, so two workers do not apply it together.
+    admin action in the hub console), to its own user ``subject``. An issuer or subject longer
+    than the identity keys names no identity here: such a logout is skipped, never cut to fit
+    (cut, it could name another). Only sessions begun before the logout end: logging in again
+    afterwards works. Each logout is applied once (its id is kept in the ``logouts-applied``
+    cache row for as long as the directory lists it); the directory is fetched by one worker at
+    a time, so two workers do not apply it together.
 
     A logout that reached a linked account here is passed on to the hub for that account
     (naming the logout as its origin), so a site linked to this one, and not to the first,
@@ -336,26 +341,17 @@ def issue(db: DBSession, state: State, user: User, target: t.Any) -> dict[str, t
 
 def verify(db: DBSession, state: State, site_key: t.Any, token: t.Any,
            signature: t.Any) -> dict[str, t.Any]:
-    """The claims of a valid, unused assertion from peer ``site_key`` to this site."""
-    s = state.settings
-    if not all(isinstance(v, str) and v for v in (site_key, token, signature)):
-        raise InvalidAssertion("malformed")
+    """The claims of a valid, unused assertion from peer ``site_key`` to this site.
+
+    What needs no directory is checked first (:func:`_plausible`): junk costs the hub nothing.
+    An unknown peer, an HMAC that fails or an unknown kid fetch the directory again before the
+    assertion is refused (rationed: see :func:`directory`): the peer may have joined, rotated
+    its secret or its key since the last refresh.
+    """
+    header = _plausible(state, site_key, token, signature)
     assert isinstance(site_key, str) and isinstance(token, str) and isinstance(signature, str)
-    if len(token) > MAX_ASSERTION_LENGTH or len(signature) != 64 or len(site_key) > 64:
-        raise InvalidAssertion("malformed", site_key[:64])
-    # What needs no directory is checked first: junk costs the hub nothing.
-    try:
-        header = jwt.get_unverified_header(token)
-    except jwt.PyJWTError:
-        raise InvalidAssertion("malformed", site_key) from None
-    if header.get("typ") != SSO_TYP or "crit" in header or not isinstance(header.get("kid"), str):
-        raise InvalidAssertion("bad_header", site_key)
-    if site_key == s.hub_site_key:
-        raise InvalidAssertion("unknown_peer", site_key)
     peer = peer_of(directory(db, state), site_key)
     if peer is None or not _signed_by(peer, token, signature):
-        # Perhaps the peer joined, or rotated its secret, since the last refresh: refetch once
-        # (at most once per cooldown).
         peer = peer_of(directory(db, state, force=True), site_key)
         if peer is None:
             raise InvalidAssertion("unknown_peer", site_key)
@@ -363,37 +359,80 @@ def verify(db: DBSession, state: State, site_key: t.Any, token: t.Any,
             raise InvalidAssertion("bad_signature", site_key)
     jwk = _peer_key(peer, header["kid"])
     if jwk is None:
-        # Perhaps the peer rotated keys since the last refresh: refetch once (rate-limited).
         peer = peer_of(directory(db, state, force=True), site_key) or {}
         jwk = _peer_key(peer, header["kid"])
     if jwk is None:
         raise InvalidAssertion("unknown_kid", site_key)
     alg = jwk.get("alg")
-    if alg not in ("ES256", "RS256") or header.get("alg") != alg:
+    if alg not in ALGORITHMS or header.get("alg") != alg:
         raise InvalidAssertion("bad_alg", site_key)
+    issuer = peer.get("issuer")
+    if not _key_part(issuer):
+        raise InvalidAssertion("bad_token", site_key)  # no iss could be this peer's, whole
     try:
         public = jwt.PyJWK(jwk, algorithm=alg).key
+    except (jwt.PyJWTError, ValueError, TypeError):
+        raise InvalidAssertion("bad_token", site_key) from None
+    claims = _claims(state, site_key, token, (public, alg, issuer))
+    _use_once(db, state, claims)
+    return claims
+
+
+def _plausible(state: State, site_key: t.Any, token: t.Any, signature: t.Any) -> dict[str, t.Any]:
+    """The header of an assertion that passes every check the directory is not needed for: the
+    fields' types and sizes, an HMAC of 64 lower-case hex digits, a JWT header of the SSO type
+    naming a key and an algorithm peers use, and its claims read unverified (:func:`_claims`)."""
+    if not all(isinstance(v, str) and v for v in (site_key, token, signature)):
+        raise InvalidAssertion("malformed")
+    assert isinstance(site_key, str) and isinstance(token, str) and isinstance(signature, str)
+    if len(token) > MAX_ASSERTION_LENGTH or not HMAC_HEX.fullmatch(signature) or len(
+            site_key) > 64:
+        raise InvalidAssertion("malformed", site_key[:64])
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise InvalidAssertion("malformed", site_key) from None
+    if header.get("typ") != SSO_TYP or "crit" in header or not isinstance(header.get("kid"), str):
+        raise InvalidAssertion("bad_header", site_key)
+    if header.get("alg") not in ALGORITHMS:
+        raise InvalidAssertion("bad_alg", site_key)
+    if site_key == state.settings.hub_site_key:
+        raise InvalidAssertion("unknown_peer", site_key)
+    _claims(state, site_key, token)
+    return header
+
+
+def _claims(state: State, site_key: str, token: str,
+            verified_by: tuple[t.Any, str, str] | None = None) -> dict[str, t.Any]:
+    """The assertion's claims: ``aud`` this site, ``exp``, ``iat`` (and ``nbf``) integers within
+    the leeway, at most 60 s apart, ``iss`` and ``sub`` that fit the identity keys whole (never
+    cut: two cut alike would be one identity), a ``jti`` of at most 64 characters. With
+    ``verified_by`` (the peer's public key, its algorithm and the peer's issuer), the signature
+    too, and that ``iss`` is that issuer; without, the claims are read unverified."""
+    s = state.settings
+    key, alg, issuer = verified_by or ("", "", None)
+    try:
         claims: dict[str, t.Any] = jwt.decode(
             token,
-            public,
-            algorithms=[alg],  # the key's own algorithm, never the token's say-so
+            key,
+            algorithms=[alg] if alg else None,  # the key's own algorithm, never the token's say-so
             audience=s.hub_site_key,  # addressed to this site, by its site key
-            issuer=peer.get("issuer"),  # exactly the peer's registered issuer
+            issuer=issuer,  # exactly the peer's registered issuer
             leeway=s.leeway,
             options={"require": ["iss", "aud", "sub", "iat", "exp", "jti"], "strict_aud": True,
-                     "verify_signature": True, "verify_exp": True, "verify_nbf": True,
-                     "verify_iat": True, "verify_iss": True, "verify_aud": True,
-                     "verify_sub": True, "verify_jti": True},
+                     "verify_signature": verified_by is not None, "verify_exp": True,
+                     "verify_nbf": True, "verify_iat": True, "verify_iss": True,
+                     "verify_aud": True, "verify_sub": True, "verify_jti": True},
         )
     except (jwt.PyJWTError, ValueError, TypeError):
         raise InvalidAssertion("bad_token", site_key) from None
     times = [claims["exp"], claims["iat"]] + ([claims["nbf"]] if "nbf" in claims else [])
-    if not all(type(v) is int for v in times) or claims["exp"] - claims["iat"] > 60:
+    if not all(type(v) is int for v in times) or not 0 <= claims["exp"] - claims["iat"] <= 60:
         raise InvalidAssertion("bad_token", site_key)  # PyJWT takes "123" for 123; we do not
-    if not (_key_part(claims["iss"]) and _key_part(claims["sub"]) and isinstance(claims["jti"], str)
-            and len(claims["jti"]) <= 64):
+    jti = claims["jti"]
+    if not (_key_part(claims["iss"]) and _key_part(claims["sub"]) and isinstance(jti, str)
+            and 0 < len(jti) <= 64):
         raise InvalidAssertion("bad_token", site_key)
-    _use_once(db, state, claims)
     return claims
 
 
@@ -411,7 +450,7 @@ def _signed_by(peer: dict[str, t.Any], token: str, signature: str) -> bool:
     return ok and signature == signature.lower()
 
 
-def _key_part(value: t.Any) -> bool:
+def _key_part(value: t.Any) -> t.TypeGuard[str]:
     """A non-empty string that fits the identity keys' 255 characters whole: an issuer or
     subject is never cut to fit (two cut alike would be one identity)."""
     return isinstance(value, str) and 0 < len(value) <= 255

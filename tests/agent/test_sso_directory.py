@@ -129,6 +129,57 @@ def count(site: Site, sql: str, **params: t.Any) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# what needs no directory
+
+
+def _junk(fed: Federation) -> dict[str, dict[str, str]]:
+    a = fed.a
+    upper = forged(a)
+    rest = forged(a)["token"].partition(".")[2]
+    hs_header = jwt.utils.base64url_encode(json.dumps(
+        {"alg": "HS256", "kid": "k", "typ": "hk-sso+jwt"}).encode()).decode()
+    return {
+        "for another site": forged(a, "site-c"),
+        "for no site": forged(a, aud=None),
+        "for two sites": forged(a, aud=["site-b", "site-c"]),
+        "expired": forged(a, iat=int(time.time()) - 300, nbf=None, exp=int(time.time()) - 240),
+        "not yet valid": forged(a, nbf=int(time.time()) + 300),
+        "issued in the future": forged(a, iat=int(time.time()) + 300, exp=int(time.time()) + 330),
+        "living 2 minutes": forged(a, exp=int(time.time()) + 120),
+        "ending before it began": forged(a, iat=int(time.time()) + 10, exp=int(time.time()) + 5),
+        "without an issuer": forged(a, iss=None),
+        "with an issuer of 256 characters": forged(a, iss="https://a.example/" + "x" * 238),
+        "with a number for subject": forged(a, sub=7),
+        "with a subject of 256 characters": forged(a, sub="x" * 256),
+        "with an empty jti": forged(a, jti=""),
+        "with a jti of 65 characters": forged(a, jti="j" * 65),
+        "with a string exp": forged(a, exp=str(int(time.time()) + 30)),
+        "with a true iat": forged(a, iat=True),
+        "with a float nbf": forged(a, nbf=time.time()),
+        "with an HS256 header": dict(upper, token=hs_header + "." + rest),
+        "with an upper-case HMAC": dict(upper, signature=upper["signature"].upper()),
+        "with an HMAC that is no hex": dict(upper, signature="g" * 64),
+        "naming this site as the peer": dict(forged(a), site_key="site-b"),
+    }
+
+
+def test_junk_is_refused_before_the_hub_is_asked(fed: Federation) -> None:
+    """With no directory cached, each of these would make B ask the hub; none needs to."""
+    b = fed.b
+    counter = counted(b)
+    for name, assertion in _junk(fed).items():
+        r = exchange(b, assertion)
+        assert refused(r), (name, r.status_code, r.text)
+        assert counter.directory_gets == 0, name
+    assert cached(b) is None
+    assert count(b, "SELECT count(*) FROM hk_sessions") == 0
+    # Control: a genuine assertion makes B fetch its directory, and gets in.
+    r = exchange(b, forged(fed.a))
+    assert r.status_code == 200, r.text
+    assert counter.directory_gets == 1
+
+
+# ---------------------------------------------------------------------------------------------
 # the hub down, slow, or answering no directory
 
 
@@ -190,3 +241,54 @@ def test_a_logout_of_another_shape_is_skipped(fed: Federation) -> None:
     assert r.status_code == 200, r.text
     assert b.api.get("/me", token=token).status_code == 401  # the readable logout applied
     assert [lo["id"] for lo in (cached(b) or {})["logouts"]][-2:] == [9001, 9002]
+
+
+# ---------------------------------------------------------------------------------------------
+# identities are never cut to fit
+
+
+A_255 = "https://a.example/" + "x" * (255 - len("https://a.example/"))
+C_LONGER = A_255 + "/c"  # alike in its first 255 characters
+
+
+def with_issuers(body: dict[str, t.Any]) -> dict[str, t.Any]:
+    """The directory as a hub would list A with an issuer of 255 characters and C with a longer
+    one that begins alike."""
+    issuers = {"site-a": A_255, "site-c": C_LONGER}
+    peers = [dict(peer, issuer=issuers.get(peer["site_key"], peer["issuer"]))
+             for peer in body["peers"]]
+    return {**body, "peers": peers}
+
+
+def test_an_issuer_longer_than_255_characters_reaches_no_one_elses_account(
+        fed: Federation) -> None:
+    b, c = fed.b, fed.member("c")
+    counter = counted(b)
+    counter.edit = with_issuers
+    first = exchange(b, forged(fed.a, iss=A_255, sub="7"))
+    assert first.status_code == 200, first.text
+    ann = first.json()["user"]["ID"]
+    users = count(b, "SELECT count(*) FROM hk_users")
+    r = exchange(b, forged(c, iss=C_LONGER, sub="7", email="mallory@example.com"))
+    assert refused(r), r.text
+    assert count(b, "SELECT count(*) FROM hk_users") == users
+    assert count(b, "SELECT count(*) FROM hk_identity_links") == 1
+    assert count(b, "SELECT count(*) FROM hk_sessions WHERE user_id = :u", u=ann) == 1
+    assert counter.directory_gets == 1
+
+
+def test_a_logout_of_an_issuer_longer_than_255_characters_ends_no_one_elses_session(
+        fed: Federation) -> None:
+    b = fed.b
+    counter = counted(b)
+    counter.edit = with_issuers
+    first = exchange(b, forged(fed.a, iss=A_255, sub="7"))
+    assert first.status_code == 200, first.text
+    now = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+    logout = {"id": 9003, "issuer": C_LONGER, "subject": "7", "site_key": "site-c",
+              "origin": 9003, "created_at": now}
+    counter.edit = lambda body: {**with_issuers(body), "logouts": body["logouts"] + [logout]}
+    b.clock.advance(61)
+    fetch(b)
+    assert counter.directory_gets == 2
+    assert b.api.get("/me", token=first.json()["token"]).status_code == 200
