@@ -29,6 +29,7 @@ import hmac
 import math
 import re
 import secrets
+import threading
 import typing as t
 
 import jwt
@@ -64,6 +65,7 @@ ALGORITHMS = ("ES256", "RS256")  # of federation keys
 HMAC_HEX = re.compile("[0-9a-f]{64}")
 REFETCH_COOLDOWN = dt.timedelta(seconds=5)
 LOGOUTS_APPLIED = "logouts-applied"  # FederationCache row: ids of the hub logouts applied here
+_FIRST_FETCH = threading.Lock()  # makes each site's lock of :func:`_first_fetch`
 
 
 class FederationUnavailable(AgentError):
@@ -113,11 +115,25 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
 
     Refetched when older than ``DIRECTORY_REFRESH`` (or ``force``, e.g. on an unknown kid), at
     most once per cooldown across all workers; while the hub is down the cached copy serves for
-    ``FEDERATION_STALE_WINDOW``, then :class:`FederationUnavailable`.
+    ``FEDERATION_STALE_WINDOW``, then :class:`FederationUnavailable`. While none is cached, one
+    thread of a process asks the hub and the others wait for its answer. No transaction (on
+    SQLite, no write lock) is held while the hub answers.
     """
+    row = db.get(FederationCache, "directory")
+    if row is None:
+        db.commit()  # waiting, or asking the hub, holds no transaction
+        with _first_fetch(state):
+            row = db.get(FederationCache, "directory")  # the fetch waited for may have stored it
+            if row is None:
+                return _refreshed(db, state, None, force)
+    return _refreshed(db, state, row, force)
+
+
+def _refreshed(db: DBSession, state: State, row: FederationCache | None,
+               force: bool) -> dict[str, t.Any]:
+    """``row``'s directory, fetched again first when it is due (or ``force``) and allowed."""
     s = state.settings
     now = state.clock()
-    row = db.get(FederationCache, "directory")
     fresh = row is not None and now - row.fetched_at < dt.timedelta(seconds=s.directory_refresh)
     if row is not None and fresh and not force:
         return row.body
@@ -125,7 +141,7 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
     # per refresh interval. Either way, one worker fetches.
     cooldown = REFETCH_COOLDOWN if force and fresh else min(
         REFETCH_COOLDOWN, dt.timedelta(seconds=s.directory_refresh))
-    if (row is None and _lately(state, "_directory_failed_at", now, cooldown)
+    if (_lately(state, "_directory_failed_at", now, cooldown)
             or force and _lately(state, "_directory_forced_at", now, cooldown, note=True)):
         pass  # this process asked the hub moments ago, in vain or on a caller's behalf: no
         # request makes it ask (or write a claim) again before the cooldown
@@ -150,6 +166,16 @@ def directory(db: DBSession, state: State, *, force: bool = False) -> dict[str, 
     return row.body
 
 
+def _first_fetch(state: State) -> threading.Lock:
+    """The lock of this process's fetches while no directory is cached (one per site)."""
+    with _FIRST_FETCH:
+        lock: threading.Lock | None = getattr(state, "_directory_lock", None)
+        if lock is None:
+            lock = threading.Lock()
+            state._directory_lock = lock  # type: ignore[attr-defined]
+        return lock
+
+
 def _lately(state: State, name: str, now: dt.datetime, cooldown: dt.timedelta, *,
             note: bool = False) -> bool:
     """Whether the moment kept in ``state.<name>`` is within ``cooldown`` before ``now``; with
@@ -172,8 +198,10 @@ def _store_directory(db: DBSession, body: dict[str, t.Any], now: dt.datetime) ->
 
 def _claim_fetch(db: DBSession, state: State, row: FederationCache | None,
                  now: dt.datetime, cooldown: dt.timedelta) -> bool:
-    """One fetch per cooldown across workers: a conditional update of ``attempted_at``."""
+    """One fetch per cooldown across workers: a conditional update of ``attempted_at``. With no
+    row to claim, every process may fetch (each holds back after a failed fetch)."""
     if row is None:
+        db.commit()
         return True
     claimed = rowcount(db.execute(
         update(FederationCache)

@@ -10,6 +10,7 @@ slow, or answers something else.
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import hashlib
 import hmac
@@ -31,6 +32,7 @@ from agent.models import FederationCache
 from agent.signing import pairwise_key
 from tests.agent.test_replay_store import Federation
 from tests.agent.test_replay_store import redis_from_env
+from tests.conftest import PASSWORD
 from tests.conftest import Site
 from tests.hub.conftest import Hub
 from tests.hub.conftest import make_hub  # noqa: F401 - the fixture, for this module
@@ -181,6 +183,54 @@ def test_junk_is_refused_before_the_hub_is_asked(fed: Federation) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # the hub down, slow, or answering no directory
+
+
+def test_with_the_hub_slow_and_down_a_flood_makes_one_request(fed: Federation) -> None:
+    """No directory cached, the hub taking a second to fail: concurrent exchanges wait for the
+    one request their process makes, and the next ones within the cooldown make none."""
+    b = fed.b
+    counter = counted(b)
+    counter.down, counter.delay = True, 1.0
+    assertions = [forged(fed.a) for _ in range(8)]
+    barrier = threading.Barrier(len(assertions))
+
+    def attempt(assertion: dict[str, str]) -> requests.Response:
+        barrier.wait(10)
+        return requests.post(b.api.url("/sso/exchange"), json=assertion, timeout=30)
+
+    with concurrent.futures.ThreadPoolExecutor(len(assertions)) as pool:
+        answers = list(pool.map(attempt, assertions))
+    assert all(unavailable(r) for r in answers), [(r.status_code, r.text) for r in answers]
+    assert counter.directory_gets == 1
+    for assertion in assertions:
+        assert unavailable(exchange(b, assertion))
+    assert counter.directory_gets == 1
+    # After the cooldown the hub, up again, is asked once more; the unspent assertions work.
+    b.clock.advance(6)
+    counter.down, counter.delay = False, 0.0
+    assert [exchange(b, assertion).status_code for assertion in assertions[:2]] == [200, 200]
+    assert counter.directory_gets == 2
+
+
+def test_while_the_hub_answers_slowly_the_site_is_not_held_up(fed: Federation) -> None:
+    """No directory cached and the hub taking 2 s: B's first exchange waits for it, but a
+    password login at B meanwhile does not (no transaction is open while the hub answers)."""
+    b = fed.b
+    b.create_user("otto")
+    counter = counted(b)
+    counter.delay = 2.0
+    assertion = forged(fed.a)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(exchange, b, assertion)
+        time.sleep(0.3)  # the exchange is waiting for the hub
+        started = time.monotonic()
+        login = b.api.post("/token", json={"username": "otto", "password": PASSWORD})
+        took = time.monotonic() - started
+        r = pending.result(timeout=30)
+    assert login.status_code == 200, login.text
+    assert took < 1.0, f"a login waited {took:.2f} s for the hub's answer to another request"
+    assert r.status_code == 200, r.text
+    assert counter.directory_gets == 1
 
 
 MALFORMED = {
