@@ -7,7 +7,10 @@ from sqlalchemy import text
 
 from agent import rotation
 from agent.services import keystore
+from tests.agent.test_replay_store import Federation
 from tests.agent.test_rotation import age_keys
+from tests.agent.test_sso_directory import counted
+from tests.agent.test_sso_directory import fed  # noqa: F401 - the fixture, for this module
 from tests.agent.test_uplink import Member
 from tests.agent.test_uplink import member  # noqa: F401, F811 - the fixture, for this module
 from tests.hub.conftest import make_hub  # noqa: F401 - the fixture, for this module
@@ -104,3 +107,40 @@ def test_rotation_is_due_by_the_configured_period(member: Member) -> None:  # no
     assert any(line.startswith("new access-token key") for line in done)
     assert any(line.startswith("new SSO key") for line in done)
     assert "hub secret rotated" not in done  # 90 days
+
+
+def test_a_peers_new_sso_key_signs_in_at_once(fed: Federation) -> None:  # noqa: F811
+    """B's directory, fresh for its refresh interval, predates A's new key: the unknown kid
+    makes B fetch it again once, and the user gets in at once."""
+    a, b = fed.a, fed.b
+    first = b.api.post("/sso/exchange", json=fed.assertion("rhea"))
+    assert first.status_code == 200, first.text  # B has cached its directory
+    old = a.state.keys.signing(keystore.FEDERATION)
+    rotation.rotate_federation_key(a.state, force=True)
+    age_keys(a, rotation.sso_publish_delay(a.state.settings).total_seconds() + 1)
+    new = a.state.keys.signing(keystore.FEDERATION)
+    assert old is not None and new is not None and new.kid != old.kid
+    counter = counted(b)
+    b.clock.advance(6)  # past the refetch cooldown, well within B's refresh interval
+    r = b.api.post("/sso/exchange", json=fed.assertion("rhea"))
+    assert r.status_code == 200, r.text
+    assert r.json()["user"]["ID"] == first.json()["user"]["ID"]
+    assert counter.directory_gets == 1
+
+
+def test_a_peers_new_hub_secret_signs_in_at_once(fed: Federation) -> None:  # noqa: F811
+    """B's directory predates A's new secret (the exchange keys of A's old one only): the HMAC
+    that fails makes B fetch it again once, and the user gets in at once."""
+    a, b = fed.a, fed.b
+    first = b.api.post("/sso/exchange", json=fed.assertion("sigrid"))
+    assert first.status_code == 200, first.text
+    old = a.state.keys.sso_secret()
+    assert rotation.rotate_hub_secret(a.state, force=True) == ["hub secret rotated"]
+    age_keys(a, rotation.sso_publish_delay(a.state.settings).total_seconds() + 1)
+    assert a.state.keys.sso_secret() != old
+    counter = counted(b)
+    b.clock.advance(6)
+    r = b.api.post("/sso/exchange", json=fed.assertion("sigrid"))
+    assert r.status_code == 200, r.text
+    assert r.json()["user"]["ID"] == first.json()["user"]["ID"]
+    assert counter.directory_gets == 1
