@@ -342,3 +342,24 @@ def test_a_logout_of_an_issuer_longer_than_255_characters_ends_no_one_elses_sess
     fetch(b)
     assert counter.directory_gets == 2
     assert b.api.get("/me", token=first.json()["token"]).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# the brute-force counter
+
+
+def test_exchanges_while_the_hub_is_down_neither_count_nor_clear_failures(
+        fed: Federation) -> None:
+    """A 503 is no guess and no success: its reservation is given back, the IP's failures stay
+    as they were."""
+    b = fed.again(fed.b, HEADLESSKEY_LOCKOUT_IP_MAX_FAILURES=3, HEADLESSKEY_REDIS_URL=None)
+    counter = counted(b)
+    junk = {"site_key": "site-a", "token": "x.y.z", "signature": "0" * 64}
+    assert [refused(exchange(b, junk)) for _ in range(2)] == [True, True]
+    counter.down = True
+    for _ in range(5):
+        assert unavailable(exchange(b, forged(fed.a)))
+    assert refused(exchange(b, junk))  # the third failure: the IP is locked
+    r = exchange(b, forged(fed.a))
+    assert r.status_code == 429, r.text
+    assert r.json()["code"] == "too_many_attempts"
