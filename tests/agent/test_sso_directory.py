@@ -28,8 +28,9 @@ import requests
 from agent import federation
 from agent.hub_client import Reply
 from agent.hub_client import urllib_transport
-from agent.models import FederationCache
 from agent.signing import pairwise_key
+from tests.agent.test_hub_replies import cached
+from tests.agent.test_hub_replies import fetch
 from tests.agent.test_replay_store import Federation
 from tests.agent.test_replay_store import redis_from_env
 from tests.conftest import PASSWORD
@@ -113,17 +114,6 @@ def refused(r: requests.Response) -> bool:
 
 def unavailable(r: requests.Response) -> bool:
     return r.status_code == 503 and r.json()["code"] == "federation_unavailable"
-
-
-def cached(site: Site) -> dict[str, t.Any] | None:
-    with site.state.session_factory() as db:
-        row = db.get(FederationCache, "directory")
-        return None if row is None else dict(row.body)
-
-
-def fetch(site: Site) -> dict[str, t.Any]:
-    with site.app.app_context(), site.state.session_factory() as db:
-        return federation.directory(db, site.state)
 
 
 def count(site: Site, sql: str, **params: t.Any) -> int:
