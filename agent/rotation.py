@@ -37,6 +37,9 @@ from .services.keystore import FEDERATION
 from .services.keystore import HUB_SECRET
 from .services.keystore import RELOAD
 
+MAX_GRACE = 30 * 86400
+"""The longest grace a hub grants (its console's limit); a longer one in a reply is cut to it."""
+
 if t.TYPE_CHECKING:
     from flask import Flask
 
@@ -162,13 +165,13 @@ def rotate_hub_secret(state: State, *, force: bool = False) -> list[str]:
     try:
         reply = client(state).rotate_secret()
         secret = parse_hub_secret("the hub's new secret", str(reply.get("secret", "")))
-        grace = dt.timedelta(seconds=int(reply.get("grace_seconds", 0)))
     except (HubUnavailable, ValueError, TypeError) as exc:
         with store.session() as db:  # let the next run try again
             db.execute(update(StoredKey).where(StoredKey.id == newest.id).values(rotated_at=None))
             db.commit()
         log.warning("hub secret not rotated: %s", exc)
         return []
+    grace = _grace(reply.get("grace_seconds"))
     now = state.clock()
     # SSO keeps the old secret until peers have the new pairwise keys, if the grace allows.
     starts = now + min(sso_publish_delay(s), grace / 2)
@@ -183,6 +186,15 @@ def rotate_hub_secret(state: State, *, force: bool = False) -> list[str]:
     store.reload()
     record_rotation(state, "hub_secret", None)
     return ["hub secret rotated"]
+
+
+def _grace(value: object) -> dt.timedelta:
+    """How long the hub keeps the old secret, from its reply: at most :data:`MAX_GRACE`, and none
+    for a negative value or anything but a number. The hub has rotated already, so a bad grace
+    must not cost the new secret."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        return dt.timedelta(0)  # NaN is not > 0
+    return dt.timedelta(seconds=min(value, MAX_GRACE))
 
 
 def record_rotation(state: State, key: str, kid: str | None) -> None:

@@ -3,9 +3,18 @@ down (a real hub app on a port of its own; the agent talks to it over HTTP)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+
+import pytest
+from sqlalchemy import select
 from sqlalchemy import text
 
+from agent import federation
 from agent import rotation
+from agent.hub_client import Reply
+from agent.hub_client import urllib_transport
+from agent.models import StoredKey
 from agent.services import keystore
 from tests.agent.test_replay_store import Federation
 from tests.agent.test_rotation import age_keys
@@ -80,8 +89,6 @@ def test_the_hub_secret_rotates_and_the_old_one_keeps_working(member: Member) ->
     assert second is not None and second != first
     # Calls to the hub use the new secret at once; SSO signatures wait for the peers.
     assert state.keys.sso_secret() == first
-    from agent import federation
-
     with state.session_factory() as db:
         federation.directory(db, state, force=True)  # a signed call, accepted
     age_keys(m.site, rotation.sso_publish_delay(state.settings).total_seconds() + 1)
@@ -97,6 +104,39 @@ def test_a_hub_secret_rotation_the_hub_refuses_is_retried(member: Member) -> Non
     # The claim was given back: the next run rotates.
     assert rotation.rotate_hub_secret(state, force=True) == ["hub secret rotated"]
     assert secret_versions(m) == 2
+
+
+@pytest.mark.parametrize(("grace", "kept"), [
+    ("1e999", 30 * 86400), ("-1e999", 0), ("NaN", 0), (str(10**30), 30 * 86400),
+    ("-5", 0), ('"600"', 0), ("true", 0), ("null", 0), ("[]", 0), ("600", 600)])
+def test_a_hub_secret_rotation_with_any_grace_keeps_the_new_secret(
+        member: Member, grace: str, kept: int) -> None:  # noqa: F811
+    """The hub has rotated before the agent reads ``grace_seconds``: whatever it says (infinite,
+    huge, negative, not a number) the new secret is stored and used, and the old one is kept for
+    at most 30 days."""
+    m, state = member, member.site.state
+
+    def hub_says(method: str, url: str, headers: dict[str, str], body: bytes,
+                 timeout: float) -> Reply:
+        reply = urllib_transport(method, url, headers, body, timeout)
+        if url.endswith("/api/v1/secret/rotate") and reply.status == 200:
+            secret = json.loads(reply.body)["secret"]
+            forged = f'{{"secret": "{secret}", "grace_seconds": {grace}}}'.encode()
+            return Reply(reply.status, reply.headers, forged)
+        return reply
+
+    state.hub_transport = hub_says
+    first = state.keys.hub_secret()
+    assert rotation.rotate_hub_secret(state, force=True) == ["hub secret rotated"]
+    assert secret_versions(m) == 2
+    assert state.keys.hub_secret() != first
+    with state.session_factory() as db:
+        federation.directory(db, state, force=True)  # signed with the new secret: accepted
+        old = db.scalars(select(StoredKey).where(StoredKey.purpose == keystore.HUB_SECRET)
+                         .order_by(StoredKey.id)).first()
+    assert old is not None and old.retire_at is not None
+    assert old.retire_at - old.rotated_at == pytest.approx(dt.timedelta(seconds=kept),
+                                                             abs=dt.timedelta(seconds=5))
 
 
 def test_rotation_is_due_by_the_configured_period(member: Member) -> None:  # noqa: F811
