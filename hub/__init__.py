@@ -104,6 +104,21 @@ def _load_env(app: Flask) -> None:
         app.config[name] = value
 
 
+def _whole_number(key: str, value: t.Any, low: int, high: int) -> int:
+    """``value`` (an int, or text that JSON-decodes to one) if within ``low``..``high``."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: expected a whole number between {low} and {high}, "
+                          f"got {value}")
+    return value
+
+
 def _build_state(app: Flask) -> HubState:
     from .db import make_engine
 
@@ -126,17 +141,9 @@ def _build_state(app: Flask) -> HubState:
         raise ConfigError(
             f"{prefix}MASTER_KEY: {exc} (run `headlesskey-hub init` or set the variable)"
         ) from None
-    for name in ("SECRET_GRACE", "NONCE_TTL", "JWKS_MAX_AGE", "SESSION_IDLE_TIMEOUT",
-                 "ADMIN_MAX_FAILURES", "ADMIN_LOCK_SECONDS", "ADMIN_IP_MAX_FAILURES", "MAX_BODY",
-                 "KEY_ROTATION_DAYS", "HUB_KEY_ROTATION_DAYS", "EVENT_RETENTION_DAYS",
-                 "TRUSTED_PROXIES", "REAUTH_SECONDS"):
-        value = app.config[prefix + name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            try:
-                app.config[prefix + name] = int(json.loads(str(value)))
-            except (ValueError, TypeError):
-                raise ConfigError(
-                    f"{prefix}{name}: expected a whole number, got {value!r}") from None
+    for name, (low, high) in config_module.RANGES.items():
+        app.config[prefix + name] = _whole_number(prefix + name, app.config[prefix + name],
+                                                  low, high)
     engine = make_engine(str(url))
     if app.config.get(prefix + "AUTO_MIGRATE"):
         from .db import upgrade

@@ -36,3 +36,21 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
     "AUTO_MIGRATE": (False,
                      "Upgrade the schema in create_app (tests; serve and init do it anyway)."),
 }
+
+DAY = 86400
+RANGES: dict[str, tuple[int, int]] = {
+    "SECRET_GRACE": (60, 30 * DAY),
+    "NONCE_TTL": (0, DAY),  # at least twice the signature skew, whatever is set
+    "JWKS_MAX_AGE": (0, DAY),
+    "KEY_ROTATION_DAYS": (1, 3650),
+    "HUB_KEY_ROTATION_DAYS": (1, 3650),
+    "EVENT_RETENTION_DAYS": (1, 3650),
+    "SESSION_IDLE_TIMEOUT": (60, 7 * DAY),
+    "REAUTH_SECONDS": (1, DAY),
+    "ADMIN_MAX_FAILURES": (1, 1000),
+    "ADMIN_LOCK_SECONDS": (1, DAY),
+    "ADMIN_IP_MAX_FAILURES": (0, 100000),
+    "MAX_BODY": (1024, 10 * 1024 * 1024),
+    "TRUSTED_PROXIES": (0, 10),
+}
+"""The whole-number settings and the range each must lie in (the console's for those it edits)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 
+from ..config import RANGES
 from ..models import Setting
 
 if t.TYPE_CHECKING:
@@ -35,16 +36,19 @@ class SettingSpec:
     help: str
 
 
+def _spec(key: str, label: str, unit: str, help: str) -> SettingSpec:
+    return SettingSpec(key, label, unit, *RANGES[key], help)
+
+
 SETTINGS: tuple[SettingSpec, ...] = (
-    SettingSpec("KEY_ROTATION_DAYS", "Member key rotation", "days", 1, 3650,
-                "An active member key older than this is flagged on the dashboard."),
-    SettingSpec("HUB_KEY_ROTATION_DAYS", "Hub key rotation", "days", 1, 3650,
-                "Age at which the hub's own signing key is rotated."),
-    SettingSpec("EVENT_RETENTION_DAYS", "Event retention", "days", 1, 3650,
-                "Federation events older than this are pruned."),
-    SettingSpec("SECRET_GRACE", "Secret grace period", "seconds", 60, 2_592_000,
-                "How long a site's previous secret keeps working after a rotation "
-                "(60 s to 30 days)."),
+    _spec("KEY_ROTATION_DAYS", "Member key rotation", "days",
+          "An active member key older than this is flagged on the dashboard."),
+    _spec("HUB_KEY_ROTATION_DAYS", "Hub key rotation", "days",
+          "Age at which the hub's own signing key is rotated."),
+    _spec("EVENT_RETENTION_DAYS", "Event retention", "days",
+          "Federation events older than this are pruned."),
+    _spec("SECRET_GRACE", "Secret grace period", "seconds",
+          "How long a site's previous secret keeps working after a rotation (60 s to 30 days)."),
 )
 SPECS = {spec.key: spec for spec in SETTINGS}
 

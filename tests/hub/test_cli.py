@@ -28,6 +28,7 @@ from click.testing import Result
 from cryptography.fernet import Fernet
 
 from agent import signing
+from agent.errors import ConfigError
 from hub import create_app
 from hub.cli import main
 from hub.crypto import parse_site_secret
@@ -126,6 +127,19 @@ def test_init_creates_a_private_instance(tmp_path: Path, cli: t.Callable[..., Re
     with sqlite3.connect(path / "hub.db") as conn:
         blob = conn.execute("SELECT private_ciphertext FROM hub_keys").fetchone()[0]
     assert b"PRIVATE KEY" not in blob
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("SECRET_GRACE", "1e999"), ("SECRET_GRACE", "-1"), ("NONCE_TTL", str(10**20)),
+    ("EVENT_RETENTION_DAYS", "0"), ("EVENT_RETENTION_DAYS", "10000000000"),
+    ("MAX_BODY", "1.5"), ("TRUSTED_PROXIES", "true"), ("REAUTH_SECONDS", "ten")])
+def test_a_setting_out_of_its_range_stops_the_hub(
+        instance: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    """A negative grace, a nonce lifetime or retention past any date Python holds (every signed
+    call or the pruning job a 500), a fraction: the hub does not start, and says which."""
+    monkeypatch.setenv(f"HEADLESSKEY_HUB_{name}", value)
+    with pytest.raises(ConfigError, match=f"^HEADLESSKEY_HUB_{name}: expected a whole number"):
+        create_app(instance_path=str(instance))
 
 
 def test_init_refuses_to_overwrite_an_instance(
