@@ -740,11 +740,12 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
         default_role=default_role,
         password_min_length=min_len,
         password_max_length=max(max_len, min_len),
-        argon2_time_cost=_int(PREFIX + "ARGON2_TIME_COST", get("ARGON2_TIME_COST"), 1),
-        argon2_memory_cost=_int(PREFIX + "ARGON2_MEMORY_COST", get("ARGON2_MEMORY_COST"), 8),
+        argon2_time_cost=_int(PREFIX + "ARGON2_TIME_COST", get("ARGON2_TIME_COST"), 1, 64),
+        argon2_memory_cost=_int(PREFIX + "ARGON2_MEMORY_COST", get("ARGON2_MEMORY_COST"), 8,
+                                0x400000),  # 4 GiB
         argon2_parallelism=_int(PREFIX + "ARGON2_PARALLELISM", get("ARGON2_PARALLELISM"), 1, 16),
-        reset_link_ttl=_int(PREFIX + "RESET_LINK_TTL", get("RESET_LINK_TTL"), 60),
-        reset_otp_ttl=_int(PREFIX + "RESET_OTP_TTL", get("RESET_OTP_TTL"), 60),
+        reset_link_ttl=_int(PREFIX + "RESET_LINK_TTL", get("RESET_LINK_TTL"), 60, 7 * 86400),
+        reset_otp_ttl=_int(PREFIX + "RESET_OTP_TTL", get("RESET_OTP_TTL"), 60, 86400),
         reset_otp_length=_int(PREFIX + "RESET_OTP_LENGTH", get("RESET_OTP_LENGTH"), 6, 10),
         reset_otp_max_attempts=_int(
             PREFIX + "RESET_OTP_MAX_ATTEMPTS", get("RESET_OTP_MAX_ATTEMPTS"), 1, 20

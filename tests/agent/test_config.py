@@ -77,3 +77,21 @@ def test_the_hub_url_over_http_to_a_public_host_is_refused(tmp_path: Path, url: 
     on the path could hand this site a key of their own."""
     with pytest.raises(ConfigError, match="HEADLESSKEY_HUB_URL: expected an"):
         with_hub(tmp_path, url)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("RESET_LINK_TTL", 10**12), ("RESET_LINK_TTL", 7 * 86400 + 1), ("RESET_OTP_TTL", 86401),
+    ("ARGON2_TIME_COST", 65), ("ARGON2_MEMORY_COST", 2**32)])
+def test_a_lifetime_or_cost_past_its_range_is_refused(tmp_path: Path, key: str,
+                                                      value: int) -> None:
+    """A reset lifetime past any date Python holds made every forgot-password a 500; an argon2
+    cost that large held every login for ever. Each is refused at start, naming the key."""
+    with pytest.raises(ConfigError, match=f"HEADLESSKEY_{key}: .*between"):
+        settings(tmp_path, **{f"HEADLESSKEY_{key}": value})
+
+
+def test_the_largest_lifetimes_and_costs_are_accepted(tmp_path: Path) -> None:
+    s = settings(tmp_path, HEADLESSKEY_RESET_LINK_TTL=7 * 86400, HEADLESSKEY_RESET_OTP_TTL=86400,
+                 HEADLESSKEY_ARGON2_TIME_COST=64, HEADLESSKEY_ARGON2_MEMORY_COST=4 * 2**20)
+    assert (s.reset_link_ttl, s.reset_otp_ttl) == (7 * 86400, 86400)
+    assert (s.argon2_time_cost, s.argon2_memory_cost) == (64, 4 * 2**20)
