@@ -94,12 +94,8 @@ def report(state: State) -> bool:
     except HubUnavailable as exc:
         log.warning("health report not sent: %s", exc)
         return False
-    try:
-        answer = reply.json()
-    except ValueError:
-        answer = {}
-    flags = answer.get("flags") if isinstance(answer, dict) else None
-    if flags:
+    flags = (reply.object() or {}).get("flags")
+    if isinstance(flags, list) and flags:
         log.warning("the hub flags this site: %s", ", ".join(str(f) for f in flags))
     return True
 

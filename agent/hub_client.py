@@ -29,6 +29,15 @@ class Reply:
     def json(self) -> t.Any:
         return json.loads(self.body)
 
+    def object(self) -> dict[str, t.Any] | None:
+        """The body as a JSON object; None for anything else (not JSON, not UTF-8, another
+        type, nested beyond the stack)."""
+        try:
+            body = self.json()
+        except (ValueError, RecursionError):
+            return None
+        return body if isinstance(body, dict) else None
+
 
 class HubUnavailable(Exception):
     """The hub did not answer, or answered with an error; ``status`` is 0 when unreachable."""
@@ -89,11 +98,7 @@ class HubClient:
         except OSError as exc:
             raise HubUnavailable(f"hub unreachable: {type(exc).__name__}") from None
         if not 200 <= reply.status < 300:
-            code = ""
-            try:
-                code = str(reply.json().get("code", ""))
-            except (ValueError, AttributeError, RecursionError):
-                pass
+            code = str((reply.object() or {}).get("code", ""))
             raise HubUnavailable(f"hub answered {reply.status} {code}".strip(), reply.status, code)
         return reply
 
@@ -118,11 +123,8 @@ class HubClient:
 
 def _object(reply: Reply) -> dict[str, t.Any]:
     """A 2xx answer's JSON object, or :class:`HubUnavailable` (a proxy's HTML page, say)."""
-    try:
-        body = reply.json()
-    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested beyond the stack
-        body = None
-    if not isinstance(body, dict):
+    body = reply.object()
+    if body is None:
         raise HubUnavailable("hub answered without a JSON object", reply.status)
     return body
 

@@ -40,6 +40,7 @@ from sqlalchemy.exc import IntegrityError
 from .db import rowcount
 from .federation import client
 from .hub_client import HubUnavailable
+from .hub_client import Reply
 from .models import AuditEvent
 from .models import FederationCache
 
@@ -224,11 +225,8 @@ def _item(row: Row[t.Any]) -> dict[str, t.Any]:
     }
 
 
-def _accepted(reply: t.Any) -> t.Any:
-    try:
-        return reply.json().get("accepted")
-    except (ValueError, AttributeError):
-        return None
+def _accepted(reply: Reply) -> t.Any:
+    return (reply.object() or {}).get("accepted")
 
 
 def _advance(state: State, stamp: dt.datetime, cursor: int) -> dt.datetime | None:

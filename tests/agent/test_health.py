@@ -26,6 +26,8 @@ from agent.services.keys import generate_private_key_pem
 from hub.models import Site as HubSite
 from hub.models import SiteHealth
 from hub.services import health as health_service
+from tests.agent.test_hub_client import NESTED
+from tests.agent.test_hub_client import rewrite
 from tests.conftest import Site
 from tests.conftest import free_port
 from tests.hub.conftest import Hub
@@ -155,6 +157,16 @@ def test_a_report_the_hub_refuses_returns_false(hub: Hub, make_site: t.Callable[
     site = member_site(make_site, tmp_path, hub.url, site_key, other_secret)
     assert report(site.state) is False  # 401: not an exception either
     assert hub_row(hub, site) is None
+
+
+@pytest.mark.parametrize("answer", [NESTED, b"<html>ok</html>", b'{"flags": 5}',
+                                    b'{"flags": "drift"}', b"[]"])
+def test_a_report_the_hub_answers_oddly_is_sent(hub: Hub, member: Site, answer: bytes) -> None:
+    """The report reached the hub; an answer of another shape (JSON nested past the stack, flags
+    that are no list) is no exception in the health job."""
+    member.state.hub_transport = rewrite(health.HEALTH_PATH, lambda _: answer)
+    assert report(member.state) is True
+    assert hub_row(hub, member) is not None
 
 
 def test_an_unfederated_site_does_not_report(make_site: t.Callable[..., Site]) -> None:

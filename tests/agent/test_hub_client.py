@@ -86,6 +86,17 @@ def canned(status: int, body: bytes) -> t.Callable[..., Reply]:
     return transport
 
 
+def rewrite(path: str, edit: t.Callable[[bytes], bytes]) -> t.Callable[..., Reply]:
+    """Passes requests to the hub over HTTP; its 2xx answers to ``path`` get ``edit(body)``."""
+    def transport(method: str, url: str, headers: dict[str, str], data: bytes,
+                  timeout: float) -> Reply:
+        reply = urllib_transport(method, url, headers, data, timeout)
+        if url.endswith(path) and 200 <= reply.status < 300:
+            return Reply(reply.status, reply.headers, edit(reply.body))
+        return reply
+    return transport
+
+
 PEER = {"site_key": "docs", "issuer": "https://docs.example", "keys": [], "exchange_keys": []}
 NESTED = b"[" * 100_000 + b"]" * 100_000
 

@@ -12,10 +12,9 @@ from sqlalchemy import text
 
 from agent import federation
 from agent import rotation
-from agent.hub_client import Reply
-from agent.hub_client import urllib_transport
 from agent.models import StoredKey
 from agent.services import keystore
+from tests.agent.test_hub_client import rewrite
 from tests.agent.test_replay_store import Federation
 from tests.agent.test_rotation import age_keys
 from tests.agent.test_sso_directory import counted
@@ -116,16 +115,11 @@ def test_a_hub_secret_rotation_with_any_grace_keeps_the_new_secret(
     at most 30 days."""
     m, state = member, member.site.state
 
-    def hub_says(method: str, url: str, headers: dict[str, str], body: bytes,
-                 timeout: float) -> Reply:
-        reply = urllib_transport(method, url, headers, body, timeout)
-        if url.endswith("/api/v1/secret/rotate") and reply.status == 200:
-            secret = json.loads(reply.body)["secret"]
-            forged = f'{{"secret": "{secret}", "grace_seconds": {grace}}}'.encode()
-            return Reply(reply.status, reply.headers, forged)
-        return reply
+    def hub_says(body: bytes) -> bytes:
+        secret = json.loads(body)["secret"]
+        return f'{{"secret": "{secret}", "grace_seconds": {grace}}}'.encode()
 
-    state.hub_transport = hub_says
+    state.hub_transport = rewrite("/api/v1/secret/rotate", hub_says)
     first = state.keys.hub_secret()
     assert rotation.rotate_hub_secret(state, force=True) == ["hub secret rotated"]
     assert secret_versions(m) == 2
@@ -134,7 +128,7 @@ def test_a_hub_secret_rotation_with_any_grace_keeps_the_new_secret(
         federation.directory(db, state, force=True)  # signed with the new secret: accepted
         old = db.scalars(select(StoredKey).where(StoredKey.purpose == keystore.HUB_SECRET)
                          .order_by(StoredKey.id)).first()
-    assert old is not None and old.retire_at is not None
+    assert old is not None and old.retire_at is not None and old.rotated_at is not None
     assert old.retire_at - old.rotated_at == pytest.approx(dt.timedelta(seconds=kept),
                                                              abs=dt.timedelta(seconds=5))
 

@@ -34,6 +34,8 @@ from agent.services.keys import generate_private_key_pem
 from agent.uplink import cursor_of
 from agent.uplink import upload_pending
 from hub.models import Event
+from tests.agent.test_hub_client import NESTED
+from tests.agent.test_hub_client import rewrite
 from tests.agent.test_webhooks import register
 from tests.conftest import PASSWORD
 from tests.conftest import Site
@@ -261,6 +263,15 @@ def test_nothing_is_lost_while_the_hub_is_down(member: Member) -> None:
     member.assert_all_at_hub_once()
     assert len(member.at_hub()) == 7
     assert cursor_of(member.state) == member.local()[-1].id
+
+
+def test_an_acknowledgement_of_another_shape_still_moves_the_cursor(member: Member) -> None:
+    """The hub took the batch (2xx); an answer nested past the stack is no exception."""
+    member.activity(2)
+    member.state.hub_transport = rewrite(uplink.EVENTS_PATH, lambda _: NESTED)
+    assert member.upload() == 2
+    assert cursor_of(member.state) == member.local()[-1].id
+    member.assert_all_at_hub_once()
 
 
 def test_a_refusing_hub_moves_nothing(member: Member) -> None:
