@@ -57,6 +57,9 @@ def request_reset(
         return None
     s = state.settings
     now = state.clock()
+    # Requests for one account take turns (a row lock; SQLite's write transaction already is
+    # one): concurrent ones could each count the same mails and each leave a live code.
+    db.execute(select(User.id).where(User.id == user.id).with_for_update())
     sent = db.scalar(
         select(func.count())
         .select_from(PasswordReset)

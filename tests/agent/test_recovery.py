@@ -273,6 +273,28 @@ def test_concurrent_wrong_codes_are_each_counted(smtp: Mailbox, make_site: t.Any
     assert rsite.scalar("SELECT attempts FROM hk_password_resets WHERE kind = 'otp'") == guesses
 
 
+def test_concurrent_requests_send_at_most_the_hourly_mails(smtp: Mailbox, make_site: t.Any) -> None:
+    """Forgot-password posted for one account many times at once (each answered in a thread of
+    its own): at most ``RESET_MAX_PER_HOUR`` resets are stored and mailed, and only the newest
+    works. Each request locks the account's row while it counts and stores."""
+    rsite = make_site("HS256", mailbox=smtp, HEADLESSKEY_RESET_MAX_PER_HOUR=3,
+                      HEADLESSKEY_LOCKOUT_IP_MAX_FAILURES=1000)
+    rsite.create_user("alice")
+
+    def ask(_: int) -> requests.Response:
+        return requests.post(rsite.api.url("/forgot-password"), timeout=30,
+                             json={"login": "alice", "delivery": "otp"})
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        for r in pool.map(ask, range(16)):
+            assert r.status_code == 200, r.text
+    assert rsite.scalar("SELECT count(*) FROM hk_password_resets") == 3
+    assert rsite.scalar("SELECT count(*) FROM hk_password_resets WHERE used_at IS NULL") == 1
+    smtp.wait_for(ALICE, count=3)
+    time.sleep(0.5)  # a fourth mail, if any, would be in by now
+    assert len(reset_mails(smtp, ALICE)) == 3
+
+
 def test_wrong_codes_count_toward_the_account_lockout(rsite: Site) -> None:
     code = request_code(rsite)
     for i in range(1, 6):
