@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import jwt
 import pytest
 import requests
+from requests.adapters import HTTPAdapter
 
 from agent import signing
 from agent.config import parse_hub_secret
@@ -87,6 +88,28 @@ def call(hub: Hub, member: Member, method: str, path: str, query: str = "",
          body: bytes = b"") -> requests.Response:
     """A genuine signed call."""
     return send(hub, method, path, signed(member, method, path, query, body), query, body)
+
+
+class _FromAddress(HTTPAdapter):
+    def __init__(self, ip: str) -> None:
+        self.ip = ip
+        super().__init__()
+
+    def init_poolmanager(self, *args: t.Any, **kw: t.Any) -> None:
+        super().init_poolmanager(*args, source_address=(self.ip, 0), **kw)
+
+
+def own_address() -> requests.Session:
+    """A client on a loopback address of its own (127.x.y.z; the hub sees it, not 127.0.0.1).
+
+    The hub writes at most ``RefusalLog.BURST`` refusals of one address a minute to its log, and
+    the whole security suite refuses requests from 127.0.0.1: a test that reads its refusals back
+    from the log sends them from an address no other test used.
+    """
+    session = requests.Session()
+    session.mount("http://", _FromAddress(f"127.{secrets.randbelow(254) + 1}."
+                                          f"{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}"))
+    return session
 
 
 def rejected_reasons(hub: Hub, site_key: str, after: int) -> list[str]:
@@ -178,7 +201,7 @@ def test_H02_signed_with_another_sites_secret(fleet: Fleet, member: Member) -> N
     # Site rs's own secret, but the request names the probe site.
     forged = signing.sign_request(fleet["rs"].raw_secret, member.site_key, "GET",
                                   "/api/v1/directory")
-    r = send(hub, "GET", "/api/v1/directory", forged)
+    r = send(hub, "GET", "/api/v1/directory", forged, session=own_address())
     assert_401(r)
     assert r.json() == BAD_SIGNATURE
     assert rejected_reasons(hub, member.site_key, mark) == ["bad"]
@@ -211,10 +234,11 @@ def test_H04_signature_binds_method_path_query_and_raw_body(
     secrets_before = hub.rows("SELECT count(*) FROM hub_site_secrets s JOIN hub_sites t "
                               "ON s.site_id = t.id WHERE t.site_key = ?", member.site_key)
     mark = last_event(hub)
+    client = own_address()
 
     def refused(method: str, path: str, headers: dict[str, str], query: str = "",
                 data: bytes = b"") -> None:
-        r = send(hub, method, path, headers, query, data)
+        r = send(hub, method, path, headers, query, data, session=client)
         assert_401(r, "bad_signature")
         assert r.json() == BAD_SIGNATURE
 
@@ -336,7 +360,8 @@ def test_H10_unknown_and_suspended_sites_look_like_a_bad_signature(fleet: Fleet)
     assert call(hub, paused, "GET", "/api/v1/directory").status_code == 200
     hub.cli("sites", "suspend", paused.site_key)
     mark = last_event(hub)
-    r = call(hub, paused, "GET", "/api/v1/directory")
+    r = send(hub, "GET", "/api/v1/directory", signed(paused, "GET", "/api/v1/directory"),
+             session=own_address())
     assert_401(r)
     assert r.json() == BAD_SIGNATURE
     assert rejected_reasons(hub, paused.site_key, mark) == ["suspended"]
