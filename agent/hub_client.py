@@ -6,6 +6,7 @@ sites can hand in canned answers without sockets, the way ``httpx.MockTransport`
 
 from __future__ import annotations
 
+import http.client
 import json
 import typing as t
 import urllib.error
@@ -95,7 +96,9 @@ class HubClient:
             headers["Content-Type"] = "application/json"
         try:
             reply = self._transport(method, self.url + path, headers, body, self.timeout)
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
+            # Not reached, or what answered does not speak HTTP (a bad status line, a header
+            # line past 64 KiB, a body cut short): the hub is down either way.
             raise HubUnavailable(f"hub unreachable: {type(exc).__name__}") from None
         if not 200 <= reply.status < 300:
             code = str((reply.object() or {}).get("code", ""))

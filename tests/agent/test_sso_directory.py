@@ -11,11 +11,13 @@ slow, or answers something else.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
 import json
 import secrets
+import socket
 import threading
 import time
 import typing as t
@@ -261,6 +263,65 @@ def test_json_nested_beyond_the_stack_is_the_hub_down(fed: Federation) -> None:
     counter.body = b"[" * 100_000 + b"]" * 100_000
     assert unavailable(exchange(b, forged(fed.a)))
     assert cached(b) is None
+
+
+NOT_HTTP = {
+    "no status line": b"garbage\r\n\r\n",
+    "a header line past 64 KiB": b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\n",
+    "a chunked body cut short": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+}
+
+
+@pytest.fixture
+def speaks(request: pytest.FixtureRequest) -> t.Iterator[str]:
+    """A TCP server on loopback answering every connection with ``request.param`` (no HTTP)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+                    conn.sendall(request.param)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join(5)
+    listener.close()
+
+
+@pytest.mark.parametrize("speaks", NOT_HTTP.values(), ids=list(NOT_HTTP), indirect=True)
+def test_a_hub_that_does_not_answer_in_http_is_the_hub_down(fed: Federation,
+                                                            speaks: str) -> None:
+    """Whatever reaches B at the hub's address instead of an HTTP answer (a proxy or another
+    service on that port): an exchange is a 503, and a global logout ends B's sessions and says
+    the federation was not told (neither a 500)."""
+    b = fed.b
+    hub = b.state.settings.hub_url
+    assert hub is not None
+
+    def elsewhere(method: str, url: str, headers: dict[str, str], body: bytes,
+                  timeout: float) -> Reply:
+        return urllib_transport(method, speaks + url.removeprefix(hub), headers, body, timeout)
+
+    b.state.hub_transport = elsewhere
+    assert unavailable(exchange(b, forged(fed.a)))
+    assert cached(b) is None
+    b.create_user("otto")
+    token = b.api.login("otto")["token"]
+    r = b.api.post("/token/revoke", json={"scope": "global"}, token=token)
+    assert r.status_code == 200, r.text
+    assert r.json()["global"] is False
+    assert b.api.get("/me", token=token).status_code == 401
 
 
 def test_a_logout_of_another_shape_is_skipped(fed: Federation) -> None:
