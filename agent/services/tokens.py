@@ -129,6 +129,8 @@ def mint_access_token(
             "data": {"ID": user_id, "user_login": user_login},
         }
     )
+    # ``aud`` is the configured one or none at all, whatever a filter put in ``extra``.
+    claims.pop("aud", None)
     if audience:
         claims["aud"] = audience
     return jwt.encode(

@@ -322,6 +322,30 @@ def test_token_claims_filter_adds_claims_but_cannot_replace_registered_ones(
     assert (again["tenant"], again["sub"], again["roles"]) == ("acme", "1", ["subscriber"])
 
 
+@pytest.mark.parametrize("audience", [None, "https://api.example"])
+def test_token_claims_filter_cannot_set_the_audience(
+    own_site: t.Callable[..., OwnSite], audience: str | None,
+) -> None:
+    """``aud`` is the configured one, or none at all: an ``aud`` from a filter never reaches a
+    token (with none configured, it made every token this site minted invalid here)."""
+    own = own_site(HEADLESSKEY_AUDIENCE=audience) if audience else own_site()
+
+    @own.hk.filter("token_claims")
+    def add_audience(claims: dict[str, t.Any], user: t.Any) -> dict[str, t.Any]:
+        return {**claims, "aud": "https://elsewhere.example", "tenant": "acme"}
+
+    site = own.serve()
+    site.create_user("alice")
+    body = site.api.login()
+    claims = claims_of(body["token"])
+    assert claims.get("aud") == audience
+    assert claims["tenant"] == "acme"
+    assert site.api.get("/me", token=body["token"]).status_code == 200
+    refreshed = site.api.post("/token/refresh", json={"refresh_token": body["refresh_token"]})
+    assert refreshed.status_code == 200, refreshed.text
+    assert site.api.get("/me", token=refreshed.json()["token"]).status_code == 200
+
+
 def test_login_response_filter(own_site: t.Callable[..., OwnSite]) -> None:
     own = own_site()
 
