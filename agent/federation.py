@@ -55,6 +55,7 @@ from .services import accounts
 from .services import keystore
 from .services import sessions as session_service
 from .services.keys import SigningKey
+from .text import holds_controls
 
 if t.TYPE_CHECKING:
     from .extension import State
@@ -434,7 +435,8 @@ def _claims(state: State, site_key: str, token: str,
             verified_by: tuple[t.Any, str, str] | None = None) -> dict[str, t.Any]:
     """The assertion's claims: ``aud`` this site, ``exp``, ``iat`` (and ``nbf``) integers within
     the leeway, at most 60 s apart, ``iss`` and ``sub`` that fit the identity keys whole (never
-    cut: two cut alike would be one identity), a ``jti`` of at most 64 characters. With
+    cut: two cut alike would be one identity), a ``jti`` of at most 64 characters, none of
+    the three holding a control character. With
     ``verified_by`` (the peer's public key, its algorithm and the peer's issuer), the signature
     too, and that ``iss`` is that issuer; without, the claims are read unverified."""
     s = state.settings
@@ -459,7 +461,7 @@ def _claims(state: State, site_key: str, token: str,
         raise InvalidAssertion("bad_token", site_key)  # PyJWT takes "123" for 123; we do not
     jti = claims["jti"]
     if not (_key_part(claims["iss"]) and _key_part(claims["sub"]) and isinstance(jti, str)
-            and 0 < len(jti) <= 64):
+            and 0 < len(jti) <= 64 and not holds_controls(jti)):
         raise InvalidAssertion("bad_token", site_key)
     return claims
 
@@ -480,8 +482,9 @@ def _signed_by(peer: dict[str, t.Any], token: str, signature: str) -> bool:
 
 def _key_part(value: t.Any) -> t.TypeGuard[str]:
     """A non-empty string that fits the identity keys' 255 characters whole: an issuer or
-    subject is never cut to fit (two cut alike would be one identity)."""
-    return isinstance(value, str) and 0 < len(value) <= 255
+    subject is never cut to fit (two cut alike would be one identity); no control character
+    nor lone surrogate (PostgreSQL text holds no NUL)."""
+    return isinstance(value, str) and 0 < len(value) <= 255 and not holds_controls(value)
 
 
 def _peer_key(peer: dict[str, t.Any], kid: str) -> dict[str, t.Any] | None:
@@ -567,7 +570,9 @@ def _new_account(db: DBSession, state: State, claims: dict[str, t.Any], email: s
                  roles: list[str]) -> User:
     base = accounts.key_of(email.partition("@")[0])
     base = "".join(c for c in base if c.isalnum() or c in "_.-")[:40] or "user"
-    name = claims.get("name") if isinstance(claims.get("name"), str) else None
+    name = claims.get("name")
+    if not isinstance(name, str) or holds_controls(name):
+        name = None  # the account is named after its login instead
     now = state.clock()
     for attempt in range(20):
         login = base if attempt == 0 else f"{base}-{secrets.token_hex(3)}"

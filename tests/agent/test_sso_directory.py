@@ -414,3 +414,33 @@ def test_exchanges_while_the_hub_is_down_neither_count_nor_clear_failures(
     r = exchange(b, forged(fed.a))
     assert r.status_code == 429, r.text
     assert r.json()["code"] == "too_many_attempts"
+
+
+
+CONTROLS = {
+    "a NUL in the subject": {"sub": "7\x00"},
+    "a line break in the subject": {"sub": "7\n"},
+    "a lone surrogate in the subject": {"sub": "7\ud800"},
+    "a NUL in the jti": {"jti": "j\x00" + "x" * 20},
+}
+
+
+@pytest.mark.parametrize("change", CONTROLS.values(), ids=list(CONTROLS))
+def test_an_id_holding_a_control_character_is_refused(fed: Federation,
+                                                      change: dict[str, t.Any]) -> None:
+    """Signed by the peer, still no id (PostgreSQL text holds no NUL: it was a 500 there)."""
+    b = fed.b
+    assert refused(exchange(b, forged(fed.a, **change)))
+    assert count(b, "SELECT count(*) FROM hk_users") == 0
+    assert count(b, "SELECT count(*) FROM hk_identity_links") == 0
+    assert count(b, "SELECT count(*) FROM hk_sessions") == 0
+    rejected = b.scalar("SELECT details FROM hk_audit WHERE event = 'sso.rejected'")
+    assert "bad_token" in str(rejected)
+
+
+def test_a_name_holding_a_control_character_names_the_account_after_its_login(
+        fed: Federation) -> None:
+    b = fed.b
+    r = exchange(b, forged(fed.a, sub="8", email="ann@example.com", name="Ann\x00"))
+    assert r.status_code == 200, r.text
+    assert r.json()["user"]["display_name"] == r.json()["user"]["user_login"] == "ann"
