@@ -240,6 +240,7 @@ def apply(db: DBSession, state: State, directory: dict[str, t.Any]) -> bool:
     when = now.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
     try:
         checked = validate(values)
+        _applicable(state, checked)
     except PolicyError as exc:
         if current.get("rejected", {}).get("version") != version:
             log.warning("policy version %s refused: %s", version, exc)
@@ -252,6 +253,17 @@ def apply(db: DBSession, state: State, directory: dict[str, t.Any]) -> bool:
     forget(state)
     log.info("policy version %s applied (%s)", version, ", ".join(sorted(checked)) or "empty")
     return True
+
+
+def _applicable(state: State, checked: dict[str, t.Any]) -> None:
+    """Raise :class:`PolicyError` when ``checked``, under the site's pinned values, makes no
+    settings (the site's own ``DEFAULT_ROLE`` among the policy's admin roles, say): each key
+    passed on its own, but such a policy would not be in force."""
+    try:
+        overlay(state, checked)
+    except ConfigError as exc:
+        key = str(exc).partition(":")[0].removeprefix(PREFIX) or "settings"
+        raise PolicyError({key: _message(key, exc)}) from None
 
 
 def ensure_algorithm(state: State) -> bool:

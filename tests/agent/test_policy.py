@@ -143,6 +143,40 @@ def test_a_bad_policy_is_refused_and_reported(hub: Hub, make_site: t.Callable[..
         assert policy.report(site.state)["policy_version"] == fixed
 
 
+@pytest.mark.parametrize(("own", "changes", "field"), [
+    # The site's default role (its own, or the built-in subscriber) is the policy's admin role.
+    ({}, {"ACCESS": {"admin": ["subscriber"]}}, "DEFAULT_ROLE"),
+    ({"HEADLESSKEY_DEFAULT_ROLE": "editor"}, {"ACCESS": {"admin": ["editor"]}}, "DEFAULT_ROLE"),
+], ids=["built-in default role", "pinned default role"])
+def test_a_policy_that_conflicts_with_pinned_values_is_refused_and_reported(
+        hub: Hub, make_site: t.Callable[..., Site], tmp_path: Path, own: dict[str, t.Any],
+        changes: dict[str, t.Any], field: str) -> None:
+    """Each key passes the hub's checks, but over the site's own values the settings do not
+    hold together: the last good version stays in force and the refusal is reported (such a
+    version was stored and reported as applied, while the site fell back to its own
+    configuration alone)."""
+    site_key, secret = hub.add_site("Docs", "https://docs.example.com")
+    site = member_site_with(make_site, tmp_path, hub, site_key, secret, **own)
+    site.create_user("alice")
+    good = set_policy(hub, site, {"ACCESS_TOKEN_TTL": 300})
+    refresh(site)
+    assert login_expires_in(site) in lifetime(300)
+    bad = set_policy(hub, site, {"ACCESS_TOKEN_TTL": 120, **changes})
+    refresh(site)
+    assert login_expires_in(site) in lifetime(300)  # the last good version stays in force
+    with site.app.app_context():
+        reported = policy.report(site.state)
+    assert reported["policy_version"] == good
+    assert reported["policy_error"]["version"] == bad
+    assert field in reported["policy_error"]["errors"], reported
+    fixed = set_policy(hub, site, {key: None for key in changes})
+    refresh(site)
+    assert login_expires_in(site) in lifetime(120)
+    with site.app.app_context():
+        assert policy.report(site.state)["policy_error"] is None
+        assert policy.report(site.state)["policy_version"] == fixed
+
+
 def test_webhooks_from_the_hub_and_redelivery_once(hub: Hub, make_site: t.Callable[..., Site],
                                                    tmp_path: Path) -> None:
     site = join(hub, make_site, tmp_path)
