@@ -241,6 +241,10 @@ def _reuse(
     presented: str,
     now: dt.datetime,
 ) -> Issued:
+    if sess.revoked_at is not None:
+        # Ended (a logout, a reuse caught by another request) since this request first read
+        # it: as for any refresh of an ended session, no reuse of a token of a live one.
+        raise InvalidGrant()
     child = _next_refresh_token(state, presented)
     child_row = db.scalar(select(RefreshToken).where(RefreshToken.token_hash == digest(child)))
     in_grace = (
@@ -248,7 +252,6 @@ def _reuse(
         and now - row.used_at <= dt.timedelta(seconds=state.settings.refresh_grace)
         and child_row is not None
         and child_row.used_at is None  # the pair handed out is still the session's newest
-        and sess.revoked_at is None
     )
     if in_grace:
         assert child_row is not None

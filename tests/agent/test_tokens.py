@@ -5,11 +5,14 @@ from __future__ import annotations
 import concurrent.futures
 import datetime as dt
 import json
+import os
 import types
 import typing as t
 
 import jwt
 import pytest
+import requests
+from sqlalchemy import event
 
 from tests.conftest import PASSWORD
 from tests.conftest import Site
@@ -166,6 +169,38 @@ def test_parallel_refresh_within_grace_gets_the_same_pair(site: Site) -> None:
     assert site.api.get("/me", token=newest["token"]).status_code == 200
     # Only one rotation happened.
     assert site.scalar("SELECT count(*) FROM hk_refresh_tokens") == 2
+
+
+@pytest.mark.skipif(not os.environ.get("HEADLESSKEY_TEST_DATABASE_URL"),
+                    reason="on SQLite a refresh holds the write lock from its first read: no "
+                           "logout can commit in the middle of it")
+def test_a_logout_in_the_middle_of_a_refresh_is_no_reuse(make_site: t.Any) -> None:
+    """A refresh within the grace window reads the session, then a logout commits, then the
+    refresh finds its token spent: the session had ended, which is an ``invalid_grant``, as
+    for a refresh after the logout; neither ``refresh_token_reused`` nor a
+    ``token.reuse_detected`` row (nor webhook) for a token no one stole."""
+    site = make_site()
+    site.create_user("alice")
+    first = site.api.login()
+    child = site.api.post("/token/refresh", json={"refresh_token": first["refresh_token"]})
+    assert child.status_code == 200, child.text
+    logouts: list[int] = []
+
+    def logout_first(conn: t.Any, cursor: t.Any, statement: str, *args: t.Any) -> None:
+        if statement.startswith("UPDATE hk_refresh_tokens SET used_at") and not logouts:
+            r = requests.post(site.api.url("/token/revoke"),
+                              json={"token": child.json()["refresh_token"]}, timeout=30)
+            logouts.append(r.status_code)
+
+    event.listen(site.state.engine, "before_cursor_execute", logout_first)
+    try:
+        r = site.api.post("/token/refresh", json={"refresh_token": first["refresh_token"]})
+    finally:
+        event.remove(site.state.engine, "before_cursor_execute", logout_first)
+    assert logouts == [200]
+    assert (r.status_code, r.json()["code"]) == (400, "invalid_grant"), r.text
+    assert site.scalar("SELECT revoke_reason FROM hk_sessions") == "revoked"
+    assert site.scalar("SELECT count(*) FROM hk_audit WHERE event = 'token.reuse_detected'") == 0
 
 
 def test_reuse_after_grace_revokes_the_whole_family(site: Site) -> None:
