@@ -123,7 +123,12 @@ def _token_response(issued: Issued, *, full_profile: bool = False) -> Response:
 
 
 def _client() -> ClientInfo:
-    return ClientInfo(ip=client_ip(), user_agent=request.headers.get("User-Agent", ""))
+    # The User-Agent is kept (sessions, activity log) without control characters: PostgreSQL
+    # text holds no NUL, and some WSGI servers pass one on.
+    agent = request.headers.get("User-Agent", "")[:512]
+    if holds_controls(agent):
+        agent = "".join(c for c in agent if not holds_controls(c))
+    return ClientInfo(ip=client_ip(), user_agent=agent)
 
 
 def _guarded_password_check(

@@ -10,12 +10,15 @@ an HTML page, and never a half-written row in the database.
 from __future__ import annotations
 
 import json
+import socket
 import typing as t
 from dataclasses import dataclass
 from dataclasses import field
+from urllib.parse import urlsplit
 
 import pytest
 import requests
+from sqlalchemy import text
 
 from tests.conftest import PASSWORD
 from tests.conftest import Site
@@ -573,6 +576,41 @@ def test_bad_logins_leave_no_session(s: Site, path: str) -> None:
     # ...and a correct login does create one, so the count above is meaningful.
     assert s.api.post(path, json=endpoint.base).status_code == 200
     assert s.scalar("SELECT count(*) FROM hk_sessions") == 1
+
+
+def raw_post(site: Site, path: str, body: dict[str, t.Any],
+             user_agent: bytes) -> tuple[int, dict[str, t.Any]]:
+    """POST over a socket of its own (HTTP clients refuse control characters in a header), as
+    a WSGI server that passes them on (Werkzeug's, for one) hands them to the app."""
+    parts = urlsplit(site.api.url(path))
+    assert parts.hostname is not None and parts.port is not None
+    data = json.dumps(body).encode()
+    head = (f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+            "Connection: close\r\n").encode()
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as conn:
+        conn.sendall(head + b"User-Agent: " + user_agent + b"\r\n\r\n" + data)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    status, _, rest = answer.partition(b"\r\n")
+    return int(status.split(b" ")[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+def test_a_user_agent_with_control_characters_is_stored_without_them(s: Site) -> None:
+    """A NUL in User-Agent went into the session and activity-log rows: on PostgreSQL, which
+    stores no NUL in text, every login or refresh sending one was a 500."""
+    agent = b"Mozilla/5.0\x00 (X11;\x01 Linux x86_64)"
+    status, body = raw_post(s, "/token", {"username": "alice", "password": PASSWORD}, agent)
+    assert status == 200, body
+    status, body = raw_post(s, "/token/refresh", {"refresh_token": body["refresh_token"]}, agent)
+    assert status == 200, body
+    status, body = raw_post(s, "/token", {"username": "alice", "password": "wrong"}, agent)
+    assert status == 401, body
+    with s.state.engine.connect() as conn:
+        stored = {row[0] for row in conn.execute(text(
+            "SELECT user_agent FROM hk_sessions UNION SELECT user_agent FROM hk_audit"))}
+    assert stored == {"Mozilla/5.0 (X11; Linux x86_64)"}, stored
 
 
 # ---------------------------------------------------------------------------------------------
