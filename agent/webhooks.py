@@ -56,6 +56,7 @@ from .models import User
 from .models import WebhookAttempt
 from .models import WebhookMessage
 from .models import save_cache
+from .text import holds_controls
 
 if t.TYPE_CHECKING:
     from .config import WebhookEndpoint
@@ -534,7 +535,12 @@ def _drain(response: http.client.HTTPResponse, deadline: float) -> None:
 
 
 def _error_text(exc: object) -> str:
+    """An attempt's error as stored and logged. It may quote the receiver's answer (a status
+    line that is no HTTP): control characters are dropped (PostgreSQL text holds no NUL)."""
     text = str(exc) if not isinstance(exc, BaseException) else f"{type(exc).__name__}: {exc}"
+    text = text[:4 * _ERROR_LENGTH]
+    if holds_controls(text):
+        text = "".join(c for c in text if not holds_controls(c))
     return text[:_ERROR_LENGTH]
 
 
