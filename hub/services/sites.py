@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DBSession
 
 from agent.db import rowcount
+from agent.text import holds_controls
 
 from ..crypto import new_site_secret
 from ..errors import BadRequest
@@ -45,6 +46,11 @@ class Onboarded:
 def _url(value: t.Any, field: str, errors: dict[str, list[str]]) -> str:
     if not isinstance(value, str) or len(value) > 2048:
         errors.setdefault(field, []).append("A URL is required.")
+        return ""
+    if holds_controls(value) or any(c.isspace() for c in value.strip()):
+        # urlsplit drops a tab or line break inside the host, so the URL would be checked
+        # without it yet stored with it; peers refuse an issuer holding a control character.
+        errors.setdefault(field, []).append("Not a valid URL.")
         return ""
     try:
         parts = urlsplit(value.strip())
@@ -88,8 +94,8 @@ def validate(
 ) -> dict[str, t.Any]:
     """Checked site fields, or :class:`BadRequest` naming every bad one."""
     errors: dict[str, list[str]] = {}
-    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 120:
-        errors["name"] = ["1 to 120 characters."]
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 120 or holds_controls(name):
+        errors["name"] = ["1 to 120 characters, no control characters."]
         name = ""
     url = _url(base_url, "base_url", errors)
     key = site_key if site_key else slug(name or "")
@@ -101,8 +107,8 @@ def validate(
             f"At most {ISSUER_MAX} characters as the site's issuer.")
     origins = [_origin(o, "allowed_origins", errors) for o in (allowed_origins or [])]
     uris = [_url(u, "redirect_uris", errors) for u in (redirect_uris or [])]
-    if not isinstance(contact, str) or len(contact) > 254:
-        errors["contact"] = ["At most 254 characters."]
+    if not isinstance(contact, str) or len(contact) > 254 or holds_controls(contact):
+        errors["contact"] = ["At most 254 characters, no control characters."]
     if errors:
         raise BadRequest(fields=errors)
     return {
