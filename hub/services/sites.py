@@ -220,7 +220,14 @@ def valid_secrets_of(db: DBSession, state: HubState,
 
 def rotate_secret(db: DBSession, state: HubState, site: Site, actor: str,
                   grace: int | None = None) -> str:
-    """A new secret version; the previous ones stay valid for ``grace`` seconds (default config)."""
+    """A new secret version; the previous ones stay valid for ``grace`` seconds (default config).
+
+    The site's row is locked first, so concurrent rotations (an admin's and the site's own)
+    take turns: each expires the secret the one before it made. :class:`NotFound` when the
+    site was removed meanwhile.
+    """
+    if db.scalar(select(Site.id).where(Site.id == site.id).with_for_update()) is None:
+        raise NotFound(f"No site {site.site_key!r}.", code="site_not_found")
     now = state.clock()
     grace = state.setting("SECRET_GRACE") if grace is None else grace
     current = db.scalars(

@@ -8,9 +8,11 @@ sees in the federation log.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import datetime as dt
 import json
 import math
+import time
 import typing as t
 from pathlib import Path
 
@@ -506,6 +508,29 @@ def test_the_grace_period_set_in_the_console_applies_to_api_rotations(hub: Hub) 
     hub.clock.advance(11)
     refused(hub.signed("GET", DIRECTORY, shop, old), 401, "bad_signature")
     directory_ok(hub, shop, new)
+
+
+def test_two_rotations_at_once_leave_one_current_secret(make_hub: t.Callable[..., Hub]) -> None:
+    """An admin rotates while the site rotates through the API: the later rotation expires the
+    secret the earlier one made. (On PostgreSQL the later one waited for the earlier one's row
+    and then added its version without expiring the one just made: two secrets for ever.)"""
+    hub = make_hub(HEADLESSKEY_HUB_SECRET_GRACE=600)
+    shop, first = hub.add_site("Shop", "https://shop.example.com")
+    with hub.app.app_context(), hub.state.session_factory() as db:
+        admins_secret = site_service.rotate_secret(db, hub.state, site_service.get(db, shop),
+                                                   "alice")  # not committed yet
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            api = pool.submit(hub.signed, "POST", ROTATE, shop, first)
+            time.sleep(0.5)  # the API call reaches the site's rows and waits
+            db.commit()
+            r = api.result(timeout=30)
+    assert r.status_code == 200, r.text
+    sites_secret = r.json()["secret"]
+    assert hub.scalar("SELECT count(*) FROM hub_site_secrets WHERE expires_at IS NULL") == 1
+    hub.clock.advance(601)
+    for gone in (first, admins_secret):
+        refused(hub.signed("GET", DIRECTORY, shop, gone), 401, "bad_signature")
+    directory_ok(hub, shop, sites_secret)
 
 
 def test_secrets_are_encrypted_at_rest(make_hub: t.Callable[..., Hub]) -> None:
