@@ -462,11 +462,15 @@ def register() -> Response:
             raise
         db.rollback()
         existing = accounts.find_user(db, email)
-        events.record(db, state, "user.registered", outcome="failure", client=client,
-                      user_id=existing.id if existing else None, login=username,
+        # The owner is told, at most RESET_MAX_PER_HOUR times an hour: a notice nobody has to
+        # ask for must not flood a mailbox ("blocked": taken, and no mail).
+        notify = existing is not None and accounts.may_send_taken_notice(db, state, existing)
+        events.record(db, state, "user.registered",
+                      outcome="failure" if notify or existing is None else "blocked",
+                      client=client, user_id=existing.id if existing else None, login=username,
                       details={"reason": "email_taken"})
         db.commit()
-        if existing is not None:
+        if existing is not None and notify:
             state.mailer.send_later(
                 existing.email,
                 f"Someone tried to register at {state.settings.site_name} with your email",

@@ -10,6 +10,7 @@ from email.errors import MessageError
 from email.message import EmailMessage
 
 from sqlalchemy import bindparam
+from sqlalchemy import func
 from sqlalchemy import or_
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -20,6 +21,7 @@ from ..errors import InvalidCredentials
 from ..errors import UsernameTaken
 from ..errors import ValidationFailed
 from ..errors import WeakPassword
+from ..models import AuditEvent
 from ..models import User
 from . import sessions
 from .passwords import policy_problems
@@ -169,6 +171,28 @@ def create_user(
             raise UsernameTaken() from None
         raise ValidationFailed("That email is already registered.", code="email_taken") from None
     return user
+
+
+def may_send_taken_notice(db: DBSession, state: State, user: User) -> bool:
+    """Whether the owner of ``user`` may be mailed another notice that someone tried to register
+    with their email: fewer than ``RESET_MAX_PER_HOUR`` went out within the hour (the audit rows
+    ``user.registered`` with outcome ``failure``).
+
+    Attempts for one account take turns (a row lock on it, held until the caller commits its
+    audit row; SQLite's write transaction already is one), so concurrent ones never each count
+    the same notices.
+    """
+    now = state.clock()
+    db.execute(select(User.id).where(User.id == user.id).with_for_update())
+    sent = db.scalar(
+        select(func.count())
+        .select_from(AuditEvent)
+        .where(AuditEvent.user_id == user.id,
+               AuditEvent.event == "user.registered",
+               AuditEvent.outcome == "failure",
+               AuditEvent.created_at > now - dt.timedelta(hours=1))
+    )
+    return (sent or 0) < state.settings.reset_max_per_hour
 
 
 def check_password_policy(state: State, password: str, *, username: str, email: str) -> None:

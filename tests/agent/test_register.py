@@ -308,3 +308,28 @@ def test_concurrent_registrations_of_one_username(make_site: t.Any) -> None:
             assert r.json()["code"] == "existing_user_login"
     assert row_count(s, "racer") == 1
     assert users(s) == 1
+
+
+def test_taken_email_notices_are_capped_per_hour(make_site: t.Any, smtp: Mailbox) -> None:
+    """Registering with a taken email, over and over and many at once, mails its owner at most
+    ``RESET_MAX_PER_HOUR`` notices an hour; every answer stays the same 201."""
+    s = make_site(mailbox=smtp, HEADLESSKEY_RESET_MAX_PER_HOUR=3)
+    s.create_user("alice")
+    url = s.api.url("/register")
+
+    def attempt(i: int) -> requests.Response:
+        return requests.post(url, timeout=30, json={
+            "username": f"mallory{i}", "email": "ALICE@example.com", "password": GOOD_PASSWORD})
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(attempt, range(12)))
+    assert [r.status_code for r in results] == [201] * 12, [r.text for r in results]
+    assert all(r.json()["code"] == "registration_received" for r in results)
+    # One mail thread sends in order: once this reset mail is in, every notice before it is too.
+    assert s.api.post("/forgot-password", json={"login": "alice"}).status_code == 200
+    mails = smtp.wait_for("alice@example.com", count=4)
+    notices = [m for m in mails if "register" in m["Subject"].lower()]
+    assert len(notices) == 3
+    outcomes = s.scalar("SELECT count(*) FROM hk_audit WHERE event = 'user.registered' "
+                        "AND outcome = 'blocked'")
+    assert outcomes == 9
