@@ -95,8 +95,23 @@ def keys_for(state: State, *, user_id: int | None, login: str, ip: str) -> Keys:
     account = f"u:{user_id}" if user_id is not None else f"l:{key_of(login)[:250]}"
     items = [(account, s.lockout_max_failures)]
     if ip:
-        items.append((f"ip:{ip}", s.lockout_ip_max_failures))
+        items.append((f"ip:{client_of(ip)}", s.lockout_ip_max_failures))
     return Keys(tuple(items))
+
+
+def client_of(ip: str) -> str:
+    """The client an address counts as: an IPv6 address as its /64 (one subscriber's or host's
+    network: a client picks any address in it at will), an IPv4-mapped one as its IPv4
+    address, an IPv4 address as itself; anything that is no address as written."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 def keys_for_ip(state: State, ip: str) -> Keys:
@@ -104,7 +119,7 @@ def keys_for_ip(state: State, ip: str) -> Keys:
     s = state.settings
     if not ip or _allowlisted(ip, s.lockout_allowlist):
         return Keys(())
-    return Keys(((f"ip:{ip}", s.lockout_ip_max_failures),))
+    return Keys(((f"ip:{client_of(ip)}", s.lockout_ip_max_failures),))
 
 
 def _allowlisted(ip: str, networks: t.Sequence[t.Any]) -> bool:
@@ -293,7 +308,7 @@ def validation_key(state: State, ip: str) -> str | None:
     s = state.settings
     if not s.validate_max_failures or not ip or _allowlisted(ip, s.lockout_allowlist):
         return None
-    return f"validate:{ip}"
+    return f"validate:{client_of(ip)}"
 
 
 def check_validations(db: DBSession, state: State, key: str | None) -> None:

@@ -255,6 +255,29 @@ def test_trusted_proxy_gives_each_forwarded_client_its_own_counter(
     ) == 1
 
 
+def test_an_ipv6_client_is_counted_by_its_64_bit_prefix(
+    make_site: t.Callable[..., Site],
+) -> None:
+    """A client with an IPv6 address has a whole /64 to itself: it is one client, so
+    changing the address inside it for each guess does not escape the IP's counter. An
+    IPv4-mapped IPv6 address counts as its IPv4 address."""
+    s = ip_site(make_site, 14, HEADLESSKEY_TRUSTED_PROXIES=1)
+    for i in range(10):
+        forwarded = {"X-Forwarded-For": f"2001:db8:1:2:{i + 1:x}::{i + 7:x}"}
+        assert_invalid(attempt(s, f"user{i:02d}", WRONG, headers=forwarded))
+    retry_after(attempt(s, "user10", PASSWORD,
+                        headers={"X-Forwarded-For": "2001:DB8:1:2:ffff:0:0:1"}))
+    # The next /64 is another client.
+    r = attempt(s, "user11", PASSWORD, headers={"X-Forwarded-For": "2001:db8:1:3::1"})
+    assert r.status_code == 200, r.text
+    for i in range(10):
+        assert_invalid(attempt(s, f"ghost{i}", WRONG,
+                               headers={"X-Forwarded-For": "203.0.113.9"}))
+    retry_after(attempt(s, "user12", PASSWORD,
+                        headers={"X-Forwarded-For": "::ffff:203.0.113.9"}))
+    assert s.scalar("SELECT count(*) FROM hk_sessions") == 1
+
+
 def test_allowlisted_ip_is_never_locked(make_site: t.Callable[..., Site]) -> None:
     s = make_site(
         "HS256", HEADLESSKEY_LOCKOUT_ALLOWLIST=["127.0.0.1"], HEADLESSKEY_LOCKOUT_IP_MAX_FAILURES=10
