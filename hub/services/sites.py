@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import delete
 from sqlalchemy import func
 from sqlalchemy import select
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DBSession
 
@@ -33,6 +34,7 @@ if t.TYPE_CHECKING:
 _SITE_KEY = re.compile(r"[a-z0-9][a-z0-9-]{1,63}")
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 ISSUER_MAX = 255  # the length of the (issuer, subject) keys members store
+REGISTRY_LOCK = 0x686B5F7369746573  # PostgreSQL advisory lock of onboarding ("hk_sites")
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,11 @@ def _refuse_clash(db: DBSession, values: dict[str, t.Any], site_id: int | None =
     """:class:`Conflict` when another site has the name, the site key or the issuer.
 
     Peers tell sites apart by issuer (it keys their identity links): two members under one
-    issuer could sign in as each other's users."""
+    issuer could sign in as each other's users. No unique index holds issuers, so the check and
+    the write that follows it take turns across workers: on PostgreSQL through a lock held
+    until the transaction ends (SQLite's ``BEGIN IMMEDIATE`` serialises writers already)."""
+    if db.get_bind().dialect.name == "postgresql":
+        db.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REGISTRY_LOCK})
     clash = db.scalar(select(Site).where(
         (Site.name == values["name"]) | (Site.site_key == values["site_key"])
         | (Site.issuer == values["issuer"]), Site.id != (site_id or 0)).limit(1))

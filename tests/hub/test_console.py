@@ -10,6 +10,7 @@ import base64
 import concurrent.futures
 import json
 import re
+import time
 import typing as t
 from pathlib import Path
 
@@ -390,6 +391,28 @@ def test_two_sites_cannot_share_an_issuer(console: Console) -> None:
     too_long = console.onboard(name="Docs", base_url=long)
     assert too_long.status_code == 400
     assert 'id="base_url-error">At most 255 characters' in too_long.text
+    assert count(hub, "hub_sites") == 1
+
+
+def test_two_onboardings_at_once_cannot_share_an_issuer(console: Console) -> None:
+    """An onboarding under way (the CLI's, say) and the console's of another site with the same
+    base URL take turns, so the second sees the first and is refused. (On PostgreSQL both were
+    stored: the issuer has no unique index, and each checked before the other wrote.)"""
+    hub = console.hub
+    from hub.services import sites
+
+    with hub.app.app_context(), hub.state.session_factory() as db:
+        sites.add_site(db, hub.state, "cli", name="Shop",
+                       base_url="https://docs.example.com")  # not committed yet
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            second = pool.submit(console.onboard, name="Docs",
+                                 base_url="https://docs.example.com")
+            time.sleep(0.5)
+            db.commit()
+            r = second.result(timeout=30)
+    assert r.status_code == 409, r.text[:300]
+    assert re.search(r'id="base_url-error">Already taken\.<', r.text)
+    assert not SECRET.search(r.text)
     assert count(hub, "hub_sites") == 1
 
 
