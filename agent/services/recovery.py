@@ -137,6 +137,10 @@ def reset_password(
     now = state.clock()
     record = None
     if user is not None:
+        # The account's row first, as /forgot-password takes it before the codes' rows: taken
+        # the other way round, a reset and a new request waited on each other (a deadlock on
+        # PostgreSQL, one of them answered 503). SQLite's write transaction already is one.
+        db.execute(select(User.id).where(User.id == user.id).with_for_update())
         record = db.scalar(
             select(PasswordReset)
             .where(

@@ -419,3 +419,32 @@ def test_no_secrets_in_logs(rsite: Site, caplog: pytest.LogCaptureFixture) -> No
     for secret in (link["token"], code, NEW_PASSWORD, OTHER_PASSWORD):
         leaks = [m for m in messages if secret in m]
         assert leaks == [], leaks
+
+
+def test_a_reset_and_new_requests_at_once_never_fail_on_each_other(
+    smtp: Mailbox, make_site: t.Any,
+) -> None:
+    """A reset with the right code while new resets of the account are requested: each request
+    is answered as alone (the reset 200 or, voided by a newer request, invalid_reset_token;
+    every request 200), never 503 because the two waited on each other's rows."""
+    rsite = make_site("HS256", mailbox=smtp, HEADLESSKEY_RESET_MAX_PER_HOUR=100,
+                      HEADLESSKEY_LOCKOUT_IP_MAX_FAILURES=1000,
+                      # A hash slow enough for the requests to meet while it runs.
+                      HEADLESSKEY_ARGON2_TIME_COST=2, HEADLESSKEY_ARGON2_MEMORY_COST=65536)
+    rsite.create_user("alice")
+    for _round in range(3):
+        code = request_code(rsite)
+
+        def send(i: int, code: str = code) -> requests.Response:
+            if i == 0:
+                return reset(rsite, login="alice", otp=code)
+            time.sleep(0.01 * i)
+            return requests.post(rsite.api.url("/forgot-password"), timeout=30,
+                                 json={"login": "alice", "delivery": "otp"})
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(send, range(6)))
+        if answers[0].status_code != 200:
+            assert_invalid(answers[0])
+        for r in answers[1:]:
+            assert r.status_code == 200, r.text
