@@ -39,7 +39,7 @@ def directory_for(db: DBSession, state: HubState, me: Site) -> dict[str, t.Any]:
             "base_url": peer.base_url,
             "issuer": peer.issuer,
             "allowed_origins": peer.allowed_origins,
-            "keys": [k.jwk for k in keys.get(peer.id, [])],
+            "keys": [key_service.published(k.jwk) for k in keys.get(peer.id, [])],
             "exchange_keys": [pairwise_key(secret, peer.site_key, me.site_key).hex()
                               for secret in secrets_.get(peer.id, [])],
         }

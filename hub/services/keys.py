@@ -32,6 +32,9 @@ if t.TYPE_CHECKING:
     from ..state import HubState
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
+# What the JWKS and the directories carry of a member's key: its type and public parameters,
+# then kid, alg and use (RFC 7517 §4, RFC 7518 §6.2.1, §6.3.1).
+PUBLIC_PARAMETERS = {"RSA": ("kty", "n", "e"), "EC": ("kty", "crv", "x", "y")}
 STATUSES = ("next", "active", "retiring", "retired")
 
 
@@ -49,6 +52,8 @@ def check_public_jwk(jwk: t.Any) -> tuple[str, str]:
         raise BadRequest(fields={"alg": ["RS256 or ES256."]})
     if jwk.get("use", "sig") != "sig":
         raise BadRequest(fields={"use": ["sig"]})
+    if jwk.get("key_ops", ["verify"]) != ["verify"]:
+        raise BadRequest(fields={"key_ops": ["[\"verify\"] or none."]})
     try:
         key = jwt.PyJWK(jwk).key
     except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError):
@@ -62,18 +67,31 @@ def check_public_jwk(jwk: t.Any) -> tuple[str, str]:
     return kid, alg
 
 
+def published(jwk: dict[str, t.Any]) -> dict[str, t.Any]:
+    """A member's key as it is published: the members a verifier needs, with ``use: sig``.
+
+    Whatever else a member sent (``x5c``, ``x5u``, ``key_ops``, members of its own, of any
+    size) is left out: a verifier that prefers a certificate chain to ``n`` and ``e`` must not
+    find one the hub never checked, and the JWKS stays the size of its keys.
+    """
+    out = {name: jwk[name] for name in PUBLIC_PARAMETERS.get(jwk.get("kty", ""), ())
+           if name in jwk}
+    out.update(kid=jwk.get("kid"), alg=jwk.get("alg"), use="sig")
+    return out
+
+
 def register(db: DBSession, state: HubState, site: Site, jwk: t.Any,
              status: str = "next") -> SiteKey:
     """Publish a member's public key (idempotent for the same key)."""
     kid, alg = check_public_jwk(jwk)
     if status not in ("next", "active"):
         raise BadRequest(fields={"status": ["next or active"]})
-    public = {k: v for k, v in jwk.items() if k not in PRIVATE_MEMBERS}
+    public = published(jwk)
     if _is_hub_kid(db, kid):
         raise Conflict("That kid is already registered.", code="kid_taken")
     existing = db.scalar(select(SiteKey).where(SiteKey.kid == kid))
     if existing is not None:
-        if existing.site_id != site.id or existing.jwk != public:
+        if existing.site_id != site.id or published(existing.jwk) != public:
             raise Conflict("That kid is already registered.", code="kid_taken")
         if existing.status == "retired":
             raise Conflict("That key was retired and cannot come back.", code="kid_retired")
@@ -181,7 +199,7 @@ def jwks(db: DBSession) -> tuple[str, str]:
         .order_by(SiteKey.id)
     ).all()
     hub = db.scalars(select(HubKey.jwk).where(HubKey.status != "retired").order_by(HubKey.id))
-    keys = [{**jwk, "hk_site": site_key} for jwk, site_key in member]
+    keys = [{**published(jwk), "hk_site": site_key} for jwk, site_key in member]
     keys += [{**jwk, "hk_site": "hub"} for jwk in hub]
     body = json.dumps({"keys": keys}, sort_keys=True, separators=(",", ":"))
     return body, '"' + hashlib.sha256(body.encode()).hexdigest()[:32] + '"'

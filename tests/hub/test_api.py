@@ -599,6 +599,33 @@ def test_registered_keys_are_published_without_private_members(
     assert {k["kid"] for k in peer["keys"]} == {k.kid for k in jwks_pair.values()}
 
 
+def test_only_a_keys_public_parameters_kid_alg_and_use_are_published(
+    two: t.Any, jwks_pair: dict[str, SigningKey]
+) -> None:
+    """A member's certificate chain, URLs and members of its own are never published (the hub
+    checked none of them), and every published key says ``use: sig`` (K-01), also when the
+    member left ``use`` out; ``key_ops`` other than ``["verify"]`` is refused."""
+    hub, (shop, secret), (docs, docs_secret) = two
+    jwk = public_jwk(jwks_pair["ES256"])
+    del jwk["use"]
+    extras = {"x5u": "https://evil.example/chain.pem", "x5c": ["MIIB" + "A" * 500],
+              "key_ops": ["verify"], "note": "x" * 200_000}
+    r = hub.signed("POST", KEYS, shop, secret, json={"jwk": {**jwk, **extras}})
+    assert r.status_code == 201, r.text
+    wanted = {"kty", "crv", "x", "y", "kid", "alg", "use"}
+    entry = next(k for k in jwks(hub)["keys"] if k["kid"] == jwk["kid"])
+    assert set(entry) == wanted | {"hk_site"} and entry["use"] == "sig", entry
+    assert set(directory_ok(hub, docs, docs_secret)["peers"][0]["keys"][0]) == wanted
+    # The same key as an agent sends it is the same registration.
+    r = hub.signed("POST", KEYS, shop, secret, json={"jwk": public_jwk(jwks_pair["ES256"])})
+    assert r.status_code == 201, r.text
+    for ops in (["sign"], ["verify", "encrypt"], "verify"):
+        other = {**public_jwk(jwks_pair["RS256"]), "key_ops": ops}
+        r = hub.signed("POST", KEYS, shop, secret, json={"jwk": other})
+        assert r.status_code == 400, (ops, r.text)
+    assert hub.scalar("SELECT count(*) FROM hub_site_keys") == 1
+
+
 def test_key_events_of_the_api_name_the_callers_address(
     two: t.Any, jwks_pair: dict[str, SigningKey]
 ) -> None:
