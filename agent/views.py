@@ -140,9 +140,12 @@ def _guarded_password_check(
     check: t.Callable[[], t.Any],
     event: str,
     client: ClientInfo,
+    release: bool = True,
 ) -> lockout.Keys:
     """Run ``check`` (a password or code check) under the brute-force counters; returns the
-    counters it used (their reservation released in ``db``'s transaction).
+    counters it used (their reservation released in ``db``'s transaction; with ``release``
+    False, by the caller, after it locked the account's row: every transaction takes an
+    account's row before its counters, so none waits on another holding them the other way).
 
     The attempt is reserved first (429 when the account or the IP is locked); a failure is
     recorded as ``event`` with outcome ``failure`` and may start a lock. The request's
@@ -182,7 +185,8 @@ def _guarded_password_check(
         lockout.succeeded(db, state, keys)
         db.commit()
         raise
-    lockout.succeeded(db, state, keys)
+    if release:
+        lockout.succeeded(db, state, keys)
     return keys
 
 
@@ -205,10 +209,11 @@ def _login(full_profile: bool) -> Response:
     found = accounts.find_user(db, login)
     keys = _guarded_password_check(
         db, state, user=found, login=login, client=client, event="login.failed",
-        check=lambda: accounts.check_credentials(state, found, password),
+        check=lambda: accounts.check_credentials(state, found, password), release=False,
     )
     assert found is not None
     user = _as_checked(db, found)
+    lockout.succeeded(db, state, keys)
     if user is None:
         # A reset, a password change or a disable committed while the hash ran: it ended the
         # account's sessions then, so a session opened now would outlive it.
@@ -574,9 +579,11 @@ def change_password() -> Response:
         accounts.check_current_password(state, account, current)
         new_hash.append(state.hasher.hash(new))  # also outside the write transaction
 
-    _guarded_password_check(db, state, user=account, login=account.user_login, client=client,
-                            event="password.changed", check=check)
+    keys = _guarded_password_check(db, state, user=account, login=account.user_login,
+                                   client=client, event="password.changed", check=check,
+                                   release=False)
     user = _as_checked(db, account)
+    lockout.succeeded(db, state, keys)
     live = db.get(Session, identity.session_id, populate_existing=True)
     if user is None or live is None or live.revoked_at is not None:
         # The password was reset or changed, the account disabled or this session ended while
@@ -710,8 +717,8 @@ def sso_exchange() -> Response:
         lockout.succeeded(db, state, keys)  # not a guess: the hub is down, or similar
         db.commit()
         raise
-    lockout.succeeded(db, state, keys)
     issued = _open_session(db, state, user, client, login=user.user_login, release=keys)
+    lockout.succeeded(db, state, keys)  # after the account's row, as every transaction
     events.record(db, state, "sso.exchanged", client=client, user_id=user.id,
                   session_id=issued.session.id,
                   details={"peer": peer, "subject": claims["sub"], "linked_by": how})

@@ -448,3 +448,33 @@ def test_a_reset_and_new_requests_at_once_never_fail_on_each_other(
             assert_invalid(answers[0])
         for r in answers[1:]:
             assert r.status_code == 200, r.text
+
+
+def test_a_reset_and_logins_at_once_never_fail_on_each_other(
+    smtp: Mailbox, make_site: t.Any,
+) -> None:
+    """A reset with the right code while the account logs in with its old password: the reset
+    answers 200 and each login 200 (before it) or 401 (after it), never 503 because the two
+    waited on each other's rows (the account's and its brute-force counter's)."""
+    rsite = make_site("HS256", mailbox=smtp, HEADLESSKEY_LOCKOUT_IP_MAX_FAILURES=1000,
+                      HEADLESSKEY_LOCKOUT_MAX_FAILURES=100,
+                      # A hash slow enough for the requests to meet while it runs.
+                      HEADLESSKEY_ARGON2_TIME_COST=2, HEADLESSKEY_ARGON2_MEMORY_COST=65536)
+    rsite.create_user("alice")
+    for n in range(3):
+        password = PASSWORD if n == 0 else f"{NEW_PASSWORD} {n - 1}"
+        code = request_code(rsite)
+
+        def send(i: int, code: str = code, password: str = password,
+                 n: int = n) -> requests.Response:
+            if i == 0:
+                return reset(rsite, login="alice", otp=code, password=f"{NEW_PASSWORD} {n}")
+            time.sleep(0.015 * i)
+            return requests.post(rsite.api.url("/token"), timeout=30,
+                                 json={"username": "alice", "password": password})
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(send, range(6)))
+        assert answers[0].status_code == 200, answers[0].text
+        for r in answers[1:]:
+            assert r.status_code in (200, 401), r.text
