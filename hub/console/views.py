@@ -393,9 +393,12 @@ def site_new() -> ResponseReturnValue:
 
 
 def _site(site_key: str) -> Site:
+    """The site a console URL names. A form (POST) locks its row until the change is committed,
+    so two admins' changes of one site take turns: the second sees the first's (a site removed
+    meanwhile is 404), on any number of workers."""
     if len(site_key) > 64:
         abort(404)
-    return sites.get(get_db(), site_key)
+    return sites.get(get_db(), site_key, lock=request.method == "POST")
 
 
 def _render_site(site: Site, *, status: int = 200, remove_error: str | None = None,

@@ -176,8 +176,13 @@ def _add_secret(db: DBSession, state: HubState, site: Site, version: int) -> str
     return text
 
 
-def get(db: DBSession, site_key: str) -> Site:
-    site = db.scalar(select(Site).where(Site.site_key == site_key))
+def get(db: DBSession, site_key: str, *, lock: bool = False) -> Site:
+    """The site of ``site_key``; with ``lock`` its row stays locked until the transaction ends,
+    so changes of one site take turns (one removed meanwhile is :class:`NotFound`)."""
+    stmt = select(Site).where(Site.site_key == site_key)
+    if lock:
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
+    site = db.scalar(stmt)
     if site is None:
         raise NotFound(f"No site {site_key!r}.", code="site_not_found")
     return site

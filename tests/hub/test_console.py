@@ -538,6 +538,52 @@ def test_suspend_resume_rotate_and_remove(console: Console) -> None:
     assert "hks_" not in all_details
 
 
+@pytest.mark.parametrize("action", ["remove", "suspend", "rotate-secret"])
+def test_a_change_of_a_site_removed_meanwhile_is_not_found(console: Console,
+                                                           action: str) -> None:
+    """Another admin removes the site while this one's form is on its way: the form waits for
+    the removal and answers 404. (On PostgreSQL it was a 500: it changed a row that was gone.)"""
+    hub = console.hub
+    from hub.services import sites
+
+    shop, _secret = hub.add_site("Shop", "https://shop.example.com")
+    page = f"/console/sites/{shop}"
+    token = console.token(page)
+    with hub.app.app_context(), hub.state.session_factory() as db:
+        sites.remove(db, hub.state, sites.get(db, shop), "bob")
+        db.flush()  # not committed yet
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            second = pool.submit(console.post, f"{page}/{action}", {"confirm": shop},
+                                 token=token)
+            time.sleep(0.5)
+            db.commit()
+            r = second.result(timeout=30)
+    assert r.status_code == 404, r.text[:300]
+    assert "No site" in r.text
+    assert count(hub, "hub_sites") == 0
+    assert count(hub, "hub_site_secrets") == 0
+    assert [e["actor"] for e in hub_events(hub, "site.removed")] == ["bob"]
+
+
+def test_two_admins_suspending_a_site_at_once_suspend_it_once(console: Console) -> None:
+    hub = console.hub
+    from hub.services import sites
+
+    shop, _secret = hub.add_site("Shop", "https://shop.example.com")
+    page = f"/console/sites/{shop}"
+    token = console.token(page)
+    with hub.app.app_context(), hub.state.session_factory() as db:
+        sites.set_status(db, hub.state, sites.get(db, shop), "suspended", "bob")
+        db.flush()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            second = pool.submit(console.post, f"{page}/suspend", token=token)
+            time.sleep(0.5)
+            db.commit()
+            r = second.result(timeout=30)
+    assert r.status_code == 302, r.text[:300]
+    assert [e["actor"] for e in hub_events(hub, "site.suspended")] == ["bob"]
+
+
 def test_secrets_and_removal_need_a_recent_password(console: Console) -> None:
     """REAUTH_SECONDS after sign-in, rotating a secret, onboarding a site and removing one send
     the admin to confirm the password first and change nothing until then (B-12)."""
