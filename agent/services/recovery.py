@@ -127,8 +127,8 @@ def reset_password(
 ) -> User:
     """Check the link token or code and set the new password; ends every session of the user.
 
-    A wrong code counts an attempt (committed even though the call fails); every failure raises
-    the same :class:`InvalidResetToken`.
+    A wrong code counts an attempt (committed even though the call fails); every failure (a
+    disabled account's too) raises the same :class:`InvalidResetToken`.
     """
     kind, secret = ("otp", otp) if otp is not None else ("link", token)
     if not secret or len(secret) > 128:
@@ -140,8 +140,9 @@ def reset_password(
         # The account's row first, as /forgot-password takes it before the codes' rows: taken
         # the other way round, a reset and a new request waited on each other (a deadlock on
         # PostgreSQL, one of them answered 503). SQLite's write transaction already is one.
-        db.execute(select(User.id).where(User.id == user.id).with_for_update())
-        record = db.scalar(
+        status = db.scalar(select(User.status).where(User.id == user.id).with_for_update())
+        # A disabled account's codes and links stop working (none are mailed to it either).
+        record = None if status != "active" else db.scalar(
             select(PasswordReset)
             .where(
                 PasswordReset.user_id == user.id,

@@ -478,3 +478,23 @@ def test_a_reset_and_logins_at_once_never_fail_on_each_other(
         assert answers[0].status_code == 200, answers[0].text
         for r in answers[1:]:
             assert r.status_code in (200, 401), r.text
+
+
+@pytest.mark.parametrize("delivery", ["otp", "link"])
+def test_a_code_or_link_of_an_account_disabled_since_does_not_work(
+    rsite: Site, smtp: Mailbox, delivery: str,
+) -> None:
+    """A disabled account gets no reset mail, and one mailed before the disable no longer
+    works: the password stays as it was, and nobody is mailed that it changed."""
+    mail = forgot(rsite, "alice", delivery, ALICE)
+    secret = {"otp": code_of(mail)} if delivery == "otp" else {"token": link_of(mail)["token"]}
+    with rsite.db() as db:
+        db.execute(text("UPDATE hk_users SET status = 'disabled' WHERE login_key = 'alice'"))
+        db.commit()
+    assert_invalid(reset(rsite, login="alice", **secret))
+    with rsite.db() as db:
+        db.execute(text("UPDATE hk_users SET status = 'active' WHERE login_key = 'alice'"))
+        db.commit()
+    assert can_log_in(rsite, "alice", PASSWORD)
+    assert not can_log_in(rsite, "alice", NEW_PASSWORD)
+    assert not [m for m in smtp.to(ALICE) if "changed" in m["Subject"]]
