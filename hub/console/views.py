@@ -39,6 +39,7 @@ from flask_wtf.csrf import CSRFError  # type: ignore[import-untyped]
 from flask_wtf.csrf import CSRFProtect
 from sqlalchemy import func
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
 
 from agent.errors import AgentError
@@ -551,12 +552,29 @@ def settings() -> ResponseReturnValue:
     if errors:
         return render_template("console/settings.html", specs=forms.SETTINGS,
                                values=request.form, rows=rows, errors=errors), 400
+    for attempt in (1, 2):
+        try:
+            changed = _save_settings(values, rows, current)
+            break
+        except IntegrityError:  # another admin stored a first value of a setting meanwhile
+            db.rollback()
+            if attempt == 2:
+                raise
+            rows = forms.setting_rows(db)
+            current = forms.effective_settings(db, state)
+    flash("Settings saved." if changed else "Nothing changed.", "ok")
+    return redirect(url_for("console.settings"))
+
+
+def _save_settings(values: dict[str, int], rows: dict[str, Setting],
+                   current: dict[str, int]) -> dict[str, int]:
+    """Store and log the values that differ from ``current``; committed. Returns them."""
     changed = {key: value for key, value in values.items() if value != current[key]}
-    now = state.clock()
+    now = get_state().clock()
     for key, value in changed.items():
         row = rows.get(key)
         if row is None:
-            db.add(Setting(key=key, value=value, updated_at=now, updated_by=_actor()))
+            get_db().add(Setting(key=key, value=value, updated_at=now, updated_by=_actor()))
         else:
             row.value = value
             row.updated_at = now
@@ -565,8 +583,7 @@ def settings() -> ResponseReturnValue:
         _log("settings.updated",
              details={"changed": {k: {"from": current[k], "to": v} for k, v in changed.items()}})
     _commit()
-    flash("Settings saved." if changed else "Nothing changed.", "ok")
-    return redirect(url_for("console.settings"))
+    return changed
 
 
 # --- errors ----------------------------------------------------------------------------------

@@ -694,6 +694,31 @@ def test_settings_are_validated_and_saved_with_who_and_when(console: Console) ->
     assert "stays valid for 3600 seconds (1 hour)" in rotated.text
 
 
+def test_two_admins_saving_a_first_value_at_once_both_save(console: Console) -> None:
+    """Another admin stores the first value of a setting while this one's form is on its way:
+    this form is saved over it, as over any stored value, and logged as a change from it. (On
+    PostgreSQL the second insert of the setting's row was a 500.)"""
+    hub = console.hub
+    form = {"KEY_ROTATION_DAYS": "45", "HUB_KEY_ROTATION_DAYS": "90",
+            "EVENT_RETENTION_DAYS": "180", "SECRET_GRACE": "86400"}
+    token = console.token("/console/settings")
+    with hub.state.session_factory() as db:
+        db.add(Setting(key="KEY_ROTATION_DAYS", value=30, updated_at=hub.clock(),
+                       updated_by="bob"))
+        db.flush()  # not committed yet
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            second = pool.submit(console.post, "/console/settings", form, token=token)
+            time.sleep(0.5)
+            db.commit()
+            r = second.result(timeout=30)
+    assert location(r) == "/console/settings", r.text[:300]
+    with hub.state.session_factory() as db:
+        stored = db.get(Setting, "KEY_ROTATION_DAYS")
+        assert stored is not None and stored.value == 45 and stored.updated_by == "alice"
+    changes = [e["details"]["changed"] for e in hub_events(hub, "settings.updated")]
+    assert changes == [{"KEY_ROTATION_DAYS": {"from": 30, "to": 45}}]
+
+
 def test_dashboard_counts_sites_and_keys_due(hub: Hub) -> None:
     make_admin(hub)
     shop, shop_secret = hub.add_site("Shop", "https://shop.example.com")
