@@ -106,7 +106,9 @@ def request_reset(
             "for it, ignore this mail: your password is unchanged.\n"
         )
     else:
-        link = f"{s.reset_url}?{urlencode({'login': user.user_login, 'token': secret})}"
+        # The reset page may carry a query of its own: login and token are added to it.
+        joint = "&" if "?" in s.reset_url else "?"
+        link = f"{s.reset_url}{joint}{urlencode({'login': user.user_login, 'token': secret})}"
         body = (
             f"Hello {user.display_name},\n\nTo choose a new password for {s.site_name}, open:\n\n"
             f"{link}\n\nThe link expires in {minutes} minutes and works once. If you did not "

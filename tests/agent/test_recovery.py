@@ -498,3 +498,22 @@ def test_a_code_or_link_of_an_account_disabled_since_does_not_work(
     assert can_log_in(rsite, "alice", PASSWORD)
     assert not can_log_in(rsite, "alice", NEW_PASSWORD)
     assert not [m for m in smtp.to(ALICE) if "changed" in m["Subject"]]
+
+
+def test_a_reset_page_with_a_query_of_its_own_gets_a_working_link(
+    smtp: Mailbox, make_site: t.Any,
+) -> None:
+    """``RESET_URL`` may carry a query of its own (a language, a tenant): the link adds login and
+    token to it, and they reset the password."""
+    rsite = make_site("HS256", mailbox=smtp,
+                      HEADLESSKEY_RESET_URL="https://app.example/reset?lang=fr")
+    rsite.create_user("alice")
+    urls = re.findall(r"https://app\.example/reset\?\S+", body_of(forgot(rsite, "alice", "link",
+                                                                          ALICE)))
+    assert len(urls) == 1
+    query = parse_qs(urlsplit(urls[0]).query)
+    assert query["lang"] == ["fr"]
+    assert query["login"] == ["alice"]
+    r = reset(rsite, login=query["login"][0], token=query["token"][0])
+    assert r.status_code == 200, r.text
+    assert can_log_in(rsite, "alice", NEW_PASSWORD)
