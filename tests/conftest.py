@@ -366,6 +366,35 @@ class TcpProxy:
         self.cut()
 
 
+@contextlib.contextmanager
+def answering(reply: bytes) -> t.Iterator[str]:
+    """A TCP server on loopback that reads what each connection sends and answers ``reply``
+    (anything: no HTTP, a bad status line, a cut-short body); yields its ``http://`` base URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(2)
+                conn.recv(65536)
+                conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
 @pytest.fixture
 def pg_proxy() -> t.Iterator[tuple[TcpProxy, str]]:
     """The test PostgreSQL behind a :class:`TcpProxy`, and its URL through the proxy."""

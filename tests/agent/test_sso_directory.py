@@ -11,13 +11,11 @@ slow, or answers something else.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import datetime as dt
 import hashlib
 import hmac
 import json
 import secrets
-import socket
 import threading
 import time
 import typing as t
@@ -37,6 +35,7 @@ from tests.agent.test_replay_store import Federation
 from tests.agent.test_replay_store import redis_from_env
 from tests.conftest import PASSWORD
 from tests.conftest import Site
+from tests.conftest import answering
 from tests.hub.conftest import Hub
 from tests.hub.conftest import make_hub  # noqa: F401 - the fixture, for this module
 
@@ -275,28 +274,8 @@ NOT_HTTP = {
 @pytest.fixture
 def speaks(request: pytest.FixtureRequest) -> t.Iterator[str]:
     """A TCP server on loopback answering every connection with ``request.param`` (no HTTP)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.settimeout(2)
-                with contextlib.suppress(OSError):
-                    conn.recv(65536)
-                    conn.sendall(request.param)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    stop.set()
-    thread.join(5)
-    listener.close()
+    with answering(request.param) as url:
+        yield url
 
 
 @pytest.mark.parametrize("speaks", NOT_HTTP.values(), ids=list(NOT_HTTP), indirect=True)

@@ -51,6 +51,7 @@ from tests.conftest import PASSWORD
 from tests.conftest import Clock
 from tests.conftest import Mailbox
 from tests.conftest import Site
+from tests.conftest import answering
 from tests.conftest import free_port
 from tests.conftest import process_env as clean_env
 
@@ -948,32 +949,11 @@ def test_an_answer_holding_control_characters_is_a_failed_attempt(
     status line that is no HTTP), recording the attempt failed on PostgreSQL, so the message was
     never counted as attempted, nor retried on the schedule, nor disabled: the job raised on it
     at every run."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            with conn, contextlib.suppress(OSError):
-                conn.settimeout(2)
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 2\x0000 \x01OK\r\nContent-Length: 0\r\n\r\n")
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/hooks"
-    site = make_site(HEADLESSKEY_WEBHOOKS=[{"id": "ops", "url": url, "secret": new_secret()}])
-    try:
+    with answering(b"HTTP/1.1 2\x0000 \x01OK\r\nContent-Length: 0\r\n\r\n") as base:
+        site = make_site(HEADLESSKEY_WEBHOOKS=[{"id": "ops", "url": base + "/hooks",
+                                                "secret": new_secret()}])
         register(site, "nell")
         assert deliver_due(site.state) == 1
-    finally:
-        stop.set()
-        server.join(5)
-        listener.close()
     (message,) = outbox(site)
     assert message.status == "pending" and message.attempts == 1
     assert message.last_status is None and message.last_error.startswith("BadStatusLine")
