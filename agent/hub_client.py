@@ -16,6 +16,7 @@ from urllib.parse import quote
 from urllib.parse import urlsplit
 
 from . import signing
+from .deadline import Deadline
 
 Transport = t.Callable[[str, str, dict[str, str], bytes, float], "Reply"]
 MAX_REPLY = 4 * 1024 * 1024
@@ -54,22 +55,28 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # a redirect is an answer, never followed with our signature
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
-
 
 def urllib_transport(method: str, url: str, headers: dict[str, str], body: bytes,
                      timeout: float) -> Reply:
-    """One HTTP(S) request; redirects are answers, never followed. Other URL schemes (file:,
-    ftp:, data:, which urllib would open too) are refused."""
+    """One HTTP(S) request, ``timeout`` seconds at most in all; redirects are answers, never
+    followed. Other URL schemes (file:, ftp:, data:, which urllib would open too) are
+    refused."""
     if urlsplit(url).scheme not in ("http", "https"):
         raise ValueError(f"not an http(s) URL: {url!r}")
     request = urllib.request.Request(  # noqa: S310 - http(s) only, checked above
         url, data=body or None, headers=headers, method=method)
-    try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            return Reply(response.status, dict(response.headers), response.read(MAX_REPLY))
-    except urllib.error.HTTPError as exc:
-        return Reply(exc.code, dict(exc.headers or {}), exc.read(MAX_REPLY))
+    # The timeout bounds the whole call: a hub (or whatever answers at its address) that
+    # drips its answer is cut off there, not allowed a timeout per read.
+    deadline = Deadline(timeout)
+    with deadline:
+        try:
+            with deadline.opener(_NoRedirect()).open(request, timeout=timeout) as response:
+                reply = Reply(response.status, dict(response.headers), response.read(MAX_REPLY))
+        except urllib.error.HTTPError as exc:
+            reply = Reply(exc.code, dict(exc.headers or {}), exc.read(MAX_REPLY))
+    if deadline.fired:  # an answer cut short at the deadline may have looked complete
+        raise TimeoutError("the hub did not answer in time")
+    return reply
 
 
 class HubClient:

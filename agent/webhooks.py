@@ -26,15 +26,12 @@ Neither bodies nor secrets are ever logged; logs name the message id, endpoint i
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import email.utils
 import hashlib
 import http.client
 import logging
 import secrets
-import socket
-import threading
 import time
 import typing as t
 import urllib.error
@@ -51,6 +48,7 @@ from sqlalchemy.orm import Session as DBSession
 from standardwebhooks.webhooks import Webhook
 
 from .db import rowcount
+from .deadline import Deadline
 from .models import FederationCache
 from .models import User
 from .models import WebhookAttempt
@@ -418,61 +416,6 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-class _Deadline:
-    """Ends an attempt's connection when its time is up, however slowly the receiver sends.
-
-    A socket's timeout bounds each read, not the whole answer: a receiver sending a byte a
-    second would hold the attempt (and the outbox) for as long as it liked. A timer shuts the
-    connection down at the deadline; the read under way then ends at once.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.fired = False
-        self._connection: http.client.HTTPConnection | None = None
-        self._sock: socket.socket | None = None
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
-
-    def opener(self) -> urllib.request.OpenerDirector:
-        deadline = self
-
-        class _Connection(http.client.HTTPConnection):
-            def connect(self) -> None:
-                deadline._connection = self
-                super().connect()
-                deadline._sock = self.sock  # urllib lets go of conn.sock once answered
-
-        class _TLSConnection(http.client.HTTPSConnection):
-            def connect(self) -> None:
-                deadline._connection = self
-                super().connect()
-                deadline._sock = self.sock  # urllib lets go of conn.sock once answered
-
-        class _HTTP(urllib.request.HTTPHandler):
-            def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-                return self.do_open(_Connection, req)
-
-        class _HTTPS(urllib.request.HTTPSHandler):
-            def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-                return self.do_open(_TLSConnection, req)
-
-        return urllib.request.build_opener(_KeepResponses, _NoRedirect, _HTTP, _HTTPS)
-
-    def __enter__(self) -> _Deadline:
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
-
-    def _fire(self) -> None:
-        self.fired = True
-        sock = self._sock or (self._connection.sock if self._connection is not None else None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-
 def _post(
     endpoint: WebhookEndpoint, claimed: _Claimed, now: dt.datetime, timeout: int
 ) -> _Outcome:
@@ -500,9 +443,10 @@ def _post(
     def elapsed() -> int:
         return int((time.monotonic() - started) * 1000)
 
-    deadline = _Deadline(timeout)
+    deadline = Deadline(timeout)
     try:
-        with deadline, deadline.opener().open(request, timeout=timeout) as response:
+        opener = deadline.opener(_KeepResponses(), _NoRedirect())
+        with deadline, opener.open(request, timeout=timeout) as response:
             status = int(response.status)
             retry_after = response.headers.get("Retry-After")
             _drain(response, started + timeout)
