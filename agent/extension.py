@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import ipaddress
 import json
 import os
 import secrets
@@ -156,8 +157,29 @@ def client_ip() -> str:
         forwarded = [p.strip() for p in request.headers.get("X-Forwarded-For", "").split(",")]
         forwarded = [p for p in forwarded if p]
         if len(forwarded) >= hops:
-            return forwarded[-hops][:64]
+            return forwarded_address(forwarded[-hops])
     return (request.remote_addr or "")[:64]
+
+
+def forwarded_address(entry: str) -> str:
+    """An ``X-Forwarded-For`` entry as the client's address: without the port some proxies add
+    (``203.0.113.7:51234``, ``[2001:db8::1]:443``) and without brackets (``[2001:db8::1]``); a
+    bare IPv6 address (more than one colon) as written. An entry that is still no IP address
+    (``unknown``, a name) is kept as written, cut to 64 characters, and counted as it is."""
+    host = entry
+    if entry.startswith("["):
+        inside, bracket, rest = entry[1:].partition("]")
+        if bracket and (not rest or (rest[:1] == ":" and rest[1:].isdecimal())):
+            host = inside
+    elif entry.count(":") == 1:
+        address, _, port = entry.partition(":")
+        if port.isdecimal():
+            host = address
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return entry[:64]
+    return host[:64]
 
 
 def request_is_https() -> bool:

@@ -255,6 +255,37 @@ def test_trusted_proxy_gives_each_forwarded_client_its_own_counter(
     ) == 1
 
 
+@pytest.mark.parametrize(
+    ("forwarded", "address"),
+    [
+        ("203.0.113.7:{port}", "203.0.113.7"),
+        ("[2001:db8::7]:{port}", "2001:db8::7"),
+    ],
+)
+def test_a_forwarded_port_does_not_make_another_client(
+    make_site: t.Callable[..., Site], forwarded: str, address: str
+) -> None:
+    """Some proxies write the client's source port into X-Forwarded-For: each attempt from a
+    new port is still the same client, locked after the per-IP limit, logged without port."""
+    s = ip_site(make_site, 13, HEADLESSKEY_TRUSTED_PROXIES=1)
+    for i in range(10):
+        headers = {"X-Forwarded-For": forwarded.format(port=40000 + i)}
+        assert_invalid(attempt(s, f"user{i:02d}", WRONG, headers=headers))
+    retry_after(attempt(s, "user10", PASSWORD,
+                        headers={"X-Forwarded-For": forwarded.format(port=50000)}))
+    # The address without port, bracketed or not, is the same locked client.
+    bare = f"[{address}]" if ":" in address else address
+    retry_after(attempt(s, "user11", PASSWORD, headers={"X-Forwarded-For": bare}))
+    assert s.scalar("SELECT count(*) FROM hk_sessions") == 0
+    # The activity log shows the address without port, failed and refused attempts alike.
+    assert s.scalar("SELECT count(*) FROM hk_audit WHERE event = 'login.failed'") == 12
+    assert s.scalar("SELECT count(DISTINCT ip) FROM hk_audit") == 1
+    assert s.scalar("SELECT min(ip) FROM hk_audit") == address
+    # Another client behind the proxy is not locked.
+    r = attempt(s, "user12", PASSWORD, headers={"X-Forwarded-For": "198.51.100.1:40000"})
+    assert r.status_code == 200, r.text
+
+
 def test_an_ipv6_client_is_counted_by_its_64_bit_prefix(
     make_site: t.Callable[..., Site],
 ) -> None:
