@@ -518,6 +518,9 @@ def forgot_password() -> Response:
 def reset_password() -> Response:
     """POST /reset-password: ``{login, password, token|otp}``; ends every session of the user."""
     form = Form(read_json())
+    # A code pasted with spaces, a tab, a line break or dashes is the code without them.
+    if isinstance(form.data.get("otp"), str):
+        form.data["otp"] = recovery.normalise_code(form.data["otp"])
     login_value = form.text("login")
     password = form.text("password", max_length=MAX_PASSWORD_INPUT)
     token_value = form.text("token", required=False, max_length=128)

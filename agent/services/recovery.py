@@ -37,6 +37,16 @@ if t.TYPE_CHECKING:
     from .sessions import ClientInfo
 
 
+CODE_ALPHABET = "0123456789"
+
+
+def normalise_code(code: str) -> str:
+    """A code as typed or pasted, without the spaces, tabs, line breaks and dashes people put
+    around or inside it (``123 456``, ``123-456``). Codes are digits alone, so no two codes
+    become one; anything else stays and makes the code wrong."""
+    return "".join(c for c in code if not (c.isspace() or c == "-"))
+
+
 def _digest(state: State, user_id: int, kind: str, secret: str) -> str:
     message = f"{user_id}|{kind}|{secret}".encode()
     return hmac.new(state.reset_key, message, hashlib.sha256).hexdigest()
@@ -80,7 +90,7 @@ def request_reset(
         .values(used_at=now)
     )
     if delivery == "otp":
-        secret = "".join(secrets.choice("0123456789") for _ in range(s.reset_otp_length))
+        secret = "".join(secrets.choice(CODE_ALPHABET) for _ in range(s.reset_otp_length))
         ttl = s.reset_otp_ttl
     else:
         secret = secrets.token_urlsafe(32)
@@ -129,10 +139,11 @@ def reset_password(
 ) -> User:
     """Check the link token or code and set the new password; ends every session of the user.
 
-    A wrong code counts an attempt (committed even though the call fails); every failure (a
-    disabled account's too) raises the same :class:`InvalidResetToken`.
+    A code is compared without spaces and dashes (:func:`normalise_code`). A wrong code counts
+    an attempt (committed even though the call fails); every failure (a disabled account's
+    too) raises the same :class:`InvalidResetToken`.
     """
-    kind, secret = ("otp", otp) if otp is not None else ("link", token)
+    kind, secret = ("otp", normalise_code(otp)) if otp is not None else ("link", token)
     if not secret or len(secret) > 128:
         raise InvalidResetToken()
     user = accounts.find_user(db, login)

@@ -165,6 +165,34 @@ def test_reset_by_code(rsite: Site) -> None:
     assert not can_log_in(rsite, "alice", PASSWORD)
 
 
+@pytest.mark.parametrize(
+    "written",
+    ["{a} {b}", "{a}-{b}", " {a}{b}\n", "\t{a} - {b} ", "{a1} {a2} {b1} {b2}"],
+)
+def test_a_code_pasted_with_spaces_or_dashes_works(rsite: Site, written: str) -> None:
+    """A code as people copy it out of a mail or type it in groups is the code: no wrong try."""
+    code = request_code(rsite)
+    typed = written.format(a=code[:3], b=code[3:], a1=code[:2], a2=code[2:3],
+                           b1=code[3:5], b2=code[5:])
+    r = reset(rsite, login="alice", otp=typed)
+    assert r.status_code == 200, r.text
+    assert rsite.scalar("SELECT attempts FROM hk_password_resets WHERE kind = 'otp'") == 0
+    assert can_log_in(rsite, "alice", NEW_PASSWORD)
+    assert rsite.scalar(
+        "SELECT count(*) FROM hk_audit WHERE event = 'password.reset' AND outcome = 'failure'"
+    ) == 0
+
+
+def test_a_wrong_code_with_spaces_is_still_a_wrong_try(rsite: Site) -> None:
+    code = request_code(rsite)
+    wrong = wrong_code(code)
+    assert_invalid(reset(rsite, login="alice", otp=f" {wrong[:3]} - {wrong[3:]} "))
+    # Other characters are not taken out: a code with them is wrong.
+    assert_invalid(reset(rsite, login="alice", otp=f"{code[:3]}.{code[3:]}"))
+    assert rsite.scalar("SELECT attempts FROM hk_password_resets WHERE kind = 'otp'") == 2
+    assert reset(rsite, login="alice", otp=code).status_code == 200
+
+
 def test_link_works_once(rsite: Site) -> None:
     link = request_link(rsite)
     assert reset(rsite, **link).status_code == 200
