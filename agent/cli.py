@@ -163,10 +163,17 @@ def users_create(
     password_stdin: bool,
 ) -> None:
     """Create an account; the password is read from standard input, never from arguments."""
+    from .config import check_role
     from .services import accounts
 
     if not password_stdin:
         raise click.UsageError("give --password-stdin and pipe the password in")
+    for role in roles:
+        try:
+            check_role("--role", role)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc).removeprefix("--role: "), param_hint="--role"
+                                     ) from None
     password = sys.stdin.readline().rstrip("\r\n")
     app = _app(instance)
     state = app.extensions["headlesskey"]

@@ -257,13 +257,23 @@ def _access(key: str, value: t.Any) -> dict[str, str | tuple[str, ...]]:
                               "activity log and disables accounts: never for anyone)")
         if rule in ("public", "authenticated"):
             rules[endpoint] = rule
-        elif isinstance(rule, list) and rule and all(isinstance(r, str) and r for r in rule):
-            rules[endpoint] = tuple(rule)
+        elif isinstance(rule, list) and rule:
+            rules[endpoint] = tuple(check_role(f"{key}: {endpoint}", r) for r in rule)
         else:
             raise ConfigError(
                 f"{key}: {endpoint} must be \"public\", \"authenticated\" or a list of roles"
             )
     return rules
+
+
+def check_role(key: str, role: t.Any) -> str:
+    """A role name as written: 1 to 64 printable characters, no space at either end (a role
+    that only looks like another, or holds a control character, is refused, not stored)."""
+    if (not isinstance(role, str) or not 1 <= len(role) <= 64 or not role.isprintable()
+            or role != role.strip()):
+        raise ConfigError(f"{key}: a role is 1 to 64 printable characters with no space at "
+                          f"either end, got {role!r}")
+    return role
 
 
 def check_default_role(role: str, admin_roles: t.Collection[str]) -> None:
@@ -310,11 +320,10 @@ def _federation(get: t.Callable[[str], t.Any], instance_path: str) -> dict[str, 
             PREFIX + "HUB_SECRET_ROTATION", get("HUB_SECRET_ROTATION")),
     }
     role_map = json_value(PREFIX + "SSO_ROLE_MAP", get("SSO_ROLE_MAP"))
-    if not isinstance(role_map, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and v for k, v in role_map.items()
-    ):
+    if not isinstance(role_map, dict):
         raise ConfigError(f"{PREFIX}SSO_ROLE_MAP: expected a table of peer role = local role")
-    values["sso_role_map"] = dict(role_map)
+    values["sso_role_map"] = {check_role(PREFIX + "SSO_ROLE_MAP", k):
+                              check_role(PREFIX + "SSO_ROLE_MAP", v) for k, v in role_map.items()}
     given = [v for v in (url, site_key, secret_file) if v]
     if not given:
         return values
@@ -422,14 +431,6 @@ def _utc_time(key: str, value: t.Any) -> dt.datetime:
                           "2026-12-01T12:00:00Z") from None
 
 
-def _text(key: str, value: t.Any) -> str:
-    """A short printable string (a role name, say)."""
-    text = _str(key, value).strip()
-    if not text or len(text) > 64 or not text.isprintable():
-        raise ConfigError(f"{key}: expected 1 to 64 printable characters, got {value!r}")
-    return text
-
-
 # The checks of the settings a federation hub may manage (see agent.policy), one per key: the
 # same function checks a value from site.toml, the environment, or the hub's console.
 CHECKS: dict[str, t.Callable[[str, t.Any], t.Any]] = {
@@ -438,7 +439,7 @@ CHECKS: dict[str, t.Callable[[str, t.Any], t.Any]] = {
     "REFRESH_TOKEN_TTL": lambda k, v: _int(k, v, 60, 365 * 86400),
     "SESSION_MAX_AGE": lambda k, v: _int(k, v, 60, 365 * 86400),
     "REGISTRATION": lambda k, v: _choice(k, v, ("open", "closed")),
-    "DEFAULT_ROLE": _text,
+    "DEFAULT_ROLE": lambda k, v: check_role(k, _str(k, v).strip()),
     "PASSWORD_MIN_LENGTH": lambda k, v: _int(k, v, 6, 128),
     "PASSWORD_MAX_LENGTH": lambda k, v: _int(k, v, 64, 4096),
     "CORS": lambda k, v: _cors(k, v),
@@ -465,11 +466,12 @@ class Settings:
     issuer: str  # `iss` of every token this site mints; matched exactly
     audience: str | None  # `aud` of access tokens; when set, tokens without it are refused
     algorithm: str  # HS256, RS256 or ES256 for access tokens
-    secret_key: bytes  # master secret; every purpose derives its own key from it (HKDF)
-    private_key_pem: bytes | None  # PEM private key for RS256/ES256
-    database_url: str
+    # Secrets, and URLs that may hold a password, are left out of the repr (logs, tracebacks).
+    secret_key: bytes = field(repr=False)  # master secret; every purpose derives its own key
+    private_key_pem: bytes | None = field(repr=False)  # PEM key for RS256/ES256
+    database_url: str = field(repr=False)
     database_pool_size: int  # PostgreSQL connections a process keeps open while idle
-    redis_url: str | None  # replay caches (SSO assertion ids) in Redis; None: the database
+    redis_url: str | None = field(repr=False)  # replay caches (SSO assertion ids) in Redis; None: the database
     api_root: str  # "wp-json"
     namespace: str  # "headlesskey"
     version: str  # "v1"

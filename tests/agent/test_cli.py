@@ -305,6 +305,20 @@ def test_users_create_refuses_a_weak_password(instance: Path, weak: str) -> None
         assert conn.execute("SELECT count(*) FROM hk_users").fetchone()[0] == 0
 
 
+@pytest.mark.parametrize("role", ["edi\x07tor", " editor", "", "r" * 65])
+def test_users_create_refuses_a_role_name_that_is_no_role(instance: Path, role: str) -> None:
+    """A role with a control character, a space at an end, empty or past 64 characters is a
+    usage error (exit 2), and no account is made with it."""
+    result = agent("users", "create", "--instance", str(instance), "--username", "bob",
+                   "--email", "bob@example.com", "--role", role, "--password-stdin",
+                   stdin=PASSWORD + "\n")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "--role" in result.stderr and "printable" in result.stderr
+    assert "Traceback" not in result.stderr
+    with sqlite3.connect(instance / "headlesskey.db") as conn:
+        assert conn.execute("SELECT count(*) FROM hk_users").fetchone()[0] == 0
+
+
 def test_users_create_needs_password_stdin(instance: Path) -> None:
     result = agent(
         "users",

@@ -95,3 +95,31 @@ def test_the_largest_lifetimes_and_costs_are_accepted(tmp_path: Path) -> None:
                  HEADLESSKEY_ARGON2_TIME_COST=64, HEADLESSKEY_ARGON2_MEMORY_COST=4 * 2**20)
     assert (s.reset_link_ttl, s.reset_otp_ttl) == (7 * 86400, 86400)
     assert (s.argon2_time_cost, s.argon2_memory_cost) == (64, 4 * 2**20)
+
+
+BAD_ROLES = ["edi\x00tor", "edi\ttor", "editor\n", " editor", "", "r" * 65, 7]
+
+
+@pytest.mark.parametrize("role", BAD_ROLES)
+def test_a_role_name_in_an_access_rule_is_printable(tmp_path: Path, role: t.Any) -> None:
+    """A role in an endpoint's rule is 1 to 64 printable characters with no space at either
+    end: a control character or a leading space made a rule no account's role could ever
+    match (or, shown in a log or a page, look like another role)."""
+    with pytest.raises(ConfigError, match=r"HEADLESSKEY_ACCESS: me: a role is 1 to 64"):
+        settings(tmp_path, HEADLESSKEY_ACCESS={"me": ["editor", role]})
+
+
+@pytest.mark.parametrize("role", BAD_ROLES)
+def test_a_role_name_in_the_sso_role_map_is_printable(tmp_path: Path, role: t.Any) -> None:
+    for table in ({"editor": role}, {role: "editor"} if isinstance(role, str) else {"x": role}):
+        with pytest.raises(ConfigError, match="HEADLESSKEY_SSO_ROLE_MAP: a role is 1 to 64"):
+            settings(tmp_path, HEADLESSKEY_SSO_ROLE_MAP=table)
+
+
+def test_good_role_names_are_kept_as_written(tmp_path: Path) -> None:
+    got = settings(tmp_path, HEADLESSKEY_ACCESS={"me": ["shop manager", "éditeur"]},
+                   HEADLESSKEY_SSO_ROLE_MAP={"editor": "shop manager"},
+                   HEADLESSKEY_DEFAULT_ROLE="  customer ")
+    assert got.access["me"] == ("shop manager", "éditeur")
+    assert got.sso_role_map == {"editor": "shop manager"}
+    assert got.default_role == "customer"

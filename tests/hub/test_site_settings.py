@@ -84,6 +84,8 @@ def test_general_page_saves_a_version_the_directory_carries(
     ("security", {"CORS": "https://user@app.example.com"}, "CORS", "is not an origin"),
     ("security", {"LOCKOUT_MAX_FAILURES": "0"}, "LOCKOUT_MAX_FAILURES", "must be between 1"),
     ("access", {"mode-admin": "public"}, "ACCESS", "admin must be a list of roles"),
+    ("access", {"mode-me": "roles", "roles-me": "editor, edi\x01tor"}, "ACCESS",
+     "a role is 1 to 64 printable characters"),
     ("general", {"DEFAULT_ROLE": "administrator"}, "DEFAULT_ROLE", "may use the admin API"),
     ("security", {"SESSION_LIMIT_POLICY": "shrug"}, "SESSION_LIMIT_POLICY", "must be one of"),
     ("algorithms", {"ALGORITHM": "none"}, "ALGORITHM", "must be one of HS256, RS256, ES256"),
