@@ -471,7 +471,7 @@ class Settings:
     private_key_pem: bytes | None = field(repr=False)  # PEM key for RS256/ES256
     database_url: str = field(repr=False)
     database_pool_size: int  # PostgreSQL connections a process keeps open while idle
-    redis_url: str | None = field(repr=False)  # replay caches (SSO assertion ids) in Redis; None: the database
+    redis_url: str | None = field(repr=False)  # replay caches, counters; None: the database
     api_root: str  # "wp-json"
     namespace: str  # "headlesskey"
     version: str  # "v1"

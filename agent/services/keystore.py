@@ -23,6 +23,7 @@ import threading
 import time
 import typing as t
 from dataclasses import dataclass
+from dataclasses import field
 
 from cryptography.fernet import Fernet
 from cryptography.fernet import InvalidToken
@@ -68,7 +69,7 @@ class Entry:
     retire_at: dt.datetime | None
     hub_status: str
     key: SigningKey | None  # access and SSO keys
-    secret: bytes | None  # the hub secret (raw bytes)
+    secret: bytes | None = field(repr=False)  # the hub secret (raw bytes); never in a repr
 
     def verifies(self, now: dt.datetime) -> bool:
         return self.retire_at is None or now < self.retire_at

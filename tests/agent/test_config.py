@@ -123,3 +123,55 @@ def test_good_role_names_are_kept_as_written(tmp_path: Path) -> None:
     assert got.access["me"] == ("shop manager", "éditeur")
     assert got.sso_role_map == {"editor": "shop manager"}
     assert got.default_role == "customer"
+
+
+def test_the_repr_of_the_settings_shows_no_secret(tmp_path: Path) -> None:
+    """Settings end up in logs and tracebacks (a repr of the state, of a policy copy): the
+    master secret, the keys, the passwords in the database and Redis URLs, the SMTP password,
+    webhook secrets and the hub secret are never in their repr."""
+    private = tmp_path / "jwt-key.pem"
+    private.write_bytes(generate_private_key_pem("RS256"))
+    previous = "whsec_" + "UFJFVklPVVNQUkVWSU9VU1BSRVZJT1VTUFJFVklPVVM="
+    hub_secret = tmp_path / "hub-secret.key"
+    hub_secret.write_text("hks_" + "B" * 43 + "\n")
+    federation = tmp_path / "federation-key.pem"
+    federation.write_bytes(generate_private_key_pem("ES256"))
+    s = settings(
+        tmp_path,
+        HEADLESSKEY_SECRET_KEY="master-secret-never-shown-0123456789",
+        HEADLESSKEY_ALGORITHM="RS256",
+        HEADLESSKEY_PRIVATE_KEY_FILE=str(private),
+        HEADLESSKEY_DATABASE_URL="postgresql://hk:db-password-4242@db.example/hk",
+        HEADLESSKEY_REDIS_URL="redis://:redis-password-4242@cache.example:6379/0",
+        HEADLESSKEY_MAIL_PASSWORD="smtp-password-4242",
+        HEADLESSKEY_WEBHOOKS=[{"url": "https://hooks.example/h", "secret": SECRET,
+                               "previous_secret": previous}],
+        HEADLESSKEY_HUB_URL="https://hub.example",
+        HEADLESSKEY_HUB_SITE_KEY="shop",
+        HEADLESSKEY_HUB_SECRET_FILE=str(hub_secret),
+        HEADLESSKEY_FEDERATION_KEY_FILE=str(federation),
+    )
+    assert s.webhooks[0].previous_secret == previous and s.hub_secret  # all of them are set
+    shown = repr(s)
+    for secret in ["master-secret-never-shown", "db-password-4242", "redis-password-4242",
+                   "smtp-password-4242", SECRET.removeprefix("whsec_")[:16],
+                   previous.removeprefix("whsec_")[:16], "B" * 16, "PRIVATE KEY",
+                   private.read_text().splitlines()[1][:16],
+                   federation.read_text().splitlines()[1][:16]]:
+        assert secret not in shown
+    # What is not secret is still there to read.
+    assert "https://hub.example" in shown and "hooks.example" in shown
+
+
+def test_the_repr_of_a_stored_hub_secret_does_not_show_it() -> None:
+    """The key store's entries are read from the database on every hub call: a repr of one
+    (a log line, a traceback's locals) shows its kid, never the secret."""
+    import datetime as dt
+
+    from agent.services.keystore import Entry
+
+    entry = Entry(id=1, purpose="hub", kid="hks-abc", created_at=dt.datetime.now(dt.UTC),
+                  active_from=None, retire_at=None, hub_status="", key=None,
+                  secret=b"hks_stored-hub-secret-4242")
+    assert "stored-hub-secret-4242" not in repr(entry)
+    assert "hks-abc" in repr(entry)
