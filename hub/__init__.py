@@ -190,8 +190,10 @@ def _database_error(exc: Exception) -> Response:
 def _refuse_nul() -> None:
     """400 for a NUL (``%00``) in the URL or in a console form: no site key, name, filter or id
     holds one, and PostgreSQL text cannot store one. (API bodies are checked field by field.)"""
-    form = request.form.values() if request.method == "POST" and not _wants_json() else ()
-    if url_holds_nul() or any("\x00" in value for value in form):
+    # Every value of every field: a field sent twice is read as a list by some forms.
+    form = (request.form.items(multi=True) if request.method == "POST" and not _wants_json()
+            else ())
+    if url_holds_nul() or any("\x00" in key or "\x00" in value for key, value in form):
         raise ValidationFailed("The request may not contain NUL (%00).")
 
 
