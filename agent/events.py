@@ -11,6 +11,7 @@ Nothing secret goes in: events carry ids, names, the client's IP and device, and
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import json
 import typing as t
 import uuid
@@ -18,6 +19,7 @@ from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import field
 
+from blinker import Signal
 from flask import current_app
 from flask import has_app_context
 from sqlalchemy import event as sa_event
@@ -121,6 +123,28 @@ def record(
     return ev
 
 
+def _send(signal: Signal, app: t.Any, ev: Event) -> None:
+    """Call each receiver of ``signal`` on its own: the change the event describes is already
+    committed, so a receiver that raises is logged and the others still run (blinker's ``send``
+    would stop at it and turn a done login or registration into a 500)."""
+    if signal.is_muted:
+        return
+    for receiver in signal.receivers_for(app):
+        try:
+            if inspect.iscoroutinefunction(receiver):
+                raise TypeError("a coroutine function cannot receive a signal")
+            receiver(app, event=ev)
+        except Exception:
+            current_app.logger.exception(
+                "Receiver %s of signal %s failed on a %s event (the event is committed and "
+                "stands; the other receivers still run)", _name_of(receiver), signal.name, ev.name)
+
+
+def _name_of(receiver: t.Any) -> str:
+    target = receiver if hasattr(receiver, "__qualname__") else type(receiver)
+    return f"{getattr(target, '__module__', '?')}.{target.__qualname__}"
+
+
 def install(factory: t.Any) -> None:
     """Send the signals of committed events; drop those of rolled-back transactions."""
 
@@ -133,8 +157,8 @@ def install(factory: t.Any) -> None:
 
         app = current_app._get_current_object()  # type: ignore[attr-defined]
         for ev in pending:
-            signals.BY_EVENT[ev.name].send(app, event=ev)
-            signals.any_event.send(app, event=ev)
+            _send(signals.BY_EVENT[ev.name], app, ev)
+            _send(signals.any_event, app, ev)
 
     @sa_event.listens_for(factory, "after_soft_rollback")
     def _after_rollback(db: DBSession, _previous: t.Any) -> None:

@@ -481,6 +481,41 @@ def test_no_success_signal_for_a_failed_login(receivers: tuple[Site, Receiver, R
     assert on_any.events[0].user_id == 1
 
 
+def broken_receiver(sender: t.Any, event: Event, **_: t.Any) -> None:
+    raise RuntimeError("the receiver is broken")
+
+
+def test_a_receiver_that_raises_neither_fails_the_login_nor_stops_the_others(
+    receivers: tuple[Site, Receiver, Receiver], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The login is committed when its signals are sent: a broken receiver is logged, the
+    login still answers 200 with its token, and every other receiver still gets the event."""
+    s, on_login, on_any = receivers
+    signals.login_succeeded.connect(broken_receiver, weak=False)
+    signals.any_event.connect(broken_receiver, weak=False)
+    try:
+        r = s.api.post("/token", json={"username": "alice", "password": PASSWORD})
+    finally:
+        signals.login_succeeded.disconnect(broken_receiver)
+        signals.any_event.disconnect(broken_receiver)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert claims_of(body["token"])["sid"] == body["sid"]
+    assert s.scalar("SELECT count(*) FROM hk_sessions WHERE id = :sid AND user_id = 1",
+                    sid=body["sid"]) == 1
+    assert [e.name for e in on_login.events] == ["login.succeeded"]
+    assert on_any.names() == ["login.succeeded"]
+    # The token works: the session is the login's.
+    assert s.api.get("/me", token=body["token"]).status_code == 200
+    failed = [rec for rec in caplog.records if rec.levelname == "ERROR"
+              and "broken_receiver" in rec.getMessage()]
+    assert sorted(rec.getMessage().split(" of signal ")[1].split(" ")[0] for rec in failed) == [
+        "any-event", "login.succeeded"]
+    assert all(rec.exc_info and "the receiver is broken" in str(rec.exc_info[1])
+               for rec in failed)
+    assert body["token"] not in caplog.text
+
+
 def _refuse_login_rows(s: Site, refuse: bool) -> None:
     """Make the database refuse (or accept again) audit rows of ``login.succeeded``."""
     postgres = bool(os.environ.get("HEADLESSKEY_TEST_DATABASE_URL"))
