@@ -54,6 +54,9 @@ def record(db: DBSession, state: HubState, site: Site, subject: t.Any, *, actor:
     if origin is not None:
         first = _listed(db, state, origin)
         root = first.origin_id or first.id
+        # Pass-ons of one chain take turns (a lock on its first row), so a retry sent while the
+        # first request runs finds its row: apart, both found none and both stored one.
+        db.execute(select(Logout.id).where(Logout.id == root).with_for_update())
         again = db.scalar(select(Logout).where(Logout.site_key == site.site_key,
                                                Logout.subject == subject,
                                                Logout.origin_id == root))

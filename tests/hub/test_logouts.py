@@ -7,11 +7,15 @@ registered issuer, whatever the body says.
 
 from __future__ import annotations
 
+import concurrent.futures
+import time
 import typing as t
 
 import pytest
 
 from hub import jobs
+from hub.services import logouts as logout_service
+from hub.services import sites as site_service
 from tests.hub.conftest import Hub
 from tests.hub.test_console import Console
 from tests.hub.test_console import count
@@ -92,6 +96,32 @@ def test_a_logout_passed_on_keeps_its_origins_time_and_is_recorded_once(hub: Hub
     assert count(hub, "hub_logouts") == 3
     listed = hub.signed("GET", DIRECTORY, shop, shop_secret).json()["logouts"]
     assert [lo["origin"] for lo in listed] == [first["id"]] * 3
+
+
+def test_a_pass_on_retried_while_the_first_runs_is_recorded_once(hub: Hub) -> None:
+    """A site retries passing a logout on while its first request is still running: the retry
+    answers the row the first one made. (Apart, both found no row of the chain for that user,
+    both stored one and both logged it: every directory listed the logout twice.)"""
+    shop, shop_secret = hub.add_site("Shop", "https://shop.example.com")
+    docs, docs_secret = hub.add_site("Docs", "https://docs.example.com")
+    first = hub.signed("POST", LOGOUTS, shop, shop_secret, json={"subject": "1"}).json()
+    with hub.app.app_context(), hub.state.session_factory() as db:
+        made = logout_service.record(db, hub.state, site_service.get(db, docs), "8",
+                                     actor=docs, via="api", origin=first["id"])
+        db.flush()  # not committed yet
+        made_id = made.id
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            retry = pool.submit(hub.signed, "POST", LOGOUTS, docs, docs_secret,
+                                json={"subject": "8", "origin": first["id"]})
+            time.sleep(0.5)  # the retry reaches the chain's row and waits
+            db.commit()
+            r = retry.result(timeout=30)
+    assert r.status_code == 201, r.text
+    assert r.json()["id"] == made_id
+    assert count(hub, "hub_logouts") == 2
+    assert len(hub_events(hub, "logout.global")) == 2
+    listed = hub.signed("GET", DIRECTORY, shop, shop_secret).json()["logouts"]
+    assert [lo["subject"] for lo in listed] == ["1", "8"]
 
 
 @pytest.mark.parametrize("origin", [999, 0, -1, True, "1", 2**40, [1]])
