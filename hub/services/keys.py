@@ -17,6 +17,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DBSession
 
 from ..crypto import new_hub_key
@@ -82,31 +83,56 @@ def published(jwk: dict[str, t.Any]) -> dict[str, t.Any]:
 
 def register(db: DBSession, state: HubState, site: Site, jwk: t.Any,
              status: str = "next") -> SiteKey:
-    """Publish a member's public key (idempotent for the same key)."""
+    """Publish a member's public key (idempotent for the same key).
+
+    The site's row is locked first, so changes of one site's keys take turns on every worker:
+    a retry sent while the first request still runs answers the key that one registered, and
+    of two activations at once the later one wins (the earlier key is retiring). A kid another
+    site registered meanwhile is :class:`Conflict`, as after it; a site removed meanwhile is
+    :class:`NotFound`.
+    """
     kid, alg = check_public_jwk(jwk)
     if status not in ("next", "active"):
         raise BadRequest(fields={"status": ["next or active"]})
     public = published(jwk)
+    _lock_site(db, site)
     if _is_hub_kid(db, kid):
         raise Conflict("That kid is already registered.", code="kid_taken")
-    existing = db.scalar(select(SiteKey).where(SiteKey.kid == kid))
-    if existing is not None:
-        if existing.site_id != site.id or published(existing.jwk) != public:
-            raise Conflict("That kid is already registered.", code="kid_taken")
-        if existing.status == "retired":
-            raise Conflict("That key was retired and cannot come back.", code="kid_retired")
-        if status == "active" and existing.status == "next":
-            _activate(db, state, site, existing)
-        return existing
-    key = SiteKey(site_id=site.id, kid=kid, alg=alg, jwk=public, status="next",
-                  created_at=state.clock())
-    db.add(key)
-    db.flush()
-    if status == "active":
-        _activate(db, state, site, key)
-    events.log(db, state, "key.registered", actor=site.site_key, site_key=site.site_key,
-               details={"kid": kid, "alg": alg, "status": key.status})
-    return key
+    for attempt in (1, 2):
+        existing = db.scalar(select(SiteKey).where(SiteKey.kid == kid))
+        if existing is not None:
+            if existing.site_id != site.id or published(existing.jwk) != public:
+                raise Conflict("That kid is already registered.", code="kid_taken")
+            if existing.status == "retired":
+                raise Conflict("That key was retired and cannot come back.",
+                               code="kid_retired")
+            if status == "active" and existing.status == "next":
+                _activate(db, state, site, existing)
+            return existing
+        key = SiteKey(site_id=site.id, kid=kid, alg=alg, jwk=public, status="next",
+                      created_at=state.clock())
+        try:
+            with db.begin_nested():
+                db.add(key)
+        except IntegrityError:  # another site registered this kid meanwhile: look again
+            if attempt == 2:
+                raise
+            continue
+        if status == "active":
+            _activate(db, state, site, key)
+        events.log(db, state, "key.registered", actor=site.site_key, site_key=site.site_key,
+                   details={"kid": kid, "alg": alg, "status": key.status})
+        return key
+    raise AssertionError("unreachable")
+
+
+def _lock_site(db: DBSession, site: Site) -> None:
+    """Lock the site's row until the transaction ends (on PostgreSQL; SQLite's ``BEGIN
+    IMMEDIATE`` serialises writers already), before any of its keys is read or written, in
+    the order the console's forms and secret rotations take it. :class:`NotFound` when the
+    site was removed meanwhile."""
+    if db.scalar(select(Site.id).where(Site.id == site.id).with_for_update()) is None:
+        raise NotFound(f"No site {site.site_key!r}.", code="site_not_found")
 
 
 def _is_hub_kid(db: DBSession, kid: str) -> bool:
@@ -124,6 +150,9 @@ def _activate(db: DBSession, state: HubState, site: Site, key: SiteKey) -> None:
 
 
 def retire(db: DBSession, state: HubState, site: Site, kid: str) -> None:
+    """Take a key of the site out of the JWKS for good (the site's row locked first, as in
+    :func:`register`, so an activation of the key at the same time cannot bring it back)."""
+    _lock_site(db, site)
     key = db.scalar(select(SiteKey).where(SiteKey.kid == kid, SiteKey.site_id == site.id))
     if key is None:
         raise NotFound("No such key.", code="key_not_found")

@@ -12,6 +12,7 @@ import concurrent.futures
 import datetime as dt
 import json
 import math
+import threading
 import time
 import typing as t
 from pathlib import Path
@@ -648,6 +649,121 @@ def test_registering_the_same_key_again_is_idempotent(
     assert r.status_code == 201, r.text
     assert r.json()["status"] == "active"
     assert [k["kid"] for k in jwks(hub)["keys"]].count(jwk["kid"]) == 1
+
+
+def _while_uncommitted(hub: Hub, change: t.Callable[[t.Any], t.Any],
+                       call: t.Callable[[], requests.Response]) -> tuple[t.Any, requests.Response]:
+    """``call`` (a signed request) sent while ``change``, made through the service in another
+    transaction, is not committed yet; that transaction commits half a second later."""
+    with hub.app.app_context(), hub.state.session_factory() as db:
+        made = change(db)
+        db.flush()  # not committed yet
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            second = pool.submit(call)
+            time.sleep(0.5)  # the request reaches the site's rows and waits
+            db.commit()
+            r = second.result(timeout=30)
+        return made, r
+
+
+@pytest.mark.parametrize("status", ["next", "active"])
+def test_a_registration_retried_while_the_first_runs_is_idempotent(
+    two: t.Any, jwks_pair: dict[str, SigningKey], status: str
+) -> None:
+    """A site retries a key registration while its first request is still running: the retry
+    answers the key the first one registered, as a plain retry does. (On PostgreSQL neither saw
+    the other's row, both inserted the kid and the retry was a 500.)"""
+    hub, (shop, secret), _docs = two
+    jwk = public_jwk(jwks_pair["ES256"])
+    _key, r = _while_uncommitted(
+        hub,
+        lambda db: key_service.register(db, hub.state, site_service.get(db, shop), jwk, status),
+        lambda: hub.signed("POST", KEYS, shop, secret, json={"jwk": jwk, "status": status}))
+    assert r.status_code == 201, r.text
+    assert r.json() == {"kid": jwk["kid"], "status": status}
+    assert hub.scalar("SELECT count(*) FROM hub_site_keys") == 1
+    assert hub.scalar("SELECT count(*) FROM hub_events WHERE event = 'key.registered'") == 1
+    assert [k["kid"] for k in jwks(hub)["keys"]].count(jwk["kid"]) == 1
+
+
+def test_a_kid_another_site_is_registering_meanwhile_is_a_conflict(
+    two: t.Any, jwks_pair: dict[str, SigningKey]
+) -> None:
+    """Two sites register one kid at once: the second is 409 kid_taken, as it is after the
+    first. (On PostgreSQL it was a 500: both inserted the kid.)"""
+    hub, (shop, _secret), (docs, docs_secret) = two
+    jwk = public_jwk(jwks_pair["ES256"])
+    _key, r = _while_uncommitted(
+        hub, lambda db: key_service.register(db, hub.state, site_service.get(db, shop), jwk),
+        lambda: hub.signed("POST", KEYS, docs, docs_secret, json={"jwk": jwk}))
+    refused(r, 409, "kid_taken")
+    assert [k["hk_site"] for k in jwks(hub)["keys"] if k["kid"] == jwk["kid"]] == [shop]
+
+
+@pytest.mark.parametrize("registered", [False, True], ids=["new", "registered-before"])
+def test_two_activations_at_once_leave_one_active_key(
+    two: t.Any, jwks_pair: dict[str, SigningKey], registered: bool
+) -> None:
+    """A site activates two of its keys at once (two of its workers rolling keys, say): the later
+    activation wins and the earlier key is retiring, as one after the other. (On PostgreSQL
+    neither saw the other's active key and the site was left with two active keys.)"""
+    hub, (shop, secret), _docs = two
+    first, second = public_jwk(jwks_pair["ES256"]), public_jwk(jwks_pair["RS256"])
+    if registered:
+        for jwk in (first, second):
+            r = hub.signed("POST", KEYS, shop, secret, json={"jwk": jwk, "status": "next"})
+            assert r.status_code == 201, r.text
+    _key, r = _while_uncommitted(
+        hub,
+        lambda db: key_service.register(db, hub.state, site_service.get(db, shop), first,
+                                        "active"),
+        lambda: hub.signed("POST", KEYS, shop, secret, json={"jwk": second, "status": "active"}))
+    assert r.status_code == 201, r.text
+    assert r.json() == {"kid": second["kid"], "status": "active"}
+    statuses = {k.kid: k.status for k in _site_keys(hub, shop)}
+    assert statuses == {first["kid"]: "retiring", second["kid"]: "active"}
+
+
+def test_a_key_retired_while_it_is_activated_stays_retired(
+    two: t.Any, jwks_pair: dict[str, SigningKey]
+) -> None:
+    """A site activates a key another of its workers is retiring: the activation waits and is
+    409 kid_retired, as after the retirement. (On PostgreSQL it made the retired key active
+    again.)"""
+    hub, (shop, secret), _docs = two
+    jwk = public_jwk(jwks_pair["ES256"])
+    assert hub.signed("POST", KEYS, shop, secret, json={"jwk": jwk}).status_code == 201
+    _none, r = _while_uncommitted(
+        hub, lambda db: key_service.retire(db, hub.state, site_service.get(db, shop), jwk["kid"]),
+        lambda: hub.signed("POST", KEYS, shop, secret, json={"jwk": jwk, "status": "active"}))
+    refused(r, 409, "kid_retired")
+    assert hub.scalar("SELECT status FROM hub_site_keys") == "retired"
+    assert jwk["kid"] not in kids(hub)
+
+
+def test_activations_of_many_keys_at_once_leave_one_active_key(
+    two: t.Any, jwks_pair: dict[str, SigningKey]
+) -> None:
+    """Several workers of a site each activate a key of their own at the same moment."""
+    hub, (shop, secret), _docs = two
+    keys = [jwk_of(ec.generate_private_key(ec.SECP256R1()).public_key(), "ES256",
+                   f"worker-key-{i}") for i in range(6)]
+    barrier = threading.Barrier(len(keys))
+
+    def activate(jwk: dict[str, t.Any]) -> requests.Response:
+        barrier.wait(10)
+        return hub.signed("POST", KEYS, shop, secret, json={"jwk": jwk, "status": "active"})
+
+    with concurrent.futures.ThreadPoolExecutor(len(keys)) as pool:
+        answers = [a.result(timeout=60) for a in [pool.submit(activate, k) for k in keys]]
+    assert [a.status_code for a in answers] == [201] * len(keys), [a.text for a in answers]
+    statuses = sorted(k.status for k in _site_keys(hub, shop))
+    assert statuses == ["active"] + ["retiring"] * (len(keys) - 1), statuses
+
+
+def _site_keys(hub: Hub, site_key: str) -> list[t.Any]:
+    with hub.state.session_factory() as db:
+        return key_service.site_keys(db, site_service.get(db, site_key))
 
 
 def _with_private(keys: dict[str, SigningKey]) -> dict[str, t.Any]:
