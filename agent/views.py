@@ -518,7 +518,7 @@ def forgot_password() -> Response:
 def reset_password() -> Response:
     """POST /reset-password: ``{login, password, token|otp}``; ends every session of the user."""
     form = Form(read_json())
-    # A code pasted with spaces, a tab, a line break or dashes is the code without them.
+    # A code pasted with spaces, tabs or dashes is the code without them.
     if isinstance(form.data.get("otp"), str):
         form.data["otp"] = recovery.normalise_code(form.data["otp"])
     login_value = form.text("login")

@@ -40,11 +40,15 @@ if t.TYPE_CHECKING:
 CODE_ALPHABET = "0123456789"
 
 
+CODE_SEPARATORS = frozenset(" \t\u00a0-")  # space, tab, no-break space (mail clients), dash
+
+
 def normalise_code(code: str) -> str:
-    """A code as typed or pasted, without the spaces, tabs, line breaks and dashes people put
-    around or inside it (``123 456``, ``123-456``). Codes are digits alone, so no two codes
-    become one; anything else stays and makes the code wrong."""
-    return "".join(c for c in code if not (c.isspace() or c == "-"))
+    """A code as typed or pasted, without the spaces, tabs and dashes people put around or
+    inside it (``123 456``, ``123-456``). Codes are digits alone, so no two codes become one;
+    anything else stays and makes the code wrong (a line break or another control character
+    is refused by the form, as in every field)."""
+    return "".join(c for c in code if c not in CODE_SEPARATORS)
 
 
 def _digest(state: State, user_id: int, kind: str, secret: str) -> str:

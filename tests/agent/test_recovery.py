@@ -167,7 +167,7 @@ def test_reset_by_code(rsite: Site) -> None:
 
 @pytest.mark.parametrize(
     "written",
-    ["{a} {b}", "{a}-{b}", " {a}{b}\n", "\t{a} - {b} ", "{a1} {a2} {b1} {b2}"],
+    ["{a} {b}", "{a}-{b}", " {a}{b} ", "\t{a} - {b} ", "{a}\u00a0{b}", "{a1} {a2} {b1} {b2}"],
 )
 def test_a_code_pasted_with_spaces_or_dashes_works(rsite: Site, written: str) -> None:
     """A code as people copy it out of a mail or type it in groups is the code: no wrong try."""
@@ -189,6 +189,10 @@ def test_a_wrong_code_with_spaces_is_still_a_wrong_try(rsite: Site) -> None:
     assert_invalid(reset(rsite, login="alice", otp=f" {wrong[:3]} - {wrong[3:]} "))
     # Other characters are not taken out: a code with them is wrong.
     assert_invalid(reset(rsite, login="alice", otp=f"{code[:3]}.{code[3:]}"))
+    assert rsite.scalar("SELECT attempts FROM hk_password_resets WHERE kind = 'otp'") == 2
+    # A line break is a control character, refused in the code as in every field.
+    r = reset(rsite, login="alice", otp=f"{code}\n")
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request", r.text
     assert rsite.scalar("SELECT attempts FROM hk_password_resets WHERE kind = 'otp'") == 2
     assert reset(rsite, login="alice", otp=code).status_code == 200
 
