@@ -35,6 +35,7 @@ from werkzeug.local import LocalProxy
 from . import config as config_module
 from . import events
 from . import store
+from .background import Background
 from .db import make_engine
 from .db import upgrade
 from .errors import AgentError
@@ -81,6 +82,8 @@ class State:
     keys: KeyStore  # every stored key: access tokens, SSO, the hub secret
     hasher: Hasher
     mailer: Mailer
+    # Work answers neither wait for nor are timed by (agent.background): /forgot-password's.
+    background: Background = field(default_factory=Background)
     clock: t.Callable[[], dt.datetime] = utcnow
     refresh_key: bytes = field(default=b"", repr=False)
     reset_key: bytes = field(default=b"", repr=False)

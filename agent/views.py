@@ -8,6 +8,7 @@ import typing as t
 
 from flask import Blueprint
 from flask import Response
+from flask import current_app
 from flask import jsonify
 from flask import request
 from sqlalchemy import bindparam
@@ -505,7 +506,8 @@ def forgot_password() -> Response:
     delivery = form.choice("delivery", ("link", "otp"), "link")
     form.done()
     assert login_value is not None
-    recovery.request_reset(get_db(), get_state(), login_value, delivery, _client())
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    recovery.request_reset_later(app, get_state(), login_value, delivery, _client())
     return jsonify(
         {
             "success": True,

@@ -469,6 +469,7 @@ def make_site(
         server.shutdown()
         thread.join(5)
         state = app.extensions["headlesskey"]
+        state.background.shutdown()  # its tasks may still queue mail
         state.mailer.shutdown()
         state.engine.dispose()
 

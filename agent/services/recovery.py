@@ -7,7 +7,8 @@
   ones, and a code is burned after ``RESET_OTP_MAX_ATTEMPTS`` wrong tries.
 - At most ``RESET_MAX_PER_HOUR`` reset mails per account per hour (no mail bombing); further
   requests are recorded and dropped without a mail, with the same answer.
-- The answer to ``/forgot-password`` never depends on whether the account exists.
+- The answer to ``/forgot-password`` never depends on whether the account exists, nor does its
+  time: the lookup and what follows run after it, on a background thread.
 """
 
 from __future__ import annotations
@@ -15,24 +16,31 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import logging
 import secrets
+import time
 import typing as t
 from urllib.parse import urlencode
 
 from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session as DBSession
 
 from .. import events
 from ..db import rowcount
 from ..errors import InvalidResetToken
+from ..errors import ServiceUnavailable
 from ..models import PasswordReset
 from ..models import User
 from . import accounts
 from . import sessions
 
+log = logging.getLogger("headlesskey.recovery")
 if t.TYPE_CHECKING:
+    from flask import Flask
+
     from ..extension import State
     from .sessions import ClientInfo
 
@@ -54,6 +62,35 @@ def normalise_code(code: str) -> str:
 def _digest(state: State, user_id: int, kind: str, secret: str) -> str:
     message = f"{user_id}|{kind}|{secret}".encode()
     return hmac.new(state.reset_key, message, hashlib.sha256).hexdigest()
+
+
+def request_reset_later(app: Flask, state: State, login: str, delivery: str,
+                        client: ClientInfo) -> None:
+    """Hand a ``/forgot-password`` request to the background thread (agent.background).
+
+    The answer then costs the same for every login: an existing account's rows and mail, a
+    disabled or unknown one's single audit row, are written after it, so its time tells
+    nothing about which accounts exist. A database that is down is tried again for a while.
+    """
+    state.background.submit(_request_reset_job, app, state, login, delivery, client)
+
+
+RETRY_DELAYS = (1.0, 3.0, 10.0)
+
+
+def _request_reset_job(app: Flask, state: State, login: str, delivery: str,
+                       client: ClientInfo) -> None:
+    for delay in (0.0, *RETRY_DELAYS):
+        time.sleep(delay)
+        try:
+            with app.app_context(), state.session_factory() as db:
+                request_reset(db, state, login, delivery, client)
+            return
+        except (ServiceUnavailable, DBAPIError) as exc:
+            error = type(exc).__name__
+    # The login is not logged: it may be an email address, and it may be anyone's.
+    log.error("a password reset request was dropped: the database stayed unavailable (%s)",
+              error)
 
 
 def request_reset(

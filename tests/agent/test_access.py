@@ -79,6 +79,7 @@ class OwnSite:
             assert self.thread is not None
             self.thread.join(5)
         state = self.app.extensions["headlesskey"]
+        state.background.shutdown()  # its tasks may still queue mail
         state.mailer.shutdown()
         state.engine.dispose()
 

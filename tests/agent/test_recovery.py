@@ -137,6 +137,7 @@ def test_an_unmailable_stored_address_answers_as_any_other(
     r = rsite.api.post("/forgot-password", json={"login": "bob"})
     assert r.status_code == 200, r.text
     assert r.json()["code"] == "password_reset_requested"
+    rsite.state.background.drain()  # the request is handled after the answer
     assert "mail to b***@[example.com not sent" in caplog.text
     rsite.api.post("/forgot-password", json={"login": "alice"})
     smtp.wait_for(ALICE)
@@ -308,7 +309,8 @@ def test_concurrent_wrong_codes_are_each_counted(smtp: Mailbox, make_site: t.Any
 def test_concurrent_requests_send_at_most_the_hourly_mails(smtp: Mailbox, make_site: t.Any) -> None:
     """Forgot-password posted for one account many times at once (each answered in a thread of
     its own): at most ``RESET_MAX_PER_HOUR`` resets are stored and mailed, and only the newest
-    works. Each request locks the account's row while it counts and stores."""
+    works. (The requests are handled after their answers, on the background thread; across
+    workers and instances, each locks the account's row while it counts and stores.)"""
     rsite = make_site("HS256", mailbox=smtp, HEADLESSKEY_RESET_MAX_PER_HOUR=3,
                       HEADLESSKEY_LOCKOUT_IP_MAX_FAILURES=1000)
     rsite.create_user("alice")
@@ -320,6 +322,7 @@ def test_concurrent_requests_send_at_most_the_hourly_mails(smtp: Mailbox, make_s
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         for r in pool.map(ask, range(16)):
             assert r.status_code == 200, r.text
+    rsite.state.background.drain()
     assert rsite.scalar("SELECT count(*) FROM hk_password_resets") == 3
     assert rsite.scalar("SELECT count(*) FROM hk_password_resets WHERE used_at IS NULL") == 1
     smtp.wait_for(ALICE, count=3)
@@ -549,3 +552,79 @@ def test_a_reset_page_with_a_query_of_its_own_gets_a_working_link(
     r = reset(rsite, login=query["login"][0], token=query["token"][0])
     assert r.status_code == 200, r.text
     assert can_log_in(rsite, "alice", NEW_PASSWORD)
+
+
+# ---------------------------------------------------------------------------------------------
+# The answer to /forgot-password is not timed by the account's lookup
+
+
+def test_the_answer_does_not_wait_for_the_accounts_rows(rsite: Site, smtp: Mailbox) -> None:
+    """While another transaction holds the database's writes (an account's row, on PostgreSQL;
+    the whole file, on SQLite), /forgot-password still answers at once, for an existing account
+    as for an unknown one: the lookup and the rows come after the answer, so its time tells
+    nothing about which accounts exist. The mail goes out once the database is free."""
+    with rsite.state.engine.connect() as conn:
+        held = conn.begin()  # on SQLite, the agent's engine begins IMMEDIATE: the writer's lock
+        conn.execute(text("SELECT id FROM hk_users FOR UPDATE" if conn.dialect.name != "sqlite"
+                          else "UPDATE hk_users SET display_name = display_name"))
+        for login in ("alice", "nobody-here"):
+            started = time.monotonic()
+            r = rsite.api.post("/forgot-password", json={"login": login, "delivery": "otp"})
+            took = time.monotonic() - started
+            assert r.status_code == 200 and r.json()["code"] == "password_reset_requested"
+            assert took < 1.0, (login, took)
+        time.sleep(0.3)
+        assert smtp.messages == []
+        held.rollback()
+    code = code_of(smtp.wait_for(ALICE)[0])
+    assert reset(rsite, login="alice", otp=code).status_code == 200
+    rsite.state.background.drain()
+    assert rsite.scalar("SELECT count(*) FROM hk_audit WHERE event = 'password.reset_requested'"
+                        " AND outcome = 'ignored'") == 1
+
+
+def test_a_request_made_while_the_database_is_down_is_stored_when_it_is_back(
+    smtp: Mailbox, make_site: t.Any, pg_proxy: t.Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database cannot be reached when the request is handled: it is tried again (after 1,
+    3 and 10 s), so the code is mailed once the database is back; the log says nothing of the
+    login."""
+    from tests.conftest import fresh_schema
+
+    proxy, url = pg_proxy
+    site = make_site("HS256", mailbox=smtp, HEADLESSKEY_DATABASE_URL=fresh_schema(url, 91))
+    site.create_user("alice")
+    proxy.stop()
+    r = site.api.post("/forgot-password", json={"login": "alice", "delivery": "otp"})
+    assert r.status_code == 200, r.text
+    time.sleep(1.5)  # the first try and the first retry fail
+    proxy.start()
+    code = code_of(smtp.wait_for(ALICE, timeout=15)[0])
+    assert reset(site, login="alice", otp=code).status_code == 200
+    assert "alice" not in caplog.text
+
+
+def test_a_full_queue_is_a_503_for_everyone() -> None:
+    """At most ``limit`` requests wait for the background thread; one more waits for a place
+    and, none freeing in time, is 503 (whatever its login)."""
+    import threading
+
+    from agent.background import Background
+    from agent.errors import ServiceUnavailable
+
+    background = Background(limit=2, wait=0.2)
+    release = threading.Event()
+    ran: list[int] = []
+    try:
+        background.submit(release.wait, 10)
+        background.submit(ran.append, 1)
+        with pytest.raises(ServiceUnavailable):
+            background.submit(ran.append, 2)
+        release.set()
+        background.drain()
+        background.submit(ran.append, 3)
+        background.drain()
+        assert ran == [1, 3]
+    finally:
+        release.set()
+        background.shutdown()
