@@ -5,8 +5,9 @@ account, a disabled one, none, one past its hourly limit of mails) is done here 
 the answer takes the same time for every login and says nothing about which exist.
 
 One thread per process, started on first use (after gunicorn forks). At most ``limit`` tasks
-wait at a time: past that, a request waits for a place (up to ``wait`` seconds, then 503), the
-same for every caller, so a flood of requests holds no more memory than that.
+wait at a time, so a flood of requests holds no more memory than that: past it, a request is
+503 at once, whatever it asks. (Waiting for a place instead would time the answer by the task
+that frees it, one the same client may have sent earlier.)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ log = logging.getLogger("headlesskey.background")
 
 
 class Background:
-    def __init__(self, name: str = "hk-background", limit: int = 256, wait: float = 10) -> None:
+    def __init__(self, name: str = "hk-background", limit: int = 256, wait: float = 0) -> None:
         self.name = name
         self.wait_for_place = wait
         self._places = threading.BoundedSemaphore(limit)
@@ -31,8 +32,11 @@ class Background:
         self._lock = threading.Lock()
 
     def submit(self, task: t.Callable[..., None], *args: t.Any) -> Future[None]:
-        """Run ``task(*args)`` on the background thread; 503 if no place frees in time."""
-        if not self._places.acquire(timeout=self.wait_for_place):
+        """Run ``task(*args)`` on the background thread; 503 if no place is free (within
+        ``wait`` seconds)."""
+        wait = self.wait_for_place
+        if not (self._places.acquire(timeout=wait) if wait > 0
+                else self._places.acquire(blocking=False)):
             raise ServiceUnavailable("Too many requests are waiting; try again shortly.")
         try:
             with self._lock:

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import field
 
-from blinker import Signal
+from blinker import NamedSignal
 from flask import current_app
 from flask import has_app_context
 from sqlalchemy import event as sa_event
@@ -123,7 +123,7 @@ def record(
     return ev
 
 
-def _send(signal: Signal, app: t.Any, ev: Event) -> None:
+def _send(signal: NamedSignal, app: t.Any, ev: Event) -> None:
     """Call each receiver of ``signal`` on its own: the change the event describes is already
     committed, so a receiver that raises is logged and the others still run (blinker's ``send``
     would stop at it and turn a done login or registration into a 500)."""

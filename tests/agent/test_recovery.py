@@ -605,8 +605,8 @@ def test_a_request_made_while_the_database_is_down_is_stored_when_it_is_back(
 
 
 def test_a_full_queue_is_a_503_for_everyone() -> None:
-    """At most ``limit`` requests wait for the background thread; one more waits for a place
-    and, none freeing in time, is 503 (whatever its login)."""
+    """At most ``limit`` requests wait for the background thread; one more is 503 at once
+    (whatever its login), or, given a ``wait``, once none freed in that time."""
     import threading
 
     from agent.background import Background
@@ -620,6 +620,11 @@ def test_a_full_queue_is_a_503_for_everyone() -> None:
         background.submit(ran.append, 1)
         with pytest.raises(ServiceUnavailable):
             background.submit(ran.append, 2)
+        background.wait_for_place = 0
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable):
+            background.submit(ran.append, 2)
+        assert time.monotonic() - started < 0.1
         release.set()
         background.drain()
         background.submit(ran.append, 3)
