@@ -1,9 +1,9 @@
 """Public keys of member sites and of the hub, and the federation JWKS (RFC 7517).
 
-Members register public keys only (a JWK with a private member is refused): RSA of at least
-2048 bits for RS256, P-256 for ES256 (RFC 7518 §3.3, §3.4). A ``kid`` is unique across the
-whole federation, the hub's own keys included, so a verifier that picks a key by ``kid`` can
-never get another site's key.
+Members register public keys only (a JWK with a private member is refused): RSA of 2048 to
+4096 bits for RS256, P-256 for ES256 (RFC 7518 §3.3, §3.4), at most ten not retired per site.
+A ``kid`` is unique across the whole federation, the hub's own keys included, so a verifier
+that picks a key by ``kid`` can never get another site's key.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import typing as t
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DBSession
@@ -37,6 +38,12 @@ PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 # then kid, alg and use (RFC 7517 §4, RFC 7518 §6.2.1, §6.3.1).
 PUBLIC_PARAMETERS = {"RSA": ("kty", "n", "e"), "EC": ("kty", "crv", "x", "y")}
 STATUSES = ("next", "active", "retiring", "retired")
+# Every peer verifies with these keys: an RSA modulus past 4096 bits makes each check of a
+# site's assertions several times dearer for all of them, and the JWKS and every directory
+# carry each published key, so a site has at most MAX_KEYS_PER_SITE that are not retired
+# (an active one, the previous ones still retiring, the next).
+MIN_RSA_BITS, MAX_RSA_BITS = 2048, 4096
+MAX_KEYS_PER_SITE = 10
 
 
 def check_public_jwk(jwk: t.Any) -> tuple[str, str]:
@@ -59,8 +66,10 @@ def check_public_jwk(jwk: t.Any) -> tuple[str, str]:
         key = jwt.PyJWK(jwk).key
     except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError):
         raise BadRequest(fields={"jwk": ["Not a valid public JWK."]}) from None
-    if alg == "RS256" and not (isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048):
-        raise BadRequest(fields={"jwk": ["RS256 needs an RSA key of at least 2048 bits."]})
+    if alg == "RS256" and not (isinstance(key, rsa.RSAPublicKey)
+                               and MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS):
+        raise BadRequest(fields={"jwk": [
+            f"RS256 needs an RSA key of {MIN_RSA_BITS} to {MAX_RSA_BITS} bits."]})
     if alg == "ES256" and not (
         isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
     ):
@@ -109,6 +118,11 @@ def register(db: DBSession, state: HubState, site: Site, jwk: t.Any,
             if status == "active" and existing.status == "next":
                 _activate(db, state, site, existing)
             return existing
+        held = db.scalar(select(func.count()).select_from(SiteKey).where(
+            SiteKey.site_id == site.id, SiteKey.status != "retired"))
+        if (held or 0) >= MAX_KEYS_PER_SITE:
+            raise Conflict(f"A site has at most {MAX_KEYS_PER_SITE} keys that are not retired; "
+                           "retire one first.", code="too_many_keys")
         key = SiteKey(site_id=site.id, kid=kid, alg=alg, jwk=public, status="next",
                       created_at=state.clock())
         try:

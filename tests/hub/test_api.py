@@ -12,6 +12,7 @@ import concurrent.futures
 import datetime as dt
 import json
 import math
+import secrets
 import threading
 import time
 import typing as t
@@ -779,6 +780,14 @@ def _rsa_1024(_keys: dict[str, SigningKey]) -> dict[str, t.Any]:
     return jwk_of(private.public_key(), "RS256", "rsa-1024-key")
 
 
+def _rsa_8192(_keys: dict[str, SigningKey]) -> dict[str, t.Any]:
+    """A public key with an 8192-bit modulus (any odd number will do for a public key: no
+    private key needs generating)."""
+    modulus = (1 << 8191) | secrets.randbits(8190) | 1
+    public = rsa.RSAPublicNumbers(65537, modulus).public_key()
+    return jwk_of(public, "RS256", "rsa-8192-key")
+
+
 def _p384(_keys: dict[str, SigningKey]) -> dict[str, t.Any]:
     private = ec.generate_private_key(ec.SECP384R1())
     return jwk_of(private.public_key(), "ES256", "p384-key-labelled-es256")
@@ -806,8 +815,8 @@ def _not_an_object(_keys: dict[str, SigningKey]) -> t.Any:
     return ["not", "a", "jwk"]
 
 
-BAD_KEYS = [_with_private, _rsa_1024, _p384, _rsa_as_es256, _oct, _no_kid, _encryption_key,
-            _not_an_object]
+BAD_KEYS = [_with_private, _rsa_1024, _rsa_8192, _p384, _rsa_as_es256, _oct, _no_kid,
+            _encryption_key, _not_an_object]
 
 
 def test_unacceptable_keys_are_refused(two: t.Any, jwks_pair: dict[str, SigningKey]) -> None:
@@ -819,6 +828,24 @@ def test_unacceptable_keys_are_refused(two: t.Any, jwks_pair: dict[str, SigningK
         assert r.json()["code"] == "invalid_request"
     assert jwks(hub) == before
     assert hub.scalar("SELECT count(*) FROM hub_site_keys") == 0
+
+
+def test_a_site_holds_at_most_ten_keys_that_are_not_retired(two: t.Any) -> None:
+    """Each published key is in the JWKS and every directory: an eleventh key that is not
+    retired is 409 too_many_keys (nothing stored); once one is retired, a new one is taken."""
+    hub, (shop, secret), _docs = two
+    made = [jwk_of(ec.generate_private_key(ec.SECP256R1()).public_key(), "ES256", f"shop-key-{i}")
+            for i in range(11)]
+    for jwk in made[:10]:
+        assert hub.signed("POST", KEYS, shop, secret, json={"jwk": jwk}).status_code == 201
+    refused(hub.signed("POST", KEYS, shop, secret, json={"jwk": made[10]}), 409, "too_many_keys")
+    assert hub.scalar("SELECT count(*) FROM hub_site_keys") == 10
+    assert "shop-key-10" not in kids(hub)
+    # The same key again is still idempotent at the cap.
+    assert hub.signed("POST", KEYS, shop, secret, json={"jwk": made[0]}).status_code == 201
+    assert hub.signed("DELETE", f"{KEYS}/shop-key-0", shop, secret).status_code == 200
+    assert hub.signed("POST", KEYS, shop, secret, json={"jwk": made[10]}).status_code == 201
+    assert "shop-key-10" in kids(hub)
 
 
 def test_a_kid_of_another_site_is_a_conflict(
