@@ -367,12 +367,22 @@ class TcpProxy:
 
 
 @contextlib.contextmanager
-def answering(reply: bytes) -> t.Iterator[str]:
-    """A TCP server on loopback that reads what each connection sends and answers ``reply``
-    (anything: no HTTP, a bad status line, a cut-short body); yields its ``http://`` base URL."""
+def answering(
+    reply: bytes | t.Callable[[socket.socket, threading.Event], None],
+) -> t.Iterator[str]:
+    """A TCP server on loopback that answers each connection, one at a time: with ``reply``
+    after reading what it sent (anything: no HTTP, a bad status line, a cut-short body), or by
+    calling ``reply(conn, stop)``, ``stop`` being set once the server is closing. Yields its
+    ``http://`` base URL."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.2)
     stop = threading.Event()
+
+    def answer(conn: socket.socket, _stop: threading.Event) -> None:
+        conn.recv(65536)
+        conn.sendall(t.cast(bytes, reply))
+
+    handle = reply if callable(reply) else answer
 
     def serve() -> None:
         while not stop.is_set():
@@ -382,8 +392,7 @@ def answering(reply: bytes) -> t.Iterator[str]:
                 continue
             with conn, contextlib.suppress(OSError):
                 conn.settimeout(2)
-                conn.recv(65536)
-                conn.sendall(reply)
+                handle(conn, stop)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()

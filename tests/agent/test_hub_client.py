@@ -18,6 +18,7 @@ from agent.hub_client import HubClient
 from agent.hub_client import HubUnavailable
 from agent.hub_client import Reply
 from agent.hub_client import urllib_transport
+from tests.conftest import answering
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -139,58 +140,29 @@ def test_an_error_answer_nested_beyond_the_stack_is_the_hub_unavailable() -> Non
     assert raised.value.status == 502
 
 
-@pytest.fixture
-def dripping() -> t.Iterator[tuple[str, threading.Event]]:
-    """A server at the hub's address that sends a byte of its answer's headers (or, at
-    ``/body``, of a 100-byte body) every 0.1 s for 8 s: no single read ever times out."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def drip(conn: socket.socket) -> None:
-        with conn:
-            path = conn.recv(65536).split(b" ")[1]
-            head = b"HTTP/1.1 200 OK\r\n"
-            head += b"Content-Length: 100\r\n\r\n{" if path == b"/body" else b"X-Slow: "
-            try:
-                conn.sendall(head)
-                for _ in range(80):
-                    if stop.wait(0.1):
-                        return
-                    conn.sendall(b" ")
-            except OSError:
-                return
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            threading.Thread(target=drip, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", stop
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
+def drip(conn: socket.socket, stop: threading.Event) -> None:
+    """Send a byte of the answer's headers (or, asked for ``/body``, of a 100-byte body) every
+    0.1 s for 8 s: no single read ever times out."""
+    path = conn.recv(65536).split(b" ")[1]
+    head = b"HTTP/1.1 200 OK\r\n"
+    head += b"Content-Length: 100\r\n\r\n{" if path == b"/body" else b"X-Slow: "
+    conn.sendall(head)
+    for _ in range(80):
+        if stop.wait(0.1):
+            return
+        conn.sendall(b" ")
 
 
 @pytest.mark.parametrize("path", ["/headers", "/body"])
-def test_a_hub_that_drips_its_answer_is_cut_off_at_the_timeout(
-    dripping: tuple[str, threading.Event], path: str
-) -> None:
+def test_a_hub_that_drips_its_answer_is_cut_off_at_the_timeout(path: str) -> None:
     """The client's timeout bounds the whole call, not each read: a hub (or whatever answers at
     its address) sending a byte every 0.1 s held a directory fetch, and the requests waiting on
     it, for as long as it kept sending."""
-    base, _ = dripping
-    client = HubClient(base + path, "site-key", b"s" * 32, timeout=1.0)
-    started = time.monotonic()
-    with pytest.raises(HubUnavailable, match="unreachable") as raised:
-        client.directory()
-    took = time.monotonic() - started
+    with answering(drip) as base:
+        client = HubClient(base + path, "site-key", b"s" * 32, timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(HubUnavailable, match="unreachable") as raised:
+            client.directory()
+        took = time.monotonic() - started
     assert raised.value.status == 0
     assert 0.9 <= took < 2.5, took
