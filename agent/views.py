@@ -14,6 +14,7 @@ from flask import request
 from sqlalchemy import bindparam
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from . import events
 from . import federation
@@ -213,7 +214,7 @@ def _login(full_profile: bool) -> Response:
         check=lambda: accounts.check_credentials(state, found, password), release=False,
     )
     assert found is not None
-    user = _as_checked(db, found)
+    user = _as_checked(db, state, found, password)
     lockout.succeeded(db, state, keys)
     if user is None:
         # A reset, a password change or a disable committed while the hash ran: it ended the
@@ -236,12 +237,14 @@ _RECHECK = (select(User.password_hash, User.status)
             .where(User.id == bindparam("id")).with_for_update())
 
 
-def _as_checked(db: DBSession, checked: User) -> User | None:
+def _as_checked(db: DBSession, state: State, checked: User, password: str) -> User | None:
     """``checked`` (read before the hash) back in ``db``, if the account is still active with
     the password it was checked against; else None.
 
     The row is read again and locked for this transaction: a reset, change or disable that
     committed first is seen here, and one that comes later also ends the session made now.
+    A hash that changed meanwhile is checked again: another login of the same account may
+    have stored the same password at new argon2 parameters (a rehash), which changes nothing.
     Only the two columns are read; the rest of ``checked`` is written only where changed.
     """
     row = db.execute(_RECHECK, {"id": checked.id}).one_or_none()
@@ -250,8 +253,11 @@ def _as_checked(db: DBSession, checked: User) -> User | None:
     if row.password_hash is None or checked.password_hash is None:
         return None
     if not hmac.compare_digest(row.password_hash, checked.password_hash):
-        return None
-    return db.merge(checked, load=False)
+        if not state.hasher.verify(row.password_hash, password):
+            return None
+    user = db.merge(checked, load=False)
+    set_committed_value(user, "password_hash", row.password_hash)
+    return user
 
 
 def _open_session(
@@ -587,7 +593,7 @@ def change_password() -> Response:
     keys = _guarded_password_check(db, state, user=account, login=account.user_login,
                                    client=client, event="password.changed", check=check,
                                    release=False)
-    user = _as_checked(db, account)
+    user = _as_checked(db, state, account, current)
     lockout.succeeded(db, state, keys)
     live = db.get(Session, identity.session_id, populate_existing=True)
     if user is None or live is None or live.revoked_at is not None:

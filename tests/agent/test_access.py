@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import threading
+import time
 import typing as t
 from pathlib import Path
 
@@ -595,6 +596,50 @@ def test_an_account_with_no_password_costs_a_login_a_whole_hash(
         no_password.append(timed("fed"))
     # Skipping the hash would make the second group cost a small fraction of the first.
     assert statistics.median(no_password) > statistics.median(wrong) / 2, (wrong, no_password)
+
+
+@pytest.mark.parametrize("meanwhile", ["rehash", "new_password"])
+def test_a_rehash_by_another_login_during_the_hash_is_no_change(
+    make_site: t.Callable[..., Site], meanwhile: str,
+) -> None:
+    """While a login checks the password against the hash it read, another login of the same
+    account stores the same password at new parameters (a rehash): the first login still gets
+    its token (it was refused as if the password had changed). A new password stored meanwhile
+    still refuses it."""
+    from argon2 import PasswordHasher
+    from sqlalchemy import text
+
+    s = make_site("HS256")
+    s.create_user("alice")
+    # Stored at dearer, older parameters: its check takes long enough to write in between.
+    slow = PasswordHasher(time_cost=8, memory_cost=65536, parallelism=1)
+    started = time.monotonic()
+    old = slow.hash(PASSWORD)
+    hash_time = time.monotonic() - started
+    assert hash_time > 0.1, hash_time
+    written = s.state.hasher.hash(PASSWORD if meanwhile == "rehash" else "a new one entirely")
+    with s.state.engine.begin() as conn:
+        conn.execute(text("UPDATE hk_users SET password_hash = :h WHERE user_login = 'alice'"),
+                     {"h": old})
+
+    def write_meanwhile() -> None:
+        time.sleep(hash_time / 3)
+        with s.state.engine.begin() as conn:
+            conn.execute(text("UPDATE hk_users SET password_hash = :h"
+                              " WHERE user_login = 'alice'"), {"h": written})
+
+    writer = threading.Thread(target=write_meanwhile)
+    writer.start()
+    r = s.api.post("/token", json={"username": "alice", "password": PASSWORD})
+    writer.join(10)
+    if meanwhile == "rehash":
+        assert r.status_code == 200, r.text
+        assert s.api.post("/token/validate", token=r.json()["token"]).status_code == 200
+        # The rehash stored meanwhile stands (not overwritten by this login's own).
+        assert s.scalar("SELECT password_hash FROM hk_users WHERE user_login = 'alice'") == written
+    else:
+        assert r.status_code == 401, r.text
+        assert s.scalar("SELECT count(*) FROM hk_sessions") == 0
 
 
 def test_a_login_rehashes_a_password_stored_at_older_parameters(
