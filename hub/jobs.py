@@ -15,10 +15,12 @@ Each job runs once per interval across every process, worker and host sharing th
 (DESIGN §6): a run is claimed with one conditional update of its ``hub_job_runs`` row::
 
     UPDATE hub_job_runs SET last_run_at = :now
-    WHERE job = :job AND last_run_at <= :now - :interval
+    WHERE job = :job AND (last_run_at <= :now - :interval OR last_run_at > :now + :interval)
 
 and only the process whose update hit the row does the work, in the same transaction (so the
-row stays locked until the work is committed, and a failed run releases its claim).
+row stays locked until the work is committed, and a failed run releases its claim). A run
+stamped more than an interval ahead, by a clock that was set back since, is no reason to wait
+until that time comes.
 
 Nothing is scheduled on import nor by ``create_app``: ``headlesskey-hub jobs`` (started by
 ``serve`` unless ``--no-jobs``) calls :func:`run_forever`.
@@ -83,9 +85,12 @@ def claim(db: DBSession, job: str, now: dt.datetime, interval: float) -> bool:
         )
     )
     cutoff = now - dt.timedelta(seconds=interval)
+    # A run stamped more than an interval ahead was made by a clock that ran ahead and has been
+    # set back since (or by a host whose clock is that far off): it is no reason to wait.
+    ahead = now + dt.timedelta(seconds=interval)
     result = db.execute(
         update(JobRun)
-        .where(JobRun.job == job, JobRun.last_run_at <= cutoff)
+        .where(JobRun.job == job, (JobRun.last_run_at <= cutoff) | (JobRun.last_run_at > ahead))
         .values(last_run_at=now)
         .execution_options(synchronize_session=False)
     )

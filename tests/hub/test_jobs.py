@@ -99,6 +99,19 @@ def test_a_job_runs_once_per_interval(hub: Hub) -> None:
     assert jobs.prune_nonces(hub.app) == 1
 
 
+def test_a_job_runs_again_after_the_clock_was_set_back(hub: Hub) -> None:
+    hub.clock.advance(30 * DAY)  # a host whose clock ran a month ahead runs the jobs
+    assert jobs.prune_nonces(hub.app) == 0
+    assert jobs.expire_secrets(hub.app) == 0
+    hub.clock.advance(-30 * DAY)  # NTP puts it right: the jobs run on, not a month later
+    assert jobs.prune_nonces(hub.app) == 0
+    assert jobs.expire_secrets(hub.app) == 0
+    hub.clock.advance(60)
+    assert jobs.prune_nonces(hub.app) is None  # and once per interval again
+    hub.clock.advance(jobs.NONCE_INTERVAL)
+    assert jobs.prune_nonces(hub.app) == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # secrets and events
 
