@@ -279,6 +279,7 @@ def import_file(
         raise BadRequest(f"{path}: expected [[site]] tables")
     results: list[tuple[str, str, str | None]] = []
     allowed = {"id", "name", "base_url", "issuer", "allowed_origins", "redirect_uris", "contact"}
+    seen: dict[tuple[str, str], int] = {}  # (field, value) -> the entry that has it
     for index, entry in enumerate(entries):
         unknown = set(entry) - allowed
         if unknown:
@@ -289,6 +290,15 @@ def import_file(
         except BadRequest as exc:
             problems = "; ".join(f"{k}: {' '.join(v)}" for k, v in (exc.fields or {}).items())
             raise BadRequest(f"{path}: site #{index + 1}: {problems}") from None
+        # Two entries for one site: the second would update what the first added, and only
+        # the last would stand (or a name or issuer taken twice would fail on the first's).
+        issuer_field = "issuer" if entry.get("issuer") else "base_url"
+        for field, value in (("id", values["site_key"]), ("name", values["name"]),
+                             (issuer_field, values["issuer"])):
+            first = seen.setdefault((field if field != "base_url" else "issuer", value), index)
+            if first != index:
+                raise BadRequest(f"{path}: site #{index + 1}: the same {field} as site "
+                                 f"#{first + 1} ({value!r})")
         site = db.scalar(select(Site).where(Site.site_key == values["site_key"]))
         if site is None:
             onboarded = add_site(db, state, actor, **{**fields, "site_key": values["site_key"]})

@@ -372,6 +372,21 @@ def test_sites_import_refuses_a_bad_file_and_writes_nothing(
     assert json.loads(ok(cli("sites", "list", "--instance", str(instance), "--json"))) == []
 
 
+def test_sites_import_refuses_a_site_twice_in_one_file(
+    instance: Path, cli: t.Callable[..., Result], tmp_path: Path
+) -> None:
+    twice = tmp_path / "twice.toml"
+    twice.write_text((ROOT / "sites.example.toml").read_text()
+                     + '\n[[site]]\nid = "shop"\nname = "Shop 2"\n'
+                     'base_url = "https://shop2.example.com"\n')
+    result = cli("sites", "import", "--instance", str(instance), str(twice))
+    assert result.exit_code == 1
+    line = one_line(result.stderr)
+    assert "site #3" in line and "site #1" in line and "id" in line, line
+    assert "hks_" not in result.output
+    assert json.loads(ok(cli("sites", "list", "--instance", str(instance), "--json"))) == []
+
+
 def test_db_upgrade(instance: Path, cli: t.Callable[..., Result]) -> None:
     assert "up to date" in ok(cli("db", "upgrade", "--instance", str(instance)))
 
