@@ -663,7 +663,9 @@ def end_session(session_id: str) -> Response:
 def _end_session(session_id: str, *, owner: int | None, reason: str) -> Response:
     db = get_db()
     state = get_state()
-    sess = db.get(Session, session_id[:64])
+    # Locked: a second request ending it meanwhile (a double click, the owner and an admin)
+    # waits, then sees it ended (404), rather than ending and logging it once more.
+    sess = db.get(Session, session_id[:64], with_for_update=True)
     if (
         sess is None
         or sess.revoked_at is not None

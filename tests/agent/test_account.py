@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import re
 import threading
+import time
 import typing as t
 
 import pytest
 import requests
+from sqlalchemy import text
 
 from tests.conftest import PASSWORD
 from tests.conftest import Mailbox
@@ -345,4 +348,60 @@ def test_unknown_session_id(asite: Site) -> None:
 def test_ending_a_session_needs_a_token(asite: Site) -> None:
     mine = asite.api.login()
     assert asite.api.delete(f"/sessions/{mine['sid']}").status_code == 401
+    assert access_works(asite, mine)
+
+
+def holding_the_session_row(site: Site, sid: str) -> t.Any:
+    """A transaction holding the session's row (the whole file's writes, on SQLite); the caller
+    commits or rolls it back."""
+    conn = site.state.engine.connect()
+    held = conn.begin()  # on SQLite, the agent's engine begins IMMEDIATE: the writer's lock
+    conn.execute(text("SELECT id FROM hk_sessions WHERE id = :sid FOR UPDATE"
+                      if conn.dialect.name != "sqlite"
+                      else "UPDATE hk_sessions SET ip = ip WHERE id = :sid"), {"sid": sid})
+    return conn, held
+
+
+def wait_for_waiters(site: Site, count: int) -> None:
+    """Until ``count`` statements wait for a lock (PostgreSQL); a moment on SQLite."""
+    if site.state.engine.dialect.name == "sqlite":
+        time.sleep(0.5)
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if site.scalar("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                       " AND datname = current_database()") >= count:
+            time.sleep(0.1)
+            return
+        time.sleep(0.02)
+
+
+def test_a_session_ended_twice_at_once_is_ended_once(asite: Site) -> None:
+    """Two requests ending the same session at once (a double click, the owner and an
+    administrator): one ends it, the other finds it gone (404), and the log has one row."""
+    asite.create_user("root", roles=["administrator"])
+    mine = asite.api.login()
+    other = asite.api.login()
+    admin = asite.api.login("root")
+    conn, held = holding_the_session_row(asite, other["sid"])
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            by_owner = pool.submit(asite.api.delete, f"/sessions/{other['sid']}",
+                                   token=mine["token"])
+            by_admin = pool.submit(asite.api.delete, f"/admin/sessions/{other['sid']}",
+                                   token=admin["token"])
+            wait_for_waiters(asite, 2)
+            held.rollback()
+            answers = [by_owner.result(), by_admin.result()]
+    finally:
+        conn.close()
+    assert sorted(r.status_code for r in answers) == [200, 404], [r.text for r in answers]
+    (gone,) = [r for r in answers if r.status_code == 404]
+    assert gone.json()["code"] == "session_not_found"
+    assert asite.scalar("SELECT count(*) FROM hk_audit WHERE event = 'session.ended'") == 1
+    reason = asite.scalar("SELECT revoke_reason FROM hk_sessions WHERE id = :sid",
+                          sid=other["sid"])
+    ended = asite.scalar("SELECT details FROM hk_audit WHERE event = 'session.ended'")
+    assert reason in str(ended)
+    assert not access_works(asite, other)
     assert access_works(asite, mine)
