@@ -300,13 +300,18 @@ def import_file(
                 raise BadRequest(f"{path}: site #{index + 1}: the same {field} as site "
                                  f"#{first + 1} ({value!r})")
         site = db.scalar(select(Site).where(Site.site_key == values["site_key"]))
-        if site is None:
-            onboarded = add_site(db, state, actor, **{**fields, "site_key": values["site_key"]})
-            results.append((values["site_key"], "added", onboarded.secret))
-            continue
-        changed = {k: v for k, v in values.items() if getattr(site, k) != v}
-        if changed:
-            _refuse_clash(db, values, site.id)
+        try:
+            if site is None:
+                onboarded = add_site(db, state, actor,
+                                     **{**fields, "site_key": values["site_key"]})
+                results.append((values["site_key"], "added", onboarded.secret))
+                continue
+            changed = {k: v for k, v in values.items() if getattr(site, k) != v}
+            if changed:
+                _refuse_clash(db, values, site.id)
+        except Conflict as exc:  # a site of the registry has the name, key or issuer
+            raise Conflict(f"{path}: site #{index + 1}: {exc.message}",
+                           fields=exc.fields) from None
         for key, value in changed.items():
             setattr(site, key, value)
         if changed:

@@ -387,6 +387,19 @@ def test_sites_import_refuses_a_site_twice_in_one_file(
     assert json.loads(ok(cli("sites", "list", "--instance", str(instance), "--json"))) == []
 
 
+def test_sites_import_names_the_entry_that_clashes_with_a_site(
+    instance: Path, cli: t.Callable[..., Result], tmp_path: Path
+) -> None:
+    add(cli, instance, "Blog", "https://docs.example.com")
+    result = cli("sites", "import", "--instance", str(instance), str(ROOT / "sites.example.toml"))
+    assert result.exit_code == 1
+    line = one_line(result.stderr)
+    assert "sites.example.toml: site #2:" in line and "base url" in line, line
+    assert "hks_" not in result.output
+    listed = json.loads(ok(cli("sites", "list", "--instance", str(instance), "--json")))
+    assert [s["site_key"] for s in listed] == ["blog"]
+
+
 def test_db_upgrade(instance: Path, cli: t.Callable[..., Result]) -> None:
     assert "up to date" in ok(cli("db", "upgrade", "--instance", str(instance)))
 
