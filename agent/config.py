@@ -161,8 +161,26 @@ def _cors(key: str, value: t.Any) -> bool | tuple[str, ...]:
             or parts.fragment
         ):
             raise ConfigError(f"{key}: {text!r} is not an origin like https://app.example.com")
-        origins.append(f"{parts.scheme}://{parts.netloc.lower()}")
+        origins.append(_origin(key, text, parts))
     return tuple(origins)
+
+
+def _origin(key: str, text: str, parts: SplitResult) -> str:
+    """An origin as a browser sends it in ``Origin``: a lowercase host, an international one in
+    its ASCII (punycode) form, and no port where it is the scheme's default (443, 80)."""
+    host = parts.hostname or ""
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ConfigError(f"{key}: {text!r} is not an origin like "
+                              "https://app.example.com") from None
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    if port is not None and port != {"https": 443, "http": 80}[parts.scheme]:
+        host = f"{host}:{port}"
+    return f"{parts.scheme}://{host}"
 
 
 # Endpoint names for access rules, and who may call each by default.

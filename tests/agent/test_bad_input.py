@@ -809,6 +809,25 @@ def test_cors_allow_list_varies_on_origin_without_one(make_site: t.Callable[...,
     assert "Origin" not in r.headers.get("Vary", "")
 
 
+def test_cors_allow_list_is_matched_as_browsers_send_origins(
+        make_site: t.Callable[..., Site]) -> None:
+    """An origin configured with its scheme's default port, in capitals or with an
+    international host is matched as a browser writes it in Origin (no default port, lowercase,
+    punycode); the forms a browser never sends are not allowed."""
+    site = make_site("HS256", HEADLESSKEY_CORS=["https://App.Example:443", "http://shop.example:80",
+                                                "https://bücher.example", "http://[::1]:80",
+                                                "https://admin.example:8443"], **NO_LOCKOUT)
+    for origin in ("https://app.example", "http://shop.example", "https://xn--bcher-kva.example",
+                   "http://[::1]", "https://admin.example:8443"):
+        for r in (preflight(site, origin), site.api.get("/me", headers={"Origin": origin})):
+            assert r.headers.get("Access-Control-Allow-Origin") == origin, (origin, r.status_code)
+            assert "Origin" in {v.strip() for v in r.headers.get("Vary", "").split(",")}
+    for origin in ("https://app.example:443", "https://App.Example", "https://bücher.example",
+                   "https://admin.example", "https://shop.example"):
+        r = preflight(site, origin)
+        assert "Access-Control-Allow-Origin" not in r.headers, origin
+
+
 def test_cors_disabled_sends_no_cors_headers(make_site: t.Callable[..., Site]) -> None:
     site = make_site("HS256", HEADLESSKEY_CORS=False, **NO_LOCKOUT)
     site.create_user("alice")
