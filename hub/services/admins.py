@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session as DBSession
 
 from agent.services.passwords import Hasher
 from agent.services.passwords import policy_problems
+from agent.text import holds_controls
 
 from ..errors import BadRequest
 from ..errors import Conflict
@@ -46,6 +47,10 @@ def hasher(state: HubState) -> Hasher:
 def create(db: DBSession, state: HubState, username: str, password: str) -> Admin:
     if not _USERNAME.fullmatch(username):
         raise BadRequest(fields={"username": ["3 to 60 characters: letters, digits and _ . @ -"]})
+    if holds_controls(password):  # a NUL makes the console refuse the login form; a byte that
+        # is no UTF-8 (read from stdin as a lone surrogate) cannot be hashed at all
+        raise BadRequest("The password is not usable.", fields={"password": [
+            "No control characters, and UTF-8 text only."]})
     problems = policy_problems(password, min_length=12, max_length=256, context=(username,))
     if problems:
         raise BadRequest("The password is too weak.", fields={"password": problems})

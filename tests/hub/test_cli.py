@@ -217,6 +217,31 @@ def test_admins_create_refuses_a_weak_password(
     assert weak not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("password", [PASSWORD + "\x00", "correct\x1bhorse battery staple"])
+def test_admins_create_refuses_a_control_character_in_the_password(
+    instance: Path, cli: t.Callable[..., Result], password: str
+) -> None:
+    # No one could sign in with it: the console refuses a form holding a NUL, and no keyboard
+    # types an escape into a password field.
+    result = cli("admins", "create", "--instance", str(instance), "--username", "root-admin",
+                 "--password-stdin", input=password + "\n")
+    assert result.exit_code == 1
+    assert "control character" in one_line(result.stderr)
+    ok(cli("admins", "create", "--instance", str(instance), "--username", "root-admin",
+           "--password-stdin", input=PASSWORD + "\n"))
+
+
+def test_admins_create_refuses_a_password_that_is_no_utf8(instance: Path) -> None:
+    assert HUB
+    result = subprocess.run(  # noqa: S603 - our own executable
+        [HUB, "admins", "create", "--instance", str(instance), "--username", "root-admin",
+         "--password-stdin"], input=b"correct horse \xff battery staple\n",
+        capture_output=True, env=clean_env(), timeout=60,
+    )
+    assert result.returncode == 1
+    assert "password" in one_line(result.stderr.decode())
+
+
 def test_admins_create_reads_the_password_from_stdin_only(
     instance: Path, cli: t.Callable[..., Result]
 ) -> None:
