@@ -666,13 +666,15 @@ def _end_session(session_id: str, *, owner: int | None, reason: str) -> Response
     # Locked: a second request ending it meanwhile (a double click, the owner and an admin)
     # waits, then sees it ended (404), rather than ending and logging it once more.
     sess = db.get(Session, session_id[:64], with_for_update=True)
+    now = state.clock()
     if (
         sess is None
         or sess.revoked_at is not None
+        or sess.expires_at <= now  # over by itself, and no longer listed
         or (owner is not None and sess.user_id != owner)
     ):
         raise NotFound("No such session.", code="session_not_found")
-    sessions.revoke_session(db, sess, state.clock(), reason)
+    sessions.revoke_session(db, sess, now, reason)
     events.record(db, state, "session.ended", client=_client(), user_id=sess.user_id,
                   session_id=sess.id, details={"reason": reason})
     db.commit()

@@ -351,6 +351,28 @@ def test_ending_a_session_needs_a_token(asite: Site) -> None:
     assert access_works(asite, mine)
 
 
+def test_a_session_past_its_lifetime_is_not_ended_again(asite: Site) -> None:
+    """A session past its absolute lifetime is no longer listed; ending it is 404 as for an
+    ended one (it said "Session ended." and logged session.ended for a session long over)."""
+    from agent.models import Session
+
+    asite.create_user("root", roles=["administrator"])
+    old, mine, admin = asite.api.login(), asite.api.login(), asite.api.login("root")
+    with asite.db() as db:  # its lifetime ended a minute ago
+        db.get(Session, old["sid"]).expires_at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
+        db.commit()
+    listed = [s["id"] for s in asite.api.get("/sessions", token=mine["token"]).json()["sessions"]]
+    assert listed == [mine["sid"]]
+    for r in (asite.api.delete(f"/sessions/{old['sid']}", token=mine["token"]),
+              asite.api.delete(f"/admin/sessions/{old['sid']}", token=admin["token"])):
+        assert r.status_code == 404, r.text
+        assert r.json()["code"] == "session_not_found"
+    assert asite.scalar("SELECT count(*) FROM hk_audit WHERE event = 'session.ended'") == 0
+    assert asite.scalar("SELECT revoked_at FROM hk_sessions WHERE id = :sid",
+                        sid=old["sid"]) is None
+    assert access_works(asite, mine)
+
+
 def holding_the_session_row(site: Site, sid: str) -> t.Any:
     """A transaction holding the session's row (the whole file's writes, on SQLite); the caller
     commits or rolls it back."""
