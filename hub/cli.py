@@ -1,7 +1,8 @@
 """The ``headlesskey-hub`` command: init, serve, jobs, admins, sites, db.
 
-Configuration problems (a bad ``hub.toml``, a missing master key) are one line on stderr and
-exit status 2; user mistakes (a weak password, an unknown site) are one line and exit status 1.
+Configuration problems (a bad ``hub.toml``, a missing master key, a database that cannot be
+reached) are one line on stderr and exit status 2; user mistakes (a weak password, an unknown
+site) are one line and exit status 1.
 Secrets are printed once, when they are made, and never again.
 """
 
@@ -17,6 +18,8 @@ from urllib.parse import urlsplit
 
 import click
 
+from agent.db import DATABASE_ERRORS
+from agent.db import _cause
 from agent.errors import AgentError
 from agent.errors import ConfigError
 
@@ -54,6 +57,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (ConfigError, MasterKeyError) as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except DATABASE_ERRORS as exc:  # no server there, refused, a file that cannot be opened
+            click.echo(f"error: the database cannot be reached ({_cause(exc)}); check "
+                       "HEADLESSKEY_HUB_DATABASE_URL and that the database is up", err=True)
             sys.exit(2)
         except AgentError as exc:
             raise click.ClickException(_describe(exc)) from None

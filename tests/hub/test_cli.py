@@ -475,6 +475,27 @@ def test_a_bad_environment_value_is_one_line_and_exit_2(instance: Path) -> None:
     assert "HEADLESSKEY_HUB_NONCE_TTL" in one_line(result.stderr)
 
 
+@pytest.mark.parametrize("command", [["sites", "list"], ["sites", "suspend", "shop"],
+                                     ["db", "upgrade"]])
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_a_database_that_cannot_be_reached_is_one_line_and_exit_2(
+    instance: Path, command: list[str], database: str
+) -> None:
+    if database == "postgresql":
+        pytest.importorskip("psycopg")
+        url = f"postgresql://postgres@127.0.0.1:{free_port()}/hub"  # nothing listens there
+    else:
+        url = f"sqlite:///{instance}"  # a folder: SQLite cannot open it
+    result = subprocess.run(  # noqa: S603 - our own executable
+        [str(HUB), *command, "--instance", str(instance)], capture_output=True, text=True,
+        env=clean_env(HEADLESSKEY_HUB_DATABASE_URL=url), timeout=60,
+    )
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    line = one_line(result.stderr)
+    assert line.startswith("error: ") and "database" in line, line
+    assert result.stdout == ""
+
+
 def test_a_missing_master_key_is_one_line_and_exit_2(instance: Path) -> None:
     (instance / "master.key").unlink()
     result = hub_cmd("sites", "list", "--instance", str(instance))
