@@ -65,6 +65,7 @@ F = t.TypeVar("F", bound=t.Callable[..., t.Any])
 FALLBACK_HEADER = "X-HeadlessKey-Authorization"
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = f"Authorization, Content-Type, {FALLBACK_HEADER}"
+CORS_EXPOSED = "Retry-After, WWW-Authenticate"
 
 
 def utcnow() -> dt.datetime:
@@ -484,8 +485,13 @@ def _decorate_response(response: Response) -> Response:
         headers.add("Vary", "Origin")
         if origin and origin in settings.cors:  # exact match: scheme, host and port
             headers["Access-Control-Allow-Origin"] = origin
-    if "Access-Control-Allow-Origin" in headers and request.method == "OPTIONS":
-        headers["Access-Control-Allow-Methods"] = CORS_METHODS
-        headers["Access-Control-Allow-Headers"] = CORS_HEADERS
-        headers["Access-Control-Max-Age"] = "600"
+    if "Access-Control-Allow-Origin" in headers:
+        if request.method == "OPTIONS":
+            headers["Access-Control-Allow-Methods"] = CORS_METHODS
+            headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+            headers["Access-Control-Max-Age"] = "600"
+        else:
+            # A script sees only the safelisted headers unless told: the time a 429 or 503
+            # says to wait, and why a token was refused, are for the frontend to read.
+            headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
     return response

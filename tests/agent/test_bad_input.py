@@ -828,6 +828,32 @@ def test_cors_allow_list_is_matched_as_browsers_send_origins(
         assert "Access-Control-Allow-Origin" not in r.headers, origin
 
 
+@pytest.mark.parametrize("cors", [True, ["https://app.example"]])
+def test_cors_lets_the_frontend_read_retry_after(make_site: t.Callable[..., Site],
+                                                 cors: t.Any) -> None:
+    """A frontend on another origin can read Retry-After of a 429 (a browser shows a script
+    only the safelisted headers, and Retry-After is not one), as the documentation tells it to;
+    a preflight exposes nothing, a request from another origin is told nothing."""
+    site = make_site("HS256", HEADLESSKEY_CORS=cors, HEADLESSKEY_LOCKOUT_MAX_FAILURES=1)
+    site.create_user("alice")
+    origin = {"Origin": "https://app.example"}
+    wrong = site.api.post("/token", json={"username": "alice", "password": "wrong"},
+                          headers=origin)
+    assert wrong.status_code == 401
+    locked = site.api.post("/token", json={"username": "alice", "password": PASSWORD},
+                           headers=origin)
+    assert locked.status_code == 429, locked.text
+    assert int(locked.headers["Retry-After"]) > 0
+    for r in (wrong, locked):
+        exposed = {h.strip().lower()
+                   for h in r.headers.get("Access-Control-Expose-Headers", "").split(",")}
+        assert {"retry-after", "www-authenticate"} <= exposed, dict(r.headers)
+    assert "Access-Control-Expose-Headers" not in preflight(site, "https://app.example").headers
+    if cors is not True:
+        other = site.api.get("/me", headers={"Origin": "https://evil.example"})
+        assert "Access-Control-Expose-Headers" not in other.headers
+
+
 def test_cors_disabled_sends_no_cors_headers(make_site: t.Callable[..., Site]) -> None:
     site = make_site("HS256", HEADLESSKEY_CORS=False, **NO_LOCKOUT)
     site.create_user("alice")
