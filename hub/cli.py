@@ -22,6 +22,7 @@ from agent.db import DATABASE_ERRORS
 from agent.db import _cause
 from agent.errors import AgentError
 from agent.errors import ConfigError
+from agent.text import holds_controls
 
 from .crypto import MasterKeyError
 
@@ -127,8 +128,12 @@ def _toml(value: str) -> str:
 
 
 def _check_url(url: str) -> str:
+    # No space or control character anywhere (urlsplit drops a tab, so it would be checked
+    # without it and written with it), nor a byte that is no UTF-8 (hub.toml could not hold it).
+    bad = holds_controls(url) or any(c.isspace() for c in url.strip())
     parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+    if (bad or parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+            or parts.fragment):
         raise click.BadParameter("an http(s)://host[:port][/path] URL", param_hint="--url")
     return url.strip().rstrip("/")
 
@@ -158,27 +163,35 @@ def init(instance: Path, url: str) -> None:
         raise click.ClickException(
             f"{instance} already holds a hub ({', '.join(existing)}); refusing to overwrite it"
         )
+    made_folder = not instance.exists()
     instance.mkdir(parents=True, exist_ok=True)
     os.chmod(instance, 0o700)
     key_from_env = bool(os.environ.get("HEADLESSKEY_HUB_MASTER_KEY"))
-    if not key_from_env:
-        write_private(instance / MASTER_KEY_FILE, new_master_key() + b"\n")
-    write_private(
-        instance / CONFIG_FILE,
-        "\n".join(
-            [
-                "# HeadlessKey hub settings: keys without the HEADLESSKEY_HUB_ prefix, in lower",
-                "# case (see docs/hub.md). Environment variables HEADLESSKEY_HUB_* override them.",
-                f"url = {_toml(url)}",
-                "",
-            ]
-        ).encode(),
-    )
-    app, state = _open(instance)
-    with app.app_context(), state.session_factory() as db:
-        hub_key = keys.ensure_hub_key(db, state)
-        db.commit()
-    _protect_sqlite(state)
+    config = "\n".join(
+        [
+            "# HeadlessKey hub settings: keys without the HEADLESSKEY_HUB_ prefix, in lower",
+            "# case (see docs/hub.md). Environment variables HEADLESSKEY_HUB_* override them.",
+            f"url = {_toml(url)}",
+            "",
+        ]
+    ).encode()
+    try:
+        if not key_from_env:
+            write_private(instance / MASTER_KEY_FILE, new_master_key() + b"\n")
+        write_private(instance / CONFIG_FILE, config)
+        app, state = _open(instance)
+        with app.app_context(), state.session_factory() as db:
+            hub_key = keys.ensure_hub_key(db, state)
+            db.commit()
+        _protect_sqlite(state)
+    except BaseException:
+        # Nothing of a failed init stays (a database that cannot be reached, say): its master
+        # key or hub.toml would make the next init refuse the folder as a hub's.
+        for name in (MASTER_KEY_FILE, CONFIG_FILE, "hub.db", "hub.db-wal", "hub.db-shm"):
+            (instance / name).unlink(missing_ok=True)
+        if made_folder and not any(instance.iterdir()):
+            instance.rmdir()
+        raise
     click.echo(f"Initialised the hub in {instance} (issuer {url}, signing key {hub_key.kid}).")
     if key_from_env:
         click.echo("The master key comes from HEADLESSKEY_HUB_MASTER_KEY; no master.key written.")

@@ -174,11 +174,37 @@ def test_init_with_the_master_key_in_the_environment(
     assert "MASTER_KEY" in one_line(result.stderr)
 
 
-def test_init_refuses_a_bad_url(tmp_path: Path, cli: t.Callable[..., Result]) -> None:
-    result = cli("init", "--instance", str(tmp_path / "hub"), "--url", "ftp://hub.example.com")
+@pytest.mark.parametrize("url", [
+    "ftp://hub.example.com",
+    "https://hub.exa\tmple.com",  # urlsplit drops the tab: the issuer would hold it
+    "https://hub.example.com/a b",
+    "https://hub.example.com/\x01",  # hub.toml could not even be read back
+    "https://hub\udcff.example.com",  # a byte of the command line that is no UTF-8
+])
+def test_init_refuses_a_bad_url(tmp_path: Path, cli: t.Callable[..., Result], url: str) -> None:
+    result = cli("init", "--instance", str(tmp_path / "hub"), "--url", url)
     assert result.exit_code == 2
     assert "--url" in result.stderr
     assert not (tmp_path / "hub").exists()
+    ok(cli("init", "--instance", str(tmp_path / "hub"), "--url", "https://hub.example.com"))
+
+
+def test_init_that_fails_leaves_nothing_behind(
+    tmp_path: Path, cli: t.Callable[..., Result]
+) -> None:
+    path = tmp_path / "hub"
+    result = subprocess.run(  # noqa: S603 - our own executable
+        [str(HUB), "init", "--instance", str(path)], capture_output=True, text=True,
+        env=clean_env(HEADLESSKEY_HUB_DATABASE_URL=f"sqlite:///{tmp_path}"), timeout=60,
+    )
+    assert result.returncode == 2
+    assert "database" in one_line(result.stderr)
+    assert not path.exists()
+    # Once the database is there, init is run again: no master key of the failed run is in the
+    # way, nor a hub.toml.
+    out = ok(cli("init", "--instance", str(path)))
+    assert "Initialised" in out
+    add(cli, path, "Shop", "https://shop.example.com")
 
 
 # ---------------------------------------------------------------------------------------------
