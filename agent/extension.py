@@ -391,6 +391,7 @@ class HeadlessKey:
 
         from . import views
 
+        app.url_map.converters[views.USER_ID_CONVERTER] = views.UserIdConverter
         app.register_blueprint(views.make_blueprint(settings))
         # The JWKS sits at the host's well-known path, outside the API prefix (RFC 8615).
         app.add_url_rule("/.well-known/jwks.json", "headlesskey_jwks", views.jwks)

@@ -15,6 +15,7 @@ from sqlalchemy import bindparam
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 from sqlalchemy.orm.attributes import set_committed_value
+from werkzeug.routing import IntegerConverter
 
 from . import events
 from . import federation
@@ -836,8 +837,19 @@ def jwks() -> Response:
     return response
 
 
-# (rule, view, methods, access-rule name in HEADLESSKEY_ACCESS)
+class UserIdConverter(IntegerConverter):
+    """A user id in a path: digits 0-9 alone. Werkzeug's ``int`` matches ``\\d``, any
+    script's digits, which ``int()`` then reads ("１" was user 1)."""
+
+    regex = r"[0-9]+"
+
+
+# The app's converter name (HeadlessKey.init_app registers it).
+USER_ID_CONVERTER = "hk_user_id"
 # A user id longer than any database integer (MAX_ID) in a path is a 404.
+USER_ID = f"<{USER_ID_CONVERTER}(max={MAX_ID}):user_id>"
+
+# (rule, view, methods, access-rule name in HEADLESSKEY_ACCESS)
 ROUTES: list[tuple[str, t.Callable[..., Response], list[str], str]] = [
     ("/token", token, ["POST"], "token"),
     ("/token/validate", token_validate, ["POST"], "token_validate"),
@@ -852,11 +864,10 @@ ROUTES: list[tuple[str, t.Callable[..., Response], list[str], str]] = [
     ("/sessions", list_sessions, ["GET"], "sessions"),
     ("/sessions/<session_id>", end_session, ["DELETE"], "sessions"),
     ("/admin/logs", admin_logs, ["GET"], "admin"),
-    (f"/admin/users/<int(max={MAX_ID}):user_id>/unlock", admin_unlock, ["POST"], "admin"),
-    (f"/admin/users/<int(max={MAX_ID}):user_id>/disable", admin_disable, ["POST"], "admin"),
-    (f"/admin/users/<int(max={MAX_ID}):user_id>/enable", admin_enable, ["POST"], "admin"),
-    (f"/admin/users/<int(max={MAX_ID}):user_id>/sessions", admin_user_sessions, ["GET"],
-     "admin"),
+    (f"/admin/users/{USER_ID}/unlock", admin_unlock, ["POST"], "admin"),
+    (f"/admin/users/{USER_ID}/disable", admin_disable, ["POST"], "admin"),
+    (f"/admin/users/{USER_ID}/enable", admin_enable, ["POST"], "admin"),
+    (f"/admin/users/{USER_ID}/sessions", admin_user_sessions, ["GET"], "admin"),
     ("/admin/sessions/<session_id>", admin_end_session, ["DELETE"], "admin"),
     ("/sso/issue", sso_issue, ["POST"], "sso_issue"),
     ("/sso/exchange", sso_exchange, ["POST"], "sso_exchange"),

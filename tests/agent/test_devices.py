@@ -358,3 +358,21 @@ def test_admin_user_id_beyond_64_bits_is_404(make_site: t.Callable[..., Site]) -
     r = s.api.get(f"/admin/users/{2**31}/sessions", token=admin)
     assert r.status_code == 404 and r.json()["code"] == "rest_no_route", r.text
     assert s.api.get("/admin/users/1/sessions", token=admin).status_code == 200
+
+
+@pytest.mark.parametrize("user_id", ["\uff11", "\u0661", "\u0967", "1\uff10"])
+def test_admin_user_id_in_other_digits_is_404(make_site: t.Callable[..., Site],
+                                              user_id: str) -> None:
+    """A user id written in other digits than 0-9 (fullwidth, Arabic-Indic, Devanagari) is an
+    unknown route, as in the ``user`` filter of /admin/logs; "１" was user 1 and disabled it."""
+    s = limited_site(make_site)
+    admin = s.api.login("root")["token"]
+    phone = login(s).json()
+    for method, action in (("GET", "sessions"), ("POST", "unlock"), ("POST", "disable"),
+                           ("POST", "enable")):
+        r = s.api.request(method, f"/admin/users/{user_id}/{action}", token=admin)
+        assert r.status_code == 404, (action, r.text)
+        assert r.json()["code"] == "rest_no_route"
+    assert works(s, phone)
+    assert s.scalar("SELECT status FROM hk_users WHERE id = 1") == "active"
+    assert s.scalar("SELECT count(*) FROM hk_audit WHERE event LIKE 'user.%'") == 0
