@@ -179,6 +179,8 @@ def _add_secret(db: DBSession, state: HubState, site: Site, version: int) -> str
 def get(db: DBSession, site_key: str, *, lock: bool = False) -> Site:
     """The site of ``site_key``; with ``lock`` its row stays locked until the transaction ends,
     so changes of one site take turns (one removed meanwhile is :class:`NotFound`)."""
+    if holds_controls(site_key):  # no site key holds one (a lone surrogate cannot be sent)
+        raise NotFound(f"No site {site_key!r}.", code="site_not_found")
     stmt = select(Site).where(Site.site_key == site_key)
     if lock:
         stmt = stmt.with_for_update().execution_options(populate_existing=True)

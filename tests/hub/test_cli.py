@@ -313,6 +313,20 @@ def test_sites_add_prints_the_secret_once_and_it_signs(
         assert "hks_" not in output
 
 
+@pytest.mark.parametrize("verb", [["suspend"], ["resume"], ["rotate-secret"],
+                                  ["remove", "--yes"]])
+def test_a_site_key_that_is_no_utf8_is_no_site(
+    instance: Path, cli: t.Callable[..., Result], verb: list[str]
+) -> None:
+    add(cli, instance, "Shop", "https://shop.example.com")
+    # A byte of the command line that is no UTF-8 reaches the command as a lone surrogate.
+    result = cli("sites", verb[0], "--instance", str(instance), "sh\udcffop", *verb[1:])
+    assert result.exit_code == 1
+    assert "No site" in one_line(result.stderr)
+    listed = json.loads(ok(cli("sites", "list", "--instance", str(instance), "--json")))
+    assert [(s["site_key"], s["status"]) for s in listed] == [("shop", "active")]
+
+
 def test_sites_add_explains_mistakes(instance: Path, cli: t.Callable[..., Result]) -> None:
     add(cli, instance, "Shop", "https://shop.example.com")
     for args, words in (
