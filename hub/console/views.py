@@ -42,6 +42,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
 
+from agent.db import MAX_ID
 from agent.errors import AgentError
 
 from ..models import Admin
@@ -513,6 +514,8 @@ def activity() -> ResponseReturnValue:
     raw_before = request.args.get("before", "")
     before = (int(raw_before) if raw_before.isascii() and raw_before.isdigit()
               and len(raw_before) < 19 else None)
+    if before is not None and before > MAX_ID:  # every id is below it: the newest page (and
+        before = None  # PostgreSQL's 32-bit id column could not even compare with it)
     rows, next_before = events.query(
         db, site_key=filters["site"] or None, event=filters["event"] or None,
         outcome=filters["outcome"] or None, before=before, limit=PAGE_SIZE,

@@ -658,6 +658,18 @@ def test_activity_filters_and_pages(console: Console) -> None:
     assert console.get("/console/activity?before=oops").status_code == 200
 
 
+@pytest.mark.parametrize("before", ["2147483648", "999999999999999999"])
+def test_activity_before_an_id_past_any_is_the_newest_page(console: Console, before: str) -> None:
+    """An id past any an id column holds (an edited link) pages from the newest event."""
+    hub = console.hub
+    with hub.app.app_context(), hub.state.session_factory() as db:
+        events.log(db, hub.state, "test.ping", actor="n1")
+        db.commit()
+    r = console.get(f"/console/activity?before={before}")
+    assert r.status_code == 200
+    assert "<code>test.ping</code>" in r.text.split("<tbody>")[1]
+
+
 # --- settings --------------------------------------------------------------------------------
 
 
