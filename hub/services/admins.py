@@ -8,6 +8,7 @@ import typing as t
 
 from sqlalchemy import func
 from sqlalchemy import select
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DBSession
 
@@ -26,6 +27,7 @@ if t.TYPE_CHECKING:
 
 _USERNAME = re.compile(r"[A-Za-z0-9_.@-]{3,60}")
 HASHER_KEY = "hub_hasher"
+ADDRESS_LOCK = 0x686B6970  # PostgreSQL advisory lock space of console logins by address
 
 
 class LoginFailed(Exception):
@@ -74,6 +76,7 @@ def authenticate(db: DBSession, state: HubState, username: str, password: str, i
     (a :class:`LoginFailed`) before any of that.
     """
     now = state.clock()
+    _take_turns_by_address(db, state, ip)
     if _address_blocked(db, state, ip, now):
         events.log(db, state, "admin.login_blocked", outcome="blocked", actor=username[:60], ip=ip)
         db.commit()
@@ -113,6 +116,17 @@ def _count_failure(db: DBSession, state: HubState, admin: Admin, now: dt.datetim
         admin.locked_until = now + dt.timedelta(seconds=state.setting("ADMIN_LOCK_SECONDS"))
         admin.failures = 0
         events.log(db, state, "admin.locked", outcome="info", actor=admin.username, ip=ip)
+
+
+def _take_turns_by_address(db: DBSession, state: HubState, ip: str) -> None:
+    """Logins from one address take turns until each has committed its outcome, so guesses
+    sent at once cannot all pass :func:`_address_blocked` before any failure is counted. On
+    PostgreSQL a lock held to the end of the transaction (SQLite's ``BEGIN IMMEDIATE``
+    serialises writers already)."""
+    if state.setting("ADMIN_IP_MAX_FAILURES") and ip and (
+            db.get_bind().dialect.name == "postgresql"):
+        db.execute(text("SELECT pg_advisory_xact_lock(:space, hashtext(:ip))"),
+                   {"space": ADDRESS_LOCK, "ip": ip[:64]})
 
 
 def _address_blocked(db: DBSession, state: HubState, ip: str, now: dt.datetime) -> bool:

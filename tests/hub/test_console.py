@@ -198,6 +198,24 @@ def test_an_address_with_many_failed_logins_is_refused_for_a_while(
     assert location(c.login()) == "/"
 
 
+def test_failed_logins_sent_at_once_from_one_address_stop_at_its_limit(
+        make_hub: t.Callable[..., Hub]) -> None:
+    """Guesses sent at once from one address (each answered in a thread of its own) cannot
+    outrun the address limit: as many are checked as the limit allows, the rest are 429."""
+    hub = make_hub(HEADLESSKEY_HUB_ADMIN_IP_MAX_FAILURES=3)
+    make_admin(hub)
+    guesses = 12
+    consoles = [Console(hub) for _ in range(guesses)]
+    tokens = [c.token("/console/login") for c in consoles]
+    with concurrent.futures.ThreadPoolExecutor(guesses) as pool:
+        answers = list(pool.map(
+            lambda ict: ict[1][0].post("/console/login", {"username": f"name{ict[0]}",
+                                                          "password": WRONG}, token=ict[1][1]),
+            enumerate(zip(consoles, tokens, strict=True))))
+    assert sorted(r.status_code for r in answers) == [200] * 3 + [429] * (guesses - 3)
+    assert len(hub_events(hub, "admin.login_failed")) == 3
+
+
 def test_the_address_limit_is_per_client_address(make_hub: t.Callable[..., Hub]) -> None:
     """Behind a trusted proxy each client is limited on its own address."""
     hub = make_hub(HEADLESSKEY_HUB_ADMIN_IP_MAX_FAILURES=2, HEADLESSKEY_HUB_TRUSTED_PROXIES=1)
