@@ -397,7 +397,7 @@ def token_revoke() -> Response:
         if presented.startswith(sessions.REFRESH_PREFIX):
             ended = sessions.revoke_by_refresh_token(db, state, presented)
         else:
-            sess = _live_session(db, state, presented, current=False)
+            sess = _live_session(db, state, presented, current=False, lock=True)
             if sess is not None:
                 sessions.revoke_session(db, sess, state.clock(), "revoked")
                 ended = sess
@@ -409,9 +409,12 @@ def token_revoke() -> Response:
 
 
 def _live_session(db: DBSession, state: State, presented: t.Any, *,
-                  current: bool = True) -> Session | None:
+                  current: bool = True, lock: bool = False) -> Session | None:
     """The live session of a valid access token, else None; ``current``: the token must also
-    pass the per-request revocation check (the session's current access token)."""
+    pass the per-request revocation check (the session's current access token); ``lock``: its
+    row is locked, so a request ending it meanwhile goes first or after, and one of the two
+    finds it ended (only for a request that ends no other session: two that each locked their
+    own row first, then ended the other's, would wait for each other)."""
     if not isinstance(presented, str) or len(presented) > 8192:
         return None
     s = state.settings
@@ -423,7 +426,7 @@ def _live_session(db: DBSession, state: State, presented: t.Any, *,
             sessions.check_session(state, claims)
     except InvalidToken:
         return None
-    sess = db.get(Session, claims["sid"])
+    sess = db.get(Session, claims["sid"], with_for_update=lock)
     if sess is None or str(sess.user_id) != claims["sub"] or sess.revoked_at is not None:
         return None
     return sess

@@ -302,7 +302,8 @@ def revoke_user_sessions(
 def revoke_by_refresh_token(db: DBSession, state: State, presented: str) -> Session | None:
     """End the session of a refresh token; returns it (None if unknown or already ended)."""
     row = db.scalar(select(RefreshToken).where(RefreshToken.token_hash == digest(presented)))
-    sess = db.get(Session, row.session_id) if row is not None else None
+    # Locked: a request ending the session meanwhile goes first or after, never both.
+    sess = db.get(Session, row.session_id, with_for_update=True) if row is not None else None
     if sess is None or sess.revoked_at is not None:
         return None
     revoke_session(db, sess, state.clock(), "revoked")

@@ -427,3 +427,35 @@ def test_a_session_ended_twice_at_once_is_ended_once(asite: Site) -> None:
     assert reason in str(ended)
     assert not access_works(asite, other)
     assert access_works(asite, mine)
+
+
+@pytest.mark.parametrize("token", ["token", "refresh_token"])
+def test_a_logout_while_the_session_is_being_ended_ends_it_once(asite: Site, token: str) -> None:
+    """A logout of a session another device is ending at that moment: the session is ended
+    once, with one reason, and one row in the log; the logout still answers 200 (RFC 7009)."""
+    mine = asite.api.login()
+    other = asite.api.login()
+    conn, held = holding_the_session_row(asite, other["sid"])
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            ending = pool.submit(asite.api.delete, f"/sessions/{other['sid']}",
+                                 token=mine["token"])
+            wait_for_waiters(asite, 1)
+            logout = pool.submit(asite.api.post, "/token/revoke", json={"token": other[token]})
+            wait_for_waiters(asite, 2)
+            held.rollback()
+            ended, out = ending.result(), logout.result()
+    finally:
+        conn.close()
+    assert out.status_code == 200, out.text
+    # PostgreSQL lets the first in line go first; SQLite's waiters may come in either order.
+    assert ended.status_code in (200, 404), ended.text
+    first, reason = (("session.ended", "ended_by_user") if ended.status_code == 200
+                     else ("token.revoked", "revoked"))
+    logged = asite.scalar("SELECT count(*) FROM hk_audit"
+                          " WHERE event IN ('session.ended', 'token.revoked')")
+    assert logged == 1
+    assert asite.scalar("SELECT count(*) FROM hk_audit WHERE event = :e", e=first) == 1
+    assert asite.scalar("SELECT revoke_reason FROM hk_sessions WHERE id = :sid",
+                        sid=other["sid"]) == reason
+    assert not access_works(asite, other)
