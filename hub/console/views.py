@@ -263,8 +263,10 @@ def _recent_login(back: str | None = None) -> ResponseReturnValue | None:
     the onboarding form); nothing is done meanwhile."""
     state = get_state()
     login_at = session.get("login_at")
+    # Within REAUTH_SECONDS either way: a sign-in stamped ahead by a clock that has been set
+    # back since is not recent for as long as the clock had run ahead.
     if isinstance(login_at, (int, float)) and (
-            state.clock().timestamp() - login_at <= state.setting("REAUTH_SECONDS")):
+            abs(state.clock().timestamp() - login_at) <= state.setting("REAUTH_SECONDS")):
         return None
     site_key = request.view_args.get("site_key") if request.view_args else None
     if back is None:

@@ -628,6 +628,21 @@ def test_secrets_and_removal_need_a_recent_password(console: Console) -> None:
     assert count(hub, "hub_site_secrets") == 2
 
 
+def test_a_sign_in_stamped_ahead_by_a_clock_set_back_since_is_no_recent_password(
+        hub: Hub) -> None:
+    """A sign-in while the hub's clock ran a month ahead does not count as a recent password
+    for that month once the clock is put right."""
+    make_admin(hub)
+    hub.clock.advance(30 * 86400)
+    console = Console(hub)
+    assert location(console.login()) == "/"
+    secret_of(console.onboard())
+    hub.clock.advance(-30 * 86400)
+    r = console.post("/console/sites/shop/rotate-secret", form_page="/console/sites/shop")
+    assert location(r).startswith("/console/reauth?next="), location(r)
+    assert count(hub, "hub_site_secrets") == 1
+
+
 def test_site_page_lists_keys(console: Console) -> None:
     hub = console.hub
     site_key, secret = hub.add_site("Docs", "https://docs.example.com")
