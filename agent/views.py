@@ -703,6 +703,9 @@ def sso_issue() -> Response:
     return jsonify(body)
 
 
+_STATUS = select(User.status).where(User.id == bindparam("id")).with_for_update()
+
+
 def sso_exchange() -> Response:
     """POST /sso/exchange: ``{site_key, token, signature}`` from a peer -> a local login."""
     data = read_json()
@@ -724,6 +727,11 @@ def sso_exchange() -> Response:
     try:
         claims = federation.verify(db, state, site_key, data.get("token"), data.get("signature"))
         user, how = federation.link_identity(db, state, claims)
+        # The account's row, locked and read again, as a login does: a disable that committed
+        # since it was read is seen here, and one that comes later also ends this session.
+        status = db.execute(_STATUS, {"id": user.id}).scalar()
+        if status != "active":
+            raise federation.InvalidAssertion("account_disabled")
     except federation.InvalidAssertion as exc:
         db.rollback()
         lockout.failed(db, state, keys)

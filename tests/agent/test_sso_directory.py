@@ -24,6 +24,7 @@ from pathlib import Path
 import jwt
 import pytest
 import requests
+from sqlalchemy import text
 
 from agent import federation
 from agent.hub_client import Reply
@@ -423,3 +424,35 @@ def test_a_name_holding_a_control_character_names_the_account_after_its_login(
     r = exchange(b, forged(fed.a, sub="8", email="ann@example.com", name="Ann\x00"))
     assert r.status_code == 200, r.text
     assert r.json()["user"]["display_name"] == r.json()["user"]["user_login"] == "ann"
+
+
+# ---------------------------------------------------------------------------------------------
+# an account disabled while it signs on
+
+
+def test_a_sign_on_while_the_account_is_being_disabled_opens_no_session(
+        fed: Federation) -> None:
+    """A disable (POST /admin/users/{id}/disable: the account's row, then its sessions) under
+    way while an exchange signs the account on: the exchange waits for it and is refused, so
+    no session outlives the disable (and none comes back when the account is enabled)."""
+    b = fed.b
+    first = exchange(b, forged(fed.a, sub="8", email="ann@example.com"))
+    assert first.status_code == 200, first.text
+    user_id = first.json()["user"]["ID"]
+    with b.state.engine.connect() as conn:
+        disabling = conn.begin()  # on SQLite, the agent's engine begins IMMEDIATE
+        conn.execute(text("UPDATE hk_users SET status = 'disabled' WHERE id = :id"),
+                      {"id": user_id})
+        conn.execute(text("UPDATE hk_sessions SET revoked_at = CURRENT_TIMESTAMP,"
+                          " revoke_reason = 'user_disabled'"
+                          " WHERE user_id = :id AND revoked_at IS NULL"), {"id": user_id})
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(exchange, b, forged(fed.a, sub="8", email="ann@example.com"))
+            time.sleep(1.0)  # the exchange, as far as it gets before the disable is committed
+            disabling.commit()
+            r = pending.result()
+    assert refused(r), r.text
+    assert count(b, "SELECT count(*) FROM hk_sessions WHERE user_id = :id"
+                    " AND revoked_at IS NULL", id=user_id) == 0
+    rejected = b.scalar("SELECT details FROM hk_audit WHERE event = 'sso.rejected'")
+    assert "account_disabled" in str(rejected)
