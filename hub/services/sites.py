@@ -107,12 +107,19 @@ def validate(
     if len(iss) > ISSUER_MAX:  # the base URL is the issuer unless one is given
         errors.setdefault("issuer" if issuer else "base_url", []).append(
             f"At most {ISSUER_MAX} characters as the site's issuer.")
-    origins = [_origin(o, "allowed_origins", errors) for o in (allowed_origins or [])]
-    uris = [_url(u, "redirect_uris", errors) for u in (redirect_uris or [])]
+    lists = {}
+    for field, value in (("allowed_origins", allowed_origins), ("redirect_uris", redirect_uris)):
+        if value is None or isinstance(value, (list, tuple)):
+            lists[field] = list(value or [])
+        else:  # a string would be read character by character, each "not a URL"
+            errors[field] = ["A list of URLs."]
+            lists[field] = []
+    origins = [_origin(o, "allowed_origins", errors) for o in lists["allowed_origins"]]
+    uris = [_url(u, "redirect_uris", errors) for u in lists["redirect_uris"]]
     if not isinstance(contact, str) or len(contact) > 254 or holds_controls(contact):
         errors["contact"] = ["At most 254 characters, no control characters."]
-    if errors:
-        raise BadRequest(fields=errors)
+    if errors:  # each message once, however many entries of a list it is about
+        raise BadRequest(fields={k: list(dict.fromkeys(v)) for k, v in errors.items()})
     return {
         "name": name.strip(),
         "site_key": key,

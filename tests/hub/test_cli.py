@@ -437,6 +437,21 @@ def test_sites_import_refuses_a_bad_file_and_writes_nothing(
     assert json.loads(ok(cli("sites", "list", "--instance", str(instance), "--json"))) == []
 
 
+@pytest.mark.parametrize("field", ["allowed_origins", "redirect_uris"])
+def test_sites_import_wants_a_list_of_urls(
+    instance: Path, cli: t.Callable[..., Result], tmp_path: Path, field: str
+) -> None:
+    one = tmp_path / "one.toml"
+    one.write_text('[[site]]\nid = "shop"\nname = "Shop"\nbase_url = "https://shop.example.com"'
+                   f'\n{field} = "https://shop.example.com"\n')
+    result = cli("sites", "import", "--instance", str(instance), str(one))
+    assert result.exit_code == 1
+    line = one_line(result.stderr)
+    assert f"site #1: {field}: A list of URLs" in line, line
+    assert len(line) < 200, line  # one message, not one per character of the string
+    assert json.loads(ok(cli("sites", "list", "--instance", str(instance), "--json"))) == []
+
+
 def test_sites_import_refuses_a_site_twice_in_one_file(
     instance: Path, cli: t.Callable[..., Result], tmp_path: Path
 ) -> None:
