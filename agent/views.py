@@ -664,7 +664,9 @@ def end_session(session_id: str) -> Response:
     return _end_session(session_id, owner=identity.user_id, reason="ended_by_user")
 
 
-def _end_session(session_id: str, *, owner: int | None, reason: str) -> Response:
+def _end_session(session_id: str, *, owner: int | None, reason: str,
+                 by: int | None = None) -> Response:
+    """End a live session (of ``owner``, or anyone's); ``by``: the administrator, logged."""
     db = get_db()
     state = get_state()
     # Locked: a second request ending it meanwhile (a double click, the owner and an admin)
@@ -679,8 +681,11 @@ def _end_session(session_id: str, *, owner: int | None, reason: str) -> Response
     ):
         raise NotFound("No such session.", code="session_not_found")
     sessions.revoke_session(db, sess, now, reason)
+    details: dict[str, t.Any] = {"reason": reason}
+    if by is not None:
+        details["by"] = by
     events.record(db, state, "session.ended", client=_client(), user_id=sess.user_id,
-                  session_id=sess.id, details={"reason": reason})
+                  session_id=sess.id, details=details)
     db.commit()
     return jsonify({"success": True, "code": "session_ended", "message": "Session ended."})
 
@@ -825,7 +830,8 @@ def admin_user_sessions(user_id: int) -> Response:
 
 def admin_end_session(session_id: str) -> Response:
     """DELETE /admin/sessions/<id>: end anyone's session."""
-    return _end_session(session_id, owner=None, reason="ended_by_admin")
+    identity = authenticate_request()
+    return _end_session(session_id, owner=None, reason="ended_by_admin", by=identity.user_id)
 
 
 def openapi() -> Response:

@@ -307,6 +307,24 @@ def test_admin_lists_and_ends_another_users_sessions(make_site: t.Callable[..., 
     assert s.api.get("/admin/users/1/sessions").status_code == 401
 
 
+def test_the_log_names_the_administrator_who_ended_a_session(
+        make_site: t.Callable[..., Site]) -> None:
+    """As for a disable, an enable or an unlock: ``details.by`` is the administrator's ID."""
+    s = limited_site(make_site)
+    s.create_user("root2", roles=["administrator"])
+    admin = s.api.login("root2")["token"]
+    phone = login(s).json()
+    assert s.api.delete(f"/admin/sessions/{phone['sid']}", token=admin).status_code == 200
+    mine = login(s).json()
+    other = login(s).json()
+    assert s.api.delete(f"/sessions/{other['sid']}", token=mine["token"]).status_code == 200
+    logs = s.api.get("/admin/logs", params={"event": "session.ended"}, token=admin).json()
+    assert [(e["session_id"], e["details"]) for e in logs["events"]] == [
+        (other["sid"], {"reason": "ended_by_user"}),
+        (phone["sid"], {"reason": "ended_by_admin", "by": 4}),
+    ]
+
+
 def test_admin_disables_and_enables_a_user(make_site: t.Callable[..., Site]) -> None:
     """S-14: disabling ends every session of the user at once (access and refresh tokens), and
     refuses their logins like a wrong password; enabling lets them log in again, while the old
