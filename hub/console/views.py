@@ -301,7 +301,8 @@ def _end_sessions_if_locked(admin: Admin) -> ResponseReturnValue | None:
     """After a wrong password at a confirmation: when the admin is locked now, every session
     of theirs ends (this one too) and the answer is the login page; else None (the caller
     commits the counted failure)."""
-    if admin.locked_until is None or get_state().clock() >= admin.locked_until:
+    state = get_state()
+    if not admins.is_locked(state, admin, state.clock()):
         return None
     admin.session_epoch += 1
     _commit()

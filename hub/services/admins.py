@@ -86,7 +86,7 @@ def authenticate(db: DBSession, state: HubState, username: str, password: str, i
     admin = (db.scalar(select(Admin).where(Admin.username == username).with_for_update()
                        .execution_options(populate_existing=True))
              if len(username) <= 60 else None)
-    locked = admin is not None and _locked(admin, now)
+    locked = admin is not None and is_locked(state, admin, now)
     ok = hasher(state).verify(admin.password_hash if admin else None, password)
     if admin is None or not ok or locked or not admin.active:
         if admin is not None and not locked:
@@ -103,8 +103,13 @@ def authenticate(db: DBSession, state: HubState, username: str, password: str, i
     return admin
 
 
-def _locked(admin: Admin, now: dt.datetime) -> bool:
-    return admin.locked_until is not None and now < admin.locked_until
+def is_locked(state: HubState, admin: Admin, now: dt.datetime) -> bool:
+    """Whether ``admin`` is locked at ``now``. A lock ending further ahead than
+    ADMIN_LOCK_SECONDS was stamped by a clock that ran ahead and has been set back since: it is
+    over, or the admin would be locked out for as long as the clock had run ahead."""
+    until = admin.locked_until
+    return until is not None and now < until <= now + dt.timedelta(
+        seconds=state.setting("ADMIN_LOCK_SECONDS"))
 
 
 def _count_failure(db: DBSession, state: HubState, admin: Admin, now: dt.datetime,
@@ -151,7 +156,7 @@ def confirm(db: DBSession, state: HubState, admin: Admin, password: str, ip: str
     """
     db.refresh(admin, with_for_update=True)  # as in authenticate: attempts take turns
     now = state.clock()
-    locked = _locked(admin, now)
+    locked = is_locked(state, admin, now)
     ok = hasher(state).verify(admin.password_hash, password[:1024])
     if ok and not locked and admin.active:
         admin.failures = 0

@@ -154,6 +154,19 @@ def test_login_answers_alike_for_wrong_password_unknown_user_and_lock(hub: Hub) 
     assert hub_events(hub, "admin.login")[0]["ip"] == "127.0.0.1"
 
 
+def test_a_lock_stamped_ahead_by_a_clock_set_back_since_ends_in_time(hub: Hub) -> None:
+    """An admin locked while the hub's clock ran a month ahead is not locked out for that
+    month once the clock is put right (no command could unlock them)."""
+    make_admin(hub)
+    c = Console(hub)
+    hub.clock.advance(30 * 86400)
+    for _ in range(hub.state.setting("ADMIN_MAX_FAILURES")):
+        c.login(password=WRONG)
+    assert LOGIN_FAILED in c.login().text  # locked
+    hub.clock.advance(-30 * 86400)
+    assert location(c.login()) == "/"
+
+
 def test_concurrent_wrong_passwords_are_each_counted(make_hub: t.Callable[..., Hub]) -> None:
     """Wrong passwords sent at once (the server answers each in a thread of its own, hashing in
     parallel) are all counted: none is lost to another's write of the same counter, so
