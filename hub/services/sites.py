@@ -308,7 +308,10 @@ def import_file(
             if first != index:
                 raise BadRequest(f"{path}: site #{index + 1}: the same {field} as site "
                                  f"#{first + 1} ({value!r})")
-        site = db.scalar(select(Site).where(Site.site_key == values["site_key"]))
+        # Locked (and read afresh) until the import commits, as the console's forms lock it: a
+        # site an admin is removing meanwhile is waited for, then added anew.
+        site = db.scalar(select(Site).where(Site.site_key == values["site_key"])
+                         .with_for_update().execution_options(populate_existing=True))
         try:
             if site is None:
                 onboarded = add_site(db, state, actor,

@@ -8,6 +8,7 @@ checked the way a member site sees it: a secret printed by the CLI signs API req
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -450,6 +451,38 @@ def test_sites_import_wants_a_list_of_urls(
     assert f"site #1: {field}: A list of URLs" in line, line
     assert len(line) < 200, line  # one message, not one per character of the string
     assert json.loads(ok(cli("sites", "list", "--instance", str(instance), "--json"))) == []
+
+
+def test_an_import_while_an_admin_removes_a_site_adds_it_again(
+    make_hub: t.Callable[..., t.Any]
+) -> None:
+    """An import updating a site that the console is removing at that moment waits for the
+    removal and adds the site anew, with a new secret (not a traceback)."""
+    from hub.services import sites
+
+    hub = make_hub()
+    hub.add_site("Shop", "https://shop.example.com", site_key="shop",
+                 contact="someone@example.com")
+
+    def run_import() -> list[tuple[str, str, str | None]]:
+        with hub.app.app_context(), hub.state.session_factory() as db:
+            results = sites.import_file(db, hub.state, ROOT / "sites.example.toml", actor="cli")
+            db.commit()
+            return results
+
+    with hub.app.app_context(), hub.state.session_factory() as db:
+        sites.remove(db, hub.state, sites.get(db, "shop", lock=True), "bob")
+        db.flush()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(run_import)
+            time.sleep(0.5)
+            db.commit()
+            results = pending.result(timeout=30)
+    assert {(key, outcome) for key, outcome, _ in results} == {("shop", "added"),
+                                                                ("docs", "added")}
+    assert all(secret for _key, _outcome, secret in results)
+    assert hub.scalar("SELECT contact FROM hub_sites WHERE site_key = 'shop'") == (
+        "web-team@example.com")
 
 
 def test_sites_import_refuses_a_site_twice_in_one_file(
