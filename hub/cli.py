@@ -74,6 +74,9 @@ def _app(instance: Path) -> Flask:
     from .state import get_state
 
     app = create_app(instance_path=str(instance))
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:  # the command's connections are closed when it ends
+        ctx.call_on_close(get_state(app).engine.dispose)
     upgrade(get_state(app).engine)
     return app
 
@@ -392,7 +395,9 @@ def _set_status(instance: Path, site_key: str, status: str) -> None:
 
     app, state = _open(instance)
     with app.app_context(), state.session_factory() as db:
-        site = site_service.get(db, site_key)
+        # Locked as the console's forms lock it: a change of the site made meanwhile is seen,
+        # and a site removed meanwhile is unknown.
+        site = site_service.get(db, site_key, lock=True)
         site_service.set_status(db, state, site, status, actor=ACTOR)
         db.commit()
     click.echo(f"Site {site_key} is {status}.")
@@ -424,12 +429,15 @@ def sites_remove(instance: Path, site_key: str, yes: bool) -> None:
 
     app, state = _open(instance)
     with app.app_context(), state.session_factory() as db:
-        site = site_service.get(db, site_key)
+        name = site_service.get(db, site_key).name
+        db.rollback()  # nothing is held (SQLite's write lock) while the question waits
         if not yes:
             click.confirm(
-                f"Remove {site.name} ({site_key}) with its secrets and keys? This cannot be undone",
+                f"Remove {name} ({site_key}) with its secrets and keys? This cannot be undone",
                 abort=True,
             )
+        # Locked as the console's forms lock it: a site removed meanwhile is unknown.
+        site = site_service.get(db, site_key, lock=True)
         site_service.remove(db, state, site, actor=ACTOR)
         db.commit()
     click.echo(f"Removed site {site_key}.")

@@ -314,6 +314,55 @@ def test_sites_add_prints_the_secret_once_and_it_signs(
         assert "hks_" not in output
 
 
+def _wait_until_blocked(hub: t.Any, pending: concurrent.futures.Future[t.Any]) -> None:
+    """Until the command in ``pending`` has gone past its start and waits (or has ended): on
+    PostgreSQL until a statement waits for a lock; elsewhere a while (SQLite's writers wait
+    for the write lock as soon as they begin)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not pending.done():
+        if hub.state.engine.dialect.name != "postgresql":
+            time.sleep(1.5)
+            return
+        if hub.scalar("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                      "AND query LIKE '%hub_sites%'"):
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("verb", [["suspend"], ["remove", "--yes"]])
+def test_a_site_an_admin_removes_meanwhile_is_no_site(
+    make_hub: t.Callable[..., t.Any], monkeypatch: pytest.MonkeyPatch, verb: list[str]
+) -> None:
+    """A command on a site the console is removing at that moment waits for the removal and
+    answers that there is no such site (not a traceback)."""
+    from hub.services import sites
+
+    hub = make_hub()  # on the suite's database (the cli fixture would hide it)
+    runner = CliRunner()
+
+    def cli(*args: str) -> Result:
+        return runner.invoke(main, list(args), catch_exceptions=False)
+
+    hub.add_site("Shop", "https://shop.example.com", site_key="shop")
+    for name in ("HEADLESSKEY_HUB_DATABASE_URL", "HEADLESSKEY_HUB_MASTER_KEY"):
+        monkeypatch.setenv(name, hub.app.config[name])
+    with hub.app.app_context(), hub.state.session_factory() as db:
+        sites.remove(db, hub.state, sites.get(db, "shop", lock=True), "bob")
+        db.flush()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(cli, "sites", verb[0], "--instance", hub.app.instance_path,
+                                  "shop", *verb[1:])
+            _wait_until_blocked(hub, pending)
+            db.commit()
+            result = pending.result(timeout=30)
+    assert result.exit_code == 1
+    assert "No site" in one_line(result.stderr)
+    logged = hub.scalar("SELECT string_agg(event, ' ') FROM hub_events WHERE event LIKE 'site.%'"
+                        if hub.state.engine.dialect.name == "postgresql" else
+                        "SELECT group_concat(event, ' ') FROM hub_events WHERE event LIKE 'site.%'")
+    assert logged == "site.added site.removed"
+
+
 @pytest.mark.parametrize("verb", [["suspend"], ["resume"], ["rotate-secret"],
                                   ["remove", "--yes"]])
 def test_a_site_key_that_is_no_utf8_is_no_site(
