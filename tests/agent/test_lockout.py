@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import time
 import typing as t
 import uuid
 
@@ -408,6 +409,29 @@ def test_admin_unlock(s: Site, team: dict[str, t.Any]) -> None:
     missing = s.api.post("/admin/users/999/unlock", token=team["admin"])
     assert missing.status_code == 404
     assert missing.json()["code"] == "user_not_found"
+
+
+def test_an_unlock_made_while_another_runs_clears_nothing_more(
+    s: Site, team: dict[str, t.Any]
+) -> None:
+    """Two administrators unlock one account at once: the second waits for the first, then
+    reports that it cleared nothing (on PostgreSQL it reported the first's counters as its own,
+    deleting rows already gone)."""
+    from agent.services import lockout
+
+    lock_alice(s)
+    with s.app.app_context(), s.state.session_factory() as db:
+        cleared = lockout.unlock_user(db, s.state, 1, ("alice", "alice@example.com"))
+        assert cleared >= 1
+        db.flush()  # not committed yet
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            second = pool.submit(s.api.post, "/admin/users/1/unlock", token=team["admin"])
+            time.sleep(0.5)  # the second unlock reaches the counters' rows and waits
+            db.commit()
+            r = second.result(timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["counters_cleared"] == 0
+    assert attempt(s, "alice", PASSWORD).status_code == 200
 
 
 def test_admin_unlock_also_clears_a_lock_taken_by_email(s: Site, team: dict[str, t.Any]) -> None:
