@@ -55,6 +55,7 @@ from .services.mail import Mailer
 from .services.passwords import Hasher
 from .services.sessions import check_session
 from .services.tokens import verify_access_token
+from .text import canonical_address
 
 EXTENSION_KEY = "headlesskey"
 PREFIX = config_module.PREFIX
@@ -167,8 +168,8 @@ def client_ip() -> str:
 
 def forwarded_address(entry: str) -> str:
     """An ``X-Forwarded-For`` entry as the client's address: without the port some proxies add
-    (``203.0.113.7:51234``, ``[2001:db8::1]:443``) and without brackets (``[2001:db8::1]``); a
-    bare IPv6 address (more than one colon) as written. An entry that is still no IP address
+    (``203.0.113.7:51234``, ``[2001:db8::1]:443``) and without brackets (``[2001:db8::1]``),
+    in one written form (IPv6 in lower case, zeros compressed). An entry that is still no IP address
     (``unknown``, a name) is kept as written, cut to 64 characters, and counted as it is."""
     host = entry
     if entry.startswith("["):
@@ -183,7 +184,7 @@ def forwarded_address(entry: str) -> str:
         ipaddress.ip_address(host)
     except ValueError:
         return entry[:64]
-    return host[:64]
+    return canonical_address(host)[:64]
 
 
 def request_is_https() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import unicodedata
 
 
@@ -10,3 +11,15 @@ def holds_controls(text: str) -> bool:
     surrogate: never part of a name, address or id, and NUL is not storable in PostgreSQL text
     (SQLite would store it)."""
     return any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
+
+
+def canonical_address(text: str) -> str:
+    """An IP address in its one written form (RFC 5952 for IPv6: lower case, zeros
+    compressed; an IPv4-mapped one as its IPv4 address), so the activity log, the sessions list and the log's ``ip`` filter agree
+    however a proxy or an admin wrote it; anything else as given."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return text
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:203.0.113.9 is an IPv4 client
+    return str(mapped or address)

@@ -22,6 +22,7 @@ from ..db import MAX_ID
 from ..db import rowcount
 from ..errors import ValidationFailed
 from ..models import AuditEvent
+from ..text import canonical_address
 from ..text import holds_controls
 
 MAX_PAGE = 500
@@ -79,7 +80,7 @@ def parse_filters(args: t.Mapping[str, str]) -> tuple[Filters, int, Cursor | Non
         user_id=user_id,
         event=args.get("event") or None,
         outcome=args.get("outcome") or None,
-        ip=args.get("ip") or None,
+        ip=canonical_address(args["ip"]) if args.get("ip") else None,
         since=timestamp("since"),
         until=timestamp("until"),
     )

@@ -15,6 +15,7 @@ import uuid
 
 import pytest
 import requests
+from sqlalchemy import text
 
 from tests.conftest import PASSWORD
 from tests.conftest import Site
@@ -285,6 +286,29 @@ def test_a_forwarded_port_does_not_make_another_client(
     # Another client behind the proxy is not locked.
     r = attempt(s, "user12", PASSWORD, headers={"X-Forwarded-For": "198.51.100.1:40000"})
     assert r.status_code == 200, r.text
+
+
+def test_a_forwarded_address_is_logged_in_one_form_and_found_in_any(
+    make_site: t.Callable[..., Site],
+) -> None:
+    """However the proxy writes an address (IPv6 in capitals or with its zeros, IPv4 mapped
+    into IPv6), the activity log holds it in one form, and the log's ip filter finds it written
+    any of those ways (an exact text match found nothing)."""
+    s = ip_site(make_site, 0, HEADLESSKEY_TRUSTED_PROXIES=1)
+    s.create_user("root", roles=["administrator"])
+    token = s.api.login("root")["token"]
+    for forwarded in ("2001:DB8:0:0::7", "[2001:0db8::7]:443", "::ffff:203.0.113.9"):
+        assert_invalid(attempt(s, "ghost", WRONG, headers={"X-Forwarded-For": forwarded}))
+    with s.state.engine.connect() as conn:
+        logged = conn.execute(text("SELECT ip FROM hk_audit WHERE event = 'login.failed'"
+                                   " ORDER BY id")).scalars().all()
+    assert logged == ["2001:db8::7", "2001:db8::7", "203.0.113.9"]
+    for written, count in (("2001:DB8::0:7", 2), ("2001:db8::7", 2), ("::FFFF:203.0.113.9", 1),
+                           ("203.0.113.9", 1), ("not an address", 0)):
+        r = s.api.get("/admin/logs", params={"ip": written, "event": "login.failed"},
+                      token=token)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["events"]) == count, (written, r.json())
 
 
 def test_an_ipv6_client_is_counted_by_its_64_bit_prefix(
