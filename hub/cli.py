@@ -294,6 +294,108 @@ def admins_create(instance: Path, username: str, password_stdin: bool) -> None:
     click.echo(f"Created admin {admin.username}.")
 
 
+def _when(value: dt.datetime | None) -> str | None:
+    return None if value is None else (
+        value.replace(microsecond=0).isoformat().replace("+00:00", "Z"))
+
+
+@admins.command("list")
+@INSTANCE
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+def admins_list(instance: Path, as_json: bool) -> None:
+    """List the console admins (never their password hashes)."""
+    from .services import admins as admin_service
+
+    app, state = _open(instance)
+    with app.app_context(), state.session_factory() as db:
+        now = state.clock()
+        rows = [{
+            "username": a.username,
+            "status": "active" if a.active else "disabled",
+            "created_at": _when(a.created_at),
+            "last_login_at": _when(a.last_login_at),
+            "locked_until": (_when(a.locked_until)
+                             if admin_service.is_locked(state, a, now) else None),
+        } for a in admin_service.list_admins(db)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("No admins yet: add one with `headlesskey-hub admins create`.")
+        return
+    click.echo(f"{'USERNAME':<24} {'STATUS':<9} {'CREATED':<21} {'LAST SIGN-IN':<21} LOCKED UNTIL")
+    for row in rows:
+        click.echo(f"{row['username']:<24} {row['status']:<9} {row['created_at']:<21} "
+                   f"{row['last_login_at'] or '-':<21} {row['locked_until'] or '-'}")
+
+
+@admins.command("set-password")
+@INSTANCE
+@click.argument("username")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin (required).")
+def admins_set_password(instance: Path, username: str, password_stdin: bool) -> None:
+    """Give an admin a new password, read from standard input; every console session of theirs
+    ends and their lock is cleared."""
+    from .services import admins as admin_service
+
+    if not password_stdin:
+        raise click.UsageError("give --password-stdin and pipe the password in")
+    password = sys.stdin.readline().rstrip("\r\n")
+    app, state = _open(instance)
+    with app.app_context(), state.session_factory() as db:
+        # Locked as sign-in locks it: a sign-in checking the old password meanwhile is waited
+        # for, and the session it opens ends with the others.
+        admin = admin_service.get(db, username, lock=True)
+        admin_service.set_password(db, state, admin, password, actor=ACTOR)
+        db.commit()
+    click.echo(f"New password set for admin {username}; their console sessions have ended.")
+
+
+@admins.command("unlock")
+@INSTANCE
+@click.argument("username")
+def admins_unlock(instance: Path, username: str) -> None:
+    """Clear an admin's failed sign-ins and lock, so they can sign in at once."""
+    from .services import admins as admin_service
+
+    app, state = _open(instance)
+    with app.app_context(), state.session_factory() as db:
+        admin = admin_service.get(db, username, lock=True)
+        was_locked = admin_service.unlock(db, state, admin, actor=ACTOR)
+        db.commit()
+    click.echo(f"Unlocked admin {username}." if was_locked else
+               f"Admin {username} was not locked; their failed sign-ins are cleared.")
+
+
+def _set_active(instance: Path, username: str, active: bool) -> None:
+    from .services import admins as admin_service
+
+    app, state = _open(instance)
+    with app.app_context(), state.session_factory() as db:
+        admin = admin_service.get(db, username, lock=True)
+        changed = admin_service.set_active(db, state, admin, active, actor=ACTOR)
+        db.commit()
+    status = "active" if active else "disabled"
+    click.echo(f"Admin {username} is {status}." if changed else
+               f"Admin {username} was {status} already.")
+
+
+@admins.command("disable")
+@INSTANCE
+@click.argument("username")
+def admins_disable(instance: Path, username: str) -> None:
+    """Disable an admin: every console session of theirs ends, and they cannot sign in."""
+    _set_active(instance, username, False)
+
+
+@admins.command("enable")
+@INSTANCE
+@click.argument("username")
+def admins_enable(instance: Path, username: str) -> None:
+    """Let a disabled admin sign in again."""
+    _set_active(instance, username, True)
+
+
 # ---------------------------------------------------------------------------------------------
 # sites
 

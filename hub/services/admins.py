@@ -18,6 +18,7 @@ from agent.text import holds_controls
 
 from ..errors import BadRequest
 from ..errors import Conflict
+from ..errors import NotFound
 from ..models import Admin
 from ..models import Event
 from . import events
@@ -28,6 +29,7 @@ if t.TYPE_CHECKING:
 _USERNAME = re.compile(r"[A-Za-z0-9_.@-]{3,60}")
 HASHER_KEY = "hub_hasher"
 ADDRESS_LOCK = 0x686B6970  # PostgreSQL advisory lock space of console logins by address
+NAME_LOCK = 0x686B6961  # PostgreSQL advisory lock space of admin creations by name
 
 
 class LoginFailed(Exception):
@@ -49,13 +51,18 @@ def hasher(state: HubState) -> Hasher:
 def create(db: DBSession, state: HubState, username: str, password: str) -> Admin:
     if not _USERNAME.fullmatch(username):
         raise BadRequest(fields={"username": ["3 to 60 characters: letters, digits and _ . @ -"]})
-    if holds_controls(password):  # a NUL makes the console refuse the login form; a byte that
-        # is no UTF-8 (read from stdin as a lone surrogate) cannot be hashed at all
-        raise BadRequest("The password is not usable.", fields={"password": [
-            "No control characters, and UTF-8 text only."]})
-    problems = policy_problems(password, min_length=12, max_length=256, context=(username,))
-    if problems:
-        raise BadRequest("The password is too weak.", fields={"password": problems})
+    _check_password(username, password)
+    # A name differing from an admin's in case only is taken: "Admin" beside "admin" reads as
+    # one person in the activity log. Creations of one name take turns (on PostgreSQL a lock
+    # to the end of the transaction; SQLite's BEGIN IMMEDIATE serialises writers already).
+    if db.get_bind().dialect.name == "postgresql":
+        db.execute(text("SELECT pg_advisory_xact_lock(:space, hashtext(:name))"),
+                   {"space": NAME_LOCK, "name": username.lower()})
+    taken = db.scalar(select(Admin.username).where(
+        func.lower(Admin.username) == username.lower()).limit(1))
+    if taken is not None:
+        raise Conflict("That admin exists.", fields={"username": [
+            "Already taken." if taken == username else f"Already taken (as {taken})."]})
     admin = Admin(username=username, password_hash=hasher(state).hash(password), active=True,
                   failures=0, created_at=state.clock())
     db.add(admin)
@@ -66,6 +73,72 @@ def create(db: DBSession, state: HubState, username: str, password: str) -> Admi
         raise Conflict("That admin exists.", fields={"username": ["Already taken."]}) from None
     events.log(db, state, "admin.created", actor="cli", details={"username": username})
     return admin
+
+
+def _check_password(username: str, password: str) -> None:
+    """The password policy of a new or changed password: :class:`BadRequest` saying why."""
+    if holds_controls(password):  # a NUL makes the console refuse the login form; a byte that
+        # is no UTF-8 (read from stdin as a lone surrogate) cannot be hashed at all
+        raise BadRequest("The password is not usable.", fields={"password": [
+            "No control characters, and UTF-8 text only."]})
+    problems = policy_problems(password, min_length=12, max_length=256, context=(username,))
+    if problems:
+        raise BadRequest("The password is too weak.", fields={"password": problems})
+
+
+def get(db: DBSession, username: str, *, lock: bool = False) -> Admin:
+    """The admin named ``username`` exactly (as sign-in finds it); with ``lock`` the row stays
+    locked until the transaction ends, so a change takes turns with sign-ins of that admin."""
+    if len(username) > 60 or holds_controls(username):  # no admin's name is like that
+        raise NotFound(f"No admin {username!r}.", code="admin_not_found")
+    stmt = select(Admin).where(Admin.username == username)
+    if lock:
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
+    admin = db.scalar(stmt)
+    if admin is None:
+        raise NotFound(f"No admin {username!r}.", code="admin_not_found")
+    return admin
+
+
+def list_admins(db: DBSession) -> list[Admin]:
+    return list(db.scalars(select(Admin).order_by(Admin.username)))
+
+
+def set_password(db: DBSession, state: HubState, admin: Admin, password: str, *,
+                 actor: str) -> None:
+    """A new password for ``admin`` (the policy of :func:`create`): every console session of
+    theirs ends, and their failure count and lock are cleared."""
+    _check_password(admin.username, password)
+    admin.password_hash = hasher(state).hash(password)
+    admin.failures = 0
+    admin.locked_until = None
+    admin.session_epoch += 1  # every cookie of this admin's sessions stops working
+    events.log(db, state, "admin.password_set", actor=actor,
+               details={"username": admin.username})
+
+
+def unlock(db: DBSession, state: HubState, admin: Admin, *, actor: str) -> bool:
+    """Clear ``admin``'s failure count and lock; whether they were locked."""
+    was_locked = is_locked(state, admin, state.clock())
+    admin.failures = 0
+    admin.locked_until = None
+    events.log(db, state, "admin.unlocked", actor=actor,
+               details={"username": admin.username, "was_locked": was_locked})
+    return was_locked
+
+
+def set_active(db: DBSession, state: HubState, admin: Admin, active: bool, *,
+               actor: str) -> bool:
+    """Enable or disable ``admin``; whether that changed anything. A disabled admin's console
+    sessions end at once, and their sign-ins are refused like a wrong password."""
+    if admin.active == active:
+        return False
+    admin.active = active
+    if not active:
+        admin.session_epoch += 1  # every cookie of this admin's sessions stops working
+    events.log(db, state, "admin.enabled" if active else "admin.disabled", actor=actor,
+               details={"username": admin.username})
+    return True
 
 
 def authenticate(db: DBSession, state: HubState, username: str, password: str, ip: str) -> Admin:

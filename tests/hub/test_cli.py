@@ -277,6 +277,241 @@ def test_admins_create_reads_the_password_from_stdin_only(
     assert "--password-stdin" in result.stderr
 
 
+NEW_PASSWORD = "a different long passphrase"  # noqa: S105 - a test account's
+
+
+def create_admin(cli: t.Callable[..., Result], instance: Path, username: str) -> None:
+    ok(cli("admins", "create", "--instance", str(instance), "--username", username,
+           "--password-stdin", input=PASSWORD + "\n"))
+
+
+def sign_in(instance: Path, username: str, password: str) -> bool:
+    """Whether ``username`` signs in with ``password`` as the console checks it."""
+    from hub.services import admins
+    from hub.state import get_state
+
+    app = create_app(instance_path=str(instance))
+    state = get_state(app)
+    try:
+        with app.app_context(), state.session_factory() as db:
+            try:
+                admins.authenticate(db, state, username, password, "")
+            except admins.LoginFailed:
+                return False
+            db.commit()
+            return True
+    finally:
+        state.engine.dispose()
+
+
+def admin_row(instance: Path, username: str) -> sqlite3.Row:
+    with sqlite3.connect(instance / "hub.db") as conn:
+        conn.row_factory = sqlite3.Row
+        row = conn.execute("SELECT * FROM hub_admins WHERE username = ?", (username,)).fetchone()
+    conn.close()
+    assert row is not None, username
+    return t.cast(sqlite3.Row, row)
+
+
+def cli_events(instance: Path, event: str) -> list[tuple[str, str]]:
+    with sqlite3.connect(instance / "hub.db") as conn:
+        rows = conn.execute("SELECT actor, details FROM hub_events WHERE event = ? ORDER BY id",
+                            (event,)).fetchall()
+    conn.close()
+    return [(actor, details) for actor, details in rows]
+
+
+def lock_out(instance: Path, username: str) -> None:
+    """Wrong passwords until ``username`` is locked."""
+    for _ in range(5):  # ADMIN_MAX_FAILURES
+        assert not sign_in(instance, username, "not-the-password-at-all")
+    assert admin_row(instance, username)["locked_until"] is not None
+    assert not sign_in(instance, username, PASSWORD)
+
+
+def test_admins_create_refuses_a_name_differing_in_case_only(
+    instance: Path, cli: t.Callable[..., Result]
+) -> None:
+    create_admin(cli, instance, "admin")
+    for name in ("Admin", "ADMIN"):
+        result = cli("admins", "create", "--instance", str(instance), "--username", name,
+                     "--password-stdin", input=PASSWORD + "\n")
+        assert result.exit_code == 1
+        line = one_line(result.stderr)
+        assert "exists" in line and "admin" in line
+    # Sign-in finds names as written: "Admin" is no admin.
+    assert sign_in(instance, "admin", PASSWORD)
+    assert not sign_in(instance, "Admin", PASSWORD)
+    listed = json.loads(ok(cli("admins", "list", "--instance", str(instance), "--json")))
+    assert [a["username"] for a in listed] == ["admin"]
+
+
+def test_two_admins_differing_in_case_created_at_once_are_one(
+    make_hub: t.Callable[..., t.Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create of "Admin" while another creates "admin" waits for it, then is refused."""
+    from hub.services import admins
+
+    hub = make_hub()  # on the suite's database (the cli fixture would hide it)
+    runner = CliRunner()
+    for name in ("HEADLESSKEY_HUB_DATABASE_URL", "HEADLESSKEY_HUB_MASTER_KEY"):
+        monkeypatch.setenv(name, hub.app.config[name])
+    with hub.app.app_context(), hub.state.session_factory() as db:
+        admins.create(db, hub.state, "admin", PASSWORD)
+        db.flush()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(
+                runner.invoke, main, ["admins", "create", "--instance", hub.app.instance_path,
+                                      "--username", "Admin", "--password-stdin"],
+                input=PASSWORD + "\n", catch_exceptions=False)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not pending.done():
+                if hub.state.engine.dialect.name != "postgresql":
+                    time.sleep(1.5)
+                    break
+                if hub.scalar("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                              "'Lock' AND query LIKE '%pg_advisory_xact_lock%'"):
+                    break
+                time.sleep(0.05)
+            db.commit()
+            result = pending.result(timeout=30)
+    assert result.exit_code == 1, result.output
+    assert "exists" in one_line(result.stderr)
+    assert hub.scalar("SELECT count(*) FROM hub_admins") == 1
+
+
+def test_admins_list(instance: Path, cli: t.Callable[..., Result]) -> None:
+    assert "No admins yet" in ok(cli("admins", "list", "--instance", str(instance)))
+    create_admin(cli, instance, "carol")
+    create_admin(cli, instance, "bob")
+    assert sign_in(instance, "bob", PASSWORD)
+    lock_out(instance, "carol")
+    listed = json.loads(ok(cli("admins", "list", "--instance", str(instance), "--json")))
+    assert [set(a) for a in listed] == [
+        {"username", "status", "created_at", "last_login_at", "locked_until"}] * 2
+    bob, carol = listed
+    assert (bob["username"], bob["status"], bob["locked_until"]) == ("bob", "active", None)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", bob["last_login_at"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", bob["created_at"])
+    assert (carol["username"], carol["status"], carol["last_login_at"]) == (
+        "carol", "active", None)
+    assert carol["locked_until"] > carol["created_at"]
+    text = ok(cli("admins", "list", "--instance", str(instance)))
+    assert re.search(rf"^bob\s+active\s+{bob['created_at']}\s+{bob['last_login_at']}\s+-$",
+                     text, re.M), text
+    assert re.search(rf"^carol\s+active\s+{carol['created_at']}\s+-\s+"
+                     rf"{carol['locked_until']}$", text, re.M), text
+    for output in (json.dumps(listed), text):
+        assert "argon2" not in output and PASSWORD not in output
+
+
+def test_admins_set_password(instance: Path, cli: t.Callable[..., Result]) -> None:
+    create_admin(cli, instance, "alice")
+    lock_out(instance, "alice")
+    epoch = admin_row(instance, "alice")["session_epoch"]
+    out = ok(cli("admins", "set-password", "--instance", str(instance), "alice",
+                 "--password-stdin", input=NEW_PASSWORD + "\n"))
+    assert "alice" in out and NEW_PASSWORD not in out
+    row = admin_row(instance, "alice")
+    assert row["session_epoch"] == epoch + 1  # every console session of alice's has ended
+    assert row["failures"] == 0 and row["locked_until"] is None
+    assert cli_events(instance, "admin.password_set") == [("cli", '{"username": "alice"}')]
+    assert not sign_in(instance, "alice", PASSWORD)
+    assert sign_in(instance, "alice", NEW_PASSWORD)
+
+
+@pytest.mark.parametrize("password", ["short", "alice-is-my-name-2024",
+                                      "correct\x1bhorse battery staple"])
+def test_admins_set_password_refuses_what_create_refuses(
+    instance: Path, cli: t.Callable[..., Result], password: str
+) -> None:
+    create_admin(cli, instance, "alice")
+    result = cli("admins", "set-password", "--instance", str(instance), "alice",
+                 "--password-stdin", input=password + "\n")
+    assert result.exit_code == 1
+    assert "password" in one_line(result.stderr).lower()
+    assert password not in result.stdout + result.stderr
+    assert sign_in(instance, "alice", PASSWORD)
+    assert cli_events(instance, "admin.password_set") == []
+
+
+def test_admins_set_password_reads_the_password_from_stdin_only(
+    instance: Path, cli: t.Callable[..., Result]
+) -> None:
+    create_admin(cli, instance, "alice")
+    result = cli("admins", "set-password", "--instance", str(instance), "alice", NEW_PASSWORD)
+    assert result.exit_code == 2
+    result = cli("admins", "set-password", "--instance", str(instance), "alice")
+    assert result.exit_code == 2
+    assert "--password-stdin" in result.stderr
+    assert sign_in(instance, "alice", PASSWORD)
+
+
+def test_admins_unlock(instance: Path, cli: t.Callable[..., Result]) -> None:
+    create_admin(cli, instance, "alice")
+    lock_out(instance, "alice")
+    epoch = admin_row(instance, "alice")["session_epoch"]
+    assert "Unlocked admin alice." in ok(cli("admins", "unlock", "--instance", str(instance),
+                                             "alice"))
+    row = admin_row(instance, "alice")
+    assert row["failures"] == 0 and row["locked_until"] is None
+    assert row["session_epoch"] == epoch  # sessions are left alone
+    assert cli_events(instance, "admin.unlocked") == [
+        ("cli", '{"username": "alice", "was_locked": true}')]
+    assert sign_in(instance, "alice", PASSWORD)
+    # An admin who is not locked: the failures counted so far are cleared.
+    assert not sign_in(instance, "alice", "not-the-password-at-all")
+    assert "was not locked" in ok(cli("admins", "unlock", "--instance", str(instance), "alice"))
+    assert admin_row(instance, "alice")["failures"] == 0
+
+
+def test_admins_disable_and_enable(instance: Path, cli: t.Callable[..., Result]) -> None:
+    create_admin(cli, instance, "alice")
+    epoch = admin_row(instance, "alice")["session_epoch"]
+    assert "alice is disabled" in ok(cli("admins", "disable", "--instance", str(instance),
+                                         "alice"))
+    assert admin_row(instance, "alice")["session_epoch"] == epoch + 1
+    assert not sign_in(instance, "alice", PASSWORD)
+    listed = json.loads(ok(cli("admins", "list", "--instance", str(instance), "--json")))
+    assert listed[0]["status"] == "disabled"
+    assert "already" in ok(cli("admins", "disable", "--instance", str(instance), "alice"))
+    assert "alice is active" in ok(cli("admins", "enable", "--instance", str(instance),
+                                       "alice"))
+    assert sign_in(instance, "alice", PASSWORD)
+    assert [a for a, _ in cli_events(instance, "admin.disabled")] == ["cli"]
+    assert [a for a, _ in cli_events(instance, "admin.enabled")] == ["cli"]
+
+
+@pytest.mark.parametrize("verb", [["set-password", "--password-stdin"], ["unlock"],
+                                  ["disable"], ["enable"]])
+@pytest.mark.parametrize("username", ["Alice", "bob", "al\udcffice", "a" * 61])
+def test_an_unknown_admin_is_one_line_and_exit_1(
+    instance: Path, cli: t.Callable[..., Result], verb: list[str], username: str
+) -> None:
+    create_admin(cli, instance, "alice")
+    result = cli("admins", verb[0], "--instance", str(instance), username, *verb[1:],
+                 input=NEW_PASSWORD + "\n")
+    assert result.exit_code == 1
+    assert "No admin" in one_line(result.stderr)
+    assert NEW_PASSWORD not in result.stdout + result.stderr
+    assert sign_in(instance, "alice", PASSWORD)
+
+
+def test_admin_commands_of_the_executable(instance: Path) -> None:
+    created = hub_cmd("admins", "create", "--instance", str(instance), "--username", "alice",
+                      "--password-stdin", stdin=PASSWORD + "\n")
+    assert created.returncode == 0, created.stderr
+    unknown = hub_cmd("admins", "unlock", "--instance", str(instance), "mallory")
+    assert unknown.returncode == 1
+    assert "No admin 'mallory'" in one_line(unknown.stderr)
+    set_password = hub_cmd("admins", "set-password", "--instance", str(instance), "alice",
+                           "--password-stdin", stdin=NEW_PASSWORD + "\n")
+    assert set_password.returncode == 0, set_password.stderr
+    listed = hub_cmd("admins", "list", "--instance", str(instance))
+    assert listed.returncode == 0 and re.search(r"^alice\s+active\s", listed.stdout, re.M)
+    assert sign_in(instance, "alice", NEW_PASSWORD)
+
+
 # ---------------------------------------------------------------------------------------------
 # sites
 
@@ -613,6 +848,7 @@ def test_a_bad_environment_value_is_one_line_and_exit_2(instance: Path) -> None:
 
 
 @pytest.mark.parametrize("command", [["sites", "list"], ["sites", "suspend", "shop"],
+                                     ["admins", "list"], ["admins", "unlock", "alice"],
                                      ["db", "upgrade"]])
 @pytest.mark.parametrize("database", ["postgresql", "sqlite"])
 def test_a_database_that_cannot_be_reached_is_one_line_and_exit_2(
@@ -807,3 +1043,6 @@ def test_the_command_lists_its_verbs() -> None:
     sites_help = hub_cmd("sites", "--help").stdout
     for verb in ("add", "list", "suspend", "resume", "remove", "rotate-secret", "import"):
         assert verb in sites_help
+    admins_help = hub_cmd("admins", "--help").stdout
+    for verb in ("create", "list", "set-password", "unlock", "disable", "enable"):
+        assert re.search(rf"^\s+{verb}\b", admins_help, re.M), admins_help

@@ -17,6 +17,8 @@ from pathlib import Path
 import jwt
 import pytest
 import requests
+from click.testing import CliRunner
+from click.testing import Result
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -24,6 +26,7 @@ from flask import Response
 from sqlalchemy import select
 from werkzeug.exceptions import InternalServerError
 
+from hub.cli import main as hub_main
 from hub.models import Event
 from hub.models import Setting
 from hub.services import admins
@@ -315,6 +318,81 @@ def test_idle_session_ends(console: Console) -> None:
     r = console.post("/console/sites/new", SITE_FORM, token=token)
     assert r.status_code in (302, 403)
     assert count(hub, "hub_sites") == 0
+
+
+# --- admins managed with the CLI ------------------------------------------------------------
+
+NEW_PASSWORD = "Another-console-Passphrase-2025"  # noqa: S105 (a test admin's)
+
+
+def hub_cli(hub: Hub, monkeypatch: pytest.MonkeyPatch, *args: str,
+            input: str | None = None) -> Result:  # noqa: A002 - click's name
+    """``headlesskey-hub ARGS`` on this hub's instance and database, as its operator runs it."""
+    for name in ("HEADLESSKEY_HUB_DATABASE_URL", "HEADLESSKEY_HUB_MASTER_KEY"):
+        monkeypatch.setenv(name, hub.app.config[name])
+    return CliRunner().invoke(hub_main, [*args[:2], "--instance", hub.app.instance_path,
+                                         *args[2:]], input=input, catch_exceptions=False)
+
+
+def test_a_password_set_with_the_cli_ends_the_sessions_and_signs_in(
+        console: Console, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = console.hub
+    other = Console(hub)
+    assert location(other.login()) == "/"
+    result = hub_cli(hub, monkeypatch, "admins", "set-password", "alice", "--password-stdin",
+                     input=NEW_PASSWORD + "\n")
+    assert result.exit_code == 0, result.output
+    for c in (console, other):  # every session of alice's has ended
+        assert location(c.get("/")).startswith("/console/login")
+    assert LOGIN_FAILED in console.login().text  # the old password is refused
+    assert location(console.login(password=NEW_PASSWORD)) == "/"
+    assert console.get("/").status_code == 200
+    assert location(other.get("/")).startswith("/console/login")
+    assert [(e["actor"], e["details"]) for e in hub_events(hub, "admin.password_set")] == [
+        ("cli", {"username": "alice"})]
+
+
+def test_a_password_set_with_the_cli_lets_a_locked_admin_in(
+        hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_admin(hub)
+    c = Console(hub)
+    for _ in range(hub.state.setting("ADMIN_MAX_FAILURES")):
+        c.login(password=WRONG)
+    assert LOGIN_FAILED in c.login(password=PASSWORD).text  # locked
+    result = hub_cli(hub, monkeypatch, "admins", "set-password", "alice", "--password-stdin",
+                     input=NEW_PASSWORD + "\n")
+    assert result.exit_code == 0, result.output
+    assert location(c.login(password=NEW_PASSWORD)) == "/"
+
+
+def test_the_cli_unlocks_a_locked_admin(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_admin(hub)
+    c = Console(hub)
+    for _ in range(hub.state.setting("ADMIN_MAX_FAILURES")):
+        c.login(password=WRONG)
+    assert LOGIN_FAILED in c.login().text  # locked
+    listed = json.loads(hub_cli(hub, monkeypatch, "admins", "list", "--json").stdout)
+    assert listed[0]["locked_until"] is not None
+    result = hub_cli(hub, monkeypatch, "admins", "unlock", "alice")
+    assert result.exit_code == 0 and "Unlocked admin alice." in result.stdout, result.output
+    assert location(c.login()) == "/"
+    assert [(e["actor"], e["details"]) for e in hub_events(hub, "admin.unlocked")] == [
+        ("cli", {"username": "alice", "was_locked": True})]
+    unknown = hub_cli(hub, monkeypatch, "admins", "unlock", "mallory")
+    assert unknown.exit_code == 1 and "No admin 'mallory'" in unknown.stderr
+
+
+def test_an_admin_disabled_with_the_cli_is_signed_out_and_refused(
+        console: Console, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = console.hub
+    assert hub_cli(hub, monkeypatch, "admins", "disable", "alice").exit_code == 0
+    assert location(console.get("/")).startswith("/console/login")
+    assert LOGIN_FAILED in console.login().text
+    assert hub_cli(hub, monkeypatch, "admins", "enable", "alice").exit_code == 0
+    assert location(console.login()) == "/"
+    for event in ("admin.disabled", "admin.enabled"):
+        assert [(e["actor"], e["details"]) for e in hub_events(hub, event)] == [
+            ("cli", {"username": "alice"})]
 
 
 # --- onboarding ------------------------------------------------------------------------------
