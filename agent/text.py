@@ -15,8 +15,9 @@ def holds_controls(text: str) -> bool:
 
 def canonical_address(text: str) -> str:
     """An IP address in its one written form (RFC 5952 for IPv6: lower case, zeros
-    compressed; an IPv4-mapped one as its IPv4 address), so the activity log, the sessions list and the log's ``ip`` filter agree
-    however a proxy or an admin wrote it; anything else as given."""
+    compressed; an IPv4-mapped one as its IPv4 address), so the activity log, the sessions
+    list and the log's ``ip`` filter agree however a proxy or an admin wrote it; anything else
+    as given."""
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
