@@ -170,6 +170,18 @@ def test_a_lock_stamped_ahead_by_a_clock_set_back_since_ends_in_time(hub: Hub) -
     assert location(c.login()) == "/"
 
 
+def wrong_passwords_at_once(hub: Hub, usernames: list[str]) -> list[requests.Response]:
+    """A wrong password for each of ``usernames``, all sent at once from one address, each from
+    a console session of its own (the server answers each in a thread of its own)."""
+    consoles = [Console(hub) for _ in usernames]
+    tokens = [c.token("/console/login") for c in consoles]
+    with concurrent.futures.ThreadPoolExecutor(len(usernames)) as pool:
+        return list(pool.map(
+            lambda c, token, name: c.post("/console/login",
+                                          {"username": name, "password": WRONG}, token=token),
+            consoles, tokens, usernames))
+
+
 def test_concurrent_wrong_passwords_are_each_counted(make_hub: t.Callable[..., Hub]) -> None:
     """Wrong passwords sent at once (the server answers each in a thread of its own, hashing in
     parallel) are all counted: none is lost to another's write of the same counter, so
@@ -177,13 +189,7 @@ def test_concurrent_wrong_passwords_are_each_counted(make_hub: t.Callable[..., H
     hub = make_hub(HEADLESSKEY_HUB_ADMIN_MAX_FAILURES=100)
     make_admin(hub)
     guesses = 12
-    consoles = [Console(hub) for _ in range(guesses)]
-    tokens = [c.token("/console/login") for c in consoles]
-    with concurrent.futures.ThreadPoolExecutor(guesses) as pool:
-        answers = list(pool.map(
-            lambda ct: ct[0].post("/console/login", {"username": "alice", "password": WRONG},
-                                  token=ct[1]),
-            zip(consoles, tokens, strict=True)))
+    answers = wrong_passwords_at_once(hub, ["alice"] * guesses)
     assert all(r.status_code == 200 and LOGIN_FAILED in r.text for r in answers)
     assert hub.scalar("SELECT failures FROM hub_admins WHERE username = 'alice'") == guesses
     assert len(hub_events(hub, "admin.login_failed")) == guesses
@@ -221,13 +227,7 @@ def test_failed_logins_sent_at_once_from_one_address_stop_at_its_limit(
     hub = make_hub(HEADLESSKEY_HUB_ADMIN_IP_MAX_FAILURES=3)
     make_admin(hub)
     guesses = 12
-    consoles = [Console(hub) for _ in range(guesses)]
-    tokens = [c.token("/console/login") for c in consoles]
-    with concurrent.futures.ThreadPoolExecutor(guesses) as pool:
-        answers = list(pool.map(
-            lambda ict: ict[1][0].post("/console/login", {"username": f"name{ict[0]}",
-                                                          "password": WRONG}, token=ict[1][1]),
-            enumerate(zip(consoles, tokens, strict=True))))
+    answers = wrong_passwords_at_once(hub, [f"name{i}" for i in range(guesses)])
     assert sorted(r.status_code for r in answers) == [200] * 3 + [429] * (guesses - 3)
     assert len(hub_events(hub, "admin.login_failed")) == 3
 
