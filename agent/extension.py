@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import ipaddress
 import json
 import os
 import secrets
@@ -55,7 +54,7 @@ from .services.mail import Mailer
 from .services.passwords import Hasher
 from .services.sessions import check_session
 from .services.tokens import verify_access_token
-from .text import canonical_address
+from .text import ip_address_text
 
 EXTENSION_KEY = "headlesskey"
 PREFIX = config_module.PREFIX
@@ -169,8 +168,9 @@ def client_ip() -> str:
 def forwarded_address(entry: str) -> str:
     """An ``X-Forwarded-For`` entry as the client's address: without the port some proxies add
     (``203.0.113.7:51234``, ``[2001:db8::1]:443``) and without brackets (``[2001:db8::1]``),
-    in one written form (IPv6 in lower case, zeros compressed). An entry that is still no IP address
-    (``unknown``, a name) is kept as written, cut to 64 characters, and counted as it is."""
+    in one written form (IPv6 in lower case, zeros compressed). An entry that is still no IP
+    address (``unknown``, a name) is kept as written, cut to 64 characters, and counted as it
+    is."""
     host = entry
     if entry.startswith("["):
         inside, bracket, rest = entry[1:].partition("]")
@@ -181,10 +181,9 @@ def forwarded_address(entry: str) -> str:
         if port.isdecimal():
             host = address
     try:
-        ipaddress.ip_address(host)
+        return ip_address_text(host)[:64]
     except ValueError:
         return entry[:64]
-    return canonical_address(host)[:64]
 
 
 def request_is_https() -> bool:

@@ -13,14 +13,19 @@ def holds_controls(text: str) -> bool:
     return any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
 
 
-def canonical_address(text: str) -> str:
+def ip_address_text(text: str) -> str:
     """An IP address in its one written form (RFC 5952 for IPv6: lower case, zeros
-    compressed; an IPv4-mapped one as its IPv4 address), so the activity log, the sessions
-    list and the log's ``ip`` filter agree however a proxy or an admin wrote it; anything else
-    as given."""
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return text
+    compressed; an IPv4-mapped one as its IPv4 address); ValueError if ``text`` is none."""
+    address = ipaddress.ip_address(text)
     mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:203.0.113.9 is an IPv4 client
     return str(mapped or address)
+
+
+def canonical_address(text: str) -> str:
+    """:func:`ip_address_text`, or ``text`` as given when it is no IP address: the activity
+    log, the sessions list and the log's ``ip`` filter agree however a proxy or an admin wrote
+    an address."""
+    try:
+        return ip_address_text(text)
+    except ValueError:
+        return text
