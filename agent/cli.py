@@ -217,6 +217,42 @@ def users_unlock(instance: Path, username: str) -> None:
     click.echo(f"Unlocked {user.user_login} ({cleared} counter(s) cleared)")
 
 
+@users.command("set-roles")
+@INSTANCE
+@click.option("--username", required=True, help="Login or email of the account.")
+@click.option("--role", "roles", multiple=True, help="A role; repeat for several.")
+@click.option("--no-roles", is_flag=True, help="Take every role away.")
+def users_set_roles(instance: Path, username: str, roles: tuple[str, ...], no_roles: bool) -> None:
+    """Replace an account's roles; they hold from its next request on."""
+    from . import events
+    from .errors import ValidationFailed
+    from .models import User
+    from .services import accounts
+
+    if bool(roles) == no_roles:
+        raise click.UsageError("give --role (once per role) or --no-roles")
+    try:
+        wanted = accounts.role_list(list(roles))
+    except ValidationFailed as exc:
+        problems = " ".join((exc.fields or {}).get("roles", []))
+        raise click.BadParameter(problems, param_hint="--role") from None
+    app = _app(instance)
+    state = app.extensions["headlesskey"]
+    with app.app_context(), state.session_factory() as db:
+        found = accounts.find_user(db, username)
+        user = (db.get(User, found.id, with_for_update=True, populate_existing=True)
+                if found is not None else None)
+        if user is None:
+            raise click.ClickException(f"no account {username!r}")
+        before = accounts.set_roles(db, user, wanted)
+        if before != wanted:
+            events.record(db, state, "user.roles_changed", outcome="info", user_id=user.id,
+                          details={"by": "cli", "before": before, "after": wanted})
+        db.commit()
+    click.echo(f"Roles of {user.user_login}: {', '.join(wanted) or '(none)'} "
+               f"(were: {', '.join(before) or '(none)'})")
+
+
 @main.group()
 def sessions() -> None:
     """End sessions: a kill switch for one account or the whole site."""

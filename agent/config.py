@@ -210,6 +210,7 @@ WEBHOOK_EVENTS = (
     "user.unlocked",
     "user.disabled",
     "user.enabled",
+    "user.roles_changed",
     "token.refreshed",
     "token.reuse_detected",
     "token.revoked",

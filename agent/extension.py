@@ -113,7 +113,11 @@ class State:
 
 @dataclass(frozen=True)
 class Identity:
-    """The caller of the current request, from a valid access token of this site."""
+    """The caller of the current request, from a valid access token of this site.
+
+    ``roles`` are the account's roles as stored now, read with the session on every request
+    (the token's ``roles`` claim, in ``claims``, is what they were when it was issued).
+    """
 
     user_id: int
     user_login: str
@@ -229,7 +233,7 @@ def authenticate_request() -> Identity:
     claims = verify_access_token(
         token, state.ring, issuer=s.issuer, audience=s.audience, leeway=s.leeway
     )
-    check_session(state, claims)
+    roles = check_session(state, claims)
     data = claims.get("data")
     if not isinstance(data, dict):
         data = {}
@@ -237,7 +241,7 @@ def authenticate_request() -> Identity:
         user_id=int(claims["sub"]),
         user_login=str(data.get("user_login", "")),
         session_id=claims["sid"],
-        roles=tuple(r for r in claims.get("roles", []) if isinstance(r, str)),
+        roles=roles,
         claims=claims,
     )
     g._headlesskey_identity = identity

@@ -254,7 +254,7 @@ def document(settings: Settings) -> dict[str, t.Any]:
                             "sessions_ended": _INT}),
                       auth=True, errors=(403, 404)),
                 "parameters": [{"name": "user_id", "in": "path", "required": True,
-                                "schema": {"type": "integer"}}],
+                                "schema": _USER_ID}],
             }
         },
         f"{p}/admin/users/{{user_id}}/enable": {
@@ -263,7 +263,21 @@ def document(settings: Settings) -> dict[str, t.Any]:
                       _obj({"success": _BOOL, "code": _STR, "message": _STR}),
                       auth=True, errors=(403, 404)),
                 "parameters": [{"name": "user_id", "in": "path", "required": True,
-                                "schema": {"type": "integer"}}],
+                                "schema": _USER_ID}],
+            }
+        },
+        f"{p}/admin/users/{{user_id}}/roles": {
+            "put": {
+                **_op("Replace a user's roles; they hold from the user's next request "
+                      "(administrators)",
+                      _obj({"success": _BOOL, "code": _STR, "message": _STR,
+                            "roles": {"type": "array", "items": _STR}}),
+                      body=_obj({"roles": {"type": "array", "maxItems": 32,
+                                           "items": {**_STR, "minLength": 1, "maxLength": 64}}},
+                                ["roles"]),
+                      auth=True, errors=(400, 403, 404)),
+                "parameters": [{"name": "user_id", "in": "path", "required": True,
+                                "schema": _USER_ID}],
             }
         },
         f"{p}/admin/users/{{user_id}}/sessions": {

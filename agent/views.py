@@ -816,6 +816,27 @@ def admin_enable(user_id: int) -> Response:
     return jsonify({"success": True, "code": "user_enabled", "message": "User enabled."})
 
 
+def admin_set_roles(user_id: int) -> Response:
+    """PUT /admin/users/<id>/roles: the account's roles, replaced; they hold from its next
+    request on (its tokens' ``roles`` claim says what they were when issued)."""
+    identity = authenticate_request()
+    roles = accounts.role_list(read_json().get("roles"))
+    db = get_db()
+    state = get_state()
+    # Locked: two administrators changing one account's roles at once each log what they saw.
+    user = db.get(User, user_id, with_for_update=True)
+    if user is None:
+        raise NotFound("No such user.", code="user_not_found")
+    before = accounts.set_roles(db, user, roles)
+    if before != roles:
+        events.record(db, state, "user.roles_changed", outcome="info", client=_client(),
+                      user_id=user.id,
+                      details={"by": identity.user_id, "before": before, "after": roles})
+    db.commit()
+    return jsonify({"success": True, "code": "roles_updated", "message": "Roles updated.",
+                    "roles": roles})
+
+
 def admin_user_sessions(user_id: int) -> Response:
     """GET /admin/users/<id>/sessions: a user's active sessions."""
     user = _admin_user(user_id)
@@ -884,6 +905,7 @@ ROUTES: list[tuple[str, t.Callable[..., Response], list[str], str]] = [
     (f"/admin/users/{USER_ID}/unlock", admin_unlock, ["POST"], "admin"),
     (f"/admin/users/{USER_ID}/disable", admin_disable, ["POST"], "admin"),
     (f"/admin/users/{USER_ID}/enable", admin_enable, ["POST"], "admin"),
+    (f"/admin/users/{USER_ID}/roles", admin_set_roles, ["PUT"], "admin"),
     (f"/admin/users/{USER_ID}/sessions", admin_user_sessions, ["GET"], "admin"),
     ("/admin/sessions/<session_id>", admin_end_session, ["DELETE"], "admin"),
     ("/sso/issue", sso_issue, ["POST"], "sso_issue"),

@@ -173,6 +173,43 @@ def create_user(
     return user
 
 
+MAX_ROLES = 32
+
+
+def role_list(value: t.Any) -> list[str]:
+    """The roles an administrator gives an account: a JSON list of 0 to ``MAX_ROLES`` role
+    names (:func:`agent.config.check_role`), a name given twice kept once, in order."""
+    from ..config import check_role
+    from ..errors import ConfigError
+
+    if not isinstance(value, list):
+        raise ValidationFailed(fields={"roles": ["A list of role names."]})
+    roles: list[str] = []
+    problems: list[str] = []
+    for role in value:
+        try:
+            role = check_role("roles", role)
+        except ConfigError:
+            problems.append("Each role is 1 to 64 printable characters, no space at either end.")
+            continue
+        if role not in roles:
+            roles.append(role)
+    if len(roles) > MAX_ROLES:
+        problems.append(f"At most {MAX_ROLES} roles.")
+    if problems:
+        raise ValidationFailed(fields={"roles": sorted(set(problems))})
+    return roles
+
+
+def set_roles(db: DBSession, user: User, roles: list[str]) -> list[str]:
+    """Give ``user`` (locked by the caller) exactly ``roles``; returns the roles it had. The
+    change holds from the account's next request on: every request reads the roles stored."""
+    before = list(user.roles or [])
+    if before != roles:
+        user.roles = list(roles)
+    return before
+
+
 def may_send_taken_notice(db: DBSession, state: State, user: User) -> bool:
     """Whether the owner of ``user`` may be mailed another notice that someone tried to register
     with their email: fewer than ``RESET_MAX_PER_HOUR`` went out within the hour (the audit rows

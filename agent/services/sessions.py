@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import threading
@@ -25,9 +26,11 @@ import weakref
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
+from sqlalchemy import Text
 from sqlalchemy import bindparam
 from sqlalchemy import event
 from sqlalchemy import select
+from sqlalchemy import type_coerce
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session as DBSession
@@ -311,20 +314,42 @@ def revoke_by_refresh_token(db: DBSession, state: State, presented: str) -> Sess
 
 
 # PostgreSQL's binary format of the types the session read returns, by type OID: int4, varchar,
-# text, and timestamp (microseconds since 2000-01-01; the columns hold naive UTC).
+# text, json (its text), and timestamp (microseconds since 2000-01-01; the columns hold naive
+# UTC).
 _PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 _PG_BINARY: dict[int, t.Callable[[bytes], t.Any]] = {
     23: lambda v: int.from_bytes(v, "big", signed=True),
     1043: bytes.decode,
     25: bytes.decode,
+    114: bytes.decode,
     1114: lambda v: _PG_EPOCH + dt.timedelta(microseconds=int.from_bytes(v, "big", signed=True)),
 }
+
+# An account's roles as read on every request, by their JSON text: a site has few distinct sets.
+_ROLE_SETS: dict[str, tuple[str, ...]] = {}
+_MAX_ROLE_SETS = 1024
+
+
+def role_set(text: str) -> tuple[str, ...]:
+    """The roles of an account from the JSON text of its ``roles`` column (strings only)."""
+    roles = _ROLE_SETS.get(text)
+    if roles is None:
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            value = None
+        roles = tuple(r for r in value if isinstance(r, str)) if isinstance(value, list) else ()
+        if len(_ROLE_SETS) >= _MAX_ROLE_SETS:
+            _ROLE_SETS.clear()
+        _ROLE_SETS[text] = roles
+    return roles
 
 
 class SessionReader:
     """The read of :func:`check_session`, made cheap enough to run on every request.
 
-    One statement (a primary-key read of the session joined to its user), compiled once per
+    One statement (a primary-key read of the session joined to its user: the session's state,
+    the account's status and its roles as they are now), compiled once per
     engine, run on a DBAPI connection that stays open for the process: a small stack of idle
     connections shared by the process's threads, taken and put back per read. Each read runs
     outside any transaction (autocommit), so it sees every revocation committed before it, by
@@ -336,13 +361,14 @@ class SessionReader:
     """
 
     MAX_IDLE = 4
-    PG_STATEMENT = b"hk_session_check"
+    # Named by its columns: processes of two releases may share a server connection (a pooler).
+    PG_STATEMENT = b"hk_session_check_roles"
 
     def __init__(self, engine: Engine) -> None:
         sessions, users = Session.__table__, User.__table__
         columns = [sessions.c.user_id, sessions.c.revoked_at, sessions.c.expires_at,
                    sessions.c.access_jti, sessions.c.prev_access_jti, sessions.c.rotated_at,
-                   users.c.status]
+                   users.c.status, type_coerce(users.c.roles, Text)]
         stmt = (select(*columns).join(users, users.c.id == sessions.c.user_id)
                 .where(sessions.c.id == bindparam("sid")))
         dialect = engine.dialect
@@ -484,16 +510,19 @@ def session_reader(engine: Engine) -> SessionReader:
     return reader
 
 
-def check_session(state: State, claims: dict[str, t.Any]) -> None:
+def check_session(state: State, claims: dict[str, t.Any]) -> tuple[str, ...]:
     """The revocation check on every authenticated request: one primary-key read.
 
     The token must name a live session of its own user, and be that session's current access
-    token (or the previous one, within the grace window after a refresh).
+    token (or the previous one, within the grace window after a refresh). Returns the
+    account's roles as they are now: a role taken away holds from the next request on, not
+    from the token's expiry.
     """
     found = session_reader(state.engine).fetch(claims["sid"])
     if found is None:
         raise InvalidToken()
-    user_id, revoked_at, expires_at, access_jti, prev_access_jti, rotated_at, status = found
+    (user_id, revoked_at, expires_at, access_jti, prev_access_jti, rotated_at, status,
+     roles) = found
     if revoked_at is not None or status != "active":
         raise InvalidToken()
     if str(user_id) != claims["sub"]:
@@ -503,12 +532,12 @@ def check_session(state: State, claims: dict[str, t.Any]) -> None:
         raise InvalidToken()
     jti = claims["jti"]
     if hmac.compare_digest(jti, access_jti):
-        return
+        return role_set(roles)
     if (
         prev_access_jti is not None
         and rotated_at is not None
         and hmac.compare_digest(jti, prev_access_jti)
         and now - rotated_at <= dt.timedelta(seconds=state.settings.refresh_grace)
     ):
-        return
+        return role_set(roles)
     raise InvalidToken()

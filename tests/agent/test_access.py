@@ -661,3 +661,108 @@ def test_a_login_rehashes_a_password_stored_at_older_parameters(
     assert PasswordHasher().verify(stored, PASSWORD)
     assert s.api.post("/token", json={"username": "alice", "password": PASSWORD}).status_code == 200
     assert s.scalar("SELECT password_hash FROM hk_users WHERE user_login = 'alice'") == stored
+
+
+# --- roles: changed by an administrator, in force from the next request ----------------------
+
+
+def put_roles(site: Site, user_id: int, body: t.Any, token: str) -> requests.Response:
+    return site.api.request("PUT", f"/admin/users/{user_id}/roles", json=body, token=token)
+
+
+def test_roles_an_administrator_changes_hold_from_the_next_request(guarded: Site) -> None:
+    """A role given or taken away counts from the account's next request, with the token it
+    already holds: a demoted administrator or editor loses access at once, not when the token
+    expires. The change is logged with who made it, and later tokens carry the new roles."""
+    s = guarded
+    assert s.create_user("root", roles=["administrator"]) == 3
+    root = s.api.login("root")["token"]
+    alice = s.api.login("alice")
+    eddie = s.api.login("eddie")
+    received: list[Event] = []
+
+    def receiver(_sender: t.Any, event: Event) -> None:
+        received.append(event)
+
+    signals.user_roles_changed.connect(receiver)
+    try:
+        assert host_get(s, "/api/reports", token=alice["token"]).status_code == 403
+        assert s.api.get("/admin/logs", token=alice["token"]).status_code == 403
+
+        r = put_roles(s, 1, {"roles": ["editor", "administrator", "editor"]}, root)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"success": True, "code": "roles_updated", "message": "Roles updated.",
+                            "roles": ["editor", "administrator"]}
+        # The same token, issued when alice was a subscriber, now opens both.
+        assert host_get(s, "/api/reports", token=alice["token"]).status_code == 200
+        assert s.api.get("/admin/logs", token=alice["token"]).status_code == 200
+        profile = host_get(s, "/api/profile", token=alice["token"]).json()
+        assert profile["roles"] == ["editor", "administrator"]
+        assert profile["claims"]["roles"] == ["subscriber"]  # what the token was issued with
+
+        # Eddie is demoted: his editor token stops opening the editors' route at once.
+        assert host_get(s, "/api/reports", token=eddie["token"]).status_code == 200
+        assert put_roles(s, 2, {"roles": []}, root).status_code == 200
+        assert host_get(s, "/api/reports", token=eddie["token"]).status_code == 403
+        assert host_get(s, "/api/profile", token=eddie["token"]).status_code == 200
+        assert s.api.get("/me", token=eddie["token"]).json()["roles"] == []
+
+        # An administrator who takes the role from itself loses the admin API on its next call.
+        assert put_roles(s, 3, {"roles": ["subscriber"]}, root).status_code == 200
+        assert s.api.get("/admin/logs", token=root).status_code == 403
+    finally:
+        signals.user_roles_changed.disconnect(receiver)
+
+    # Giving the roles an account already has changes and logs nothing.
+    assert put_roles(s, 1, {"roles": ["editor", "administrator"]}, alice["token"]).status_code \
+        == 200
+    logs = s.api.get("/admin/logs", params={"event": "user.roles_changed"},
+                     token=alice["token"]).json()["events"]
+    assert [(e["user_id"], e["details"]) for e in logs] == [
+        (3, {"by": 3, "before": ["administrator"], "after": ["subscriber"]}),
+        (2, {"by": 3, "before": ["editor"], "after": []}),
+        (1, {"by": 3, "before": ["subscriber"], "after": ["editor", "administrator"]}),
+    ]
+    assert [(e.user_id, e.details["after"]) for e in received] == [
+        (1, ["editor", "administrator"]), (2, []), (3, ["subscriber"])]
+    fresh = s.api.login("alice")
+    assert claims_of(fresh["token"])["roles"] == ["editor", "administrator"]
+    assert fresh["user"]["roles"] == ["editor", "administrator"]
+
+
+@pytest.mark.parametrize("body", [
+    {},
+    {"roles": "editor"},
+    {"roles": None},
+    {"roles": {"editor": True}},
+    {"roles": ["editor", 7]},
+    {"roles": [["editor"]]},
+    {"roles": [""]},
+    {"roles": [" editor"]},
+    {"roles": ["edi\ntor"]},
+    {"roles": ["e" * 65]},
+    {"roles": [f"role{i}" for i in range(33)]},
+])
+def test_roles_refused_change_nothing(guarded: Site, body: dict[str, t.Any]) -> None:
+    s = guarded
+    s.create_user("root", roles=["administrator"])
+    root = s.api.login("root")["token"]
+    r = put_roles(s, 2, body, root)
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "invalid_request"
+    assert list(r.json()["data"]["fields"]) == ["roles"]
+    assert s.scalar("SELECT roles FROM hk_users WHERE id = 2") in ('["editor"]', ["editor"])
+    assert s.scalar("SELECT count(*) FROM hk_audit WHERE event = 'user.roles_changed'") == 0
+
+
+def test_roles_of_an_unknown_user_or_by_a_non_administrator(guarded: Site) -> None:
+    s = guarded
+    s.create_user("root", roles=["administrator"])
+    root = s.api.login("root")["token"]
+    missing = put_roles(s, 999, {"roles": ["editor"]}, root)
+    assert missing.status_code == 404 and missing.json()["code"] == "user_not_found"
+    eddie = s.api.login("eddie")["token"]
+    assert put_roles(s, 2, {"roles": ["administrator"]}, eddie).status_code == 403
+    assert put_roles(s, 2, {"roles": ["administrator"]}, None).status_code == 401
+    assert s.scalar("SELECT count(*) FROM hk_audit WHERE event = 'user.roles_changed'") == 0
+    assert host_get(s, "/api/reports", token=eddie).status_code == 200

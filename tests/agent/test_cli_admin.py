@@ -133,3 +133,60 @@ def test_cli_errors_are_one_clear_line(instance: Path) -> None:
     assert result.exit_code == 1
     assert "--since" in result.output
     assert "Traceback" not in result.output
+
+
+def test_users_set_roles_holds_from_the_next_request(instance: Path) -> None:
+    """``users set-roles`` replaces an account's roles: the token alice already holds opens the
+    admin API at once, and stops opening it at once when the role is taken away."""
+    app = create_app(instance)
+    client = app.test_client()
+    api = "/wp-json/headlesskey/v1"
+    r = client.post(f"{api}/token", json={"username": "alice", "password": PASSWORD})
+    auth = {"Authorization": f"Bearer {r.get_json()['token']}"}
+    assert client.get(f"{api}/admin/logs", headers=auth).status_code == 403
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["users", "set-roles", "--instance", str(instance),
+                                  "--username", "alice@example.com", "--role", "administrator",
+                                  "--role", "editor"])
+    assert result.exit_code == 0, result.output
+    assert result.output == "Roles of alice: administrator, editor (were: subscriber)\n"
+    logs = client.get(f"{api}/admin/logs", headers=auth,
+                      query_string={"event": "user.roles_changed"})
+    assert logs.status_code == 200
+    assert [e["details"] for e in logs.get_json()["events"]] == [
+        {"by": "cli", "before": ["subscriber"], "after": ["administrator", "editor"]}]
+
+    result = runner.invoke(main, ["users", "set-roles", "--instance", str(instance),
+                                  "--username", "alice", "--no-roles"])
+    assert result.exit_code == 0, result.output
+    assert result.output == "Roles of alice: (none) (were: administrator, editor)\n"
+    assert client.get(f"{api}/admin/logs", headers=auth).status_code == 403
+    app.extensions["headlesskey"].engine.dispose()
+
+
+@pytest.mark.parametrize(("args", "code", "says"), [
+    ([], 2, "--no-roles"),
+    (["--role", "editor", "--no-roles"], 2, "--no-roles"),
+    (["--role", " editor"], 2, "--role"),
+    (["--role", "edi\ttor"], 2, "--role"),
+    (["--username", "nobody", "--role", "editor"], 1, "no account 'nobody'"),
+])
+def test_users_set_roles_refusals_are_one_line(instance: Path, args: list[str], code: int,
+                                               says: str) -> None:
+    if "--username" not in args:
+        args = ["--username", "alice", *args]
+    result = CliRunner().invoke(main, ["users", "set-roles", "--instance", str(instance), *args])
+    assert result.exit_code == code, result.output
+    assert says in result.output
+    assert "Traceback" not in result.output
+    app = create_app(instance)
+    with app.app_context():
+        from sqlalchemy import text
+
+        with app.extensions["headlesskey"].engine.connect() as conn:
+            roles = conn.execute(text("SELECT roles FROM hk_users")).scalar()
+            changes = conn.execute(text(
+                "SELECT count(*) FROM hk_audit WHERE event = 'user.roles_changed'")).scalar()
+    assert roles == '["subscriber"]' and changes == 0
+    app.extensions["headlesskey"].engine.dispose()
