@@ -30,6 +30,7 @@ import datetime as dt
 import email.utils
 import hashlib
 import http.client
+import json
 import logging
 import secrets
 import time
@@ -392,9 +393,12 @@ def _administrators(db: DBSession, state: State) -> list[str]:
     """The email addresses of the active accounts holding a role of the ``admin`` rule."""
     rule = state.settings.access.get("admin", ("administrator",))
     roles = set(rule) if isinstance(rule, tuple) else {"administrator"}
+    # A first cut in SQL: the role as it is written in the stored JSON list (non-ASCII and
+    # quotes escaped as json.dumps writes them), with LIKE's wildcards escaped.
     rows = db.execute(select(User.email, User.roles).where(
         User.status == "active",
-        or_(*(cast(User.roles, String).like(f'%"{role}"%') for role in roles))))
+        or_(*(cast(User.roles, String).contains(json.dumps(role), autoescape=True)
+              for role in roles))))
     return [email for email, held in rows if roles & set(held or [])]
 
 

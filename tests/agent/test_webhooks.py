@@ -1232,3 +1232,20 @@ def test_serve_runs_the_jobs_beside_gunicorn_and_stops_them(
     log = (tmp_path / "serve.log").read_text()
     assert "Traceback" not in log, log
     assert "Jobs stopped." in log
+
+
+def test_administrators_with_any_role_name_are_told(make_site: t.Callable[..., Site]) -> None:
+    """The administrators mailed when an endpoint is disabled hold a role of the ``admin``
+    rule, whatever its name: one with non-ASCII letters or a quote (stored escaped in the JSON
+    list) was never found; LIKE's ``_`` matches no other role."""
+    from agent.webhooks import _administrators
+
+    roles = ["Gérant", "管理者", 'ops "on call"', "a_b", "50%"]
+    site = make_site(HEADLESSKEY_ACCESS={"admin": roles})
+    for i, role in enumerate(roles):
+        site.create_user(f"admin{i}", email=f"admin{i}@example.com", roles=["x", role])
+    site.create_user("near", email="near@example.com", roles=["aXb", "50", "Gerant"])
+    site.create_user("plain", email="plain@example.com")
+    with site.db() as db:
+        found = sorted(_administrators(db, site.state))
+    assert found == [f"admin{i}@example.com" for i in range(len(roles))]
