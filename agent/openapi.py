@@ -237,6 +237,33 @@ def document(settings: Settings) -> dict[str, t.Any]:
                 ],
             }
         },
+        f"{p}/admin/users": {
+            "get": {
+                **_op("Accounts by ID, filtered by login or status, a page at a time "
+                      "(administrators)",
+                      _obj({"users": {"type": "array", "items": _ref("Profile")},
+                            "next_cursor": {"type": ["string", "null"]}},
+                           ["users", "next_cursor"]),
+                      auth=True, errors=(400, 403)),
+                "parameters": [
+                    {"name": name, "in": "query", "required": False, "schema": schema}
+                    for name, schema in (
+                        ("login", {**_STR, "maxLength": 254}),
+                        ("status", {**_STR, "enum": ["active", "disabled"]}),
+                        ("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
+                        ("cursor", _STR),
+                    )
+                ],
+            }
+        },
+        f"{p}/admin/users/{{user_id}}": {
+            "get": {
+                **_op("One account's profile, with its status and roles (administrators)",
+                      _ref("Profile"), auth=True, errors=(403, 404)),
+                "parameters": [{"name": "user_id", "in": "path", "required": True,
+                                "schema": _USER_ID}],
+            }
+        },
         f"{p}/admin/users/{{user_id}}/unlock": {
             "post": {
                 **_op("Clear a user's brute-force lock (administrators)",

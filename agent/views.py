@@ -816,6 +816,18 @@ def admin_enable(user_id: int) -> Response:
     return jsonify({"success": True, "code": "user_enabled", "message": "User enabled."})
 
 
+def admin_users() -> Response:
+    """GET /admin/users: accounts by ID, filtered by login or status, with cursor paging."""
+    rows, next_cursor = accounts.list_users(get_db(), request.args)
+    return jsonify({"users": [_user_json(u, full_profile=True) for u in rows],
+                    "next_cursor": next_cursor})
+
+
+def admin_user(user_id: int) -> Response:
+    """GET /admin/users/<id>: one account's profile, with its status and roles."""
+    return jsonify(_user_json(_admin_user(user_id), full_profile=True))
+
+
 def admin_set_roles(user_id: int) -> Response:
     """PUT /admin/users/<id>/roles: the account's roles, replaced; they hold from its next
     request on (its tokens' ``roles`` claim says what they were when issued)."""
@@ -902,6 +914,8 @@ ROUTES: list[tuple[str, t.Callable[..., Response], list[str], str]] = [
     ("/sessions", list_sessions, ["GET"], "sessions"),
     ("/sessions/<session_id>", end_session, ["DELETE"], "sessions"),
     ("/admin/logs", admin_logs, ["GET"], "admin"),
+    ("/admin/users", admin_users, ["GET"], "admin"),
+    (f"/admin/users/{USER_ID}", admin_user, ["GET"], "admin"),
     (f"/admin/users/{USER_ID}/unlock", admin_unlock, ["POST"], "admin"),
     (f"/admin/users/{USER_ID}/disable", admin_disable, ["POST"], "admin"),
     (f"/admin/users/{USER_ID}/enable", admin_enable, ["POST"], "admin"),

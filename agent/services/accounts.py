@@ -174,6 +174,48 @@ def create_user(
 
 
 MAX_ROLES = 32
+MAX_USERS_PAGE = 500
+USER_STATUSES = ("active", "disabled")
+
+
+def list_users(db: DBSession, args: t.Mapping[str, str]) -> tuple[list[User], str | None]:
+    """A page of accounts by ID, for administrators: ``login`` (a username or email, as a login
+    matches it), ``status``, ``limit`` (1 to 500, 50) and ``cursor`` (the ``next_cursor`` of
+    the page before). Returns the page and the next cursor (None on the last page); 400 naming
+    every bad parameter."""
+    from ..db import MAX_ID
+    from ..text import holds_controls
+
+    def number(name: str, low: int, high: int) -> int | None:
+        value = args.get(name, "")
+        if not value:
+            return None
+        if value.isascii() and value.isdigit() and len(value) <= 19 and low <= int(value) <= high:
+            return int(value)
+        errors[name] = [f"An integer from {low} to {high}."]
+        return None
+
+    errors: dict[str, list[str]] = {}
+    limit = number("limit", 1, MAX_USERS_PAGE) or 50
+    after = number("cursor", 0, MAX_ID) or 0
+    login = args.get("login", "")
+    if len(login) > 254 or holds_controls(login):
+        errors["login"] = ["A username or email: at most 254 characters, no control characters."]
+    status = args.get("status", "")
+    if status and status not in USER_STATUSES:
+        errors["status"] = [f"One of: {', '.join(USER_STATUSES)}."]
+    if errors:
+        raise ValidationFailed(fields=errors)
+    stmt = select(User).where(User.id > after).order_by(User.id).limit(limit + 1)
+    if login:
+        key = key_of(login)
+        stmt = stmt.where(or_(User.login_key == key, User.email_key == key))
+    if status:
+        stmt = stmt.where(User.status == status)
+    rows = list(db.scalars(stmt))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (str(rows[-1].id) if more else None)
 
 
 def role_list(value: t.Any) -> list[str]:

@@ -766,3 +766,70 @@ def test_roles_of_an_unknown_user_or_by_a_non_administrator(guarded: Site) -> No
     assert put_roles(s, 2, {"roles": ["administrator"]}, None).status_code == 401
     assert s.scalar("SELECT count(*) FROM hk_audit WHERE event = 'user.roles_changed'") == 0
     assert host_get(s, "/api/reports", token=eddie).status_code == 200
+
+
+# --- finding accounts: GET /admin/users, GET /admin/users/{id} --------------------------------
+
+
+def test_administrators_find_accounts_by_login_status_and_page(
+        make_site: t.Callable[..., Site]) -> None:
+    s = make_site("HS256")
+    names = ["alice", "Bob", "carol", "dave", "erin"]
+    for name in names:
+        s.create_user(name)
+    root_id = s.create_user("root", roles=["administrator"])
+    root = s.api.login("root")["token"]
+    assert s.api.post("/admin/users/4/disable", token=root).status_code == 200
+
+    first = s.api.get("/admin/users", params={"limit": 4}, token=root)
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert [u["user_login"] for u in body["users"]] == names[:4]
+    assert body["next_cursor"] == "4"
+    rest = s.api.get("/admin/users", params={"limit": 4, "cursor": body["next_cursor"]},
+                     token=root).json()
+    assert [u["ID"] for u in rest["users"]] == [5, root_id] and rest["next_cursor"] is None
+    assert set(body["users"][0]) >= {"ID", "user_login", "user_email", "display_name", "roles",
+                                     "status", "email_verified", "user_registered"}
+
+    # A login finds the account as a login would: username or email, in any case.
+    for login in ("BOB", "bob@EXAMPLE.com"):
+        found = s.api.get("/admin/users", params={"login": login}, token=root).json()
+        assert [u["ID"] for u in found["users"]] == [2], login
+    assert s.api.get("/admin/users", params={"login": "nobody"}, token=root).json() == {
+        "users": [], "next_cursor": None}
+    disabled = s.api.get("/admin/users", params={"status": "disabled"}, token=root).json()
+    assert [(u["ID"], u["status"]) for u in disabled["users"]] == [(4, "disabled")]
+
+    one = s.api.get("/admin/users/2", token=root)
+    assert one.status_code == 200 and one.json()["user_login"] == "Bob"
+    assert one.json()["roles"] == ["subscriber"] and one.json()["status"] == "active"
+    missing = s.api.get("/admin/users/999", token=root)
+    assert missing.status_code == 404 and missing.json()["code"] == "user_not_found"
+
+    alice = s.api.login("alice")["token"]
+    assert s.api.get("/admin/users", token=alice).status_code == 403
+    assert s.api.get("/admin/users/1", token=alice).status_code == 403
+    assert s.api.get("/admin/users").status_code == 401
+
+
+@pytest.mark.parametrize(("params", "field"), [
+    ({"limit": "0"}, "limit"),
+    ({"limit": "501"}, "limit"),
+    ({"limit": "ten"}, "limit"),
+    ({"limit": "\uff15"}, "limit"),
+    ({"cursor": "-1"}, "cursor"),
+    ({"cursor": "abc"}, "cursor"),
+    ({"cursor": str(2**31)}, "cursor"),
+    ({"status": "locked"}, "status"),
+    ({"login": "a" * 255}, "login"),
+    ({"login": "al\x01ice"}, "login"),
+])
+def test_bad_account_filters_are_named(make_site: t.Callable[..., Site],
+                                       params: dict[str, str], field: str) -> None:
+    s = make_site("HS256")
+    s.create_user("root", roles=["administrator"])
+    r = s.api.get("/admin/users", params=params, token=s.api.login("root")["token"])
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "invalid_request"
+    assert list(r.json()["data"]["fields"]) == [field]
