@@ -336,7 +336,7 @@ def role_set(text: str) -> tuple[str, ...]:
     if roles is None:
         try:
             value = json.loads(text)
-        except (ValueError, RecursionError):
+        except (TypeError, ValueError, RecursionError):
             value = None
         roles = tuple(r for r in value if isinstance(r, str)) if isinstance(value, list) else ()
         if len(_ROLE_SETS) >= _MAX_ROLE_SETS:
