@@ -117,7 +117,8 @@ def _protected(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str
         rows.append(f"| {alg} | {a / bare:.2f} | {a / f:.2f} | {target} | {verdict(ok)} | "
                     f"{rounds} |")
     rows += ["", "The agent's route parses and checks every registered claim and reads the "
-             "session row on every request (revocation, user status, current access token); "
+             "session row on every request (revocation, user status and roles, current "
+             "access token); "
              "a token's shape, header (`typ`, `kid`, its key's algorithm only) and signature "
              "are checked once per worker and key: a worker does not check them again for a "
              "token it verified with the same key object (a bounded cache, as API gateways "

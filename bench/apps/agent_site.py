@@ -1,9 +1,9 @@
 """A site's own route protected by the agent: ``GET /protected`` with ``@hk.require()``.
 
 Every request verifies the token's signature and claims and reads its session (revocation,
-user status, current access token). The agent's API is mounted too (``/wp-json/headlesskey/v1``:
-logins, the activity log). Settings come from ``HEADLESSKEY_*`` in the environment; the
-instance folder from ``HEADLESSKEY_INSTANCE``.
+user status and roles, current access token). The agent's API is mounted too
+(``/wp-json/headlesskey/v1``: logins, the activity log). Settings come from
+``HEADLESSKEY_*`` in the environment; the instance folder from ``HEADLESSKEY_INSTANCE``.
 """
 
 from __future__ import annotations
