@@ -185,13 +185,15 @@ def list_users(db: DBSession, args: t.Mapping[str, str]) -> tuple[list[User], st
     every bad parameter."""
     from ..db import MAX_ID
     from ..text import holds_controls
+    from .audit import whole_number
 
     def number(name: str, low: int, high: int) -> int | None:
         value = args.get(name, "")
         if not value:
             return None
-        if value.isascii() and value.isdigit() and len(value) <= 19 and low <= int(value) <= high:
-            return int(value)
+        parsed = whole_number(value)
+        if parsed is not None and low <= parsed <= high:
+            return parsed
         errors[name] = [f"An integer from {low} to {high}."]
         return None
 

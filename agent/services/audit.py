@@ -56,12 +56,12 @@ def parse_filters(args: t.Mapping[str, str]) -> tuple[Filters, int, Cursor | Non
 
     user_id = None
     if args.get("user"):
-        user_id = _whole_number(args["user"])
+        user_id = whole_number(args["user"])
         if user_id is None:
             errors["user"] = ["A user ID (integer)."]
     limit = 50
     if args.get("limit"):
-        asked = _whole_number(args["limit"])
+        asked = whole_number(args["limit"])
         if asked is not None and 1 <= asked <= MAX_PAGE:
             limit = asked
         else:
@@ -89,7 +89,7 @@ def parse_filters(args: t.Mapping[str, str]) -> tuple[Filters, int, Cursor | Non
     return filters, limit, cursor
 
 
-def _whole_number(value: str) -> int | None:
+def whole_number(value: str) -> int | None:
     """``value`` as an id: ASCII digits only, at most ``MAX_ID``; else None."""
     if not (value.isascii() and value.isdigit()) or len(value) > 19:
         return None
@@ -122,12 +122,12 @@ def decode_cursor(cursor: str) -> Cursor | None:
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return None
     if raw.startswith("a"):
-        last_id = _whole_number(raw[1:])
+        last_id = whole_number(raw[1:])
         return Cursor(last_id) if last_id is not None else None
     micros, dot, last = raw[1:].partition(".")
     if not (raw.startswith("b") and dot and micros.isascii() and micros.isdigit()):
         return None
-    last_id = _whole_number(last)
+    last_id = whole_number(last)
     if last_id is None or len(micros) > 17:  # beyond the year 5000
         return None
     return Cursor(last_id, _EPOCH + int(micros) * _MICRO)
