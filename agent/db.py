@@ -71,6 +71,15 @@ def read_only(engine: Engine) -> dict[str, t.Any]:
     return {"hk_readonly": True}
 
 
+def one_statement(engine: Engine) -> dict[str, t.Any]:
+    """Execution options for a write of one statement: on PostgreSQL it runs in autocommit,
+    so it commits on its own (no BEGIN and COMMIT round trips); SQLite runs it in its usual
+    write transaction."""
+    if engine.dialect.name == "postgresql":
+        return {"isolation_level": "AUTOCOMMIT"}
+    return {}
+
+
 R = t.TypeVar("R")
 
 

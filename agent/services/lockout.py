@@ -28,20 +28,24 @@ import time
 import typing as t
 from dataclasses import dataclass
 
-from sqlalchemy import Boolean
 from sqlalchemy import Connection
+from sqlalchemy import String
 from sqlalchemy import Table
 from sqlalchemy import bindparam
 from sqlalchemy import case
 from sqlalchemy import delete
 from sqlalchemy import null
+from sqlalchemy import select
+from sqlalchemy import text
 from sqlalchemy import update
 from sqlalchemy.orm import Session as DBSession
 
 from ..db import insert_for
+from ..db import one_statement
 from ..db import rowcount
 from ..errors import AgentError
 from ..models import Throttle
+from ..models import UTCDateTime
 from ..resp import RedisError
 from ..store import StoreUnavailable
 from .keys import derive_key
@@ -137,7 +141,6 @@ class _Statements:
 
     lock: t.Any  # the row of "k", created as an empty counter if missing, locked; executemany
     write: t.Any  # every field of one row ("k"), executemany
-    release: t.Any  # one reservation back; "clear": the failures and escalation too
 
 
 @functools.cache
@@ -145,7 +148,6 @@ def _statements(dialect: str) -> _Statements:
     table = _THROTTLE
     c = table.c
     insert = insert_for(dialect)
-    clear = bindparam("clear", type_=Boolean)
     return _Statements(
         # An upsert that changes nothing, so a row found is locked like one inserted: one
         # statement (one multi-row INSERT for all keys) creates, locks and reads the counters.
@@ -157,11 +159,6 @@ def _statements(dialect: str) -> _Statements:
             failures=bindparam("v_failures"), window_start=bindparam("v_window_start"),
             locked_until=bindparam("v_locked_until"), lock_count=bindparam("v_lock_count"),
             pending=bindparam("v_pending"), pending_since=bindparam("v_pending_since")),
-        release=update(table).where(c.key == bindparam("k")).values(
-            pending=case((c.pending > 0, c.pending - 1), else_=0),
-            failures=case((clear, 0), else_=c.failures),
-            lock_count=case((clear, 0), else_=c.lock_count),
-            locked_until=case((clear, null()), else_=c.locked_until)),
     )
 
 
@@ -227,31 +224,76 @@ def acquire(state: State, keys: Keys) -> None:
 
 def _reserve(state: State, keys: Keys) -> tuple[int, bool]:
     """One try of :func:`acquire` in the database: (seconds locked, 0 if not), and whether
-    the attempt was reserved (neither: the counter is full of checks in flight)."""
+    the attempt was reserved (neither: the counter is full of checks in flight).
+
+    One statement reserves the attempt on every counter with room for it (creating those
+    missing) and leaves alone each counter that is locked or full; on PostgreSQL it runs in
+    autocommit, one round trip for the whole step. When a counter had no room, the
+    reservations just taken on the others are given back, and the counters without room are
+    read to tell a lock from checks still in flight.
+    """
     s = state.settings
-    window = dt.timedelta(seconds=s.lockout_window)
     now = state.clock()
-    with state.engine.begin() as db:  # a plain transaction: every login runs it
-        blocked_for = 0
-        busy = False
-        rows = _lock_rows(db, [key for key, _limit in keys.items], now)
-        for key, limit in keys.items:
-            row = rows[key]
-            if row["locked_until"] is not None and now < row["locked_until"]:
-                blocked_for = max(blocked_for, _seconds(row["locked_until"] - now))
-                continue
-            if now - row["window_start"] >= window:
-                row.update(failures=0, window_start=now)
-            if row["failures"] >= limit:
-                blocked_for = max(blocked_for, s.lockout_duration)
-            elif row["failures"] + row["pending"] >= limit:
-                busy = True
-        reserve = not blocked_for and not busy
-        if reserve:
-            for row in rows.values():
-                row.update(pending=row["pending"] + 1, pending_since=now)
-        _write(db, rows)
-    return blocked_for, reserve
+    window_start = now - dt.timedelta(seconds=s.lockout_window)
+    names = [key for key, _limit in keys.items]
+    params: dict[str, t.Any] = {"now": now, "window_start": window_start,
+                                "stale": now - STALE_PENDING}
+    for i, (key, limit) in enumerate(keys.items):
+        params.update({f"k{i}": key, f"limit{i}": limit})
+    engine = state.engine
+    with engine.connect() as conn:
+        conn = conn.execution_options(**one_statement(engine))
+        with conn.begin():
+            reserved = set(conn.execute(_take(len(names)), params).scalars())
+        if len(reserved) == len(names):
+            return 0, True
+        with conn.begin():
+            if reserved:
+                conn.execute(_release(), {"release_keys": [key for key in names if key in reserved],
+                                          "clear_keys": []})
+            rows = {row.key: row for row in conn.execute(
+                select(_THROTTLE).where(_THROTTLE.c.key.in_(
+                    [key for key in names if key not in reserved])))}
+    blocked_for = 0
+    for key, limit in keys.items:
+        row = rows.get(key)
+        if key in reserved or row is None:
+            continue
+        if row.locked_until is not None and now < row.locked_until:
+            blocked_for = max(blocked_for, _seconds(row.locked_until - now))
+        elif row.window_start > window_start and row.failures >= limit:
+            blocked_for = max(blocked_for, s.lockout_duration)
+    return blocked_for, False
+
+
+@functools.cache
+def _take(count: int) -> t.Any:
+    """The statement of :func:`_reserve` for ``count`` counters (``k0``, ``limit0``, ...): an
+    attempt is reserved on a counter (``pending`` + 1) unless it is locked, or its failures in
+    the window plus the checks in flight (those of processes dead for STALE_PENDING do not
+    count) reach its limit. Returns the keys reserved. The rows are taken in the order of
+    VALUES (key order, as every transaction takes the counters). PostgreSQL and SQLite both
+    read it as written."""
+    rows = ", ".join(f"(:k{i}, 0, :now, 0, 1, :now)" for i in range(count))
+    limits = " ".join(f"WHEN :k{i} THEN :limit{i}" for i in range(count))
+    failures = ("CASE WHEN hk_throttle.window_start <= :window_start THEN 0 "
+                "ELSE hk_throttle.failures END")
+    pending = "CASE WHEN hk_throttle.pending_since < :stale THEN 0 ELSE hk_throttle.pending END"
+    # Built of constants and numbered placeholders only.
+    sql = (
+        'INSERT INTO hk_throttle ("key", failures, window_start, lock_count, pending, '  # noqa: S608
+        f"pending_since) VALUES {rows} "
+        'ON CONFLICT ("key") DO UPDATE SET '
+        f"failures = {failures}, "
+        "window_start = CASE WHEN hk_throttle.window_start <= :window_start THEN :now "
+        "ELSE hk_throttle.window_start END, "
+        f"pending = {pending} + 1, pending_since = :now "
+        "WHERE (hk_throttle.locked_until IS NULL OR hk_throttle.locked_until <= :now) "
+        f'AND {failures} + {pending} < CASE hk_throttle."key" {limits} END '
+        'RETURNING hk_throttle."key"'
+    )
+    times = [bindparam(name, type_=UTCDateTime()) for name in ("now", "window_start", "stale")]
+    return text(sql).bindparams(*times).columns(key=String())
 
 
 def succeeded(db: DBSession, state: State, keys: Keys) -> None:
@@ -260,15 +302,43 @@ def succeeded(db: DBSession, state: State, keys: Keys) -> None:
     Part of ``db``'s transaction: undone by its rollback, done by its commit (in Redis, run
     right after the commit; a rollback drops it).
     """
+    release = release_statement(db, state, keys)
+    if release is not None:
+        db.execute(*release)
+
+
+def release_statement(
+    db: DBSession, state: State, keys: Keys
+) -> tuple[t.Any, dict[str, t.Any]] | None:
+    """:func:`succeeded` for a caller that runs the release as part of a statement of its own:
+    the UPDATE and its parameters (``release_keys``, ``clear_keys``), or None when there is
+    nothing to run in the database (no counters; or counters in Redis, released once ``db``
+    commits, as :func:`succeeded` does)."""
     if state.redis is not None:
         if keys:
             db.info.setdefault(_RELEASE, []).append((state, keys))
-        return
+        return None
     if not keys:
-        return
-    sql = _sql(db)
-    db.execute(sql.release, [{"k": key, "clear": not key.startswith("ip:")}
-                             for key, _limit in keys.items])
+        return None
+    names = [key for key, _limit in keys.items]
+    return _release(), {"release_keys": names,
+                        "clear_keys": [key for key in names if not key.startswith("ip:")]}
+
+
+@functools.cache
+def _release() -> t.Any:
+    """One reservation back on each counter of ``release_keys``; those of ``clear_keys`` (an
+    account's) also start over, failures and escalation. One statement that takes the rows in
+    key order, as every transaction takes the counters."""
+    c = _THROTTLE.c
+    taken = (select(c.key).where(c.key.in_(bindparam("release_keys", expanding=True)))
+             .order_by(c.key).with_for_update())
+    clear = c.key.in_(bindparam("clear_keys", expanding=True))
+    return update(_THROTTLE).where(c.key.in_(taken)).values(
+        pending=case((c.pending > 0, c.pending - 1), else_=0),
+        failures=case((clear, 0), else_=c.failures),
+        lock_count=case((clear, 0), else_=c.lock_count),
+        locked_until=case((clear, null()), else_=c.locked_until))
 
 
 def failed(db: DBSession, state: State, keys: Keys) -> list[tuple[str, int]]:

@@ -237,6 +237,35 @@ def test_ip_lock_across_accounts(make_site: t.Callable[..., Site]) -> None:
     assert attempt(s, "user00", PASSWORD).status_code == 200
 
 
+def test_attempts_at_a_locked_account_take_nothing_from_the_ip(s: Site) -> None:
+    """An attempt refused by one counter gives back what it took on the others: 25 attempts
+    at a locked account leave the client's IP counter (limit 20) with nothing held, so another
+    account logs in from that IP at once."""
+    s.create_user("bob")
+    for _ in range(5):
+        assert_invalid(attempt(s, "alice", WRONG))
+    for _ in range(25):
+        retry_after(attempt(s, "alice", PASSWORD))
+    assert attempt(s, "bob", PASSWORD).status_code == 200
+    assert s.scalar("SELECT coalesce(sum(pending), 0) FROM hk_throttle") == 0
+
+
+def test_checks_in_flight_fill_the_counter_until_they_go_stale(s: Site) -> None:
+    """Five password checks in flight (reserved, not yet counted) fill the account's counter:
+    a sixth attempt waits for them and, when none ends, is refused. Reservations left by a
+    process that died mid-check stop counting after a minute."""
+    from agent.services import lockout
+
+    keys = lockout.keys_for(s.state, user_id=1, login="alice", ip="192.0.2.77")
+    for _ in range(5):
+        lockout.acquire(s.state, keys)
+    assert retry_after(attempt(s, "alice", PASSWORD)) == 1
+    assert sessions_of(s, 1) == 0
+    s.clock.advance(lockout.STALE_PENDING.total_seconds() + 1)
+    assert attempt(s, "alice", PASSWORD).status_code == 200
+    assert sessions_of(s, 1) == 1
+
+
 def test_trusted_proxy_gives_each_forwarded_client_its_own_counter(
     make_site: t.Callable[..., Site],
 ) -> None:
