@@ -11,10 +11,13 @@ from pathlib import Path
 
 from sqlalchemy import CursorResult
 from sqlalchemy import Engine
+from sqlalchemy import bindparam
 from sqlalchemy import create_engine
 from sqlalchemy import event
+from sqlalchemy import func
 from sqlalchemy import insert
 from sqlalchemy import make_url
+from sqlalchemy import select
 from sqlalchemy import text
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.exc import DisconnectionError
@@ -271,6 +274,73 @@ def insert_rows(db: t.Any, model: t.Any, rows: list[dict[str, t.Any]]) -> None:
     (column defaults and types apply), for the rows a login or an event writes, where the
     ORM's unit of work would cost more than the statement."""
     db.connection().execute(_insert(model.__table__), rows[0] if len(rows) == 1 else rows)
+
+
+Writes = list[tuple[type[t.Any], list[dict[str, t.Any]]]]  # (model, rows), in write order
+
+
+def insert_if(db: t.Any, guard: t.Any, params: dict[str, t.Any], writes: Writes,
+              also: t.Any = None) -> bool:
+    """INSERT the rows of ``writes`` if ``guard`` (a SELECT that locks the row it finds) finds
+    one, and run ``also`` (an UPDATE or None) whatever it finds, in ``db``'s transaction;
+    returns whether the guard found its row. ``params`` are the guard's and ``also``'s; column
+    defaults apply to the rows as to any INSERT.
+
+    On PostgreSQL this is one statement: the guard, each INSERT and ``also`` are parts of one
+    ``WITH``, every row selected from the guard's, so nothing is inserted unless the guard found
+    its row, and a row may reference one inserted before it (foreign keys are checked at the
+    statement's end). The guard runs first (the statement's own query reads it; the other
+    parts run after it), so its lock is taken before any ``also`` takes. Run in autocommit,
+    the whole is one round trip, its commit included. Elsewhere the statements run one by one.
+    """
+    conn = db.connection()
+    if conn.dialect.name != "postgresql":
+        found = conn.execute(guard, params).first() is not None
+        if found:
+            for model, rows in writes:
+                conn.execute(_insert(model.__table__), rows[0] if len(rows) == 1 else rows)
+        if also is not None:
+            conn.execute(also, params)
+        return found
+    writes = [(model, [_with_defaults(model.__table__, row) for row in rows])
+              for model, rows in writes]
+    shape = tuple((model, tuple(tuple(row) for row in rows)) for model, rows in writes)
+    values = dict(params)
+    for i, (_model, rows) in enumerate(writes):
+        for j, row in enumerate(rows):
+            values.update((f"w{i}_{j}_{name}", value) for name, value in row.items())
+    return bool(conn.execute(_insert_if(guard, shape, also), values).scalar_one())
+
+
+def _with_defaults(table: t.Any, row: dict[str, t.Any]) -> dict[str, t.Any]:
+    """``row`` with the Python-side default of each column it leaves out, as an INSERT of
+    SQLAlchemy's would add (one made of a SELECT, as :func:`insert_if`'s are, adds none)."""
+    missing = [c for c in table.columns if c.key not in row and c.default is not None]
+    if not missing:
+        return row
+    row = dict(row)
+    for column in missing:
+        default = column.default
+        row[column.key] = default.arg(None) if default.is_callable else default.arg
+    return row
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_if(guard: t.Any, shape: tuple[tuple[t.Any, tuple[tuple[str, ...], ...]], ...],
+               also: t.Any) -> t.Any:
+    """The statement of :func:`insert_if` for one guard, shape of rows and ``also``, built once."""
+    found = guard.cte("guard")
+    parts = []
+    for i, (model, rows) in enumerate(shape):
+        table = model.__table__
+        for j, names in enumerate(rows):
+            values = select(*[bindparam(f"w{i}_{j}_{name}", type_=table.c[name].type)
+                              for name in names]).select_from(found)
+            parts.append(insert(table).from_select(names, values, include_defaults=False)
+                         .cte(f"w{i}_{j}"))
+    if also is not None:
+        parts.append(also.cte("also"))
+    return select(func.count()).select_from(found).add_cte(*parts)
 
 
 def upsert(db: t.Any, table: t.Any, key: str, **values: t.Any) -> None:

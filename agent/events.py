@@ -79,8 +79,29 @@ def record(
 ) -> Event:
     """Add the audit row and webhook outbox rows of an event to ``db``'s transaction (none for
     the endpoints in ``skip_endpoints``)."""
+    ev = make(state, name, outcome=outcome, client=client, user_id=user_id, login=login,
+              session_id=session_id, details=details)
+    for model, rows in writes_of(state, ev, skip_endpoints):
+        insert_rows(db, model, rows)
+    pend(db, ev)
+    return ev
+
+
+def make(
+    state: State,
+    name: str,
+    *,
+    outcome: str = "success",
+    client: ClientInfo | None = None,
+    user_id: int | None = None,
+    login: str = "",
+    session_id: str | None = None,
+    details: dict[str, t.Any] | None = None,
+) -> Event:
+    """The event, stamped now (written by :func:`record`, or by a caller that writes its rows
+    with :func:`writes_of` and then calls :func:`pend`)."""
     ua = client.user_agent[:512] if client else ""
-    ev = Event(
+    return Event(
         name=name,
         outcome=outcome,
         at=state.clock(),
@@ -92,35 +113,44 @@ def record(
         device=describe(ua),
         details=dict(details or {}),
     )
-    rows = [{
+
+
+def writes_of(
+    state: State, ev: Event, skip_endpoints: t.Collection[str] = ()
+) -> list[tuple[type[t.Any], list[dict[str, t.Any]]]]:
+    """The rows ``ev`` adds: its audit row, then one outbox row per subscribed endpoint."""
+    writes: list[tuple[type[t.Any], list[dict[str, t.Any]]]] = [(AuditEvent, [{
         "created_at": ev.at,
-        "event": name,
-        "outcome": outcome,
-        "user_id": user_id,
+        "event": ev.name,
+        "outcome": ev.outcome,
+        "user_id": ev.user_id,
         "login": ev.login,
-        "session_id": session_id,
+        "session_id": ev.session_id,
         "ip": ev.ip,
-        "user_agent": ua,
+        "user_agent": ev.user_agent,
         "device": ev.device,
         "details": ev.details,
-    }]
-    insert_rows(db, AuditEvent, rows)
+    }])]
     endpoints = [e for e in state.settings.webhooks
-                 if e.wants(name) and e.id not in skip_endpoints]
+                 if e.wants(ev.name) and e.id not in skip_endpoints]
     if endpoints:
         body = json.dumps(ev.payload(), separators=(",", ":"))
-        insert_rows(db, WebhookMessage, [{
+        writes.append((WebhookMessage, [{
             "message_id": f"msg_{uuid.uuid4().hex}",
             "endpoint": endpoint.id,
-            "event": name,
+            "event": ev.name,
             "body": body,
             "created_at": ev.at,
             "status": "pending",
             "attempts": 0,
             "next_attempt_at": ev.at,
-        } for endpoint in endpoints])
+        } for endpoint in endpoints]))
+    return writes
+
+
+def pend(db: DBSession, ev: Event) -> None:
+    """Send ``ev``'s signals once ``db``'s transaction commits (its rows are in it)."""
     db.info.setdefault(_PENDING, []).append(ev)
-    return ev
 
 
 def _send(signal: NamedSignal, app: t.Any, ev: Event) -> None:

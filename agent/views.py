@@ -22,6 +22,8 @@ from . import federation
 from .config import Settings
 from .db import DATABASE_ERRORS
 from .db import MAX_ID
+from .db import insert_if
+from .db import one_statement
 from .db import read_only
 from .db import unavailable
 from .errors import AgentError
@@ -215,6 +217,11 @@ def _login(full_profile: bool) -> Response:
         check=lambda: accounts.check_credentials(state, found, password), release=False,
     )
     assert found is not None
+    if not state.settings.max_sessions and not state.hasher.needs_rehash(found.password_hash):
+        issued = _open_session_at_once(db, state, found, client, login=login, keys=keys)
+        if issued is not None:
+            return _token_response(issued, full_profile=full_profile)
+        keys = lockout.Keys(())  # released; the account changed while the hash ran, see below
     user = _as_checked(db, state, found, password)
     lockout.succeeded(db, state, keys)
     if user is None:
@@ -259,6 +266,44 @@ def _as_checked(db: DBSession, state: State, checked: User, password: str) -> Us
     user = db.merge(checked, load=False)
     set_committed_value(user, "password_hash", row.password_hash)
     return user
+
+
+# The account as a login checked it (read before the hash): active, with the same hash. FOR
+# SHARE: a reset, change or disable (an UPDATE of the row) waits for the session written with it
+# and then ends it too; concurrent logins of the account do not wait for each other.
+_UNCHANGED = (select(User.id)
+              .where(User.id == bindparam("id"), User.status == "active",
+                     User.password_hash == bindparam("password_hash"))
+              .with_for_update(read=True))
+
+
+def _open_session_at_once(
+    db: DBSession, state: State, user: User, client: ClientInfo, *, login: str,
+    keys: lockout.Keys,
+) -> Issued | None:
+    """The session of a checked login: its row, its refresh token and the ``login.succeeded``
+    event written if ``user`` is still as checked, and in any case the attempt's reservation
+    released; on PostgreSQL all of it one statement in autocommit (one round trip, where a
+    transaction of its own took eight). None if the account changed while the hash ran
+    (nothing written but the release): the caller then checks again as :func:`_as_checked`
+    does, which tells a change from a rehash by another login.
+
+    For logins without a session limit or a rehash due; the others run :func:`_as_checked`.
+    """
+    writes, issued = sessions.new_session(state, user, client)
+    ev = events.make(state, "login.succeeded", client=client, user_id=user.id, login=login,
+                     session_id=issued.session.id)
+    db.connection(execution_options=one_statement(state.engine))
+    params = {"id": user.id, "password_hash": user.password_hash}
+    release = lockout.release_statement(db, state, keys)  # in Redis: after the commit
+    if release is not None:
+        params.update(release[1])
+    opened = insert_if(db, _UNCHANGED, params, writes + events.writes_of(state, ev),
+                       also=release[0] if release is not None else None)
+    if opened:
+        events.pend(db, ev)
+    db.commit()
+    return issued if opened else None
 
 
 def _open_session(

@@ -147,6 +147,19 @@ def start_session(db: DBSession, state: State, user: User, client: ClientInfo) -
 
     The caller runs :func:`enforce_session_limit` first, in the same transaction.
     """
+    writes, issued = new_session(state, user, client)
+    # Plain INSERTs, the session row first (the refresh token references it): a login runs
+    # them, and the ORM's unit of work would cost more than the statements themselves.
+    for model, rows in writes:
+        insert_rows(db, model, rows)
+    return issued
+
+
+def new_session(
+    state: State, user: User, client: ClientInfo
+) -> tuple[list[tuple[type[t.Any], list[dict[str, t.Any]]]], Issued]:
+    """A new session of ``user`` and its first token pair: the rows to write (the session,
+    then its refresh token), and what the client is handed once they are written."""
     now = state.clock()
     s = state.settings
     expires = now + dt.timedelta(seconds=s.session_max_age)
@@ -166,18 +179,19 @@ def start_session(db: DBSession, state: State, user: User, client: ClientInfo) -
     }
     refresh = REFRESH_PREFIX + secrets.token_urlsafe(32)
     refresh_expires = min(now + dt.timedelta(seconds=s.refresh_token_ttl), expires)
-    # Plain INSERTs, the session row first (the refresh token references it): a login runs
-    # them, and the ORM's unit of work would cost more than the statements themselves.
-    insert_rows(db, Session, [values])
-    insert_rows(db, RefreshToken, [{
-        "session_id": values["id"],
-        "token_hash": digest(refresh),
-        "generation": 0,
-        "created_at": now,
-        "expires_at": refresh_expires,
-    }])
-    sess = Session(**values)  # what the caller reads; the row is written above
-    return Issued(sess, user, _access_token(state, user, sess), exp, refresh, refresh_expires)
+    writes: list[tuple[type[t.Any], list[dict[str, t.Any]]]] = [
+        (Session, [values]),
+        (RefreshToken, [{
+            "session_id": values["id"],
+            "token_hash": digest(refresh),
+            "generation": 0,
+            "created_at": now,
+            "expires_at": refresh_expires,
+        }]),
+    ]
+    sess = Session(**values)  # what the caller reads; the row is written from ``writes``
+    return writes, Issued(sess, user, _access_token(state, user, sess), exp, refresh,
+                          refresh_expires)
 
 
 def refresh(db: DBSession, state: State, presented: t.Any) -> Issued:
