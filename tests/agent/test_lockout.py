@@ -399,6 +399,22 @@ def test_concurrent_guesses_get_at_most_five_password_checks(s: Site) -> None:
     retry_after(attempt(s, "alice", PASSWORD))
 
 
+def test_concurrent_right_passwords_all_get_through(s: Site) -> None:
+    """20 logins at once with the right password, four times the account's limit: each waits
+    for a free place on the counter if it must, none is refused, and each opens its session."""
+    def log_in(_: int) -> int:
+        return requests.post(
+            s.api.url("/token"), json={"username": "alice", "password": PASSWORD}, timeout=60
+        ).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        statuses = list(pool.map(log_in, range(20)))
+    assert statuses == [200] * 20
+    assert sessions_of(s, 1) == 20
+    assert s.scalar("SELECT count(*) FROM hk_audit WHERE event = 'login.succeeded'") == 20
+    assert s.scalar("SELECT coalesce(sum(pending), 0) FROM hk_throttle") == 0
+
+
 # --- other password checks ------------------------------------------------------------------
 
 
