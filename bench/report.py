@@ -173,25 +173,19 @@ def _login(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
                  f"{verdict(b >= 0.9)}); the attempt's "
                  "reservation and release are one Lua script each instead of a transaction."]
     if a < 0.9:
-        rows += ["", "Where the rest goes (logins timed and profiled in one process, with a "
-                 "cheap hash): besides the hash, a login reads the account, then runs two write "
-                 "transactions, the attempt reserved on the brute-force counters before the hash "
-                 "and, after it, the reservation released with the session, its refresh token "
-                 "and the audit row written. On an AMD EPYC that is about 1.3 ms of CPU per "
-                 "login on SQLite and 2.0 ms on PostgreSQL, 2.9 ms with the waits (12 round "
-                 "trips: 1 connection check, 7 "
-                 "statements, 2 BEGINs and 2 commits; the account is read outside a "
-                 "transaction), or 7 round trips and 2 Redis calls with the counters in Redis, "
-                 "most of it Python (SQLAlchemy and psycopg) and "
-                 "the database server's own work, paid on the same two cores as the hashes. "
-                 "The peer's login is the hash and a token, with nothing stored. Beside a "
-                 "real hash that work costs about twice as much: the hash's 19 MiB evict the "
-                 "CPU caches, so the code and data of the rest of the request are read from "
-                 "memory again on every login. Timed in one process on the same machine, the "
-                 "request's work before and after the hash took 1.1 ms on SQLite and 3.2 ms on "
-                 "PostgreSQL with warm caches, 2.7 and 5.8 ms with a real hash between, and as "
-                 "long with a 40 MiB memory copy in place of the hash. A login pays for how "
-                 "much code and data it touches, not only for what it runs."]
+        rows += ["", "Where the rest goes (logins timed in one process): besides the hash, a "
+                 "login reads the account (one statement, outside a transaction), reserves the "
+                 "attempt on the brute-force counters (one statement) and, after the hash, "
+                 "writes its session, refresh token and audit row and releases the reservation "
+                 "(one statement on PostgreSQL, in autocommit): 4 round trips with the "
+                 "connection check, or 3 and 2 Redis calls with the counters in Redis. On an "
+                 "AMD EPYC the request's work before and after the hash took 1.6 ms on SQLite "
+                 "and 3.3 ms on PostgreSQL with warm caches, waits included, and 3.2 and 4.9 ms "
+                 "beside a real hash (3.5 and 6.4 ms when the login took 12 round trips): the "
+                 "hash's 19 MiB evict the CPU caches, so the code and data of the rest of the "
+                 "request are read from memory again on every login. With 2 sync "
+                 "workers on 2 cores, a worker waiting on a round trip also leaves its core "
+                 "idle. The peer's login is the hash and a token, with nothing stored."]
     return rows
 
 
