@@ -25,6 +25,7 @@ from flask import has_app_context
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session as DBSession
 
+from .db import Writes
 from .db import insert_rows
 from .models import AuditEvent
 from .models import WebhookMessage
@@ -117,9 +118,9 @@ def make(
 
 def writes_of(
     state: State, ev: Event, skip_endpoints: t.Collection[str] = ()
-) -> list[tuple[type[t.Any], list[dict[str, t.Any]]]]:
+) -> Writes:
     """The rows ``ev`` adds: its audit row, then one outbox row per subscribed endpoint."""
-    writes: list[tuple[type[t.Any], list[dict[str, t.Any]]]] = [(AuditEvent, [{
+    writes: Writes = [(AuditEvent, [{
         "created_at": ev.at,
         "event": ev.name,
         "outcome": ev.outcome,

@@ -35,6 +35,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session as DBSession
 
+from ..db import Writes
 from ..db import file_identity
 from ..db import insert_rows
 from ..db import rowcount
@@ -157,7 +158,7 @@ def start_session(db: DBSession, state: State, user: User, client: ClientInfo) -
 
 def new_session(
     state: State, user: User, client: ClientInfo
-) -> tuple[list[tuple[type[t.Any], list[dict[str, t.Any]]]], Issued]:
+) -> tuple[Writes, Issued]:
     """A new session of ``user`` and its first token pair: the rows to write (the session,
     then its refresh token), and what the client is handed once they are written."""
     now = state.clock()
@@ -179,7 +180,7 @@ def new_session(
     }
     refresh = REFRESH_PREFIX + secrets.token_urlsafe(32)
     refresh_expires = min(now + dt.timedelta(seconds=s.refresh_token_ttl), expires)
-    writes: list[tuple[type[t.Any], list[dict[str, t.Any]]]] = [
+    writes: Writes = [
         (Session, [values]),
         (RefreshToken, [{
             "session_id": values["id"],
