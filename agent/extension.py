@@ -33,6 +33,7 @@ from werkzeug.local import LocalProxy
 
 from . import config as config_module
 from . import events
+from . import policy
 from . import store
 from .background import Background
 from .db import make_engine
@@ -100,8 +101,6 @@ class State:
     @property
     def settings(self) -> config_module.Settings:
         """The settings in force: the site's own, overlaid on its hub policy (agent.policy)."""
-        from . import policy
-
         return policy.effective(self)
 
     def apply_filter(self, name: str, value: t.Any, *args: t.Any) -> t.Any:

@@ -398,6 +398,9 @@ class SessionReader:
             numbered = dialect_class(paramstyle="numeric_dollar")
             self.sql = str(stmt.compile(dialect=numbered))
             self.decoders: list[t.Callable[[bytes], t.Any]] = []
+            from psycopg import pq  # the driver's libpq binding, loaded with the dialect
+
+            self.pq = pq
             self.read = self._read_postgres
         else:
             compiled = stmt.compile(dialect=dialect)
@@ -474,8 +477,7 @@ class SessionReader:
                      for p, v in zip(self.processors, raw, strict=True))
 
     def _read_postgres(self, conn: t.Any, sid: str) -> tuple[t.Any, ...] | None:
-        from psycopg import pq
-
+        pq = self.pq
         # Only libpq calls that let other threads run while they wait for the server (its
         # describe call does not: the column types come from the first result instead).
         pgconn = conn.dbapi_connection.pgconn
