@@ -26,6 +26,16 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+# GET /sessions and GET /admin/users/{id}/sessions (agent.services.sessions.live_sessions).
+_SESSION_PAGE = _obj({"sessions": {"type": "array", "items": _ref("SessionInfo")},
+                      "next_cursor": {"type": ["string", "null"]}}, ["sessions", "next_cursor"])
+_SESSION_PAGE_PARAMETERS = [
+    {"name": name, "in": "query", "required": False, "schema": schema}
+    for name, schema in (("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
+                         ("cursor", _STR))
+]
+
+
 def _json(schema: dict[str, t.Any]) -> dict[str, t.Any]:
     return {"content": {"application/json": {"schema": schema}}}
 
@@ -176,12 +186,11 @@ def document(settings: Settings) -> dict[str, t.Any]:
         },
         f"{p}/me": {"get": _op("The caller's profile", _ref("Profile"), auth=True, errors=())},
         f"{p}/sessions": {
-            "get": _op(
-                "The caller's active sessions",
-                _obj({"sessions": {"type": "array", "items": _ref("SessionInfo")}}, ["sessions"]),
-                auth=True,
-                errors=(),
-            )
+            "get": {
+                **_op("The caller's active sessions, newest first, a page at a time",
+                      _SESSION_PAGE, auth=True, errors=(400,)),
+                "parameters": _SESSION_PAGE_PARAMETERS,
+            }
         },
         f"{p}/sessions/{{session_id}}": {
             "delete": {
@@ -309,12 +318,10 @@ def document(settings: Settings) -> dict[str, t.Any]:
         },
         f"{p}/admin/users/{{user_id}}/sessions": {
             "get": {
-                **_op("A user's active sessions (administrators)",
-                      _obj({"sessions": {"type": "array", "items": _ref("SessionInfo")}},
-                           ["sessions"]),
-                      auth=True, errors=(403, 404)),
+                **_op("A user's active sessions, newest first, a page at a time "
+                      "(administrators)", _SESSION_PAGE, auth=True, errors=(400, 403, 404)),
                 "parameters": [{"name": "user_id", "in": "path", "required": True,
-                                "schema": _USER_ID}],
+                                "schema": _USER_ID}, *_SESSION_PAGE_PARAMETERS],
             }
         },
         f"{p}/admin/sessions/{{session_id}}": {

@@ -688,19 +688,12 @@ def _session_payload(sess: Session, current: str) -> dict[str, t.Any]:
 
 
 def list_sessions() -> Response:
-    """GET /sessions: the caller's active sessions (devices)."""
+    """GET /sessions: the caller's active sessions (devices), newest first, a page at a time."""
     identity = authenticate_request()
-    now = get_state().clock()
-    rows = get_db().scalars(
-        select(Session)
-        .where(
-            Session.user_id == identity.user_id,
-            Session.revoked_at.is_(None),
-            Session.expires_at > now,
-        )
-        .order_by(Session.created_at.desc())
-    )
-    return jsonify({"sessions": [_session_payload(s, identity.session_id) for s in rows]})
+    rows, next_cursor = sessions.live_sessions(get_db(), get_state(), identity.user_id,
+                                               request.args)
+    return jsonify({"sessions": [_session_payload(s, identity.session_id) for s in rows],
+                    "next_cursor": next_cursor})
 
 
 def end_session(session_id: str) -> Response:
@@ -895,15 +888,11 @@ def admin_set_roles(user_id: int) -> Response:
 
 
 def admin_user_sessions(user_id: int) -> Response:
-    """GET /admin/users/<id>/sessions: a user's active sessions."""
+    """GET /admin/users/<id>/sessions: a user's active sessions, newest first, a page at a time."""
     user = _admin_user(user_id)
-    now = get_state().clock()
-    rows = get_db().scalars(
-        select(Session)
-        .where(Session.user_id == user.id, Session.revoked_at.is_(None), Session.expires_at > now)
-        .order_by(Session.created_at.desc())
-    )
-    return jsonify({"sessions": [_session_payload(s, "") for s in rows]})
+    rows, next_cursor = sessions.live_sessions(get_db(), get_state(), user.id, request.args)
+    return jsonify({"sessions": [_session_payload(s, "") for s in rows],
+                    "next_cursor": next_cursor})
 
 
 def admin_end_session(session_id: str) -> Response:

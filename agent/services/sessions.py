@@ -14,11 +14,14 @@ the very same token again.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import threading
 import typing as t
@@ -30,6 +33,7 @@ from sqlalchemy import Text
 from sqlalchemy import bindparam
 from sqlalchemy import event
 from sqlalchemy import select
+from sqlalchemy import tuple_
 from sqlalchemy import type_coerce
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
@@ -43,10 +47,12 @@ from ..db import unavailable
 from ..errors import Forbidden
 from ..errors import InvalidGrant
 from ..errors import InvalidToken
+from ..errors import ValidationFailed
 from ..models import RefreshToken
 from ..models import Session
 from ..models import User
 from . import devices
+from .audit import whole_number
 from .keys import b64url
 from .tokens import mint_access_token
 from .tokens import new_jti
@@ -331,6 +337,67 @@ def revoke_by_refresh_token(db: DBSession, state: State, presented: str) -> Sess
 # PostgreSQL's binary format of the types the session read returns, by type OID: int4, varchar,
 # text, json (its text), and timestamp (microseconds since 2000-01-01; the columns hold naive
 # UTC).
+SESSIONS_PAGE = 100  # sessions listed per page unless ``limit`` says otherwise
+MAX_SESSIONS_PAGE = 500
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MICRO = dt.timedelta(microseconds=1)
+
+
+def live_sessions(db: DBSession, state: State, user_id: int,
+                  args: t.Mapping[str, str]) -> tuple[list[Session], str | None]:
+    """A page of the user's live sessions (neither ended nor past their absolute lifetime),
+    newest first: ``limit`` (1 to 500, 100) and ``cursor`` (the ``next_cursor`` of the page
+    before). Returns the page and the next cursor (None on the last page); 400 naming every bad
+    parameter. An account with no session limit may gather any number of sessions, so the list
+    is never read whole; a page is one range of the user's rows, and sessions started
+    meanwhile never shift it."""
+    errors: dict[str, list[str]] = {}
+    limit = SESSIONS_PAGE
+    if args.get("limit"):
+        asked = whole_number(args["limit"])
+        if asked is not None and 1 <= asked <= MAX_SESSIONS_PAGE:
+            limit = asked
+        else:
+            errors["limit"] = [f"An integer from 1 to {MAX_SESSIONS_PAGE}."]
+    after = None
+    if args.get("cursor"):
+        after = _decode_position(args["cursor"])
+        if after is None:
+            errors["cursor"] = ["Not a cursor returned by this API."]
+    if errors:
+        raise ValidationFailed(fields=errors)
+    stmt = (select(Session)
+            .where(Session.user_id == user_id, Session.revoked_at.is_(None),
+                   Session.expires_at > state.clock())
+            .order_by(Session.created_at.desc(), Session.id.desc())
+            .limit(limit + 1))
+    if after is not None:
+        stmt = stmt.where(tuple_(Session.created_at, Session.id) < after)
+    rows = list(db.scalars(stmt))
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    position = f"{(last.created_at - _EPOCH) // _MICRO}.{last.id}".encode()
+    return rows[:limit], base64.urlsafe_b64encode(position).rstrip(b"=").decode()
+
+
+def _decode_position(cursor: str) -> tuple[dt.datetime, str] | None:
+    """The (start time, id) of the session a page ended on; None unless ``cursor`` is one
+    :func:`live_sessions` returned."""
+    if len(cursor) > 128:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, ValueError):
+        return None
+    micros, dot, sid = raw.partition(".")
+    if not (dot and micros.isascii() and micros.isdigit() and len(micros) <= 17
+            and _SESSION_ID.fullmatch(sid)):
+        return None
+    return _EPOCH + int(micros) * _MICRO, sid
+
+
 _PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 _PG_BINARY: dict[int, t.Callable[[bytes], t.Any]] = {
     23: lambda v: int.from_bytes(v, "big", signed=True),

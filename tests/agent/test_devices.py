@@ -394,3 +394,84 @@ def test_admin_user_id_in_other_digits_is_404(make_site: t.Callable[..., Site],
     assert works(s, phone)
     assert s.scalar("SELECT status FROM hk_users WHERE id = 1") == "active"
     assert s.scalar("SELECT count(*) FROM hk_audit WHERE event LIKE 'user.%'") == 0
+
+
+# --- long lists -----------------------------------------------------------------------------
+
+
+def pages(s: Site, path: str, token: str, limit: int) -> list[list[str]]:
+    """The session ids of every page of ``path``, following ``next_cursor`` to the end."""
+    out: list[list[str]] = []
+    cursor: str | None = None
+    while True:
+        params = {"limit": str(limit), **({"cursor": cursor} if cursor else {})}
+        r = s.api.get(path, params=params, token=token)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        out.append([x["id"] for x in body["sessions"]])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return out
+        assert len(out) < 20, "next_cursor never ran out"
+
+
+def test_sessions_are_listed_newest_first_a_page_at_a_time(
+    make_site: t.Callable[..., Site],
+) -> None:
+    """Without a session limit an account may gather any number of sessions: the lists come a
+    page at a time (``limit``, ``cursor`` -> ``next_cursor``), and a session started or ended
+    between two pages neither repeats nor skips another."""
+    s = make_site("HS256")
+    s.create_user("alice")
+    s.create_user("root", roles=["administrator"])
+    admin = s.api.login("root")["token"]
+    sids = [s.api.login()["sid"] for _ in range(7)]
+    newest_first = sids[::-1]
+    mine = s.api.login()  # the caller's own session: newest of all
+    everything = [mine["sid"], *newest_first]
+
+    assert pages(s, "/sessions", mine["token"], 3) == [everything[0:3], everything[3:6],
+                                                       everything[6:8]]
+    assert pages(s, "/sessions", mine["token"], 8) == [everything]
+    whole = s.api.get("/sessions", token=mine["token"]).json()  # 100 a page unless asked
+    assert [x["id"] for x in whole["sessions"]] == everything
+    assert whole["next_cursor"] is None
+    assert [x["current"] for x in whole["sessions"]] == [True] + [False] * 7
+    assert pages(s, "/admin/users/1/sessions", admin, 5) == [everything[0:5], everything[5:8]]
+
+    first = s.api.get("/sessions", params={"limit": "3"}, token=mine["token"]).json()
+    later = s.api.login()["sid"]  # newer than every page: never in the pages that follow
+    assert s.api.delete(f"/sessions/{everything[4]}", token=mine["token"]).status_code == 200
+    rest = s.api.get("/sessions", params={"limit": "10", "cursor": first["next_cursor"]},
+                     token=mine["token"]).json()
+    assert [x["id"] for x in rest["sessions"]] == [everything[3], *everything[5:8]]
+    assert later not in [x["id"] for x in rest["sessions"]]
+    assert rest["next_cursor"] is None
+
+
+@pytest.mark.parametrize("params, bad", [
+    ({"limit": "0"}, ["limit"]),
+    ({"limit": "501"}, ["limit"]),
+    ({"limit": "ten"}, ["limit"]),
+    ({"limit": "-1"}, ["limit"]),
+    ({"limit": "1e2"}, ["limit"]),
+    ({"cursor": "nope"}, ["cursor"]),
+    ({"cursor": "MTIzLg"}, ["cursor"]),  # "123." : no session id
+    ({"cursor": "eC5hYmM"}, ["cursor"]),  # "x.abc": no time
+    ({"cursor": "A" * 129}, ["cursor"]),
+    ({"limit": "0", "cursor": "%%%"}, ["cursor", "limit"]),
+])
+def test_a_bad_page_of_sessions_is_a_400_naming_the_parameter(
+    make_site: t.Callable[..., Site], params: dict[str, str], bad: list[str],
+) -> None:
+    s = make_site("HS256")
+    s.create_user("alice")
+    s.create_user("root", roles=["administrator"])
+    admin = s.api.login("root")["token"]
+    mine = s.api.login()["token"]
+    for path, token in (("/sessions", mine), ("/admin/users/1/sessions", admin)):
+        r = s.api.get(path, params=params, token=token)
+        assert r.status_code == 400, r.text
+        body = r.json()
+        assert body["code"] == "invalid_request", body
+        assert sorted(body["data"]["fields"]) == bad, body
