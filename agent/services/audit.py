@@ -59,18 +59,7 @@ def parse_filters(args: t.Mapping[str, str]) -> tuple[Filters, int, Cursor | Non
         user_id = whole_number(args["user"])
         if user_id is None:
             errors["user"] = ["A user ID (integer)."]
-    limit = 50
-    if args.get("limit"):
-        asked = whole_number(args["limit"])
-        if asked is not None and 1 <= asked <= MAX_PAGE:
-            limit = asked
-        else:
-            errors["limit"] = [f"An integer from 1 to {MAX_PAGE}."]
-    cursor = None
-    if args.get("cursor"):
-        cursor = decode_cursor(args["cursor"])
-        if cursor is None:
-            errors["cursor"] = ["Not a cursor returned by this API."]
+    limit, cursor = page_args(args, errors, default=50, maximum=MAX_PAGE, decode=decode_cursor)
     for name in ("event", "outcome", "ip"):
         if len(args.get(name, "")) > 64:
             errors[name] = ["At most 64 characters."]
@@ -87,6 +76,29 @@ def parse_filters(args: t.Mapping[str, str]) -> tuple[Filters, int, Cursor | Non
     if errors:
         raise ValidationFailed(fields=errors)
     return filters, limit, cursor
+
+
+C = t.TypeVar("C")
+
+
+def page_args(args: t.Mapping[str, str], errors: dict[str, list[str]], *, default: int,
+              maximum: int, decode: t.Callable[[str], C | None]) -> tuple[int, C | None]:
+    """A list's ``limit`` (1 to ``maximum``; ``default`` when absent) and ``cursor`` (read by
+    ``decode``, which answers None for anything it did not make) from query parameters; each
+    bad one is named in ``errors``."""
+    limit = default
+    if args.get("limit"):
+        asked = whole_number(args["limit"])
+        if asked is not None and 1 <= asked <= maximum:
+            limit = asked
+        else:
+            errors["limit"] = [f"An integer from 1 to {maximum}."]
+    cursor = None
+    if args.get("cursor"):
+        cursor = decode(args["cursor"])
+        if cursor is None:
+            errors["cursor"] = ["Not a cursor returned by this API."]
+    return limit, cursor
 
 
 def whole_number(value: str) -> int | None:

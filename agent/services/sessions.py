@@ -52,7 +52,7 @@ from ..models import RefreshToken
 from ..models import Session
 from ..models import User
 from . import devices
-from .audit import whole_number
+from .audit import page_args
 from .keys import b64url
 from .tokens import mint_access_token
 from .tokens import new_jti
@@ -353,18 +353,8 @@ def live_sessions(db: DBSession, state: State, user_id: int,
     is never read whole; a page is one range of the user's rows, and sessions started
     meanwhile never shift it."""
     errors: dict[str, list[str]] = {}
-    limit = SESSIONS_PAGE
-    if args.get("limit"):
-        asked = whole_number(args["limit"])
-        if asked is not None and 1 <= asked <= MAX_SESSIONS_PAGE:
-            limit = asked
-        else:
-            errors["limit"] = [f"An integer from 1 to {MAX_SESSIONS_PAGE}."]
-    after = None
-    if args.get("cursor"):
-        after = _decode_position(args["cursor"])
-        if after is None:
-            errors["cursor"] = ["Not a cursor returned by this API."]
+    limit, after = page_args(args, errors, default=SESSIONS_PAGE, maximum=MAX_SESSIONS_PAGE,
+                             decode=_decode_position)
     if errors:
         raise ValidationFailed(fields=errors)
     stmt = (select(Session)
