@@ -530,7 +530,8 @@ def test_S15_admin_ends_every_session_of_a_user(agent: Agent) -> None:
         assert not valid(agent, pair["token"])
         assert_rejected(refresh(agent, pair["refresh_token"]), 400, "invalid_grant")
     assert valid(agent, bystander["token"])
-    assert agent.get(f"/admin/users/{user_id}/sessions", token=admin).json() == {"sessions": []}
+    assert agent.get(f"/admin/users/{user_id}/sessions", token=admin).json() == {
+        "sessions": [], "next_cursor": None}
 
 
 @pytest.mark.case("S-15")
