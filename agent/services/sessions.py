@@ -334,9 +334,6 @@ def revoke_by_refresh_token(db: DBSession, state: State, presented: str) -> Sess
     return sess
 
 
-# PostgreSQL's binary format of the types the session read returns, by type OID: int4, varchar,
-# text, json (its text), and timestamp (microseconds since 2000-01-01; the columns hold naive
-# UTC).
 SESSIONS_PAGE = 100  # sessions listed per page unless ``limit`` says otherwise
 MAX_SESSIONS_PAGE = 500
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -388,6 +385,9 @@ def _decode_position(cursor: str) -> tuple[dt.datetime, str] | None:
     return _EPOCH + int(micros) * _MICRO, sid
 
 
+# PostgreSQL's binary format of the types the session read returns, by type OID: int4, varchar,
+# text, json (its text), and timestamp (microseconds since 2000-01-01; the columns hold naive
+# UTC).
 _PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 _PG_BINARY: dict[int, t.Callable[[bytes], t.Any]] = {
     23: lambda v: int.from_bytes(v, "big", signed=True),
