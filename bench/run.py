@@ -325,6 +325,27 @@ def children(pid: int) -> list[int]:
         return []
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_times(pids: t.Iterable[int]) -> dict[int, float]:
+    """User plus system CPU seconds of each process still running, by pid."""
+    times = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited
+        times[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return times
+
+
+def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two :func:`cpu_times` samples (a process started between
+    them counts from zero)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM (peak resident set) of a process, in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -338,9 +359,22 @@ class Server:
     name: str
     url: str
     proc: subprocess.Popen[bytes]
+    # PostgreSQL: the server holding the app's database, and the database's name
+    pg_url: str | None = None
+    database: str | None = None
 
     def workers(self) -> list[int]:
         return children(self.proc.pid)
+
+    def database_backends(self) -> list[int]:
+        """Pids of the PostgreSQL server processes serving the app's database connections."""
+        if self.pg_url is None:
+            return []
+        import psycopg
+
+        with psycopg.connect(self.pg_url, autocommit=True) as conn:
+            return [r[0] for r in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s", (self.database,))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,15 +500,18 @@ class Bench:
 
     def rounds(self, targets: dict[str, tuple[str, Request]],
                seconds: int | None = None) -> dict[str, dict[str, t.Any]]:
-        """Alternating rounds over ``targets`` (name -> (base url, request)); medians by name."""
+        """Alternating rounds over ``targets`` (name -> (base url, request)); medians by name,
+        with each round's req/s and the CPU its server's workers (and, on PostgreSQL, the
+        server processes of the app's database connections) spent per request."""
         seconds = seconds or self.profile.duration
         names = list(targets)
+        servers = {s.url: s for s in self.procs.servers.values()}
         runs: dict[str, list[dict[str, t.Any]]] = {n: [] for n in names}
         for r in range(self.profile.rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
                 url, request = targets[name]
-                runs[name].append(self.load.run(url, seconds, request))
+                runs[name].append(self.measure(servers.get(url), url, seconds, request))
         out = {}
         for name, rs in runs.items():
             out[name] = {
@@ -482,13 +519,31 @@ class Bench:
                 "p50_ms": median(x["p50_ms"] for x in rs),
                 "p99_ms": median(x["p99_ms"] for x in rs),
                 "rounds": [x["rps"] for x in rs],  # req/s of each round, unrounded
+                "cpu_ms": median(x["cpu_ms"] for x in rs),
+                "db_cpu_ms": median(x["db_cpu_ms"] for x in rs),
                 "errors": sum(x["err_status"] + x["err_connect"] + x["err_read"]
                               + x["err_timeout"] for x in rs),
             }
             each = [round(x) for x in out[name]["rounds"]]
+            cpu = out[name]["cpu_ms"]
             log(f"  {name}: {out[name]['rps']:.0f} req/s (rounds {each}, "
-                f"errors {out[name]['errors']})")
+                f"errors {out[name]['errors']}; worker CPU {cpu:.3f} ms/request)")
         return out
+
+    def measure(self, server: Server | None, url: str, seconds: int,
+                request: Request) -> dict[str, t.Any]:
+        """One wrk run, with the CPU per request of ``server``'s workers and database
+        connections (NaN where not known)."""
+        workers = cpu_times(server.workers()) if server else {}
+        backends = cpu_times(server.database_backends()) if server else {}
+        result = self.load.run(url, seconds, request)
+        nan = float("nan")
+        served = result["requests"] or nan
+        result["cpu_ms"] = (cpu_spent(workers, cpu_times(server.workers())) * 1e3 / served
+                            if server else nan)
+        result["db_cpu_ms"] = (cpu_spent(backends, cpu_times(server.database_backends()))
+                               * 1e3 / served if server and server.pg_url else nan)
+        return result
 
     def peer_env(self, algorithm: str) -> dict[str, str]:
         return dict(self.base_env, JWT_ALGORITHM=algorithm)
@@ -538,6 +593,9 @@ class Bench:
     def serve_agent(self, backend: Backend, site: AgentSite) -> AgentSite:
         site.server = self.procs.gunicorn(f"{backend.name}-{site.name}", "apps.agent_site:app",
                                           site.env, PREFIX + "/openapi.json")
+        if not backend.sqlite:
+            site.server.pg_url = backend.pg_url
+            site.server.database = site.env["HEADLESSKEY_DATABASE_URL"].rsplit("/", 1)[1]
         status, body = http_json("POST", site.url + PREFIX + "/token",
                                  {"username": "alice", "password": PASSWORD})
         if status != 200:
