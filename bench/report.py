@@ -36,6 +36,11 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+def ratio(x: float, target: float) -> str:
+    """``x`` to two decimals, or three where two would print a missed target as reached."""
+    return f"{x:.3f}" if x < target and f"{x:.2f}" == f"{target:.2f}" else f"{x:.2f}"
+
+
 def each_round(figure: dict[str, t.Any]) -> str:
     """Each round's req/s, as whole numbers."""
     return ", ".join(f"{x:.0f}" for x in figure["rounds"])
@@ -137,8 +142,8 @@ def _protected(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str
                 spread(agent, peer)
         else:
             target, ok, rounds = "≥ 0.60× bare", to_bare >= 0.60, spread(agent, bare)
-        rows.append(f"| {alg} | {to_bare:.2f} | {to_peer:.2f} | {target} | {verdict(ok)} | "
-                    f"{rounds} |")
+        rows.append(f"| {alg} | {ratio(to_bare, 0.60)} | {ratio(to_peer, 1.25)} | {target} | "
+                    f"{verdict(ok)} | {rounds} |")
     rows += ["", "The agent's route parses and checks every registered claim and reads the "
              "session row on every request (revocation, user status and roles, current "
              "access token); "
@@ -157,16 +162,17 @@ def _protected(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str
 
 def _scale(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
     base = r["base"]
-    rows = ["| database holds | req/s | vs empty | CPU µs/request | rounds (req/s) | errors | "
-            "within 5% |",
-            "|---|---:|---:|---:|---|---:|---|"]
+    rows = ["| database holds | req/s | vs empty | lowest–highest round | CPU µs/request | "
+            "rounds (req/s) | errors | within 5% |",
+            "|---|---:|---:|---:|---:|---|---:|---|"]
     for name, v in r.items():
         label = "one user, one session" if name == "base" else \
             f"{v['rows']:,} {'revoked sessions' if 'revoked' in name else 'users'}"
-        ratio = paired(v, base)
-        rows.append(f"| {label} | {fmt(v['rps'])} | {ratio:.2f} | {cpu(v)} | "
+        change = paired(v, base)
+        rows.append(f"| {label} | {fmt(v['rps'])} | {change:.2f} | "
+                    f"{'—' if name == 'base' else spread(v, base)} | {cpu(v)} | "
                     f"{each_round(v)} | {v['errors']} | "
-                    f"{'—' if name == 'base' else verdict(abs(ratio - 1) <= 0.05)} |")
+                    f"{'—' if name == 'base' else verdict(abs(change - 1) <= 0.05)} |")
     rows += ["", "Rows are inserted with one `INSERT ... SELECT` over a generated series before "
              "the server starts (on PostgreSQL followed by `ANALYZE`, as autovacuum does after a "
              "bulk load); revoked sessions belong to 1,000 users."]
@@ -184,8 +190,8 @@ def _login(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
                     f"{each_round(v)} | {v['errors']} |")
     agent = r["agent-login"]
     a = paired(agent, bound)
-    rows += ["", f"Agent login / argon2id bound: **{a:.2f}** ({_rounds(agent, bound)}target "
-             f"≥ 0.90: {verdict(a >= 0.9)}). "
+    rows += ["", f"Agent login / argon2id bound: **{ratio(a, 0.9)}** "
+             f"({_rounds(agent, bound)}target ≥ 0.90: {verdict(a >= 0.9)}). "
              "The bound is a bare Flask route doing one argon2id verification at the same "
              "parameters (m=19 MiB, t=2, p=1) and nothing else; the agent's login also runs the "
              "lockout counters, opens a session, stores a refresh token and writes the "
@@ -193,7 +199,7 @@ def _login(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
     if "agent-login-redis" in r:
         b = paired(r["agent-login-redis"], bound)
         rows += ["", f"With the brute-force counters in Redis (`REDIS_URL`, the rest in "
-                 f"PostgreSQL): **{b:.2f}** "
+                 f"PostgreSQL): **{ratio(b, 0.9)}** "
                  f"({_rounds(r['agent-login-redis'], bound)}target ≥ 0.90: "
                  f"{verdict(b >= 0.9)}); the attempt's "
                  "reservation and release are one Lua script each instead of a transaction."]
