@@ -46,10 +46,15 @@ def each_round(figure: dict[str, t.Any]) -> str:
     return ", ".join(f"{x:.0f}" for x in figure["rounds"])
 
 
+def round_ratios(num: dict[str, t.Any], den: dict[str, t.Any]) -> list[float]:
+    """Each round's ratio of ``num``'s req/s to ``den``'s (each round measures both)."""
+    return [a / b for a, b in zip(num["rounds"], den["rounds"], strict=True) if b]
+
+
 def spread(num: dict[str, t.Any], den: dict[str, t.Any]) -> str:
-    """The lowest and highest ratio of ``num`` to ``den`` over the rounds (each round measures
-    both), to show how far a median ratio moves from one round to the next."""
-    ratios = [a / b for a, b in zip(num["rounds"], den["rounds"], strict=True) if b]
+    """The lowest and highest of :func:`round_ratios`, to show how far a median ratio moves
+    from one round to the next."""
+    ratios = round_ratios(num, den)
     if len(ratios) < 2:
         return "—"
     return f"{min(ratios):.2f}–{max(ratios):.2f}"
@@ -59,7 +64,7 @@ def paired(num: dict[str, t.Any], den: dict[str, t.Any]) -> float:
     """The ratio of ``num``'s req/s to ``den``'s: the median of each round's ratio. A round
     measures both within a minute, so a slow spell of the shared machine moves both; the ratio
     of the two medians would pair one round's figure with another's."""
-    ratios = [a / b for a, b in zip(num["rounds"], den["rounds"], strict=True) if b]
+    ratios = round_ratios(num, den)
     return statistics.median(ratios) if ratios else num["rps"] / den["rps"]
 
 
