@@ -218,6 +218,7 @@ def _login(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
                  f"{spent - hashing:.1f} ms more. The 2 cores are "
                  "shared by both workers, wrk and the database, so throughput follows CPU: "
                  f"by CPU alone the login would reach {hashing / spent:.2f} of the bound. "
+                 f"{_idle(agent, bound, hashing, spent)}"
                  "Besides the hash, a login reads the account (one statement, outside a "
                  "transaction), reserves the attempt on the brute-force counters (one "
                  "statement) and, after the hash, writes its session, refresh token and audit "
@@ -229,6 +230,20 @@ def _login(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
                  "the same work in a warm loop. The peer's login is the hash and a token, with "
                  "nothing stored."]
     return rows
+
+
+def _idle(agent: dict[str, t.Any], bound: dict[str, t.Any], hashing: float,
+          spent: float) -> str:
+    """The sentence on the time the cores sat idle per login and per verification (empty
+    where not measured): a worker waiting on the database leaves its core with nothing to run
+    when the other worker is busy on the other one."""
+    waited, bound_waited = agent.get("idle_ms", math.nan), bound.get("idle_ms", math.nan)
+    if math.isnan(waited) or math.isnan(bound_waited):
+        return ""
+    return (f"Meanwhile the machine's cores sat idle {waited:.2f} ms per login, against "
+            f"{bound_waited:.2f} ms per verification: a worker waiting on the database "
+            "leaves its core with nothing to run; counted with the CPU, that makes "
+            f"{(hashing + bound_waited) / (spent + waited):.2f} of the bound. ")
 
 
 def _rounds(num: dict[str, t.Any], den: dict[str, t.Any]) -> str:

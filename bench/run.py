@@ -346,6 +346,12 @@ def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
 
+def system_idle() -> float:
+    """Seconds all CPUs of the machine have spent idle (waiting for I/O included) since boot."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[4]) + int(fields[5])) / CLOCK_TICKS
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM (peak resident set) of a process, in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -521,24 +527,29 @@ class Bench:
                 "rounds": [x["rps"] for x in rs],  # req/s of each round, unrounded
                 "cpu_ms": median(x["cpu_ms"] for x in rs),
                 "db_cpu_ms": median(x["db_cpu_ms"] for x in rs),
+                "idle_ms": median(x["idle_ms"] for x in rs),
                 "errors": sum(x["err_status"] + x["err_connect"] + x["err_read"]
                               + x["err_timeout"] for x in rs),
             }
             each = [round(x) for x in out[name]["rounds"]]
-            cpu = out[name]["cpu_ms"]
+            cpu, idle = out[name]["cpu_ms"], out[name]["idle_ms"]
             log(f"  {name}: {out[name]['rps']:.0f} req/s (rounds {each}, "
-                f"errors {out[name]['errors']}; worker CPU {cpu:.3f} ms/request)")
+                f"errors {out[name]['errors']}; worker CPU {cpu:.3f} ms/request, "
+                f"cores idle {idle:.3f} ms/request)")
         return out
 
     def measure(self, server: Server | None, url: str, seconds: int,
                 request: Request) -> dict[str, t.Any]:
         """One wrk run, with the CPU per request of ``server``'s workers and database
-        connections (NaN where not known)."""
+        connections (NaN where not known), and the time per request the machine's cores sat
+        idle meanwhile."""
         workers = cpu_times(server.workers()) if server else {}
         backends = cpu_times(server.database_backends()) if server else {}
+        idle = system_idle()
         result = self.load.run(url, seconds, request)
         nan = float("nan")
         served = result["requests"] or nan
+        result["idle_ms"] = (system_idle() - idle) * 1e3 / served
         result["cpu_ms"] = (cpu_spent(workers, cpu_times(server.workers())) * 1e3 / served
                             if server else nan)
         result["db_cpu_ms"] = (cpu_spent(backends, cpu_times(server.database_backends()))
