@@ -214,8 +214,8 @@ def _context() -> object | None:
 
 def _ping_once_per_request(engine: Engine) -> None:
     """SQLAlchemy's ``pool_pre_ping``, but once per connection and request: a connection
-    this request opened or pinged under a second ago is not pinged again (a login checks a
-    connection out three times). A connection the network or the server dropped is still
+    this request opened or pinged under a second ago is not pinged again (a request may check
+    a connection out several times). A connection the network or the server dropped is still
     found before a request's first statement on it: the ping fails, and the error raised here
     makes the pool replace it (and those pooled before it) and check out again."""
     dialect = engine.dialect
@@ -302,6 +302,14 @@ def insert_if(db: t.Any, guard: t.Any, params: dict[str, t.Any], writes: Writes,
         if also is not None:
             conn.execute(also, params)
         return found
+    stmt, values = insert_if_statement(guard, params, writes, also)
+    return bool(conn.execute(stmt, values).scalar_one())
+
+
+def insert_if_statement(guard: t.Any, params: dict[str, t.Any], writes: Writes,
+                        also: t.Any = None) -> tuple[t.Any, dict[str, t.Any]]:
+    """:func:`insert_if`'s one statement on PostgreSQL, with its parameters: for a caller that
+    runs it on its own, in autocommit (:mod:`agent.direct`)."""
     writes = [(model, [_with_defaults(model.__table__, row) for row in rows])
               for model, rows in writes]
     shape = tuple((model, tuple(tuple(row) for row in rows)) for model, rows in writes)
@@ -309,7 +317,7 @@ def insert_if(db: t.Any, guard: t.Any, params: dict[str, t.Any], writes: Writes,
     for i, (_model, rows) in enumerate(writes):
         for j, row in enumerate(rows):
             values.update((f"w{i}_{j}_{name}", value) for name, value in row.items())
-    return bool(conn.execute(_insert_if(guard, shape, also), values).scalar_one())
+    return _insert_if(guard, shape, also), values
 
 
 def _with_defaults(table: t.Any, row: dict[str, t.Any]) -> dict[str, t.Any]:

@@ -23,9 +23,10 @@ from .config import Settings
 from .db import DATABASE_ERRORS
 from .db import MAX_ID
 from .db import insert_if
+from .db import insert_if_statement
 from .db import one_statement
-from .db import read_only
 from .db import unavailable
+from .direct import connections
 from .errors import AgentError
 from .errors import Forbidden
 from .errors import IncorrectPassword
@@ -209,9 +210,8 @@ def _login(full_profile: bool) -> Response:
     state = get_state()
     client = _client()
     # A read: on SQLite it must not take the write lock, which concurrent logins' writes need;
-    # on PostgreSQL it runs outside a transaction (two round trips fewer per login).
-    db.connection(execution_options=read_only(state.engine))
-    found = accounts.find_user(db, login)
+    # on PostgreSQL it runs outside a transaction, on a kept connection.
+    found = accounts.find_for_login(db, state, login)
     keys = _guarded_password_check(
         db, state, user=found, login=login, client=client, event="login.failed",
         check=lambda: accounts.check_credentials(state, found, password), release=False,
@@ -293,13 +293,20 @@ def _open_session_at_once(
     writes, issued = sessions.new_session(state, user, client)
     ev = events.make(state, "login.succeeded", client=client, user_id=user.id, login=login,
                      session_id=issued.session.id)
-    db.connection(execution_options=one_statement(state.engine))
+    writes += events.writes_of(state, ev)
     params = {"id": user.id, "password_hash": user.password_hash}
     release = lockout.release_statement(db, state, keys)  # in Redis: after the commit
     if release is not None:
         params.update(release[1])
-    opened = insert_if(db, _UNCHANGED, params, writes + events.writes_of(state, ev),
-                       also=release[0] if release is not None else None)
+    also = release[0] if release is not None else None
+    engine = state.engine
+    if engine.dialect.name == "postgresql":
+        # On a kept connection (agent.direct), without a pooled connection's checkout and ping.
+        stmt, values = insert_if_statement(_UNCHANGED, params, writes, also)
+        opened = bool(connections(engine).execute(stmt, values, write=True)[0][0])
+    else:
+        db.connection(execution_options=one_statement(engine))
+        opened = insert_if(db, _UNCHANGED, params, writes, also=also)
     if opened:
         events.pend(db, ev)
     db.commit()

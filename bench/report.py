@@ -223,9 +223,10 @@ def _login(r: dict[str, t.Any], res: dict[str, t.Any], p: t.Any) -> list[str]:
                  "transaction), reserves the attempt on the brute-force counters (one "
                  "statement) and, after the hash, writes its session, refresh token and audit "
                  "row and releases the reservation (on PostgreSQL one statement in autocommit, "
-                 "on SQLite five statements in one transaction); on PostgreSQL that is 4 round "
-                 "trips with the connection check, or 3 and 2 Redis calls with the counters "
-                 "in Redis. The hash's 19 MiB evict the CPU caches, so the rest of the request "
+                 "on SQLite five statements in one transaction); on PostgreSQL that is 3 round "
+                 "trips, run through libpq on connections the worker keeps (no pool checkout, "
+                 "no connection check), or 2 and 2 Redis calls with the counters in Redis. "
+                 "The hash's 19 MiB evict the CPU caches, so the rest of the request "
                  "reads its code and data from memory again on every login, and costs more than "
                  "the same work in a warm loop. The peer's login is the hash and a token, with "
                  "nothing stored."]

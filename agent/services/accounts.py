@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import typing as t
 import unicodedata
 from email.errors import MessageError
 from email.message import EmailMessage
 
+from sqlalchemy import Text
 from sqlalchemy import bindparam
 from sqlalchemy import func
 from sqlalchemy import or_
 from sqlalchemy import select
+from sqlalchemy import type_coerce
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DBSession
+from sqlalchemy.orm import make_transient_to_detached
 
+from ..db import read_only
+from ..direct import connections
 from ..errors import IncorrectPassword
 from ..errors import InvalidCredentials
 from ..errors import UsernameTaken
@@ -76,6 +82,34 @@ _FIND_USER = select(User).where(or_(User.login_key == bindparam("key"),
 def find_user(db: DBSession, login: str) -> User | None:
     """The user whose login or email is ``login`` (case-insensitive)."""
     return db.scalar(_FIND_USER, {"key": key_of(login)})
+
+
+_USER_COLUMNS = [c if c.key != "roles" else type_coerce(c, Text).label("roles")
+                 for c in t.cast(t.Any, User.__table__).c]
+_FIND_USER_ROW = select(*_USER_COLUMNS).where(
+    or_(User.login_key == bindparam("key"), User.email_key == bindparam("key")))
+
+
+def find_for_login(db: DBSession, state: State, login: str) -> User | None:
+    """:func:`find_user` for a login: the account read outside any transaction, detached
+    from ``db`` (the password check that follows holds nothing open; the caller ``merge``s it
+    back to write). On PostgreSQL one statement on the kept connections (:mod:`agent.direct`),
+    without a pooled connection's checkout and ping."""
+    engine = state.engine
+    if engine.dialect.name != "postgresql":
+        db.connection(execution_options=read_only(engine))
+        user = find_user(db, login)
+        if user is not None:
+            db.expunge(user)
+        return user
+    rows = connections(engine).execute(_FIND_USER_ROW, {"key": key_of(login)})
+    if not rows:
+        return None
+    fields = dict(zip([c.key for c in _USER_COLUMNS], rows[0], strict=True))
+    fields["roles"] = json.loads(fields["roles"])
+    user = User(**fields)
+    make_transient_to_detached(user)  # as if loaded, then detached
+    return user
 
 
 def user_payload(user: User) -> dict[str, t.Any]:

@@ -28,9 +28,12 @@ import time
 import typing as t
 from dataclasses import dataclass
 
+from sqlalchemy import ARRAY
 from sqlalchemy import Connection
+from sqlalchemy import Integer
 from sqlalchemy import String
 from sqlalchemy import Table
+from sqlalchemy import any_
 from sqlalchemy import bindparam
 from sqlalchemy import case
 from sqlalchemy import delete
@@ -43,6 +46,7 @@ from sqlalchemy.orm import Session as DBSession
 from ..db import insert_for
 from ..db import one_statement
 from ..db import rowcount
+from ..direct import connections
 from ..errors import AgentError
 from ..models import Throttle
 from ..models import UTCDateTime
@@ -241,16 +245,26 @@ def _reserve(state: State, keys: Keys) -> tuple[int, bool]:
     for i, (key, limit) in enumerate(keys.items):
         params.update({f"k{i}": key, f"limit{i}": limit})
     engine = state.engine
-    with engine.connect() as conn:
-        conn = conn.execution_options(**one_statement(engine))
-        with conn.begin():
-            reserved = set(conn.execute(_take(len(names)), params).scalars())
+    dialect = engine.dialect.name
+    take = _take(len(names))
+    reserved: set[str] | None = None
+    if dialect == "postgresql":
+        # On a kept connection (agent.direct): every login runs it.
+        reserved = {key for (key,) in connections(engine).execute(take, params, write=True)}
         if len(reserved) == len(names):
             return 0, True
+    with engine.connect() as conn:
+        conn = conn.execution_options(**one_statement(engine))
+        if reserved is None:
+            with conn.begin():
+                reserved = set(conn.execute(take, params).scalars())
+            if len(reserved) == len(names):
+                return 0, True
         with conn.begin():
             if reserved:
-                conn.execute(_release(), {"release_keys": [key for key in names if key in reserved],
-                                          "clear_keys": []})
+                conn.execute(_release(dialect),
+                             {"release_keys": [key for key in names if key in reserved],
+                              "clear_keys": []})
             rows = {row.key: row for row in conn.execute(
                 select(_THROTTLE).where(_THROTTLE.c.key.in_(
                     [key for key in names if key not in reserved])))}
@@ -292,8 +306,11 @@ def _take(count: int) -> t.Any:
         f'AND {failures} + {pending} < CASE hk_throttle."key" {limits} END '
         'RETURNING hk_throttle."key"'
     )
-    times = [bindparam(name, type_=UTCDateTime()) for name in ("now", "window_start", "stale")]
-    return text(sql).bindparams(*times).columns(key=String())
+    typed: list[t.Any] = [bindparam(name, type_=UTCDateTime())
+                          for name in ("now", "window_start", "stale")]
+    typed += [bindparam(f"k{i}", type_=String()) for i in range(count)]
+    typed += [bindparam(f"limit{i}", type_=Integer()) for i in range(count)]
+    return text(sql).bindparams(*typed).columns(key=String())
 
 
 def succeeded(db: DBSession, state: State, keys: Keys) -> None:
@@ -321,19 +338,25 @@ def release_statement(
     if not keys:
         return None
     names = [key for key, _limit in keys.items]
-    return _release(), {"release_keys": names,
-                        "clear_keys": [key for key in names if not key.startswith("ip:")]}
+    clear = [key for key in names if not key.startswith("ip:")]
+    return _release(db.get_bind().dialect.name), {"release_keys": names, "clear_keys": clear}
 
 
 @functools.cache
-def _release() -> t.Any:
+def _release(dialect: str) -> t.Any:
     """One reservation back on each counter of ``release_keys``; those of ``clear_keys`` (an
     account's) also start over, failures and escalation. One statement that takes the rows in
-    key order, as every transaction takes the counters."""
+    key order, as every transaction takes the counters. On PostgreSQL the key lists are arrays,
+    so the statement's text is the same for any number of keys (it is prepared once)."""
     c = _THROTTLE.c
-    taken = (select(c.key).where(c.key.in_(bindparam("release_keys", expanding=True)))
-             .order_by(c.key).with_for_update())
-    clear = c.key.in_(bindparam("clear_keys", expanding=True))
+
+    def among(name: str) -> t.Any:
+        if dialect == "postgresql":
+            return c.key == any_(bindparam(name, type_=ARRAY(String)))
+        return c.key.in_(bindparam(name, expanding=True))
+
+    taken = select(c.key).where(among("release_keys")).order_by(c.key).with_for_update()
+    clear = among("clear_keys")
     return update(_THROTTLE).where(c.key.in_(taken)).values(
         pending=case((c.pending > 0, c.pending - 1), else_=0),
         failures=case((clear, 0), else_=c.failures),

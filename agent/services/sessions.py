@@ -20,7 +20,6 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
 import threading
@@ -31,19 +30,17 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy import Text
 from sqlalchemy import bindparam
-from sqlalchemy import event
 from sqlalchemy import select
 from sqlalchemy import tuple_
 from sqlalchemy import type_coerce
 from sqlalchemy import update
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session as DBSession
 
 from ..db import Writes
-from ..db import file_identity
 from ..db import insert_rows
 from ..db import rowcount
-from ..db import unavailable
+from ..direct import PG_BINARY
+from ..direct import connections
 from ..errors import Forbidden
 from ..errors import InvalidGrant
 from ..errors import InvalidToken
@@ -385,18 +382,6 @@ def _decode_position(cursor: str) -> tuple[dt.datetime, str] | None:
     return _EPOCH + int(micros) * _MICRO, sid
 
 
-# PostgreSQL's binary format of the types the session read returns, by type OID: int4, varchar,
-# text, json (its text), and timestamp (microseconds since 2000-01-01; the columns hold naive
-# UTC).
-_PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
-_PG_BINARY: dict[int, t.Callable[[bytes], t.Any]] = {
-    23: lambda v: int.from_bytes(v, "big", signed=True),
-    1043: bytes.decode,
-    25: bytes.decode,
-    114: bytes.decode,
-    1114: lambda v: _PG_EPOCH + dt.timedelta(microseconds=int.from_bytes(v, "big", signed=True)),
-}
-
 # An account's roles as read on every request, by their JSON text: a site has few distinct sets.
 _ROLE_SETS: dict[str, tuple[str, ...]] = {}
 _MAX_ROLE_SETS = 1024
@@ -422,17 +407,14 @@ class SessionReader:
 
     One statement (a primary-key read of the session joined to its user: the session's state,
     the account's status and its roles as they are now), compiled once per
-    engine, run on a DBAPI connection that stays open for the process: a small stack of idle
-    connections shared by the process's threads, taken and put back per read. Each read runs
-    outside any transaction (autocommit), so it sees every revocation committed before it, by
-    any worker or instance; nothing about a session is remembered between reads. On
-    PostgreSQL the kept connections count against the engine's pool (one per sync worker), and
-    the read is a statement prepared once per connection, run through libpq with its row in
-    binary format: a psycopg cursor's own bookkeeping cost about 50 µs of CPU more, a sixth of
-    a protected request's work in one process.
+    engine, run on the process's kept connections (:mod:`agent.direct`) outside any
+    transaction, so it sees every revocation committed before it, by any worker or instance;
+    nothing about a session is remembered between reads. On PostgreSQL the read is a statement
+    prepared once per connection, run through libpq with its row in binary format: a psycopg
+    cursor's own bookkeeping cost about 50 µs of CPU more, a sixth of a protected request's
+    work in one process.
     """
 
-    MAX_IDLE = 4
     # Named by its columns: processes of two releases may share a server connection (a pooler).
     PG_STATEMENT = b"hk_session_check_roles"
 
@@ -444,10 +426,7 @@ class SessionReader:
         stmt = (select(*columns).join(users, users.c.id == sessions.c.user_id)
                 .where(sessions.c.id == bindparam("sid")))
         dialect = engine.dialect
-        self.engine = engine
-        self.errors: tuple[type[BaseException], ...] = (dialect.loaded_dbapi.Error,)
-        self.sqlite = dialect.name == "sqlite"
-        self.path = engine.url.database or ""
+        self.conns = connections(engine)
         self.read: t.Callable[[t.Any, str], tuple[t.Any, ...] | None]
         if dialect.name == "postgresql":
             # libpq's placeholders ($1); the decoders follow the first result's column types.
@@ -455,9 +434,6 @@ class SessionReader:
             numbered = dialect_class(paramstyle="numeric_dollar")
             self.sql = str(stmt.compile(dialect=numbered))
             self.decoders: list[t.Callable[[bytes], t.Any]] = []
-            from psycopg import pq  # the driver's libpq binding, loaded with the dialect
-
-            self.pq = pq
             self.read = self._read_postgres
         else:
             compiled = stmt.compile(dialect=dialect)
@@ -466,60 +442,9 @@ class SessionReader:
             self.processors = [c.type.dialect_impl(dialect).result_processor(dialect, None)
                                for c in columns]
             self.read = self._read_dbapi
-        self.pid = os.getpid()
-        self.idle: list[t.Any] = []
-        self.inherited: list[t.Any] = []
-        event.listen(engine, "engine_disposed", self.close)
-
-    def close(self, _engine: Engine | None = None) -> None:
-        """Close the idle connections (when the engine is disposed)."""
-        idle, self.idle = self.idle, []
-        for conn in idle:
-            conn.invalidate()
-
-    def _connect(self) -> t.Any:
-        # The engine's pool makes the connection, so its connect-time setup (SQLite pragmas)
-        # runs; the connection is kept here and closed, never handed back to the pool.
-        fairy = self.engine.raw_connection()
-        if not self.sqlite:  # SQLite connections already run without implicit transactions
-            fairy.dbapi_connection.autocommit = True  # type: ignore[union-attr]
-        return fairy
-
-    def _take(self) -> t.Any:
-        if os.getpid() != self.pid:
-            # A forked child never uses its parent's connections (nor closes them).
-            self.inherited, self.idle, self.pid = self.inherited + self.idle, [], os.getpid()
-        try:
-            conn = self.idle.pop()
-        except IndexError:
-            return self._connect()
-        if self.sqlite and conn.info.get("file") != file_identity(self.path):
-            conn.invalidate()  # the database file was replaced (agent.db): use the new one
-            return self._connect()
-        return conn
 
     def fetch(self, sid: str) -> tuple[t.Any, ...] | None:
-        for attempt in (1, 2):
-            try:
-                conn = self._take() if attempt == 1 else self._connect()
-            except DBAPIError as exc:
-                raise unavailable(exc) from exc
-            try:
-                row = self.read(conn, sid)
-            except self.errors as exc:
-                # A broken connection (the server restarted): drop it and the idle ones, which
-                # are likely broken too, and retry once on a fresh connection.
-                conn.invalidate()
-                self.close()
-                if attempt == 2:
-                    raise unavailable(exc) from exc
-                continue
-            if len(self.idle) < self.MAX_IDLE:
-                self.idle.append(conn)
-            else:
-                conn.invalidate()
-            return row
-        return None
+        return self.conns.run(lambda conn: self.read(conn, sid))
 
     def _read_dbapi(self, conn: t.Any, sid: str) -> tuple[t.Any, ...] | None:
         cursor = conn.cursor()
@@ -534,7 +459,7 @@ class SessionReader:
                      for p, v in zip(self.processors, raw, strict=True))
 
     def _read_postgres(self, conn: t.Any, sid: str) -> tuple[t.Any, ...] | None:
-        pq = self.pq
+        pq = self.conns.pq
         # Only libpq calls that let other threads run while they wait for the server (its
         # describe call does not: the column types come from the first result instead).
         pgconn = conn.dbapi_connection.pgconn
@@ -543,14 +468,14 @@ class SessionReader:
         if res.status != pq.ExecStatus.TUPLES_OK:
             # 26000: not prepared yet on this connection (a new one, or the server forgot).
             if res.error_field(pq.DiagnosticField.SQLSTATE) != b"26000":
-                raise self._pg_error(res)
+                raise self.conns.pg_error(res)
             prepared = pgconn.prepare(self.PG_STATEMENT, self.sql.encode())
             if prepared.status != pq.ExecStatus.COMMAND_OK:
-                raise self._pg_error(prepared)
+                raise self.conns.pg_error(prepared)
             res = pgconn.exec_prepared(self.PG_STATEMENT, [sid.encode()],
                                        result_format=pq.Format.BINARY)
             if res.status != pq.ExecStatus.TUPLES_OK:
-                raise self._pg_error(res)
+                raise self.conns.pg_error(res)
         decoders = self.decoders or self._decoders(res)
         if res.ntuples == 0:
             return None
@@ -559,15 +484,11 @@ class SessionReader:
 
     def _decoders(self, res: t.Any) -> list[t.Callable[[bytes], t.Any]]:
         types = [res.ftype(i) for i in range(res.nfields)]
-        unknown = [oid for oid in types if oid not in _PG_BINARY]
+        unknown = [oid for oid in types if oid not in PG_BINARY]
         if unknown:
-            raise self._pg_error(res, f"session read: no decoder for type OIDs {unknown}")
-        self.decoders = [_PG_BINARY[oid] for oid in types]
+            raise self.conns.pg_error(res, f"session read: no decoder for type OIDs {unknown}")
+        self.decoders = [PG_BINARY[oid] for oid in types]
         return self.decoders
-
-    def _pg_error(self, res: t.Any, message: str = "") -> BaseException:
-        text = message or (res.error_message or b"").decode(errors="replace").strip()
-        return self.errors[0](text or "the session read failed")
 
 
 _readers: weakref.WeakKeyDictionary[Engine, SessionReader] = weakref.WeakKeyDictionary()

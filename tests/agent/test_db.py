@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import multiprocessing
 import os
@@ -234,16 +236,32 @@ def test_postgresql_connections_dropped_or_refused(
 def test_postgresql_a_request_pings_each_pooled_connection_once(
     make_site: t.Callable[..., Site], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A login checks a connection out three times; only the first checkout pings it (the
-    ping finds a dropped connection before the request's first statement). Outside a request
+    """A request that checks a pooled connection out three times pings it on the first
+    checkout only (the ping finds a dropped connection before the request's first statement).
+    A login checks out none: its statements run on the kept connections, which need no ping
+    (a statement that fails on a dropped one runs again on a fresh one). Outside a request
     (jobs, commands) every checkout pings."""
     url = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL")
     if not url:
         pytest.skip("HEADLESSKEY_TEST_DATABASE_URL is not set (SQLite connections are files)")
     site = make_site("HS256", HEADLESSKEY_DATABASE_URL=fresh_schema(url, 92))
+    engine = site.state.engine
+
+    @site.app.get("/three-checkouts")
+    def three_checkouts() -> dict[str, int]:
+        for _ in range(3):
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        return {"checkouts": 3}
+
+    def checkouts() -> None:
+        answer = site.api.http.get(site.api.base + "/three-checkouts", timeout=10)
+        assert answer.json() == {"checkouts": 3}
+
     site.create_user("alice")
     site.api.login()
-    dialect = site.state.engine.dialect
+    checkouts()  # the pool now holds a connection made before the next requests
+    dialect = engine.dialect
     pings: list[object] = []
     ping = dialect.do_ping
 
@@ -253,8 +271,10 @@ def test_postgresql_a_request_pings_each_pooled_connection_once(
 
     monkeypatch.setattr(dialect, "do_ping", counted)
     site.api.login()
+    assert pings == []
+    checkouts()
     assert len(pings) == 1
-    site.api.login()
+    checkouts()
     assert len(pings) == 2
     for _ in range(2):
         with site.state.engine.connect() as conn:
@@ -290,23 +310,65 @@ def test_sqlite_database_file_unusable(
 def test_postgresql_session_check_after_the_server_forgot_its_statement(
     make_site: t.Callable[..., Site],
 ) -> None:
-    """The token check's statement is prepared once per connection; a server that forgot it
-    (``DEALLOCATE ALL``, as a connection pooler's reset does) costs no failed request, and
-    revocation still holds."""
+    """The token check's and the login's statements are prepared once per connection; a
+    server that forgot them (``DEALLOCATE ALL``, as a connection pooler's reset does) costs no
+    failed request, and revocation still holds."""
     url = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL")
     if not url:
         pytest.skip("HEADLESSKEY_TEST_DATABASE_URL is not set (SQLite prepares nothing)")
-    from agent.services.sessions import session_reader
+    from agent.direct import connections
 
     site = make_site("HS256", HEADLESSKEY_DATABASE_URL=fresh_schema(url, 92))
     site.create_user("alice")
     access = site.api.login()["token"]
     assert site.api.post("/token/validate", token=access).status_code == 200
-    reader = session_reader(site.state.engine)
-    assert reader.idle
-    for conn in reader.idle:
+    kept = connections(site.state.engine)
+    assert kept.idle
+    for conn in kept.idle:
         conn.dbapi_connection.execute("DEALLOCATE ALL")
     assert site.api.post("/token/validate", token=access).status_code == 200
     assert site.api.post("/token/revoke", token=access).status_code == 200
     refused = site.api.post("/token/validate", token=access)
     assert refused.status_code == 401, refused.text
+    for conn in kept.idle:
+        conn.dbapi_connection.execute("DEALLOCATE ALL")
+    again = site.api.login()
+    assert site.api.post("/token/validate", token=again["token"]).status_code == 200
+    assert site.scalar("SELECT count(*) FROM hk_sessions WHERE revoked_at IS NULL") == 1
+    assert site.scalar("SELECT count(*) FROM hk_throttle WHERE pending > 0") == 0
+
+
+def test_postgresql_kept_connections_send_parameters_as_given(
+    make_site: t.Callable[..., Site],
+) -> None:
+    """The kept connections send parameters as text: an array of texts arrives item for item
+    (quotes, backslashes, commas, braces, NULL spelled out, the empty string), a timestamp to
+    the microsecond, and a text holding NUL, which libpq would cut short, is refused before
+    anything is sent."""
+    url = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("HEADLESSKEY_TEST_DATABASE_URL is not set (SQLite runs no statement here)")
+    from sqlalchemy import ARRAY
+    from sqlalchemy import Integer
+    from sqlalchemy import String
+    from sqlalchemy import bindparam
+    from sqlalchemy import func
+    from sqlalchemy import select
+
+    from agent.direct import connections
+    from agent.models import UTCDateTime
+
+    site = make_site("HS256", HEADLESSKEY_DATABASE_URL=fresh_schema(url, 93))
+    kept = connections(site.state.engine)
+    items = ['a"b', "c\\d", "e,f", "{g}", "NULL", "", " h ", "ü✓", "\\"]
+    stmt = select(func.array_to_json(bindparam("items", type_=ARRAY(String))).cast(String),
+                  func.cardinality(bindparam("items", type_=ARRAY(String))).cast(Integer),
+                  bindparam("at", type_=UTCDateTime()))
+    at = dt.datetime(2026, 12, 6, 10, 20, 30, 123456, tzinfo=dt.UTC)
+    [(as_json, count, back)] = kept.execute(stmt, {"items": items, "at": at})
+    assert json.loads(as_json) == items and count == len(items)
+    assert back == at
+    with pytest.raises(ValueError, match="NUL"):
+        kept.execute(stmt, {"items": ["a\x00b"], "at": at})
+    [(as_json, _count, _at)] = kept.execute(stmt, {"items": ["ok"], "at": at})
+    assert json.loads(as_json) == ["ok"]

@@ -1,0 +1,270 @@
+"""Connections kept per process for the hot paths, and statements run on them through libpq.
+
+Every protected request reads its session, and every login runs three statements (the account
+read, the attempt's reservation, the session write). Through a pooled SQLAlchemy connection
+each costs the worker more CPU than the statement costs the server: the checkout, the ping,
+the ORM or Core execution and psycopg's cursor. On a login that is about 2 ms of a worker's
+CPU, and more with the caches cold after the password hash. So these run here instead:
+
+- :class:`Connections`: a small stack of idle DBAPI connections per engine and process, taken
+  and put back per statement, each in autocommit (every statement sees every commit before
+  it, by any worker or instance). A broken connection (a server restart) is found by the
+  statement that fails on it, and the statement runs again once on a fresh connection, so a
+  restart costs no failed request and no ping is paid on the way.
+- :class:`Statement` (PostgreSQL): a SQLAlchemy statement compiled once with libpq's numbered
+  placeholders, prepared once per connection under a name derived from its text, run with its
+  parameters as text and its rows in binary.
+
+Only statements that commit on their own run here: nothing of a request's transaction does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import threading
+import typing as t
+import weakref
+
+from sqlalchemy import Engine
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError
+
+from .db import file_identity
+from .db import unavailable
+
+R = t.TypeVar("R")
+
+# Binary column formats by type OID. A timestamp is microseconds since 2000-01-01 (naive UTC:
+# the columns are UTCDateTime, returned aware as SQLAlchemy returns them).
+_PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+PG_BINARY: dict[int, t.Callable[[bytes], t.Any]] = {
+    16: lambda v: v != b"\x00",
+    20: lambda v: int.from_bytes(v, "big", signed=True),
+    23: lambda v: int.from_bytes(v, "big", signed=True),
+    1043: bytes.decode,
+    25: bytes.decode,
+    114: bytes.decode,
+    1114: lambda v: _PG_EPOCH + dt.timedelta(microseconds=int.from_bytes(v, "big", signed=True)),
+}
+
+
+class Connections:
+    """Idle DBAPI connections of one engine, kept for the process's threads.
+
+    The engine's pool makes each connection (so its connect-time setup runs, SQLite's pragmas)
+    and the connection is kept here, never handed back; on PostgreSQL the kept ones count
+    against the pool (one per sync worker).
+    """
+
+    MAX_IDLE = 4
+    MAX_STATEMENTS = 64
+
+    def __init__(self, engine: Engine) -> None:
+        dialect = engine.dialect
+        self.engine = engine
+        self.errors: tuple[type[BaseException], ...] = (dialect.loaded_dbapi.Error,)
+        self.sqlite = dialect.name == "sqlite"
+        self.path = engine.url.database or ""
+        self.pid = os.getpid()
+        self.idle: list[t.Any] = []
+        self.inherited: list[t.Any] = []
+        self.statements: dict[t.Hashable, Statement] = {}
+        if not self.sqlite:
+            from psycopg import pq  # the driver's libpq binding, loaded with the dialect
+
+            self.pq = pq
+        event.listen(engine, "engine_disposed", self.close)
+
+    def close(self, _engine: Engine | None = None) -> None:
+        """Close the idle connections (when the engine is disposed)."""
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.invalidate()
+
+    def _connect(self) -> t.Any:
+        fairy = self.engine.raw_connection()
+        if not self.sqlite:  # SQLite connections already run without implicit transactions
+            fairy.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+        return fairy
+
+    def _take(self) -> t.Any:
+        if os.getpid() != self.pid:
+            # A forked child never uses its parent's connections (nor closes them).
+            self.inherited, self.idle, self.pid = self.inherited + self.idle, [], os.getpid()
+        try:
+            conn = self.idle.pop()
+        except IndexError:
+            return self._connect()
+        if self.sqlite and conn.info.get("file") != file_identity(self.path):
+            conn.invalidate()  # the database file was replaced (agent.db): use the new one
+            return self._connect()
+        return conn
+
+    def run(self, work: t.Callable[[t.Any], R], *, write: bool = False) -> R:
+        """``work(connection)`` on a kept connection; a database error is a 503.
+
+        A connection that fails (the server restarted) is dropped with the idle ones, likely
+        broken too, and ``work`` runs once more on a fresh connection. A ``write`` runs again
+        only when its connection is broken: one the server refused raises its error as it is
+        (a 500), and is not sent twice.
+        """
+        for attempt in (1, 2):
+            try:
+                conn = self._take() if attempt == 1 else self._connect()
+            except (DBAPIError, self.errors[0]) as exc:  # the pool raises the driver's own
+                raise unavailable(exc) from exc
+            try:
+                result = work(conn)
+            except self.errors as exc:
+                broken = self._broken(conn)
+                if write and not broken:
+                    # The server refused the statement (no outage): an error as any other.
+                    self._put(conn)
+                    raise
+                conn.invalidate()
+                self.close()
+                if attempt == 2:
+                    raise unavailable(exc) from exc
+                continue
+            self._put(conn)
+            return result
+        raise AssertionError("unreachable")
+
+    def _put(self, conn: t.Any) -> None:
+        if len(self.idle) < self.MAX_IDLE:
+            self.idle.append(conn)
+        else:
+            conn.invalidate()
+
+    def _broken(self, conn: t.Any) -> bool:
+        if self.sqlite:
+            return False
+        return bool(conn.dbapi_connection.pgconn.status != self.pq.ConnStatus.OK)
+
+    def execute(self, stmt: t.Any, params: t.Mapping[str, t.Any], *,
+                write: bool = False) -> list[tuple[t.Any, ...]]:
+        """The rows of the SQLAlchemy statement ``stmt`` run with ``params`` (PostgreSQL; the
+        statement is compiled on its first run, so build each once and reuse it)."""
+        statement = self.statements.get(stmt)
+        if statement is None:
+            if len(self.statements) >= self.MAX_STATEMENTS:
+                self.statements.clear()
+            statement = self.statements[stmt] = Statement(stmt, self.engine)
+        values = statement.encode(params)
+        return self.run(lambda conn: statement.run(self, conn, values), write=write)
+
+    def pg_error(self, res: t.Any, message: str = "") -> BaseException:
+        text = message or (res.error_message or b"").decode(errors="replace").strip()
+        return self.errors[0](text or "the statement failed")
+
+
+_connections: weakref.WeakKeyDictionary[Engine, Connections] = weakref.WeakKeyDictionary()
+_connections_lock = threading.Lock()
+
+
+def connections(engine: Engine) -> Connections:
+    """The kept connections of ``engine`` in this process."""
+    found = _connections.get(engine)
+    if found is None:
+        with _connections_lock:
+            found = _connections.get(engine)
+            if found is None:
+                found = _connections[engine] = Connections(engine)
+    return found
+
+
+class Statement:
+    """A SQLAlchemy statement for :meth:`Connections.execute` on PostgreSQL: compiled once with
+    ``$n`` placeholders (SQLAlchemy's casts included, so each parameter's type is known), its
+    parameters processed as SQLAlchemy would bind them, then sent as text; its rows decoded from
+    binary by each column's type."""
+
+    def __init__(self, stmt: t.Any, engine: Engine) -> None:
+        dialect_class: t.Any = type(engine.dialect)
+        numbered = dialect_class(paramstyle="numeric_dollar")
+        compiled = stmt.compile(dialect=numbered)
+        self.sql = str(compiled).encode()
+        # Named by its text: processes of two releases may share a server connection.
+        self.name = b"hk_" + hashlib.sha256(self.sql).hexdigest()[:24].encode()
+        self.names: list[str] = list(compiled.positiontup or ())
+        untyped = [name for name in self.names if compiled.binds[name].type._isnull]
+        if untyped:  # sent as text, PostgreSQL would guess their types from the context
+            raise TypeError(f"parameters without a type: {untyped}")
+        self.processors = [compiled.binds[name].type._cached_bind_processor(engine.dialect)
+                           for name in self.names]
+        # The statement's own values (a literal compared with, a constant set).
+        self.fixed = {name: bind.effective_value for name, bind in compiled.binds.items()
+                      if not bind.required}
+        self.decoders: list[t.Callable[[bytes], t.Any]] | None = None
+
+    def encode(self, params: t.Mapping[str, t.Any]) -> list[bytes | None]:
+        values = []
+        for name, process in zip(self.names, self.processors, strict=True):
+            value = params[name] if name in params else self.fixed[name]
+            values.append(_text(process(value) if process is not None else value))
+        return values
+
+    def run(self, conns: Connections, conn: t.Any, values: list[bytes | None],
+            ) -> list[tuple[t.Any, ...]]:
+        pq = conns.pq
+        pgconn = conn.dbapi_connection.pgconn
+        done = pq.ExecStatus.TUPLES_OK
+        res = pgconn.exec_prepared(self.name, values, result_format=pq.Format.BINARY)
+        if res.status != done:
+            # 26000: not prepared yet on this connection (a new one, or the server forgot).
+            if res.error_field(pq.DiagnosticField.SQLSTATE) != b"26000":
+                raise conns.pg_error(res)
+            prepared = pgconn.prepare(self.name, self.sql)
+            if prepared.status != pq.ExecStatus.COMMAND_OK:
+                raise conns.pg_error(prepared)
+            res = pgconn.exec_prepared(self.name, values, result_format=pq.Format.BINARY)
+            if res.status != done:
+                raise conns.pg_error(res)
+        decoders = self.decoders
+        if decoders is None:
+            types = [res.ftype(i) for i in range(res.nfields)]
+            unknown = [oid for oid in types if oid not in PG_BINARY]
+            if unknown:
+                raise conns.pg_error(res, f"no decoder for type OIDs {unknown}")
+            decoders = self.decoders = [PG_BINARY[oid] for oid in types]
+        return [tuple(None if (v := res.get_value(row, i)) is None else decode(v)
+                      for i, decode in enumerate(decoders))
+                for row in range(res.ntuples)]
+
+
+def _text(value: t.Any) -> bytes | None:
+    """A parameter in PostgreSQL's text format. libpq passes C strings: a NUL would cut the
+    value short, so a text holding one is refused as PostgreSQL refuses it."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return b"t" if value else b"f"
+    if isinstance(value, int):
+        return str(value).encode()
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("PostgreSQL text cannot hold NUL characters")
+        return value.encode()
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            raise ValueError("a naive UTC datetime is expected")
+        return value.isoformat().encode()
+    if isinstance(value, list):  # an array of texts
+        return _text("{" + ",".join(_array_item(item) for item in value) + "}")
+    obj = getattr(value, "obj", _MISSING)  # psycopg's Json wrapper, as SQLAlchemy binds JSON
+    if obj is not _MISSING:
+        return _text(json.dumps(obj, separators=(",", ":")))
+    raise TypeError(f"no text format for {type(value).__name__}")
+
+
+_MISSING = object()
+
+
+def _array_item(item: t.Any) -> str:
+    if not isinstance(item, str):
+        raise TypeError("only arrays of texts are sent")
+    # Quoted, with its quotes and backslashes escaped: read back exactly as given.
+    return '"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"'
