@@ -209,6 +209,10 @@ class Statement:
 
     def run(self, conns: Connections, conn: t.Any, values: list[bytes | None],
             ) -> list[tuple[t.Any, ...]]:
+        """The rows of the statement run on ``conn`` with ``values`` (from :meth:`encode`).
+
+        Only libpq calls that let other threads run while they wait for the server (its
+        describe call does not: the column types come from the first result instead)."""
         pq = conns.pq
         pgconn = conn.dbapi_connection.pgconn
         done = pq.ExecStatus.TUPLES_OK

@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session as DBSession
 from ..db import Writes
 from ..db import insert_rows
 from ..db import rowcount
-from ..direct import PG_BINARY
+from ..direct import Statement
 from ..direct import connections
 from ..errors import Forbidden
 from ..errors import InvalidGrant
@@ -415,9 +415,6 @@ class SessionReader:
     work in one process.
     """
 
-    # Named by its columns: processes of two releases may share a server connection (a pooler).
-    PG_STATEMENT = b"hk_session_check_roles"
-
     def __init__(self, engine: Engine) -> None:
         sessions, users = Session.__table__, User.__table__
         columns = [sessions.c.user_id, sessions.c.revoked_at, sessions.c.expires_at,
@@ -429,11 +426,7 @@ class SessionReader:
         self.conns = connections(engine)
         self.read: t.Callable[[t.Any, str], tuple[t.Any, ...] | None]
         if dialect.name == "postgresql":
-            # libpq's placeholders ($1); the decoders follow the first result's column types.
-            dialect_class: t.Any = type(dialect)
-            numbered = dialect_class(paramstyle="numeric_dollar")
-            self.sql = str(stmt.compile(dialect=numbered))
-            self.decoders: list[t.Callable[[bytes], t.Any]] = []
+            self.statement = Statement(stmt, engine)
             self.read = self._read_postgres
         else:
             compiled = stmt.compile(dialect=dialect)
@@ -459,36 +452,8 @@ class SessionReader:
                      for p, v in zip(self.processors, raw, strict=True))
 
     def _read_postgres(self, conn: t.Any, sid: str) -> tuple[t.Any, ...] | None:
-        pq = self.conns.pq
-        # Only libpq calls that let other threads run while they wait for the server (its
-        # describe call does not: the column types come from the first result instead).
-        pgconn = conn.dbapi_connection.pgconn
-        res = pgconn.exec_prepared(self.PG_STATEMENT, [sid.encode()],
-                                   result_format=pq.Format.BINARY)
-        if res.status != pq.ExecStatus.TUPLES_OK:
-            # 26000: not prepared yet on this connection (a new one, or the server forgot).
-            if res.error_field(pq.DiagnosticField.SQLSTATE) != b"26000":
-                raise self.conns.pg_error(res)
-            prepared = pgconn.prepare(self.PG_STATEMENT, self.sql.encode())
-            if prepared.status != pq.ExecStatus.COMMAND_OK:
-                raise self.conns.pg_error(prepared)
-            res = pgconn.exec_prepared(self.PG_STATEMENT, [sid.encode()],
-                                       result_format=pq.Format.BINARY)
-            if res.status != pq.ExecStatus.TUPLES_OK:
-                raise self.conns.pg_error(res)
-        decoders = self.decoders or self._decoders(res)
-        if res.ntuples == 0:
-            return None
-        return tuple(None if (v := res.get_value(0, i)) is None else decode(v)
-                     for i, decode in enumerate(decoders))
-
-    def _decoders(self, res: t.Any) -> list[t.Callable[[bytes], t.Any]]:
-        types = [res.ftype(i) for i in range(res.nfields)]
-        unknown = [oid for oid in types if oid not in PG_BINARY]
-        if unknown:
-            raise self.conns.pg_error(res, f"session read: no decoder for type OIDs {unknown}")
-        self.decoders = [PG_BINARY[oid] for oid in types]
-        return self.decoders
+        rows = self.statement.run(self.conns, conn, self.statement.encode({"sid": sid}))
+        return rows[0] if rows else None
 
 
 _readers: weakref.WeakKeyDictionary[Engine, SessionReader] = weakref.WeakKeyDictionary()
