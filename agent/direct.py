@@ -161,19 +161,24 @@ class Connections:
         return self.errors[0](text or "the statement failed")
 
 
-_connections: weakref.WeakKeyDictionary[Engine, Connections] = weakref.WeakKeyDictionary()
-_connections_lock = threading.Lock()
+def per_engine(make: t.Callable[[Engine], R]) -> t.Callable[[Engine], R]:
+    """``make(engine)`` made once per engine, kept while the engine lives, safe across threads."""
+    made: weakref.WeakKeyDictionary[Engine, R] = weakref.WeakKeyDictionary()
+    lock = threading.Lock()
+
+    def get(engine: Engine) -> R:
+        found = made.get(engine)
+        if found is None:
+            with lock:
+                found = made.get(engine)
+                if found is None:
+                    found = made[engine] = make(engine)
+        return found
+
+    return get
 
 
-def connections(engine: Engine) -> Connections:
-    """The kept connections of ``engine`` in this process."""
-    found = _connections.get(engine)
-    if found is None:
-        with _connections_lock:
-            found = _connections.get(engine)
-            if found is None:
-                found = _connections[engine] = Connections(engine)
-    return found
+connections = per_engine(Connections)  # the kept connections of an engine in this process
 
 
 class Statement:

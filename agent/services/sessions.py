@@ -22,9 +22,7 @@ import hmac
 import json
 import re
 import secrets
-import threading
 import typing as t
-import weakref
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
@@ -41,6 +39,7 @@ from ..db import insert_rows
 from ..db import rowcount
 from ..direct import Statement
 from ..direct import connections
+from ..direct import per_engine
 from ..errors import Forbidden
 from ..errors import InvalidGrant
 from ..errors import InvalidToken
@@ -456,18 +455,7 @@ class SessionReader:
         return rows[0] if rows else None
 
 
-_readers: weakref.WeakKeyDictionary[Engine, SessionReader] = weakref.WeakKeyDictionary()
-_readers_lock = threading.Lock()
-
-
-def session_reader(engine: Engine) -> SessionReader:
-    reader = _readers.get(engine)
-    if reader is None:
-        with _readers_lock:
-            reader = _readers.get(engine)
-            if reader is None:
-                reader = _readers[engine] = SessionReader(engine)
-    return reader
+session_reader = per_engine(SessionReader)
 
 
 def check_session(state: State, claims: dict[str, t.Any]) -> tuple[str, ...]:
