@@ -62,9 +62,10 @@ class Connections:
     MAX_IDLE = 4
     MAX_STATEMENTS = 64
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, synchronous_commit: bool = True) -> None:
         dialect = engine.dialect
         self.engine = engine
+        self.synchronous_commit = synchronous_commit
         self.errors: tuple[type[BaseException], ...] = (dialect.loaded_dbapi.Error,)
         self.sqlite = dialect.name == "sqlite"
         self.path = engine.url.database or ""
@@ -87,7 +88,11 @@ class Connections:
     def _connect(self) -> t.Any:
         fairy = self.engine.raw_connection()
         if not self.sqlite:  # SQLite connections already run without implicit transactions
-            fairy.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+            dbapi: t.Any = fairy.dbapi_connection
+            dbapi.autocommit = True
+            if not self.synchronous_commit:
+                # Kept connections never go back to the pool: the setting stays with them.
+                dbapi.execute("SET synchronous_commit TO off")
         return fairy
 
     def _take(self) -> t.Any:
@@ -179,6 +184,13 @@ def per_engine(make: t.Callable[[Engine], R]) -> t.Callable[[Engine], R]:
 
 
 connections = per_engine(Connections)  # the kept connections of an engine in this process
+
+# Kept connections whose commits return before they reach the disk (PostgreSQL's asynchronous
+# commit: a crash of the server may lose the last ones, never half of one, and every other
+# connection sees them at once), for writes a crash may lose: the attempts' reservations.
+# Each saves its commit's wait for the disk, about 0.15-0.2 ms, on every login.
+async_commit_connections = per_engine(
+    lambda engine: Connections(engine, synchronous_commit=False))
 
 
 class Statement:

@@ -147,6 +147,7 @@ def _guarded_password_check(
     event: str,
     client: ClientInfo,
     release: bool = True,
+    taken: set[str] | None = None,
 ) -> lockout.Keys:
     """Run ``check`` (a password or code check) under the brute-force counters; returns the
     counters it used (their reservation released in ``db``'s transaction; with ``release``
@@ -157,7 +158,8 @@ def _guarded_password_check(
     recorded as ``event`` with outcome ``failure`` and may start a lock. The request's
     transaction is ended first so no write lock is held during the slow hash; ``user`` is
     detached with the values read, so the check reading its hash begins no new transaction
-    (callers ``merge`` it back to write).
+    (callers ``merge`` it back to write). ``taken``: the counters on which the account's read
+    already reserved the attempt (:func:`accounts.find_for_login`).
     """
     user_id = user.id if user is not None else None
     keys = lockout.keys_for(state, user_id=user_id, login=login, ip=client.ip)
@@ -165,7 +167,7 @@ def _guarded_password_check(
         db.expunge(user)
     db.rollback()
     try:
-        lockout.acquire(state, keys)
+        lockout.acquire(state, keys, taken)
     except lockout.TooManyAttempts:
         events.record(db, state, event, outcome="blocked", client=client, user_id=user_id,
                       login=login, details={"reason": "locked"})
@@ -211,10 +213,11 @@ def _login(full_profile: bool) -> Response:
     client = _client()
     # A read: on SQLite it must not take the write lock, which concurrent logins' writes need;
     # on PostgreSQL it runs outside a transaction, on a kept connection.
-    found = accounts.find_for_login(db, state, login)
+    found, taken = accounts.find_for_login(db, state, login, client.ip)
     keys = _guarded_password_check(
         db, state, user=found, login=login, client=client, event="login.failed",
         check=lambda: accounts.check_credentials(state, found, password), release=False,
+        taken=taken,
     )
     assert found is not None
     if not state.settings.max_sessions and not state.hasher.needs_rehash(found.password_hash):

@@ -29,6 +29,7 @@ from ..errors import ValidationFailed
 from ..errors import WeakPassword
 from ..models import AuditEvent
 from ..models import User
+from . import lockout
 from . import sessions
 from .passwords import policy_problems
 
@@ -88,28 +89,43 @@ _USER_COLUMNS = [c if c.key != "roles" else type_coerce(c, Text).label("roles")
                  for c in t.cast(t.Any, User.__table__).c]
 _FIND_USER_ROW = select(*_USER_COLUMNS).where(
     or_(User.login_key == bindparam("key"), User.email_key == bindparam("key")))
+_USER_COLUMNS_SQL = ", ".join(f'"{c.name}"' for c in t.cast(t.Any, User.__table__).c)
 
 
-def find_for_login(db: DBSession, state: State, login: str) -> User | None:
-    """:func:`find_user` for a login: the account read outside any transaction, detached
-    from ``db`` (the password check that follows holds nothing open; the caller ``merge``s it
-    back to write). On PostgreSQL one statement on the kept connections (:mod:`agent.direct`),
-    without a pooled connection's checkout and ping."""
+def find_for_login(
+    db: DBSession, state: State, login: str, ip: str
+) -> tuple[User | None, set[str] | None]:
+    """:func:`find_user` for a login from ``ip``: the account read outside any transaction,
+    detached from ``db`` (the password check that follows holds nothing open; the caller
+    ``merge``s it back to write), and the keys of the brute-force counters on which the same
+    statement already reserved the attempt, for :func:`lockout.acquire` (None: none reserved).
+
+    On PostgreSQL one statement on the kept connections (:mod:`agent.direct`), without a
+    pooled connection's checkout and ping, that also reserves the attempt when the counters
+    are in the database (:func:`lockout.find_and_reserve`).
+    """
     engine = state.engine
     if engine.dialect.name != "postgresql":
         db.connection(execution_options=read_only(engine))
         user = find_user(db, login)
         if user is not None:
             db.expunge(user)
-        return user
-    rows = connections(engine).execute(_FIND_USER_ROW, {"key": key_of(login)})
-    if not rows:
-        return None
-    fields = dict(zip([c.key for c in _USER_COLUMNS], rows[0], strict=True))
+        return user, None
+    key = key_of(login)
+    keys = lockout.keys_for(state, user_id=None, login=login, ip=ip)
+    found = lockout.find_and_reserve(state, _USER_COLUMNS_SQL, key, keys)
+    if found is None:
+        rows = connections(engine).execute(_FIND_USER_ROW, {"key": key})
+        row, taken = (rows[0] if rows else None), None
+    else:
+        row, taken = found
+    if row is None:
+        return None, taken
+    fields = dict(zip([c.key for c in _USER_COLUMNS], row, strict=True))
     fields["roles"] = json.loads(fields["roles"])
     user = User(**fields)
     make_transient_to_detached(user)  # as if loaded, then detached
-    return user
+    return user, taken
 
 
 def user_payload(user: User) -> dict[str, t.Any]:

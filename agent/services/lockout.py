@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session as DBSession
 from ..db import insert_for
 from ..db import one_statement
 from ..db import rowcount
-from ..direct import connections
+from ..direct import async_commit_connections
 from ..errors import AgentError
 from ..models import Throttle
 from ..models import UTCDateTime
@@ -201,8 +201,9 @@ def _write(db: DBSession | Connection, rows: dict[str, dict[str, t.Any]]) -> Non
                            for key, fields in rows.items()])
 
 
-def acquire(state: State, keys: Keys) -> None:
-    """Reserve one attempt on every counter, or raise :class:`TooManyAttempts`.
+def acquire(state: State, keys: Keys, taken: set[str] | None = None) -> None:
+    """Reserve one attempt on every counter, or raise :class:`TooManyAttempts`. ``taken``:
+    the first try already ran (:func:`find_and_reserve`), these are the keys it reserved.
 
     Runs in its own committed transaction, before and apart from the password check. A counter
     full only because of attempts still being checked makes this one wait for them (briefly),
@@ -216,7 +217,8 @@ def acquire(state: State, keys: Keys) -> None:
         if state.redis is not None:
             blocked_for, reserved = RedisCounters(state).acquire(keys)
         else:
-            blocked_for, reserved = _reserve(state, keys)
+            blocked_for, reserved = _reserve(state, keys, taken)
+            taken = None
         if blocked_for:
             raise TooManyAttempts(blocked_for)
         if reserved:
@@ -226,7 +228,7 @@ def acquire(state: State, keys: Keys) -> None:
         time.sleep(0.05)
 
 
-def _reserve(state: State, keys: Keys) -> tuple[int, bool]:
+def _reserve(state: State, keys: Keys, taken: set[str] | None = None) -> tuple[int, bool]:
     """One try of :func:`acquire` in the database: (seconds locked, 0 if not), and whether
     the attempt was reserved (neither: the counter is full of checks in flight).
 
@@ -234,25 +236,27 @@ def _reserve(state: State, keys: Keys) -> tuple[int, bool]:
     missing) and leaves alone each counter that is locked or full; on PostgreSQL it runs in
     autocommit, one round trip for the whole step. When a counter had no room, the
     reservations just taken on the others are given back, and the counters without room are
-    read to tell a lock from checks still in flight.
+    read to tell a lock from checks still in flight. ``taken``: that statement already ran
+    (:func:`find_and_reserve`), these are the keys it reserved.
     """
     s = state.settings
     now = state.clock()
     window_start = now - dt.timedelta(seconds=s.lockout_window)
     names = [key for key, _limit in keys.items]
-    params: dict[str, t.Any] = {"now": now, "window_start": window_start,
-                                "stale": now - STALE_PENDING}
-    for i, (key, limit) in enumerate(keys.items):
-        params.update({f"k{i}": key, f"limit{i}": limit})
     engine = state.engine
     dialect = engine.dialect.name
     take = _take(len(names))
-    reserved: set[str] | None = None
-    if dialect == "postgresql":
-        # On a kept connection (agent.direct): every login runs it.
-        reserved = {key for (key,) in connections(engine).execute(take, params, write=True)}
-        if len(reserved) == len(names):
-            return 0, True
+    params = _take_params(state, now)
+    for i, (key, limit) in enumerate(keys.items):
+        params.update({f"k{i}": key, f"limit{i}": limit})
+    reserved = taken
+    if reserved is None and dialect == "postgresql":
+        # On a kept connection (agent.direct), committed without waiting for the disk: every
+        # login runs it, and a reservation a crash loses is an attempt the crash ended.
+        reserved = {key for (key,) in async_commit_connections(engine).execute(
+            take, params, write=True)}
+    if reserved is not None and len(reserved) == len(names):
+        return 0, True
     with engine.connect() as conn:
         conn = conn.execution_options(**one_statement(engine))
         if reserved is None:
@@ -280,37 +284,105 @@ def _reserve(state: State, keys: Keys) -> tuple[int, bool]:
     return blocked_for, False
 
 
-@functools.cache
-def _take(count: int) -> t.Any:
-    """The statement of :func:`_reserve` for ``count`` counters (``k0``, ``limit0``, ...): an
-    attempt is reserved on a counter (``pending`` + 1) unless it is locked, or its failures in
-    the window plus the checks in flight (those of processes dead for STALE_PENDING do not
-    count) reach its limit. Returns the keys reserved. The rows are taken in the order of
-    VALUES (key order, as every transaction takes the counters). PostgreSQL and SQLite both
-    read it as written."""
-    rows = ", ".join(f"(:k{i}, 0, :now, 0, 1, :now)" for i in range(count))
-    limits = " ".join(f"WHEN :k{i} THEN :limit{i}" for i in range(count))
-    failures = ("CASE WHEN hk_throttle.window_start <= :window_start THEN 0 "
-                "ELSE hk_throttle.failures END")
-    pending = "CASE WHEN hk_throttle.pending_since < :stale THEN 0 ELSE hk_throttle.pending END"
-    # Built of constants and numbered placeholders only.
-    sql = (
-        'INSERT INTO hk_throttle ("key", failures, window_start, lock_count, pending, '  # noqa: S608
-        f"pending_since) VALUES {rows} "
-        'ON CONFLICT ("key") DO UPDATE SET '
-        f"failures = {failures}, "
-        "window_start = CASE WHEN hk_throttle.window_start <= :window_start THEN :now "
-        "ELSE hk_throttle.window_start END, "
-        f"pending = {pending} + 1, pending_since = :now "
-        "WHERE (hk_throttle.locked_until IS NULL OR hk_throttle.locked_until <= :now) "
-        f'AND {failures} + {pending} < CASE hk_throttle."key" {limits} END '
-        'RETURNING hk_throttle."key"'
-    )
+def _take_params(state: State, now: dt.datetime) -> dict[str, t.Any]:
+    window_start = now - dt.timedelta(seconds=state.settings.lockout_window)
+    return {"now": now, "window_start": window_start, "stale": now - STALE_PENDING}
+
+
+# The reservation's upsert after its rows (``:now``, ``:window_start``, ``:stale``; ``{limit}``:
+# the counter's limit, by its key): an attempt is reserved on a counter (``pending`` + 1) unless
+# it is locked, or its failures in the window plus the checks in flight (those of processes
+# dead for STALE_PENDING do not count) reach its limit. Returns the keys reserved.
+_FAILURES = ("CASE WHEN hk_throttle.window_start <= :window_start THEN 0 "
+             "ELSE hk_throttle.failures END")
+_PENDING = "CASE WHEN hk_throttle.pending_since < :stale THEN 0 ELSE hk_throttle.pending END"
+_TAKE_COLUMNS = '("key", failures, window_start, lock_count, pending, pending_since)'
+_TAKE_UPSERT = (
+    'ON CONFLICT ("key") DO UPDATE SET '
+    f"failures = {_FAILURES}, "
+    "window_start = CASE WHEN hk_throttle.window_start <= :window_start THEN :now "
+    "ELSE hk_throttle.window_start END, "
+    f"pending = {_PENDING} + 1, pending_since = :now "
+    "WHERE (hk_throttle.locked_until IS NULL OR hk_throttle.locked_until <= :now) "
+    f"AND {_FAILURES} + {_PENDING} < {{limit}} "
+    'RETURNING hk_throttle."key"'
+)
+
+
+def _typed(sql: str, *names: tuple[str, t.Any]) -> t.Any:
     typed: list[t.Any] = [bindparam(name, type_=UTCDateTime())
                           for name in ("now", "window_start", "stale")]
-    typed += [bindparam(f"k{i}", type_=String()) for i in range(count)]
-    typed += [bindparam(f"limit{i}", type_=Integer()) for i in range(count)]
-    return text(sql).bindparams(*typed).columns(key=String())
+    typed += [bindparam(name, type_=type_) for name, type_ in names]
+    return text(sql).bindparams(*typed)
+
+
+@functools.cache
+def _take(count: int) -> t.Any:
+    """The statement of :func:`_reserve` for ``count`` counters (``k0``, ``limit0``, ...).
+    The rows are taken in the order of VALUES (key order, as every transaction takes the
+    counters). PostgreSQL and SQLite both read it as written."""
+    rows = ", ".join(f"(:k{i}, 0, :now, 0, 1, :now)" for i in range(count))
+    limits = " ".join(f"WHEN :k{i} THEN :limit{i}" for i in range(count))
+    # Built of constants and numbered placeholders only.
+    sql = (f"INSERT INTO hk_throttle {_TAKE_COLUMNS} VALUES {rows} "  # noqa: S608
+           + _TAKE_UPSERT.format(limit=f'CASE hk_throttle."key" {limits} END'))
+    names: list[tuple[str, t.Any]] = [(f"k{i}", String()) for i in range(count)]
+    names += [(f"limit{i}", Integer()) for i in range(count)]
+    return _typed(sql, *names).columns(key=String())
+
+
+def find_and_reserve(
+    state: State, columns: str, login_key: str, keys: Keys
+) -> tuple[tuple[t.Any, ...] | None, set[str]] | None:
+    """A login's account read and its attempt's reservation in one statement (PostgreSQL,
+    counters in the database): one round trip before the password check, where the two took
+    two. The account counter's key is ``u:<id>`` of the account found, else ``keys``' own
+    (``l:<login>``), as :func:`keys_for` names them.
+
+    ``columns``: the SQL of the account's columns to read, of the row of ``hk_users`` whose
+    ``login_key`` or ``email_key`` is ``login_key``. Returns that row (None: no account) and
+    the keys reserved (for :func:`acquire`); None when there is nothing to run here (the
+    counters are in Redis, or the client is allowlisted): the caller then reads alone. Like
+    :func:`_reserve`'s statement it commits without waiting for the disk.
+    """
+    if state.redis is not None or not keys or state.engine.dialect.name != "postgresql":
+        return None
+    ip = [item for item in keys.items if item[0].startswith("ip:")]
+    ((account, account_limit),) = [item for item in keys.items if item not in ip]
+    params = _take_params(state, state.clock())
+    params.update(login_key=login_key, k0=account, limit0=account_limit,
+                  k1=ip[0][0] if ip else None, limit1=ip[0][1] if ip else 0)
+    rows = async_commit_connections(state.engine).execute(
+        _take_at_login(columns), params, write=True)
+    *row, key, account_taken, ip_taken = rows[0]
+    taken = {key} if account_taken else set()
+    if ip_taken:
+        taken.add(ip[0][0])
+    return (tuple(row) if row[0] is not None else None), taken
+
+
+@functools.cache
+def _take_at_login(columns: str) -> t.Any:
+    """The statement of :func:`find_and_reserve`. The account's row is read once (a CTE read
+    twice is computed once); the counters are taken in key order (``ip:`` before ``l:`` and
+    ``u:`` in any collation), as every transaction takes them."""
+    # Built of constants, the caller's column list and numbered placeholders only.
+    sql = (
+        f"WITH u AS (SELECT {columns} FROM hk_users "  # noqa: S608
+        "WHERE login_key = :login_key OR email_key = :login_key LIMIT 1), "
+        """k AS (SELECT coalesce('u:' || (SELECT id FROM u), :k0) AS "key", 0 AS ord """
+        """UNION ALL SELECT :k1, 1 WHERE :k1 IS NOT NULL), """
+        f"taken AS (INSERT INTO hk_throttle {_TAKE_COLUMNS} "
+        """SELECT "key", 0, :now, 0, 1, :now FROM k ORDER BY "key" """
+        + _TAKE_UPSERT.format(
+            limit='CASE WHEN hk_throttle."key" = :k1 THEN :limit1 ELSE :limit0 END') + ") "
+        """SELECT u.*, (SELECT "key" FROM k WHERE ord = 0), """
+        """EXISTS (SELECT FROM taken WHERE "key" = (SELECT "key" FROM k WHERE ord = 0)), """
+        """EXISTS (SELECT FROM taken WHERE "key" = :k1) """
+        "FROM (SELECT) AS one LEFT JOIN u ON true"
+    )
+    return _typed(sql, ("login_key", String()), ("k0", String()), ("k1", String()),
+                  ("limit0", Integer()), ("limit1", Integer()))
 
 
 def succeeded(db: DBSession, state: State, keys: Keys) -> None:

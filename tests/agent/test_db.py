@@ -316,21 +316,23 @@ def test_postgresql_session_check_after_the_server_forgot_its_statement(
     url = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL")
     if not url:
         pytest.skip("HEADLESSKEY_TEST_DATABASE_URL is not set (SQLite prepares nothing)")
+    from agent.direct import async_commit_connections
     from agent.direct import connections
 
     site = make_site("HS256", HEADLESSKEY_DATABASE_URL=fresh_schema(url, 92))
     site.create_user("alice")
     access = site.api.login()["token"]
     assert site.api.post("/token/validate", token=access).status_code == 200
-    kept = connections(site.state.engine)
-    assert kept.idle
-    for conn in kept.idle:
+    engine = site.state.engine
+    kept = [*connections(engine).idle, *async_commit_connections(engine).idle]
+    assert len(kept) >= 2
+    for conn in kept:
         conn.dbapi_connection.execute("DEALLOCATE ALL")
     assert site.api.post("/token/validate", token=access).status_code == 200
     assert site.api.post("/token/revoke", token=access).status_code == 200
     refused = site.api.post("/token/validate", token=access)
     assert refused.status_code == 401, refused.text
-    for conn in kept.idle:
+    for conn in [*connections(engine).idle, *async_commit_connections(engine).idle]:
         conn.dbapi_connection.execute("DEALLOCATE ALL")
     again = site.api.login()
     assert site.api.post("/token/validate", token=again["token"]).status_code == 200
@@ -372,3 +374,31 @@ def test_postgresql_kept_connections_send_parameters_as_given(
         kept.execute(stmt, {"items": ["a\x00b"], "at": at})
     [(as_json, _count, _at)] = kept.execute(stmt, {"items": ["ok"], "at": at})
     assert json.loads(as_json) == ["ok"]
+
+
+def test_postgresql_only_the_reservations_commit_without_waiting_for_the_disk(
+    make_site: t.Callable[..., Site],
+) -> None:
+    """A login's reservation (a write a server crash may lose: the attempt it counts ended
+    with the crash) commits asynchronously; the session it writes, and everything else, waits
+    until it is on disk, so an answered login outlives a crash of the server."""
+    url = os.environ.get("HEADLESSKEY_TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("HEADLESSKEY_TEST_DATABASE_URL is not set (SQLite commits in-process)")
+    from agent.direct import async_commit_connections
+    from agent.direct import connections
+
+    site = make_site("HS256", HEADLESSKEY_DATABASE_URL=fresh_schema(url, 94))
+    site.create_user("alice")
+    site.api.login()
+    engine = site.state.engine
+
+    def setting(conn: t.Any) -> str:
+        return str(conn.dbapi_connection.execute("SHOW synchronous_commit").fetchone()[0])
+
+    assert connections(engine).run(setting) == "on"
+    assert async_commit_connections(engine).run(setting) == "off"
+    with engine.connect() as conn:  # the pool's, which every request's transaction takes
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+    assert site.scalar("SELECT count(*) FROM hk_sessions") == 1
+    assert site.scalar("SELECT count(*) FROM hk_throttle WHERE pending > 0") == 0
