@@ -239,10 +239,12 @@ def _reserve(state: State, keys: Keys, taken: set[str] | None = None) -> tuple[i
     read to tell a lock from checks still in flight. ``taken``: that statement already ran
     (:func:`find_and_reserve`), these are the keys it reserved.
     """
+    names = [key for key, _limit in keys.items]
+    if taken is not None and len(taken) == len(names):
+        return 0, True  # every login's path: nothing more to build or run
     s = state.settings
     now = state.clock()
     window_start = now - dt.timedelta(seconds=s.lockout_window)
-    names = [key for key, _limit in keys.items]
     engine = state.engine
     dialect = engine.dialect.name
     take = _take(len(names))
