@@ -279,38 +279,21 @@ def insert_rows(db: t.Any, model: t.Any, rows: list[dict[str, t.Any]]) -> None:
 Writes = list[tuple[type[t.Any], list[dict[str, t.Any]]]]  # (model, rows), in write order
 
 
-def insert_if(db: t.Any, guard: t.Any, params: dict[str, t.Any], writes: Writes,
-              also: t.Any = None) -> bool:
-    """INSERT the rows of ``writes`` if ``guard`` (a SELECT that locks the row it finds) finds
-    one, and run ``also`` (an UPDATE or None) whatever it finds, in ``db``'s transaction;
-    returns whether the guard found its row. ``params`` are the guard's and ``also``'s; column
-    defaults apply to the rows as to any INSERT.
-
-    On PostgreSQL this is one statement: the guard, each INSERT and ``also`` are parts of one
-    ``WITH``, every row selected from the guard's, so nothing is inserted unless the guard found
-    its row, and a row may reference one inserted before it (foreign keys are checked at the
-    statement's end). The guard runs first (the statement's own query reads it; the other
-    parts run after it), so its lock is taken before any ``also`` takes. Run in autocommit,
-    the whole is one round trip, its commit included. Elsewhere the statements run one by one.
-    """
-    conn = db.connection()
-    if conn.dialect.name != "postgresql":
-        found = conn.execute(guard, params).first() is not None
-        if found:
-            for model, rows in writes:
-                conn.execute(_insert(model.__table__), rows[0] if len(rows) == 1 else rows)
-        if also is not None:
-            conn.execute(also, params)
-        return found
-    stmt, values = insert_if_statement(guard, params, writes, also)
-    return bool(conn.execute(stmt, values).scalar_one())
-
-
 def insert_if_statement(guard: t.Any, params: dict[str, t.Any], writes: Writes,
                         also: t.Any = None) -> tuple[t.Any, dict[str, t.Any]]:
-    """:func:`insert_if`'s one statement on PostgreSQL, with its parameters: for a caller that
-    runs it on its own, in autocommit (:mod:`agent.direct`)."""
-    writes = [(model, [_with_defaults(model.__table__, row) for row in rows])
+    """One statement on PostgreSQL, with its parameters, that INSERTs the rows of ``writes`` if
+    ``guard`` (a SELECT that locks the row it finds) finds one, runs ``also`` (an UPDATE or
+    None) whatever it finds, and returns the count of rows the guard found: for a caller that
+    runs it in autocommit (:func:`agent.direct.insert_if`). Column defaults apply to the rows
+    as to any INSERT.
+
+    The guard, each INSERT and ``also`` are parts of one ``WITH``, every row selected from the
+    guard's, so nothing is inserted unless the guard found its row, and a row may reference
+    one inserted before it (foreign keys are checked at the statement's end). The guard runs
+    first (the statement's own query reads it; the other parts run after it), so its lock is
+    taken before any ``also`` takes. Run in autocommit, the whole is one round trip, its
+    commit included."""
+    writes = [(model, [with_defaults(model.__table__, row) for row in rows])
               for model, rows in writes]
     shape = tuple((model, tuple(tuple(row) for row in rows)) for model, rows in writes)
     values = dict(params)
@@ -320,7 +303,7 @@ def insert_if_statement(guard: t.Any, params: dict[str, t.Any], writes: Writes,
     return _insert_if(guard, shape, also), values
 
 
-def _with_defaults(table: t.Any, row: dict[str, t.Any]) -> dict[str, t.Any]:
+def with_defaults(table: t.Any, row: dict[str, t.Any]) -> dict[str, t.Any]:
     """``row`` with the Python-side default of each column it leaves out, as an INSERT of
     SQLAlchemy's would add (one made of a SELECT, as :func:`insert_if`'s are, adds none)."""
     missing = [c for c in table.columns if c.key not in row and c.default is not None]

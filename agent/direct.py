@@ -14,13 +14,17 @@ CPU, and more with the caches cold after the password hash. So these run here in
 - :class:`Statement` (PostgreSQL): a SQLAlchemy statement compiled once with libpq's numbered
   placeholders, prepared once per connection under a name derived from its text, run with its
   parameters as text and its rows in binary.
+- :class:`DbapiStatement` (SQLite): a SQLAlchemy statement compiled once, run by the driver
+  itself (its own statement cache), without SQLAlchemy's execution context.
 
-Only statements that commit on their own run here: nothing of a request's transaction does.
+Only statements that commit on their own run here, and on SQLite the few that commit together
+(:meth:`Connections.transaction`, :func:`insert_if`): nothing of a request's transaction does.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -29,11 +33,16 @@ import typing as t
 import weakref
 
 from sqlalchemy import Engine
+from sqlalchemy import bindparam
 from sqlalchemy import event
+from sqlalchemy import insert
 from sqlalchemy.exc import DBAPIError
 
+from .db import Writes
 from .db import file_identity
+from .db import insert_if_statement
 from .db import unavailable
+from .db import with_defaults
 
 R = t.TypeVar("R")
 
@@ -72,7 +81,8 @@ class Connections:
         self.pid = os.getpid()
         self.idle: list[t.Any] = []
         self.inherited: list[t.Any] = []
-        self.statements: dict[t.Hashable, Statement] = {}
+        self.statements: dict[t.Hashable, Statement | DbapiStatement] = {}
+        self.operational: type[BaseException] = dialect.loaded_dbapi.OperationalError
         if not self.sqlite:
             from psycopg import pq  # the driver's libpq binding, loaded with the dialect
 
@@ -126,8 +136,12 @@ class Connections:
             except self.errors as exc:
                 broken = self._broken(conn)
                 if write and not broken:
-                    # The server refused the statement (no outage): an error as any other.
                     self._put(conn)
+                    if self.sqlite and isinstance(exc, self.operational):
+                        # The file stayed locked past the busy timeout, or could not be
+                        # written: a 503, as on the pool's connections (agent.db).
+                        raise unavailable(exc) from exc
+                    # The server refused the statement (no outage): an error as any other.
                     raise
                 conn.invalidate()
                 self.close()
@@ -149,17 +163,50 @@ class Connections:
             return False
         return bool(conn.dbapi_connection.pgconn.status != self.pq.ConnStatus.OK)
 
-    def execute(self, stmt: t.Any, params: t.Mapping[str, t.Any], *,
-                write: bool = False) -> list[tuple[t.Any, ...]]:
-        """The rows of the SQLAlchemy statement ``stmt`` run with ``params`` (PostgreSQL; the
-        statement is compiled on its first run, so build each once and reuse it)."""
+    def statement(self, stmt: t.Any) -> Statement | DbapiStatement:
+        """``stmt`` compiled for this engine's kept connections (on its first use: build each
+        statement once and reuse it)."""
         statement = self.statements.get(stmt)
         if statement is None:
             if len(self.statements) >= self.MAX_STATEMENTS:
                 self.statements.clear()
-            statement = self.statements[stmt] = Statement(stmt, self.engine)
+            kind = DbapiStatement if self.sqlite else Statement
+            statement = self.statements[stmt] = kind(stmt, self.engine)
+        return statement
+
+    def execute(self, stmt: t.Any, params: t.Mapping[str, t.Any], *,
+                write: bool = False) -> list[tuple[t.Any, ...]]:
+        """The rows of the SQLAlchemy statement ``stmt`` run with ``params``, committed (each
+        statement in autocommit)."""
+        statement = self.statement(stmt)
         values = statement.encode(params)
         return self.run(lambda conn: statement.run(self, conn, values), write=write)
+
+    def transaction(self, work: t.Callable[[Execute], R]) -> R:
+        """``work(execute)`` in one write transaction of its own on a kept SQLite connection:
+        ``execute(stmt, params)`` runs a statement in it and returns its rows. It takes the
+        write lock first (``BEGIN IMMEDIATE``, as the pool's connections do) and commits when
+        ``work`` returns; anything ``work`` raises rolls it back."""
+        if not self.sqlite:
+            raise TypeError("on PostgreSQL a write here is one statement in autocommit")
+
+        def run(conn: t.Any) -> R:
+            def execute(stmt: t.Any, params: t.Mapping[str, t.Any]) -> list[tuple[t.Any, ...]]:
+                statement = self.statement(stmt)
+                return statement.run(self, conn, statement.encode(params))
+
+            raw = conn.dbapi_connection
+            raw.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(execute)
+                raw.execute("COMMIT")
+            except BaseException:
+                if raw.in_transaction:
+                    raw.execute("ROLLBACK")
+                raise
+            return result
+
+        return self.run(run, write=True)
 
     def pg_error(self, res: t.Any, message: str = "") -> BaseException:
         text = message or (res.error_message or b"").decode(errors="replace").strip()
@@ -193,7 +240,94 @@ async_commit_connections = per_engine(
     lambda engine: Connections(engine, synchronous_commit=False))
 
 
-class Statement:
+Execute = t.Callable[[t.Any, t.Mapping[str, t.Any]], list[tuple[t.Any, ...]]]
+
+
+def insert_if(conns: Connections, guard: t.Any, params: dict[str, t.Any], writes: Writes,
+              also: t.Any = None) -> bool:
+    """INSERT the rows of ``writes`` if ``guard`` (a SELECT that locks the row it finds) finds
+    one, and run ``also`` (an UPDATE or None) whatever it finds, all committed together on a
+    kept connection; returns whether the guard found its row. ``params`` are the guard's and
+    ``also``'s; each column's Python-side default applies to the rows as to any INSERT.
+
+    On PostgreSQL one statement in autocommit (:func:`agent.db.insert_if_statement`): one round
+    trip, its commit included. On SQLite the statements one by one in one write transaction.
+    """
+    if not conns.sqlite:
+        stmt, values = insert_if_statement(guard, params, writes, also)
+        return bool(conns.execute(stmt, values, write=True)[0][0])
+
+    def work(execute: Execute) -> bool:
+        found = bool(execute(guard, params))
+        if found:
+            for model, rows in writes:
+                table = model.__table__
+                for row in rows:
+                    row = with_defaults(table, row)
+                    execute(_insert(table, tuple(row)), row)
+        if also is not None:
+            execute(also, params)
+        return found
+
+    return conns.transaction(work)
+
+
+@functools.lru_cache(maxsize=32)
+def _insert(table: t.Any, names: tuple[str, ...]) -> t.Any:
+    """A plain INSERT of ``names`` into ``table``, each value a parameter of its column's type."""
+    return insert(table).values({name: bindparam(name, type_=table.c[name].type)
+                                 for name in names})
+
+
+class _Compiled:
+    """A compiled statement's positional parameters, processed as SQLAlchemy binds them."""
+
+    def __init__(self, compiled: t.Any, dialect: t.Any) -> None:
+        if "POSTCOMPILE" in str(compiled):
+            raise TypeError("parameters expanded at run time (IN lists) are not supported")
+        self.names: list[str] = list(compiled.positiontup or ())
+        self.processors = [compiled.binds[name].type._cached_bind_processor(dialect)
+                           for name in self.names]
+        # The statement's own values (a literal compared with, a constant set).
+        self.fixed = {name: bind.effective_value for name, bind in compiled.binds.items()
+                      if not bind.required}
+
+    def bound(self, params: t.Mapping[str, t.Any]) -> list[t.Any]:
+        values = []
+        for name, process in zip(self.names, self.processors, strict=True):
+            value = params[name] if name in params else self.fixed[name]
+            values.append(process(value) if process is not None else value)
+        return values
+
+
+class DbapiStatement(_Compiled):
+    """A SQLAlchemy statement for :meth:`Connections.execute` on SQLite: compiled once, its
+    parameters processed as SQLAlchemy would bind them, run by the driver itself (which keeps
+    it prepared), its rows processed by each column's type as SQLAlchemy would return them."""
+
+    def __init__(self, stmt: t.Any, engine: Engine) -> None:
+        dialect = engine.dialect
+        compiled = stmt.compile(dialect=dialect)
+        if not compiled.positional:
+            raise TypeError("the driver's paramstyle is expected to be positional")
+        super().__init__(compiled, dialect)
+        self.sql = str(compiled)
+        self.results = [entry[3]._cached_result_processor(dialect, None)
+                        for entry in compiled._result_columns]
+
+    def encode(self, params: t.Mapping[str, t.Any]) -> list[t.Any]:
+        return self.bound(params)
+
+    def run(self, conns: Connections, conn: t.Any, values: list[t.Any],
+            ) -> list[tuple[t.Any, ...]]:
+        rows: list[tuple[t.Any, ...]] = conn.dbapi_connection.execute(self.sql, values).fetchall()
+        if not any(self.results):
+            return rows
+        return [tuple(v if p is None or v is None else p(v)
+                      for p, v in zip(self.results, row, strict=True)) for row in rows]
+
+
+class Statement(_Compiled):
     """A SQLAlchemy statement for :meth:`Connections.execute` on PostgreSQL: compiled once with
     ``$n`` placeholders (SQLAlchemy's casts included, so each parameter's type is known), its
     parameters processed as SQLAlchemy would bind them, then sent as text; its rows decoded from
@@ -203,26 +337,17 @@ class Statement:
         dialect_class: t.Any = type(engine.dialect)
         numbered = dialect_class(paramstyle="numeric_dollar")
         compiled = stmt.compile(dialect=numbered)
+        super().__init__(compiled, engine.dialect)
         self.sql = str(compiled).encode()
         # Named by its text: processes of two releases may share a server connection.
         self.name = b"hk_" + hashlib.sha256(self.sql).hexdigest()[:24].encode()
-        self.names: list[str] = list(compiled.positiontup or ())
         untyped = [name for name in self.names if compiled.binds[name].type._isnull]
         if untyped:  # sent as text, PostgreSQL would guess their types from the context
             raise TypeError(f"parameters without a type: {untyped}")
-        self.processors = [compiled.binds[name].type._cached_bind_processor(engine.dialect)
-                           for name in self.names]
-        # The statement's own values (a literal compared with, a constant set).
-        self.fixed = {name: bind.effective_value for name, bind in compiled.binds.items()
-                      if not bind.required}
         self.decoders: list[t.Callable[[bytes], t.Any]] | None = None
 
     def encode(self, params: t.Mapping[str, t.Any]) -> list[bytes | None]:
-        values = []
-        for name, process in zip(self.names, self.processors, strict=True):
-            value = params[name] if name in params else self.fixed[name]
-            values.append(_text(process(value) if process is not None else value))
-        return values
+        return [_text(value) for value in self.bound(params)]
 
     def run(self, conns: Connections, conn: t.Any, values: list[bytes | None],
             ) -> list[tuple[t.Any, ...]]:

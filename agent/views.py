@@ -22,11 +22,9 @@ from . import federation
 from .config import Settings
 from .db import DATABASE_ERRORS
 from .db import MAX_ID
-from .db import insert_if
-from .db import insert_if_statement
-from .db import one_statement
 from .db import unavailable
 from .direct import connections
+from .direct import insert_if
 from .errors import AgentError
 from .errors import Forbidden
 from .errors import IncorrectPassword
@@ -213,7 +211,7 @@ def _login(full_profile: bool) -> Response:
     client = _client()
     # A read: on SQLite it must not take the write lock, which concurrent logins' writes need;
     # on PostgreSQL it runs outside a transaction, on a kept connection.
-    found, taken = accounts.find_for_login(db, state, login, client.ip)
+    found, taken = accounts.find_for_login(state, login, client.ip)
     keys = _guarded_password_check(
         db, state, user=found, login=login, client=client, event="login.failed",
         check=lambda: accounts.check_credentials(state, found, password), release=False,
@@ -286,10 +284,11 @@ def _open_session_at_once(
 ) -> Issued | None:
     """The session of a checked login: its row, its refresh token and the ``login.succeeded``
     event written if ``user`` is still as checked, and in any case the attempt's reservation
-    released; on PostgreSQL all of it one statement in autocommit (one round trip, where a
-    transaction of its own took eight). None if the account changed while the hash ran
-    (nothing written but the release): the caller then checks again as :func:`_as_checked`
-    does, which tells a change from a rehash by another login.
+    released, committed together on a kept connection; on PostgreSQL all of it one statement
+    in autocommit (one round trip, where a transaction of its own took eight). None if the
+    account changed while the hash ran (nothing written but the release): the caller then
+    checks again as :func:`_as_checked` does, which tells a change from a rehash by another
+    login.
 
     For logins without a session limit or a rehash due; the others run :func:`_as_checked`.
     """
@@ -302,14 +301,8 @@ def _open_session_at_once(
     if release is not None:
         params.update(release[1])
     also = release[0] if release is not None else None
-    engine = state.engine
-    if engine.dialect.name == "postgresql":
-        # On a kept connection (agent.direct), without a pooled connection's checkout and ping.
-        stmt, values = insert_if_statement(_UNCHANGED, params, writes, also)
-        opened = bool(connections(engine).execute(stmt, values, write=True)[0][0])
-    else:
-        db.connection(execution_options=one_statement(engine))
-        opened = insert_if(db, _UNCHANGED, params, writes, also=also)
+    # On a kept connection (agent.direct), without a pooled connection's checkout and ping.
+    opened = insert_if(connections(state.engine), _UNCHANGED, params, writes, also=also)
     if opened:
         events.pend(db, ev)
     db.commit()

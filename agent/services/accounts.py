@@ -20,7 +20,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DBSession
 from sqlalchemy.orm import make_transient_to_detached
 
-from ..db import read_only
 from ..direct import connections
 from ..errors import IncorrectPassword
 from ..errors import InvalidCredentials
@@ -93,29 +92,22 @@ _USER_COLUMNS_SQL = ", ".join(f'"{c.name}"' for c in t.cast(t.Any, User.__table_
 
 
 def find_for_login(
-    db: DBSession, state: State, login: str, ip: str
+    state: State, login: str, ip: str
 ) -> tuple[User | None, set[str] | None]:
     """:func:`find_user` for a login from ``ip``: the account read outside any transaction,
-    detached from ``db`` (the password check that follows holds nothing open; the caller
-    ``merge``s it back to write), and the keys of the brute-force counters on which the same
+    detached (the password check that follows holds nothing open; the caller ``merge``s it
+    back into its session to write), and the keys of the brute-force counters on which the same
     statement already reserved the attempt, for :func:`lockout.acquire` (None: none reserved).
 
-    On PostgreSQL one statement on the kept connections (:mod:`agent.direct`), without a
-    pooled connection's checkout and ping, that also reserves the attempt when the counters
-    are in the database (:func:`lockout.find_and_reserve`).
+    One statement on the kept connections (:mod:`agent.direct`), without a pooled
+    connection's checkout and ping; on PostgreSQL it also reserves the attempt when the
+    counters are in the database (:func:`lockout.find_and_reserve`).
     """
-    engine = state.engine
-    if engine.dialect.name != "postgresql":
-        db.connection(execution_options=read_only(engine))
-        user = find_user(db, login)
-        if user is not None:
-            db.expunge(user)
-        return user, None
     key = key_of(login)
     keys = lockout.keys_for(state, user_id=None, login=login, ip=ip)
     found = lockout.find_and_reserve(state, _USER_COLUMNS_SQL, key, keys)
     if found is None:
-        rows = connections(engine).execute(_FIND_USER_ROW, {"key": key})
+        rows = connections(state.engine).execute(_FIND_USER_ROW, {"key": key})
         row, taken = (rows[0] if rows else None), None
     else:
         row, taken = found

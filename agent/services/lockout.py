@@ -29,6 +29,7 @@ import typing as t
 from dataclasses import dataclass
 
 from sqlalchemy import ARRAY
+from sqlalchemy import JSON
 from sqlalchemy import Connection
 from sqlalchemy import Integer
 from sqlalchemy import String
@@ -37,6 +38,8 @@ from sqlalchemy import any_
 from sqlalchemy import bindparam
 from sqlalchemy import case
 from sqlalchemy import delete
+from sqlalchemy import func
+from sqlalchemy import literal_column
 from sqlalchemy import null
 from sqlalchemy import select
 from sqlalchemy import text
@@ -47,6 +50,7 @@ from ..db import insert_for
 from ..db import one_statement
 from ..db import rowcount
 from ..direct import async_commit_connections
+from ..direct import connections
 from ..errors import AgentError
 from ..models import Throttle
 from ..models import UTCDateTime
@@ -252,20 +256,16 @@ def _reserve(state: State, keys: Keys, taken: set[str] | None = None) -> tuple[i
     for i, (key, limit) in enumerate(keys.items):
         params.update({f"k{i}": key, f"limit{i}": limit})
     reserved = taken
-    if reserved is None and dialect == "postgresql":
-        # On a kept connection (agent.direct), committed without waiting for the disk: every
-        # login runs it, and a reservation a crash loses is an attempt the crash ended.
-        reserved = {key for (key,) in async_commit_connections(engine).execute(
-            take, params, write=True)}
-    if reserved is not None and len(reserved) == len(names):
-        return 0, True
+    if reserved is None:
+        # On a kept connection (agent.direct), in autocommit; on PostgreSQL committed without
+        # waiting for the disk: every login runs it, and a reservation a crash loses is an
+        # attempt the crash ended.
+        kept = (async_commit_connections if dialect == "postgresql" else connections)(engine)
+        reserved = {key for (key,) in kept.execute(take, params, write=True)}
+        if len(reserved) == len(names):
+            return 0, True
     with engine.connect() as conn:
         conn = conn.execution_options(**one_statement(engine))
-        if reserved is None:
-            with conn.begin():
-                reserved = set(conn.execute(take, params).scalars())
-            if len(reserved) == len(names):
-                return 0, True
         with conn.begin():
             if reserved:
                 conn.execute(_release(dialect),
@@ -420,14 +420,17 @@ def release_statement(
 def _release(dialect: str) -> t.Any:
     """One reservation back on each counter of ``release_keys``; those of ``clear_keys`` (an
     account's) also start over, failures and escalation. One statement that takes the rows in
-    key order, as every transaction takes the counters. On PostgreSQL the key lists are arrays,
-    so the statement's text is the same for any number of keys (it is prepared once)."""
+    key order, as every transaction takes the counters. The key lists are arrays (on SQLite
+    JSON arrays), so the statement's text is the same for any number of keys (it is prepared
+    once)."""
     c = _THROTTLE.c
 
     def among(name: str) -> t.Any:
         if dialect == "postgresql":
             return c.key == any_(bindparam(name, type_=ARRAY(String)))
-        return c.key.in_(bindparam(name, expanding=True))
+        # SQLite: the list as a JSON array, read back by json_each.
+        return c.key.in_(select(literal_column("value"))
+                         .select_from(func.json_each(bindparam(name, type_=JSON))))
 
     taken = select(c.key).where(among("release_keys")).order_by(c.key).with_for_update()
     clear = among("clear_keys")

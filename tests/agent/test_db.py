@@ -402,3 +402,87 @@ def test_postgresql_only_the_reservations_commit_without_waiting_for_the_disk(
         assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
     assert site.scalar("SELECT count(*) FROM hk_sessions") == 1
     assert site.scalar("SELECT count(*) FROM hk_throttle WHERE pending > 0") == 0
+
+
+def test_kept_connections_write_all_or_nothing(make_site: t.Callable[..., Site]) -> None:
+    """The kept connections' guarded write (a login's session, its refresh token, its audit
+    row and the reservation's release) commits whole or not at all, on both backends: a row
+    the database refuses undoes the rows before it, the connection is left outside any
+    transaction, and the next write commits. Values come back as the ORM returns them."""
+    from sqlalchemy import bindparam
+    from sqlalchemy import select
+
+    from agent.direct import connections
+    from agent.direct import insert_if
+    from agent.models import Throttle
+    from agent.models import User
+
+    site = make_site("HS256")
+    user_id = site.create_user("alice")
+    engine = site.state.engine
+    kept = connections(engine)
+    guard = select(User.id).where(User.id == bindparam("id"))
+    at = dt.datetime(2026, 12, 6, 10, 20, 30, 123456, tzinfo=dt.UTC)
+
+    def row(key: str) -> dict[str, t.Any]:
+        return {"key": key, "window_start": at, "pending": 1}  # failures: the column default
+
+    with pytest.raises(kept.errors):  # the same key twice: the second row is refused
+        insert_if(kept, guard, {"id": user_id}, [(Throttle, [row("u:a"), row("u:a")])])
+    assert site.scalar("SELECT count(*) FROM hk_throttle") == 0
+    if kept.sqlite:
+        assert not kept.run(lambda conn: conn.dbapi_connection.in_transaction)
+
+    assert not insert_if(kept, guard, {"id": user_id + 1}, [(Throttle, [row("u:b")])])
+    assert site.scalar("SELECT count(*) FROM hk_throttle") == 0  # no account, no row
+
+    assert insert_if(kept, guard, {"id": user_id}, [(Throttle, [row("u:a"), row("ip:b")])])
+    table = Throttle.__table__
+    rows = kept.execute(select(table.c.key, table.c.failures, table.c.window_start,
+                               table.c.locked_until).order_by(table.c.key), {})
+    assert rows == [("ip:b", 0, at, None), ("u:a", 0, at, None)]
+
+
+def test_sqlite_a_login_whose_write_finds_the_file_locked_answers_503(
+    make_site: t.Callable[..., Site],
+) -> None:
+    """Another process holds SQLite's write lock past the busy timeout while a login's
+    password is checked: the login answers 503 ``database_unavailable`` and writes no session
+    and no audit row; the kept connection is left outside any transaction, and once the lock
+    is gone the next login succeeds."""
+    if os.environ.get("HEADLESSKEY_TEST_DATABASE_URL"):
+        pytest.skip("SQLite's file lock: PostgreSQL locks rows, and waits for them")
+    from agent.direct import connections
+
+    site = make_site("HS256")
+    site.create_user("alice")
+    site.api.login()
+    engine = site.state.engine
+    kept = connections(engine)
+    for conn in kept.idle:  # wait a third of a second for the lock, not fifteen
+        conn.dbapi_connection.execute("PRAGMA busy_timeout=300")
+    blocker = sqlite3.connect(engine.url.database, isolation_level=None,
+                              check_same_thread=False)
+    hasher = site.state.hasher
+    verify = hasher.verify
+
+    def verify_then_lock(stored: str | None, password: str) -> bool:
+        ok = verify(stored, password)
+        blocker.execute("BEGIN IMMEDIATE")  # held from the check to the answer
+        return ok
+
+    hasher.verify = verify_then_lock  # type: ignore[method-assign]
+    try:
+        refused = site.api.post("/token", json={"username": "alice", "password": PASSWORD})
+    finally:
+        hasher.verify = verify  # type: ignore[method-assign]
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["code"] == "database_unavailable"
+    assert site.scalar("SELECT count(*) FROM hk_sessions") == 1
+    assert site.scalar(
+        "SELECT count(*) FROM hk_audit WHERE event = 'login.succeeded'") == 1
+    assert not any(conn.dbapi_connection.in_transaction for conn in kept.idle)
+    site.api.login()
+    assert site.scalar("SELECT count(*) FROM hk_sessions") == 2
