@@ -305,7 +305,7 @@ def _open_session_at_once(
     opened = insert_if(connections(state.engine), _UNCHANGED, params, writes, also=also)
     if opened:
         events.pend(db, ev)
-    db.commit()
+    events.committed(db)
     return issued if opened else None
 
 

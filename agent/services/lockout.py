@@ -112,6 +112,7 @@ def keys_for(state: State, *, user_id: int | None, login: str, ip: str) -> Keys:
     return Keys(tuple(items))
 
 
+@functools.lru_cache(maxsize=4096)
 def client_of(ip: str) -> str:
     """The client an address counts as: an IPv6 address as its /64 (one subscriber's or host's
     network: a client picks any address in it at will), an IPv4-mapped one as its IPv4
@@ -136,6 +137,8 @@ def keys_for_ip(state: State, ip: str) -> Keys:
 
 
 def _allowlisted(ip: str, networks: t.Sequence[t.Any]) -> bool:
+    if not networks:
+        return False
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:

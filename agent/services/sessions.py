@@ -59,11 +59,21 @@ REFRESH_PREFIX = "hkr_"
 MAX_REFRESH_LENGTH = 128
 
 
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A session a login opens, as its tokens name it (the row is written from its values)."""
+
+    id: str
+    access_jti: str
+    access_iat: int
+    access_exp: int
+
+
 @dataclass(frozen=True)
 class Issued:
     """What a login or refresh hands to the client."""
 
-    session: Session
+    session: Session | Opened
     user: User
     access_token: str
     access_exp: int
@@ -94,7 +104,7 @@ class SessionLimitReached(Forbidden):
     )
 
 
-def _access_token(state: State, user: User, sess: Session) -> str:
+def _access_token(state: State, user: User, sess: Session | Opened) -> str:
     s = state.settings
     extra = state.apply_filter("token_claims", {}, user)
     return mint_access_token(
@@ -166,8 +176,9 @@ def new_session(
     s = state.settings
     expires = now + dt.timedelta(seconds=s.session_max_age)
     iat, exp = _access_window(state, now, expires)
+    sess = Opened(secrets.token_urlsafe(16), new_jti(), iat, exp)  # no ORM object: cheaper
     values = {
-        "id": secrets.token_urlsafe(16),
+        "id": sess.id,
         "user_id": user.id,
         "created_at": now,
         "last_seen_at": now,
@@ -175,7 +186,7 @@ def new_session(
         "ip": client.ip[:64],
         "user_agent": client.user_agent[:512],
         "device": devices.describe(client.user_agent),
-        "access_jti": new_jti(),
+        "access_jti": sess.access_jti,
         "access_iat": iat,
         "access_exp": exp,
     }
@@ -191,7 +202,6 @@ def new_session(
             "expires_at": refresh_expires,
         }]),
     ]
-    sess = Session(**values)  # what the caller reads; the row is written from ``writes``
     return writes, Issued(sess, user, _access_token(state, user, sess), exp, refresh,
                           refresh_expires)
 

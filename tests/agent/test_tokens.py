@@ -560,3 +560,26 @@ def test_a_remembered_token_has_its_claims_checked_on_every_request(
     with pytest.raises(InvalidToken):
         tokens.verify_access_token(token, KeyRing(SigningKey.hmac(b"o" * 32)),
                                    issuer="https://a.example", audience="shop", leeway=0)
+
+
+def test_access_tokens_are_what_pyjwt_makes_of_their_claims(
+    site: Site, algorithm: str
+) -> None:
+    """A login's access token is the token jwt.encode makes of its claims and header, byte for
+    byte where the signature is deterministic (HS256, RS256), and one PyJWT verifies with the
+    site's key (ES256 signatures are randomised), including a claim a filter adds outside
+    ASCII."""
+    site.state.filters["token_claims"].append(lambda extra, _user: {**extra, "team": "Zürich ✓"})
+    token = site.api.login()["token"]
+    header = jwt.get_unverified_header(token)
+    claims = claims_of(token)
+    assert claims["team"] == "Zürich ✓"
+    key = site.state.ring.get(header["kid"])
+    assert key is not None
+    decoded = jwt.decode(token, key.verify_key, algorithms=[algorithm],
+                         audience=site.state.settings.audience,
+                         issuer=site.state.settings.issuer)
+    assert decoded == claims
+    if algorithm != "ES256":
+        assert token == jwt.encode(claims, key.signing_key, algorithm=algorithm,
+                                   headers={"kid": key.kid, "typ": "at+jwt"})
