@@ -305,7 +305,8 @@ def insert_if_statement(guard: t.Any, params: dict[str, t.Any], writes: Writes,
 
 def with_defaults(table: t.Any, row: dict[str, t.Any]) -> dict[str, t.Any]:
     """``row`` with the Python-side default of each column it leaves out, as an INSERT of
-    SQLAlchemy's would add (one made of a SELECT, as :func:`insert_if`'s are, adds none)."""
+    SQLAlchemy's would add (one made of a SELECT, as :func:`insert_if_statement`'s are, adds
+    none; nor does a statement the driver runs on its own, as :mod:`agent.direct` does)."""
     missing = [c for c in table.columns if c.key not in row and c.default is not None]
     if not missing:
         return row
@@ -319,7 +320,8 @@ def with_defaults(table: t.Any, row: dict[str, t.Any]) -> dict[str, t.Any]:
 @functools.lru_cache(maxsize=64)
 def _insert_if(guard: t.Any, shape: tuple[tuple[t.Any, tuple[tuple[str, ...], ...]], ...],
                also: t.Any) -> t.Any:
-    """The statement of :func:`insert_if` for one guard, shape of rows and ``also``, built once."""
+    """The statement of :func:`insert_if_statement` for one guard, shape of rows and ``also``,
+    built once."""
     found = guard.cte("guard")
     parts = []
     for i, (model, rows) in enumerate(shape):

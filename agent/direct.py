@@ -312,8 +312,9 @@ class DbapiStatement(_Compiled):
             raise TypeError("the driver's paramstyle is expected to be positional")
         super().__init__(compiled, dialect)
         self.sql = str(compiled)
-        self.results = [entry[3]._cached_result_processor(dialect, None)
-                        for entry in compiled._result_columns]
+        results = [entry[3]._cached_result_processor(dialect, None)
+                   for entry in compiled._result_columns]
+        self.results = results if any(results) else None  # None: rows as the driver reads them
 
     def encode(self, params: t.Mapping[str, t.Any]) -> list[t.Any]:
         return self.bound(params)
@@ -321,7 +322,7 @@ class DbapiStatement(_Compiled):
     def run(self, conns: Connections, conn: t.Any, values: list[t.Any],
             ) -> list[tuple[t.Any, ...]]:
         rows: list[tuple[t.Any, ...]] = conn.dbapi_connection.execute(self.sql, values).fetchall()
-        if not any(self.results):
+        if self.results is None:
             return rows
         return [tuple(v if p is None or v is None else p(v)
                       for p, v in zip(self.results, row, strict=True)) for row in rows]

@@ -209,8 +209,8 @@ def _login(full_profile: bool) -> Response:
     db = get_db()
     state = get_state()
     client = _client()
-    # A read: on SQLite it must not take the write lock, which concurrent logins' writes need;
-    # on PostgreSQL it runs outside a transaction, on a kept connection.
+    # A read outside any transaction, on a kept connection (on SQLite it takes no write lock,
+    # which concurrent logins' writes need).
     found, taken = accounts.find_for_login(state, login, client.ip)
     keys = _guarded_password_check(
         db, state, user=found, login=login, client=client, event="login.failed",
