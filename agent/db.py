@@ -64,16 +64,6 @@ def unavailable(exc: BaseException) -> DatabaseUnavailable:
     return DatabaseUnavailable()
 
 
-def read_only(engine: Engine) -> dict[str, t.Any]:
-    """Execution options for a read that needs no transaction: on SQLite it begins without the
-    write lock (``hk_readonly``); on PostgreSQL it runs in autocommit, which saves the BEGIN and
-    ROLLBACK round trips (each statement sees what was committed before it, as in a READ
-    COMMITTED transaction). The pool restores the default when the connection goes back."""
-    if engine.dialect.name == "postgresql":
-        return {"hk_readonly": True, "isolation_level": "AUTOCOMMIT"}
-    return {"hk_readonly": True}
-
-
 def one_statement(engine: Engine) -> dict[str, t.Any]:
     """Execution options for a write of one statement: on PostgreSQL it runs in autocommit,
     so it commits on its own (no BEGIN and COMMIT round trips); SQLite runs it in its usual
