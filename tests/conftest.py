@@ -45,14 +45,34 @@ FAST_HASH = {
 }
 
 
-# Folders whose files start real processes (federations, clusters): the longest files. They run
-# first, so pytest-xdist's workers end on the short in-process files of tests/agent and tests/hub
-# and finish together, not one waiting on a long file handed out last.
-SLOW_FIRST = ("tests/integration/", "tests/scale/", "tests/security/")
+# The longest files first, so pytest-xdist's workers (``./dev test`` hands out whole files in
+# this order: --dist loadfile --no-loadscope-reorder) end on the short in-process files of
+# tests/agent and tests/hub and finish together, not one waiting on a long file handed out last.
+# The longest start real processes (federations, clusters, CLI commands): about a minute each,
+# the rotation under traffic first; then the rest of the folders that start processes, and
+# mypy's run.
+LONG_FIRST = (
+    "tests/integration/test_rotation.py",
+    "tests/integration/test_sso.py",
+    "tests/scale/",
+    "tests/agent/test_cli.py",
+    "tests/hub/test_cli.py",
+    "tests/security/test_keys.py",
+    "tests/integration/",
+    "tests/security/",
+    "tests/test_typing.py",
+)
+
+
+def _rank(item: pytest.Item) -> int:
+    for rank, prefix in enumerate(LONG_FIRST):
+        if item.nodeid.startswith(prefix):
+            return rank
+    return len(LONG_FIRST)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: not item.nodeid.startswith(SLOW_FIRST))  # stable: files whole
+    items.sort(key=_rank)  # stable: a file's tests stay together, in their order
 
 
 def process_env(**extra: str) -> dict[str, str]:
