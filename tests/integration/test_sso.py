@@ -455,16 +455,23 @@ class Federation:
 
     def _build(self) -> None:
         hub, agents = self.hub, list(self.agents.values())
-        hub.init()
-        for agent in agents:
+
+        def add(agent: Agent) -> None:
             added = json.loads(hub.cli(
                 "sites", "add", "--name", f"Site {agent.name.upper()}", "--url", agent.base,
                 "--key", agent.site_key, "--json").stdout)
             assert added["site_key"] == agent.site_key
             agent.secret = added["secret"]
-        hub.start()
-        with ThreadPoolExecutor(len(agents)) as pool:
-            list(pool.map(lambda agent: agent.init(), agents))
+
+        # Each step is a process of its own, mostly starting Python: what does not wait on
+        # another runs at the same time (an agent's init needs nothing of the hub).
+        with ThreadPoolExecutor(2 * len(agents)) as pool:
+            inits = [pool.submit(agent.init) for agent in agents]
+            hub.init()
+            list(pool.map(add, agents))
+            hub.start()
+            for init in inits:
+                init.result()
             assert hub.service is not None
             hub.service.wait_ready()
             list(pool.map(lambda agent: agent.join(hub), agents))
