@@ -9,6 +9,7 @@ that key's algorithm, whatever the token's header claims.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -98,28 +99,37 @@ class SigningKey:
 
     @classmethod
     def from_pem(cls, alg: str, pem: bytes) -> SigningKey:
-        try:
-            private = serialization.load_pem_private_key(pem, password=None)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(
-                f"HEADLESSKEY_PRIVATE_KEY_FILE: not a PEM private key ({exc})") from None
-        if alg == "RS256":
-            if not isinstance(private, rsa.RSAPrivateKey):
-                raise ConfigError("HEADLESSKEY_PRIVATE_KEY_FILE: RS256 needs an RSA key")
-            if private.key_size < 2048:
-                raise ConfigError("HEADLESSKEY_PRIVATE_KEY_FILE: RSA keys must be >= 2048 bits")
-        elif alg == "ES256":
-            if not isinstance(private, ec.EllipticCurvePrivateKey) or not isinstance(
-                private.curve, ec.SECP256R1
-            ):
-                raise ConfigError("HEADLESSKEY_PRIVATE_KEY_FILE: ES256 needs a P-256 key")
-        else:
-            raise ConfigError(f"HEADLESSKEY_ALGORITHM: {alg} takes no PEM key")
-        public = private.public_key()
-        jwk = json.loads(jwt.algorithms.get_default_algorithms()[alg].to_jwk(public))
-        kid = jwk_thumbprint(jwk)
-        jwk.update({"kid": kid, "alg": alg, "use": "sig"})
-        return cls(kid=kid, alg=alg, signing_key=private, verify_key=public, public_jwk=jwk)
+        """The key of a PEM private key for ``alg``, or :class:`ConfigError`. Parsed once per
+        process: loading an RSA key checks its numbers, about 0.15 s for 3072 bits, and a start
+        reads the configured key twice (to name it, then as stored)."""
+        return _from_pem(alg, bytes(pem))
+
+
+@functools.lru_cache(maxsize=32)
+def _from_pem(alg: str, pem: bytes) -> SigningKey:
+    try:
+        private = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"HEADLESSKEY_PRIVATE_KEY_FILE: not a PEM private key ({exc})") from None
+    if alg == "RS256":
+        if not isinstance(private, rsa.RSAPrivateKey):
+            raise ConfigError("HEADLESSKEY_PRIVATE_KEY_FILE: RS256 needs an RSA key")
+        if private.key_size < 2048:
+            raise ConfigError("HEADLESSKEY_PRIVATE_KEY_FILE: RSA keys must be >= 2048 bits")
+    elif alg == "ES256":
+        if not isinstance(private, ec.EllipticCurvePrivateKey) or not isinstance(
+            private.curve, ec.SECP256R1
+        ):
+            raise ConfigError("HEADLESSKEY_PRIVATE_KEY_FILE: ES256 needs a P-256 key")
+    else:
+        raise ConfigError(f"HEADLESSKEY_ALGORITHM: {alg} takes no PEM key")
+    public = private.public_key()
+    jwk = json.loads(jwt.algorithms.get_default_algorithms()[alg].to_jwk(public))
+    kid = jwk_thumbprint(jwk)
+    jwk.update({"kid": kid, "alg": alg, "use": "sig"})
+    return SigningKey(kid=kid, alg=alg, signing_key=private, verify_key=public,
+                      public_jwk=jwk)
 
 
 def jwk_thumbprint(jwk: dict[str, t.Any]) -> str:
