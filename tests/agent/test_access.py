@@ -28,6 +28,7 @@ from tests.conftest import Clock
 from tests.conftest import Site
 from tests.conftest import free_port
 from tests.conftest import fresh_schema
+from tests.conftest import schema_migrated
 
 NEW_USER = {"username": "dave", "email": "dave@example.com", "password": PASSWORD}
 
@@ -64,6 +65,7 @@ class OwnSite:
         self.app.config.update(settings)
         self.clock = Clock()
         self.hk = HeadlessKey(self.app, clock=self.clock)
+        schema_migrated(self.app.config["HEADLESSKEY_DATABASE_URL"])
         self.server: t.Any = None
         self.thread: threading.Thread | None = None
 

@@ -24,6 +24,7 @@ from hub.crypto import parse_site_secret
 from hub.state import HubState
 from tests.conftest import Clock
 from tests.conftest import free_port
+from tests.conftest import schema_migrated
 
 
 class Hub:
@@ -109,6 +110,7 @@ def make_hub(tmp_path: Path) -> t.Iterator[t.Callable[..., Hub]]:
         )
         clock = Clock()
         app.extensions["headlesskey_hub"].clock = clock
+        schema_migrated(str(app.config.get("HEADLESSKEY_HUB_DATABASE_URL", db_url)))
         server = make_server("127.0.0.1", port, app, threaded=True)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                                   daemon=True)
