@@ -39,6 +39,10 @@ from agent.services.keys import generate_private_key_pem
 
 ALGORITHMS = ("HS256", "RS256", "ES256")
 PASSWORD = "correct horse battery staple"
+# How often a test's in-process server checks whether it is asked to stop: each test stops its
+# own, and shutdown() waits for the next check.
+SERVER_POLL = 0.01
+
 # argon2id at its cheapest: tests check behaviour, not cost.
 FAST_HASH = {
     "HEADLESSKEY_ARGON2_TIME_COST": 1,
@@ -461,7 +465,7 @@ def answering(
     calling ``reply(conn, stop)``, ``stop`` being set once the server is closing. Yields its
     ``http://`` base URL."""
     listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
+    listener.settimeout(SERVER_POLL)  # how soon it sees that it is asked to stop
     stop = threading.Event()
 
     def answer(conn: socket.socket, _stop: threading.Event) -> None:
@@ -553,8 +557,8 @@ def make_site(
         HeadlessKey(app, clock=clock)
         schema_migrated(app.config["HEADLESSKEY_DATABASE_URL"])
         server = make_server("127.0.0.1", port, app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                  daemon=True)
+        thread = threading.Thread(target=server.serve_forever,
+                                  kwargs={"poll_interval": SERVER_POLL}, daemon=True)
         thread.start()
         servers.append((server, thread, app))
         prefix = app.extensions["headlesskey"].settings.prefix

@@ -23,6 +23,7 @@ from agent.errors import ConfigError
 from agent.events import Event
 from tests.conftest import FAST_HASH
 from tests.conftest import PASSWORD
+from tests.conftest import SERVER_POLL
 from tests.conftest import Api
 from tests.conftest import Clock
 from tests.conftest import Site
@@ -71,7 +72,8 @@ class OwnSite:
 
     def serve(self) -> Site:
         self.server = make_server("127.0.0.1", self.port, self.app, threaded=True)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": SERVER_POLL}, daemon=True)
         self.thread.start()
         prefix = self.app.extensions["headlesskey"].settings.prefix
         return Site(self.app, Api(f"http://127.0.0.1:{self.port}", prefix), self.clock, None)

@@ -14,6 +14,7 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
+from tests.conftest import SERVER_POLL
 from tests.conftest import free_port
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
@@ -33,7 +34,8 @@ def example(tmp_path: Path) -> t.Iterator[t.Any]:
     sys.modules["extending_example"] = module
     spec.loader.exec_module(module)
     server = make_server("127.0.0.1", free_port(), module.app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": SERVER_POLL},
+                              daemon=True)
     thread.start()
     module.base = f"http://127.0.0.1:{server.server_port}"
     yield module

@@ -18,6 +18,7 @@ from agent.hub_client import HubClient
 from agent.hub_client import HubUnavailable
 from agent.hub_client import Reply
 from agent.hub_client import urllib_transport
+from tests.conftest import SERVER_POLL
 from tests.conftest import answering
 
 
@@ -50,7 +51,8 @@ def server() -> t.Iterator[tuple[str, list[str]]]:
             pass
 
     httpd = _Server(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": SERVER_POLL},
+                              daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}", seen

@@ -38,6 +38,7 @@ from tests.agent.test_hub_client import NESTED
 from tests.agent.test_hub_client import rewrite
 from tests.agent.test_webhooks import register
 from tests.conftest import PASSWORD
+from tests.conftest import SERVER_POLL
 from tests.conftest import Site
 from tests.conftest import free_port
 from tests.hub.conftest import Hub
@@ -79,7 +80,7 @@ class HubPort:
     def open(self) -> None:
         self._server = make_server("127.0.0.1", self.port, self._wsgi, threaded=True)
         self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
+                                        kwargs={"poll_interval": SERVER_POLL}, daemon=True)
         self._thread.start()
 
     def close(self) -> None:

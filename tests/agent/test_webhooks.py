@@ -48,6 +48,7 @@ from agent.webhooks import deliver_due
 from agent.webhooks import redeliver
 from agent.webhooks import verify
 from tests.conftest import PASSWORD
+from tests.conftest import SERVER_POLL
 from tests.conftest import Clock
 from tests.conftest import Mailbox
 from tests.conftest import Site
@@ -128,7 +129,7 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.port}/hooks"
         self.server = Server(("127.0.0.1", self.port), Handler)
         self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            target=self.server.serve_forever, kwargs={"poll_interval": SERVER_POLL}, daemon=True
         )
         self.thread.start()
 

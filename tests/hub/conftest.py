@@ -22,6 +22,7 @@ from agent import signing
 from hub import create_app
 from hub.crypto import parse_site_secret
 from hub.state import HubState
+from tests.conftest import SERVER_POLL
 from tests.conftest import Clock
 from tests.conftest import free_port
 from tests.conftest import schema_migrated
@@ -112,8 +113,8 @@ def make_hub(tmp_path: Path) -> t.Iterator[t.Callable[..., Hub]]:
         app.extensions["headlesskey_hub"].clock = clock
         schema_migrated(str(app.config.get("HEADLESSKEY_HUB_DATABASE_URL", db_url)))
         server = make_server("127.0.0.1", port, app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                  daemon=True)
+        thread = threading.Thread(target=server.serve_forever,
+                                  kwargs={"poll_interval": SERVER_POLL}, daemon=True)
         thread.start()
         servers.append((server, thread, app))
         return Hub(app, f"http://127.0.0.1:{port}", clock)

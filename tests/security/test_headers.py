@@ -27,6 +27,7 @@ import pytest
 import requests
 
 from agent import signing
+from tests.conftest import SERVER_POLL
 from tests.conftest import Mailbox
 from tests.integration.test_sso import PREFIX
 from tests.integration.test_sso import Agent
@@ -73,7 +74,8 @@ def surface(request: pytest.FixtureRequest, mail: Mailbox) -> Federation:
     if SURFACE in config.stash:
         return config.stash[SURFACE]
     server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": SERVER_POLL},
+                     daemon=True).start()
     hooks = [{"id": "receiver", "url": f"http://127.0.0.1:{server.server_address[1]}/hooks",
               "secret": WEBHOOK_SECRET}]
     root = request.getfixturevalue("tmp_path_factory").mktemp("surface")

@@ -41,6 +41,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.services.keys import SigningKey
 from tests.conftest import PASSWORD
+from tests.conftest import SERVER_POLL
 from tests.conftest import free_port
 from tests.integration.test_sso import AGENT
 from tests.integration.test_sso import LEEWAY
@@ -465,7 +466,8 @@ def test_J16_jku_x5u_x5c_spoof(agent: Agent, attacker: Attacker) -> None:
     v = victim(agent)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Listener)
     _Listener.hits = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": SERVER_POLL},
+                              daemon=True)
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
