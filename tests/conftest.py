@@ -16,7 +16,6 @@ import datetime as dt
 import functools
 import os
 import random
-import re
 import socket
 import threading
 import time
@@ -298,6 +297,7 @@ _SCHEMAS: set[str] = set()  # made by this test process; dropped when it ends
 # at head, as a migration would leave it, without running the migrations again (about 0.2 s a
 # site on PostgreSQL, most of the setup of an in-process test).
 _MIGRATED: dict[str, str] = {}
+_MADE: dict[str, tuple[str, str]] = {}  # URL fresh_schema returned -> (database URL, schema)
 
 # (Names are rendered without the schema, which a connection whose search_path holds it omits.)
 _FINGERPRINT = """
@@ -317,12 +317,6 @@ FROM (
   SELECT conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid)
     FROM pg_constraint WHERE connamespace = to_regnamespace(%(schema)s)
 ) AS parts) AS parts (part)"""
-
-
-def _split_schema(url: str) -> tuple[str, str] | None:
-    """(database URL, schema) of a :func:`fresh_schema` URL; None for any other URL."""
-    found = re.fullmatch(r"(.+)[?&]options=-csearch_path%3D(hk_test_\d+_site\d+)", url)
-    return (found.group(1), found.group(2)) if found else None
 
 
 @functools.cache
@@ -363,16 +357,18 @@ def fresh_schema(url: str, index: int) -> str:
             conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
             conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
     separator = "&" if "?" in url else "?"
-    return f"{url}{separator}options=-csearch_path%3D{schema}"
+    made = f"{url}{separator}options=-csearch_path%3D{schema}"
+    _MADE[made] = (url, schema)
+    return made
 
 
 def schema_migrated(url: str) -> None:
     """Note that the app of ``url`` has just started (and migrated its schema): if ``url`` is a
     :func:`fresh_schema` one, the next test asking for that schema may reuse it."""
-    split = _split_schema(url)
-    if split is None or split[1] in _MIGRATED or split[1] not in _SCHEMAS:
+    made = _MADE.get(url)
+    if made is None or made[1] in _MIGRATED:
         return
-    base, schema = split
+    base, schema = made
     with _keeper(base).connect() as conn:
         fingerprint = _fingerprint(conn, schema)
     if fingerprint is not None:
