@@ -498,6 +498,7 @@ class Settings:
     refresh_token_ttl: int  # a refresh token unused this long expires (inactivity)
     session_max_age: int  # absolute lifetime of a session, whatever the refreshes
     refresh_grace: int  # parallel refreshes within this window get the same pair
+    session_lease: float  # seconds a worker may answer a session check from its last read
     leeway: int  # clock skew allowed on exp/nbf/iat
     cors: bool | tuple[str, ...]
     registration: str  # "open" or "closed"
@@ -582,6 +583,9 @@ DEFAULTS: dict[str, tuple[t.Any, str]] = {
     "REFRESH_TOKEN_TTL": (14 * 86400, "Refresh token inactivity lifetime, seconds."),
     "SESSION_MAX_AGE": (30 * 86400, "Absolute session lifetime, seconds."),
     "REFRESH_GRACE": (10, "Seconds in which a reused refresh token returns the same pair."),
+    "SESSION_LEASE_MS": (20, "Milliseconds a worker may answer a session check from its last "
+                             "read of that session; a change that takes access away answers "
+                             "only after this long. 0: read on every request."),
     "LEEWAY": (30, "Clock skew allowed on exp/nbf/iat, seconds (at most 60)."),
     "CORS": (True, "true, false, or a list of allowed origins."),
     "REGISTRATION": ("open", "open or closed."),
@@ -755,6 +759,7 @@ def build_settings(config: t.Mapping[str, t.Any], instance_path: str) -> Setting
         refresh_token_ttl=check("REFRESH_TOKEN_TTL"),
         session_max_age=check("SESSION_MAX_AGE"),
         refresh_grace=_int(PREFIX + "REFRESH_GRACE", get("REFRESH_GRACE"), 0, 120),
+        session_lease=_int(PREFIX + "SESSION_LEASE_MS", get("SESSION_LEASE_MS"), 0, 1000) / 1000,
         leeway=leeway,
         cors=check("CORS"),
         registration=check("REGISTRATION"),

@@ -46,6 +46,7 @@ from .errors import Unauthorized
 from .errors import UnsupportedMediaType
 from .resp import Redis
 from .services import lockout
+from .services import sessions
 from .services.keys import KeyRing
 from .services.keys import derive_key
 from .services.keys import ensure_key_file
@@ -114,8 +115,9 @@ class State:
 class Identity:
     """The caller of the current request, from a valid access token of this site.
 
-    ``roles`` are the account's roles as stored now, read with the session on every request
-    (the token's ``roles`` claim, in ``claims``, is what they were when it was issued).
+    ``roles`` are the account's roles as stored now, checked with the session on every request
+    (services.sessions.check_session; the token's ``roles`` claim, in ``claims``, is what they
+    were when it was issued).
     """
 
     user_id: int
@@ -390,6 +392,7 @@ class HeadlessKey:
             engine.dispose()
         events.install(state.session_factory)
         lockout.install(state.session_factory)
+        sessions.install(state)
         app.extensions[EXTENSION_KEY] = state
 
         from . import views

@@ -289,10 +289,12 @@ def role_list(value: t.Any) -> list[str]:
 
 def set_roles(db: DBSession, user: User, roles: list[str]) -> list[str]:
     """Give ``user`` (locked by the caller) exactly ``roles``; returns the roles it had. The
-    change holds from the account's next request on: every request reads the roles stored."""
+    change holds from the account's next request on: every request checks the roles stored,
+    and the change answers once no worker holds an older read (sessions.ends_access)."""
     before = list(user.roles or [])
     if before != roles:
         user.roles = list(roles)
+        sessions.ends_access(db)
     return before
 
 

@@ -22,12 +22,14 @@ import hmac
 import json
 import re
 import secrets
+import time
 import typing as t
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
 from sqlalchemy import Text
 from sqlalchemy import bindparam
+from sqlalchemy import event
 from sqlalchemy import select
 from sqlalchemy import tuple_
 from sqlalchemy import type_coerce
@@ -257,6 +259,9 @@ def refresh(db: DBSession, state: State, presented: t.Any) -> Issued:
     sess.access_iat, sess.access_exp = iat, exp
     sess.rotated_at = now
     sess.last_seen_at = now
+    # The previous access token now holds only for the grace window: waited for if that is
+    # shorter than a lease.
+    ends_access(db, wait=state.settings.refresh_grace < state.settings.session_lease)
     db.flush()
     return Issued(sess, user, _access_token(state, user, sess), exp, child, child_expires)
 
@@ -308,6 +313,7 @@ def revoke_session(db: DBSession, sess: Session, now: dt.datetime, reason: str) 
     if sess.revoked_at is None:
         sess.revoked_at = now
         sess.revoke_reason = reason
+        ends_access(db)
 
 
 def revoke_user_sessions(
@@ -325,7 +331,10 @@ def revoke_user_sessions(
         stmt = stmt.where(Session.id != keep)
     if started_before is not None:
         stmt = stmt.where(Session.created_at < started_before)
-    return rowcount(db.execute(stmt))
+    ended = rowcount(db.execute(stmt))
+    if ended:
+        ends_access(db)
+    return ended
 
 
 def revoke_by_refresh_token(db: DBSession, state: State, presented: str) -> Session | None:
@@ -416,12 +425,21 @@ class SessionReader:
     One statement (a primary-key read of the session joined to its user: the session's state,
     the account's status and its roles as they are now), compiled once per
     engine, run on the process's kept connections (:mod:`agent.direct`) outside any
-    transaction, so it sees every revocation committed before it, by any worker or instance;
-    nothing about a session is remembered between reads. On PostgreSQL the read is a statement
+    transaction, so it sees every revocation committed before it, by any worker or instance.
+    On PostgreSQL the read is a statement
     prepared once per connection, run through libpq with its row in binary format: a psycopg
     cursor's own bookkeeping cost about 50 µs of CPU more, a sixth of a protected request's
     work in one process. On SQLite the driver runs it, kept prepared in its statement cache.
+
+    A row read is leased for ``SESSION_LEASE_MS`` (20 ms), counted from before the read was
+    sent: until then a request with the same session may be answered from it, if the row
+    accepts its token (otherwise the row is read again). Every change that takes access away
+    (:func:`ends_access`) forgets this process's leases when it commits, and answers only after
+    one lease has passed, so no worker or instance answers from a row read before the change
+    to a request sent after the change's answer.
     """
+
+    MAX_LEASES = 1024  # sessions a worker checks within one lease: a few dozen
 
     def __init__(self, engine: Engine) -> None:
         sessions, users = Session.__table__, User.__table__
@@ -432,36 +450,71 @@ class SessionReader:
                 .where(sessions.c.id == bindparam("sid")))
         self.conns = connections(engine)
         self.statement = self.conns.statement(stmt)
+        self.leases: dict[str, tuple[float, tuple[t.Any, ...]]] = {}
 
-    def fetch(self, sid: str) -> tuple[t.Any, ...] | None:
+    def fetch(self, sid: str, lease: float = 0.0) -> tuple[t.Any, ...] | None:
+        """The session's row as it is now, leased for ``lease`` seconds if there is one."""
+        sent = time.monotonic()
         statement, values = self.statement, self.statement.encode({"sid": sid})
         rows = self.conns.run(lambda conn: statement.run(self.conns, conn, values))
-        return rows[0] if rows else None
+        if not rows:
+            return None
+        if lease:
+            if len(self.leases) >= self.MAX_LEASES:
+                self.leases.clear()
+            self.leases[sid] = (sent + lease, rows[0])
+        return rows[0]
+
+    def leased(self, sid: str) -> tuple[t.Any, ...] | None:
+        """The session's row as read within its lease, or None."""
+        held = self.leases.get(sid)
+        if held is None:
+            return None
+        if time.monotonic() >= held[0]:
+            self.leases.pop(sid, None)
+            return None
+        return held[1]
+
+    def forget(self) -> None:
+        self.leases.clear()
 
 
 session_reader = per_engine(SessionReader)
 
 
 def check_session(state: State, claims: dict[str, t.Any]) -> tuple[str, ...]:
-    """The revocation check on every authenticated request: one primary-key read.
+    """The revocation check on every authenticated request: one primary-key read, or its lease.
 
     The token must name a live session of its own user, and be that session's current access
     token (or the previous one, within the grace window after a refresh). Returns the
     account's roles as they are now: a role taken away holds from the next request on, not
     from the token's expiry.
     """
-    found = session_reader(state.engine).fetch(claims["sid"])
-    if found is None:
+    reader = session_reader(state.engine)
+    lease = state.settings.session_lease
+    if lease and (held := reader.leased(claims["sid"])) is not None:
+        roles = _accepted(state, claims, held)
+        if roles is not None:
+            return roles
+    found = reader.fetch(claims["sid"], lease)
+    roles = None if found is None else _accepted(state, claims, found)
+    if roles is None:
         raise InvalidToken()
+    return roles
+
+
+def _accepted(state: State, claims: dict[str, t.Any], row: tuple[t.Any, ...],
+              ) -> tuple[str, ...] | None:
+    """The account's roles if its session's ``row`` accepts the token of ``claims``."""
     (user_id, revoked_at, expires_at, access_jti, prev_access_jti, rotated_at, status,
-     roles) = found
+     roles) = row
     if revoked_at is not None or status != "active":
-        raise InvalidToken()
+        return None
     if str(user_id) != claims["sub"]:
-        raise InvalidToken()
+        return None
     now = state.clock()
     if now >= expires_at:
-        raise InvalidToken()
+        return None
     jti = claims["jti"]
     if hmac.compare_digest(jti, access_jti):
         return role_set(roles)
@@ -472,4 +525,35 @@ def check_session(state: State, claims: dict[str, t.Any]) -> tuple[str, ...]:
         and now - rotated_at <= dt.timedelta(seconds=state.settings.refresh_grace)
     ):
         return role_set(roles)
-    raise InvalidToken()
+    return None
+
+
+_ENDS_ACCESS = "headlesskey_ends_access"
+
+
+def ends_access(db: DBSession, *, wait: bool = True) -> None:
+    """Mark the transaction of ``db`` as one that takes access away (a session ended, an account
+    disabled, a role removed). When it commits, this process forgets its leased session rows
+    and, with ``wait``, the commit returns only after one lease (``SESSION_LEASE_MS``): by then
+    no worker or instance still holds a row read before the change (:class:`SessionReader`)."""
+    if db.info.get(_ENDS_ACCESS) is not True:
+        db.info[_ENDS_ACCESS] = wait
+
+
+def install(state: State) -> None:
+    """Make the commits marked by :func:`ends_access` keep the leases' promise; a rollback drops
+    the mark."""
+
+    @event.listens_for(state.session_factory, "after_commit")
+    def _after_commit(db: DBSession) -> None:
+        wait = db.info.pop(_ENDS_ACCESS, None)
+        if wait is None:
+            return
+        session_reader(state.engine).forget()
+        lease = state.settings.session_lease
+        if wait and lease:
+            time.sleep(lease)
+
+    @event.listens_for(state.session_factory, "after_soft_rollback")
+    def _after_rollback(db: DBSession, _previous: t.Any) -> None:
+        db.info.pop(_ENDS_ACCESS, None)

@@ -43,6 +43,7 @@ import redis
 import requests
 from requests.adapters import HTTPAdapter
 
+from agent.config import DEFAULTS
 from agent.config import parse_hub_secret
 from agent.federation import REFETCH_COOLDOWN
 from agent.services.lockout import redis_name
@@ -54,6 +55,7 @@ from tests.conftest import process_env
 BIN = str(Path(sys.executable).parent)
 AGENT = shutil.which("headlesskey-agent", path=BIN) or shutil.which("headlesskey-agent")
 HUB = shutil.which("headlesskey-hub", path=BIN) or shutil.which("headlesskey-hub")
+SESSION_LEASE = DEFAULTS["SESSION_LEASE_MS"][0] / 1000  # the agents' own, in seconds
 PREFIX = "/wp-json/headlesskey/v1"
 SSO_TYP = "hk-sso+jwt"
 REFRESH = 2  # HEADLESSKEY_DIRECTORY_REFRESH of the shared federation, seconds
@@ -197,14 +199,19 @@ class Store:
             return [tuple(_as_sqlite(v) for v in row) for row in cursor.fetchall()]
 
     def write(self, sql: str, *params: t.Any) -> int:
-        """Run one statement that changes rows (committed); how many it changed."""
+        """Run one statement that changes rows (committed); how many it changed. Returns one
+        session lease after the commit, as an agent's own changes do: a change made by hand
+        is not seen by a worker that read the row within its lease."""
         if self.sqlite:
             with contextlib.closing(sqlite3.connect(self.path, timeout=15)) as conn:
                 changed = conn.execute(sql, params).rowcount
                 conn.commit()
-                return changed
-        with self._pg() as conn:
-            return int(conn.execute(sql.replace("%", "%%").replace("?", "%s"), params).rowcount)
+        else:
+            with self._pg() as conn:
+                changed = conn.execute(sql.replace("%", "%%").replace("?", "%s"),
+                                       params).rowcount
+        time.sleep(SESSION_LEASE)
+        return int(changed)
 
     @contextlib.contextmanager
     def unusable(self) -> t.Iterator[None]:
