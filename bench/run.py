@@ -656,21 +656,29 @@ class Bench:
             targets[f"agent-{alg}"] = (site.url, Request(
                 "GET", "/protected", headers={"Authorization": f"Bearer {site.token}"}))
             self.agents[alg] = site
+        # The same HS256 route reading the session row on every request (no lease).
+        site = self.serve_agent(backend, self.prepare_agent(
+            backend, "agent-HS256-read", "HS256", HEADLESSKEY_SESSION_LEASE_MS="0"))
+        targets["agent-HS256-read"] = (site.url, Request(
+            "GET", "/protected", headers={"Authorization": f"Bearer {site.token}"}))
+        self.agents["HS256-read"] = site
         self.results[backend.name]["protected"] = self.rounds(targets)
         self.bare_url = peers["bare"].url
 
     def scale(self, backend: Backend) -> None:
-        """The HS256 protected route with many revoked sessions or users in the database."""
+        """The HS256 protected route with many revoked sessions or users in the database, each
+        request reading its session row (no lease: the read's cost is what is measured)."""
         p = self.profile
         log(f"[{backend.name}] protected route (HS256) with 10^3/10^6 revoked tokens and users")
         variants = {"revoked-small": ("revoked", p.small), "revoked-big": ("revoked", p.big),
                     "users-small": ("users", p.small), "users-big": ("users", p.big)}
-        base = self.agents["HS256"]
+        base = self.agents["HS256-read"]
         targets = {"base": (base.url, Request(
             "GET", "/protected", headers={"Authorization": f"Bearer {base.token}"}))}
         sizes = {}
         for name, (kind, n) in variants.items():
-            site = self.prepare_agent(backend, f"scale-{name}", "HS256")
+            site = self.prepare_agent(backend, f"scale-{name}", "HS256",
+                                      HEADLESSKEY_SESSION_LEASE_MS="0")
             started = time.monotonic()
             if kind == "users":
                 self.seed_users(backend, site, n)
