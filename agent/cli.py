@@ -290,7 +290,8 @@ def sessions_end_all(instance: Path, username: str | None, yes: bool) -> None:
             ended = rowcount(db.execute(
                 update(SessionRow).where(SessionRow.revoked_at.is_(None))
                 .values(revoked_at=now, revoke_reason="ended_by_admin")))
-            session_service.ends_access(db)
+            if ended:
+                session_service.ends_access(db)
         events.record(db, state, "session.ended", outcome="success", user_id=user_id,
                       details={"by": "cli", "reason": "ended_by_admin", "all": True,
                                "sessions_ended": ended})

@@ -835,7 +835,6 @@ def admin_disable(user_id: int) -> Response:
     state = get_state()
     user = _admin_user(user_id)
     user.status = "disabled"
-    sessions.ends_access(db)
     ended = sessions.revoke_user_sessions(db, user.id, state.clock(), "user_disabled")
     events.record(db, state, "user.disabled", outcome="info", client=_client(), user_id=user.id,
                   details={"by": identity.user_id, "sessions_ended": ended})

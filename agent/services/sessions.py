@@ -261,7 +261,7 @@ def refresh(db: DBSession, state: State, presented: t.Any) -> Issued:
     sess.last_seen_at = now
     # The previous access token now holds only for the grace window: waited for if that is
     # shorter than a lease.
-    ends_access(db, wait=state.settings.refresh_grace < state.settings.session_lease)
+    ends_access(db, wait=state.settings.refresh_grace < state.base_settings.session_lease)
     db.flush()
     return Issued(sess, user, _access_token(state, user, sess), exp, child, child_expires)
 
@@ -491,7 +491,7 @@ def check_session(state: State, claims: dict[str, t.Any]) -> tuple[str, ...]:
     from the token's expiry.
     """
     reader = session_reader(state.engine)
-    lease = state.settings.session_lease
+    lease = state.base_settings.session_lease  # the site's own: a hub does not set it
     if lease and (held := reader.leased(claims["sid"])) is not None:
         roles = _accepted(state, claims, held)
         if roles is not None:
@@ -550,7 +550,7 @@ def install(state: State) -> None:
         if wait is None:
             return
         session_reader(state.engine).forget()
-        lease = state.settings.session_lease
+        lease = state.base_settings.session_lease
         if wait and lease:
             time.sleep(lease)
 
