@@ -532,8 +532,8 @@ _ENDS_ACCESS = "headlesskey_ends_access"
 
 
 def ends_access(db: DBSession, *, wait: bool = True) -> None:
-    """Mark the transaction of ``db`` as one that takes access away (a session ended, an account
-    disabled, a role removed). When it commits, this process forgets its leased session rows
+    """Mark the transaction of ``db`` as one that takes access away (a session ended, an
+    account's roles changed). When it commits, this process forgets its leased session rows
     and, with ``wait``, the commit returns only after one lease (``SESSION_LEASE_MS``): by then
     no worker or instance still holds a row read before the change (:class:`SessionReader`)."""
     if db.info.get(_ENDS_ACCESS) is not True:
