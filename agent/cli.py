@@ -264,10 +264,7 @@ def sessions() -> None:
 @click.option("--yes", is_flag=True, help="Required without --username: every user is logged out.")
 def sessions_end_all(instance: Path, username: str | None, yes: bool) -> None:
     """End every live session of the site (or of one account): their tokens stop working at once."""
-    from sqlalchemy import update
-
     from . import events
-    from .models import Session as SessionRow
     from .services import accounts
     from .services import sessions as session_service
 
@@ -285,13 +282,7 @@ def sessions_end_all(instance: Path, username: str | None, yes: bool) -> None:
             user_id = user.id
             ended = session_service.revoke_user_sessions(db, user.id, now, "ended_by_admin")
         else:
-            from .db import rowcount
-
-            ended = rowcount(db.execute(
-                update(SessionRow).where(SessionRow.revoked_at.is_(None))
-                .values(revoked_at=now, revoke_reason="ended_by_admin")))
-            if ended:
-                session_service.ends_access(db)
+            ended = session_service.revoke_all_sessions(db, now, "ended_by_admin")
         events.record(db, state, "session.ended", outcome="success", user_id=user_id,
                       details={"by": "cli", "reason": "ended_by_admin", "all": True,
                                "sessions_ended": ended})

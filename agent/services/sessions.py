@@ -331,6 +331,16 @@ def revoke_user_sessions(
         stmt = stmt.where(Session.id != keep)
     if started_before is not None:
         stmt = stmt.where(Session.created_at < started_before)
+    return _end(db, stmt)
+
+
+def revoke_all_sessions(db: DBSession, now: dt.datetime, reason: str) -> int:
+    """End every live session of the site; returns how many."""
+    return _end(db, update(Session).where(Session.revoked_at.is_(None))
+                .values(revoked_at=now, revoke_reason=reason))
+
+
+def _end(db: DBSession, stmt: t.Any) -> int:
     ended = rowcount(db.execute(stmt))
     if ended:
         ends_access(db)

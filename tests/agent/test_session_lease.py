@@ -19,16 +19,21 @@ from tests.conftest import Site
 LEASE_MS = 300  # long enough to tell a lease from a read on a loaded machine
 
 
-@pytest.fixture
-def pair(make_site: t.Callable[..., Site]) -> tuple[Site, Site]:
+def workers(make_site: t.Callable[..., Site], **settings: t.Any) -> tuple[Site, Site]:
     """Workers A and B of one site: one database, one secret, one issuer."""
-    a = make_site(HEADLESSKEY_SESSION_LEASE_MS=LEASE_MS, HEADLESSKEY_ISSUER="https://site.example")
+    settings = {"HEADLESSKEY_SESSION_LEASE_MS": LEASE_MS,
+                "HEADLESSKEY_ISSUER": "https://site.example", **settings}
+    a = make_site(**settings)
     config = a.app.config
-    b = make_site(HEADLESSKEY_SESSION_LEASE_MS=LEASE_MS,
-                  HEADLESSKEY_ISSUER="https://site.example",
-                  HEADLESSKEY_DATABASE_URL=config["HEADLESSKEY_DATABASE_URL"],
+    b = make_site(**settings, HEADLESSKEY_DATABASE_URL=config["HEADLESSKEY_DATABASE_URL"],
                   HEADLESSKEY_SECRET_KEY=config["HEADLESSKEY_SECRET_KEY"])
     a.create_user("alice")
+    return a, b
+
+
+@pytest.fixture
+def pair(make_site: t.Callable[..., Site]) -> tuple[Site, Site]:
+    a, b = workers(make_site)
     a.create_user("root", roles=["administrator"])
     return a, b
 
@@ -90,13 +95,7 @@ def test_a_new_token_of_a_leased_session_is_read_again(pair: tuple[Site, Site]) 
 
 def test_with_no_refresh_grace_the_previous_token_ends_with_the_refresh(
         make_site: t.Callable[..., Site]) -> None:
-    a = make_site(HEADLESSKEY_SESSION_LEASE_MS=LEASE_MS, HEADLESSKEY_REFRESH_GRACE=0,
-                  HEADLESSKEY_ISSUER="https://site.example")
-    b = make_site(HEADLESSKEY_SESSION_LEASE_MS=LEASE_MS, HEADLESSKEY_REFRESH_GRACE=0,
-                  HEADLESSKEY_ISSUER="https://site.example",
-                  HEADLESSKEY_DATABASE_URL=a.app.config["HEADLESSKEY_DATABASE_URL"],
-                  HEADLESSKEY_SECRET_KEY=a.app.config["HEADLESSKEY_SECRET_KEY"])
-    a.create_user("alice")
+    a, b = workers(make_site, HEADLESSKEY_REFRESH_GRACE=0)
     login = a.api.login()
     assert ok(b, login["token"]) == 200
     started = time.monotonic()
